@@ -1,0 +1,2 @@
+DROP TABLE server_key_responses;
+DROP TABLE server_keys;

@@ -1,0 +1,242 @@
+//! Start-up: build the shared state (key, database, federation client) and run the listeners
+//! (plain HTTP, optional TLS, metrics).
+
+use std::io::BufReader;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+
+use actix_web::dev::ServerHandle;
+use actix_web::{web, App, HttpServer};
+use anyhow::Context;
+use tracing_actix_web::TracingLogger;
+
+use crate::config::{Settings, TlsSettings};
+use crate::db::{Backend, Db};
+use crate::federation::client::FederationClient;
+use crate::federation::resolve::{Dns, HickoryDns};
+use crate::keys::{RemoteKeys, SigningKey};
+use crate::metrics::Metrics;
+use crate::state::AppState;
+use crate::{federation, http, keys};
+
+/// rustls needs one process-wide crypto provider before any client or server config exists.
+pub fn install_crypto_provider() {
+    // Err means another caller (another in-process server) installed it already: fine.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Loads or creates the signing key, connects to and migrates the database, builds clients.
+pub async fn build_state(
+    settings: Settings,
+    dns: Option<Arc<dyn Dns>>,
+) -> anyhow::Result<AppState> {
+    install_crypto_provider();
+    let key_path = settings.raw.signing.key_path.clone();
+    let (key, generated) = SigningKey::load_or_generate(&key_path)?;
+    if generated {
+        tracing::info!(path = %key_path.display(), key_id = %key.key_id(), "generated a new signing key");
+    }
+    let key = Arc::new(key);
+    let (url, pool_size) = (
+        settings.raw.database.url.clone(),
+        settings.raw.database.pool_size,
+    );
+    let db = tokio::task::spawn_blocking(move || -> anyhow::Result<Db> {
+        let db = Db::connect(&url, pool_size)?;
+        let applied = db.migrate()?;
+        if applied > 0 {
+            tracing::info!(applied, "database migrations applied");
+        }
+        Ok(db)
+    })
+    .await??;
+    if db.backend() == Backend::Sqlite {
+        tracing::info!("SQLite storage: single instance only (use PostgreSQL to run several)");
+    }
+    let dns = dns.unwrap_or_else(|| Arc::new(HickoryDns::from_system()));
+    let federation = Arc::new(FederationClient::new(&settings, key.clone(), dns)?);
+    let keys = RemoteKeys::new(
+        db.clone(),
+        federation.clone(),
+        settings.server_name.clone(),
+        key.clone(),
+        settings.raw.signing.old_keys.clone(),
+    );
+    Ok(AppState {
+        settings,
+        db,
+        key,
+        keys,
+        federation,
+        metrics: Metrics::new(),
+    })
+}
+
+/// Sockets bound before the server starts (tests bind port 0 and read the port back).
+pub struct Listeners {
+    pub http: TcpListener,
+    pub tls: Option<TcpListener>,
+    pub metrics: Option<TcpListener>,
+}
+
+impl Listeners {
+    pub fn bind(settings: &Settings) -> anyhow::Result<Listeners> {
+        let bind = |addr: SocketAddr, what: &str| {
+            TcpListener::bind(addr).with_context(|| format!("cannot bind {what} on {addr}"))
+        };
+        Ok(Listeners {
+            http: bind(settings.http_bind, "http.bind")?,
+            tls: settings
+                .tls
+                .as_ref()
+                .map(|t| bind(t.bind, "http.tls_bind"))
+                .transpose()?,
+            metrics: settings
+                .metrics_bind
+                .map(|a| bind(a, "metrics.bind"))
+                .transpose()?,
+        })
+    }
+}
+
+/// A started server: its addresses, and handles to stop it.
+pub struct RunningServer {
+    pub state: web::Data<AppState>,
+    pub http_addr: SocketAddr,
+    pub tls_addr: Option<SocketAddr>,
+    pub metrics_addr: Option<SocketAddr>,
+    handles: Vec<ServerHandle>,
+    tasks: Vec<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+impl RunningServer {
+    /// Stops accepting connections, lets in-flight requests finish, and waits for the listeners.
+    pub async fn stop(self) {
+        for handle in &self.handles {
+            handle.stop(true).await;
+        }
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+
+    /// Waits until the listeners end (e.g. after [`RunningServer::stop`] from a signal handler).
+    pub fn handles(&self) -> Vec<ServerHandle> {
+        self.handles.clone()
+    }
+}
+
+/// Every route the main listeners serve.
+pub fn configure_routes(cfg: &mut web::ServiceConfig) {
+    cfg.configure(http::health_routes)
+        .configure(keys::http::routes)
+        .configure(federation::server::routes)
+        .default_service(web::to(http::not_found));
+}
+
+pub fn start(state: AppState, listeners: Listeners) -> anyhow::Result<RunningServer> {
+    let tls_config = state
+        .settings
+        .tls
+        .as_ref()
+        .map(load_tls_config)
+        .transpose()?;
+    let workers = state.settings.raw.http.workers;
+    let state = web::Data::new(state);
+    let http_addr = listeners.http.local_addr()?;
+    let tls_addr = listeners.tls.as_ref().map(|l| l.local_addr()).transpose()?;
+    let metrics_addr = listeners
+        .metrics
+        .as_ref()
+        .map(|l| l.local_addr())
+        .transpose()?;
+
+    let app_state = state.clone();
+    let mut main = HttpServer::new(move || {
+        App::new()
+            .app_data(app_state.clone())
+            .wrap(TracingLogger::default())
+            .configure(configure_routes)
+    })
+    .disable_signals()
+    .listen(listeners.http)?;
+    if workers > 0 {
+        main = main.workers(workers);
+    }
+    if let (Some(listener), Some(config)) = (listeners.tls, tls_config) {
+        main = main.listen_rustls_0_23(listener, config)?;
+    }
+    let main = main.run();
+    let mut handles = vec![main.handle()];
+    let mut tasks = vec![tokio::spawn(main)];
+
+    if let Some(listener) = listeners.metrics {
+        let metrics_state = state.clone();
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(metrics_state.clone())
+                .route("/metrics", web::get().to(http::metrics_text))
+                .default_service(web::to(http::not_found))
+        })
+        .disable_signals()
+        .workers(1)
+        .listen(listener)?
+        .run();
+        handles.push(server.handle());
+        tasks.push(tokio::spawn(server));
+    }
+    tracing::info!(%http_addr, ?tls_addr, ?metrics_addr, server_name = %state.settings.server_name, "peekgate listening");
+    Ok(RunningServer {
+        state,
+        http_addr,
+        tls_addr,
+        metrics_addr,
+        handles,
+        tasks,
+    })
+}
+
+fn load_tls_config(tls: &TlsSettings) -> anyhow::Result<rustls::ServerConfig> {
+    let cert_file = std::fs::File::open(&tls.cert)
+        .with_context(|| format!("http.tls_cert: cannot open {}", tls.cert.display()))?;
+    let certs = rustls_pemfile::certs(&mut BufReader::new(cert_file))
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("http.tls_cert: {} is not PEM", tls.cert.display()))?;
+    let key_file = std::fs::File::open(&tls.key)
+        .with_context(|| format!("http.tls_key: cannot open {}", tls.key.display()))?;
+    let key = rustls_pemfile::private_key(&mut BufReader::new(key_file))
+        .with_context(|| format!("http.tls_key: {} is not PEM", tls.key.display()))?
+        .with_context(|| format!("http.tls_key: no private key in {}", tls.key.display()))?;
+    rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .context("http.tls_cert / http.tls_key do not form a usable certificate")
+}
+
+/// `peekgate serve`: start everything and run until SIGINT or SIGTERM, then stop gracefully.
+pub async fn serve(settings: Settings) -> anyhow::Result<()> {
+    let listeners = Listeners::bind(&settings)?;
+    let state = build_state(settings, None).await?;
+    let server = start(state, listeners)?;
+    shutdown_signal().await;
+    tracing::info!("shutting down: no new connections, finishing in-flight requests");
+    server.stop().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

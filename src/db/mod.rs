@@ -1,0 +1,238 @@
+//! Storage: one diesel connection type over PostgreSQL (production) and SQLite (embedded
+//! default), an r2d2 pool that picks the backend from the URL scheme, and embedded migrations.
+//!
+//! diesel is synchronous: callers go through [`Db::run`], which moves the work onto tokio's
+//! blocking pool, never onto an actix worker thread.
+
+pub mod schema;
+
+use std::path::Path;
+use std::time::Duration;
+
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+use diesel::r2d2::{self, ManageConnection, Pool, PooledConnection};
+use diesel::{PgConnection, SqliteConnection};
+use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
+
+const POSTGRES_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
+const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
+
+#[derive(diesel::MultiConnection)]
+pub enum DbConnection {
+    Postgresql(PgConnection),
+    Sqlite(SqliteConnection),
+}
+
+/// Runs the same query expression on whichever backend the connection is. For the few
+/// diesel features that do not compile on the multi-connection (upserts, batch inserts).
+#[macro_export]
+macro_rules! on_backend {
+    ($conn:expr, |$c:ident| $body:expr) => {
+        match $conn {
+            $crate::db::DbConnection::Postgresql($c) => $body,
+            $crate::db::DbConnection::Sqlite($c) => $body,
+        }
+    };
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Postgres,
+    Sqlite,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("database url {0:?} must start with postgres:// or sqlite://")]
+    UnknownScheme(String),
+    #[error("cannot connect to the database: {0}")]
+    Connect(String),
+    #[error("cannot create the SQLite directory {0}: {1}")]
+    Directory(String, std::io::Error),
+    #[error("migration failed: {0}")]
+    Migration(String),
+    #[error("database pool: {0}")]
+    Pool(String),
+    #[error("database query: {0}")]
+    Query(#[from] diesel::result::Error),
+    #[error("database task was cancelled")]
+    Cancelled,
+}
+
+/// Where to connect, parsed from the configured URL.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub backend: Backend,
+    /// What diesel's `establish` receives: the Postgres URL or the SQLite file path.
+    pub connect_string: String,
+}
+
+impl Target {
+    pub fn from_url(url: &str) -> Result<Target, DbError> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Ok(Target {
+                backend: Backend::Postgres,
+                connect_string: url.to_owned(),
+            });
+        }
+        if let Some(rest) = url.strip_prefix("sqlite:") {
+            // sqlite://relative/path, sqlite:///absolute/path, sqlite::memory: and sqlite:path
+            let path = rest.strip_prefix("//").unwrap_or(rest);
+            return Ok(Target {
+                backend: Backend::Sqlite,
+                connect_string: path.to_owned(),
+            });
+        }
+        Err(DbError::UnknownScheme(url.to_owned()))
+    }
+
+    /// Opens one connection, returning the backend's own error text on failure.
+    pub fn connect(&self) -> Result<DbConnection, DbError> {
+        match self.backend {
+            Backend::Postgres => PgConnection::establish(&self.connect_string)
+                .map(DbConnection::Postgresql)
+                .map_err(|e| DbError::Connect(e.to_string())),
+            Backend::Sqlite => {
+                self.ensure_sqlite_directory()?;
+                let mut conn = SqliteConnection::establish(&self.connect_string)
+                    .map_err(|e| DbError::Connect(e.to_string()))?;
+                // Without these a pool of writers hits "database is locked".
+                conn.batch_execute(
+                    "PRAGMA journal_mode=WAL; PRAGMA busy_timeout=5000; \
+                     PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON;",
+                )
+                .map_err(|e| DbError::Connect(e.to_string()))?;
+                Ok(DbConnection::Sqlite(conn))
+            }
+        }
+    }
+
+    fn ensure_sqlite_directory(&self) -> Result<(), DbError> {
+        if self.connect_string.starts_with(':') {
+            return Ok(());
+        }
+        if let Some(dir) = Path::new(&self.connect_string).parent() {
+            if !dir.as_os_str().is_empty() && !dir.exists() {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| DbError::Directory(dir.display().to_string(), e))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// r2d2 manager that connects to exactly the configured backend (diesel's derived
+/// `establish` tries both and hides the real error).
+pub struct ConnectionManager {
+    target: Target,
+}
+
+#[derive(Debug)]
+pub struct ManagerError(String);
+
+impl std::fmt::Display for ManagerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ManagerError {}
+
+impl ManageConnection for ConnectionManager {
+    type Connection = DbConnection;
+    type Error = ManagerError;
+
+    fn connect(&self) -> Result<DbConnection, ManagerError> {
+        self.target
+            .connect()
+            .map_err(|e| ManagerError(e.to_string()))
+    }
+
+    fn is_valid(&self, conn: &mut DbConnection) -> Result<(), ManagerError> {
+        conn.batch_execute("SELECT 1")
+            .map_err(|e| ManagerError(e.to_string()))
+    }
+
+    fn has_broken(&self, _conn: &mut DbConnection) -> bool {
+        false
+    }
+}
+
+/// The connection pool plus the backend it talks to.
+#[derive(Clone)]
+pub struct Db {
+    pool: Pool<ConnectionManager>,
+    backend: Backend,
+}
+
+pub type Conn = PooledConnection<ConnectionManager>;
+
+impl Db {
+    /// Connects once directly (so a bad URL or password is reported as itself), then builds
+    /// the pool.
+    pub fn connect(url: &str, pool_size: u32) -> Result<Db, DbError> {
+        let target = Target::from_url(url)?;
+        drop(target.connect()?);
+        let backend = target.backend;
+        let pool = r2d2::Pool::builder()
+            .max_size(pool_size)
+            .min_idle(Some(1))
+            .connection_timeout(Duration::from_secs(10))
+            .build(ConnectionManager { target })
+            .map_err(|e| DbError::Pool(e.to_string()))?;
+        Ok(Db { pool, backend })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Applies every pending migration of this backend; returns how many ran.
+    pub fn migrate(&self) -> Result<usize, DbError> {
+        let mut conn = self.conn()?;
+        let applied = on_backend!(
+            &mut *conn,
+            |c| match c.run_pending_migrations(self.migrations()) {
+                Ok(versions) => versions.len(),
+                Err(e) => return Err(DbError::Migration(e.to_string())),
+            }
+        );
+        Ok(applied)
+    }
+
+    fn migrations(&self) -> EmbeddedMigrations {
+        match self.backend {
+            Backend::Postgres => POSTGRES_MIGRATIONS,
+            Backend::Sqlite => SQLITE_MIGRATIONS,
+        }
+    }
+
+    pub fn conn(&self) -> Result<Conn, DbError> {
+        self.pool.get().map_err(|e| DbError::Pool(e.to_string()))
+    }
+
+    /// Runs blocking diesel work on the blocking pool.
+    pub async fn run<T, F>(&self, work: F) -> Result<T, DbError>
+    where
+        F: FnOnce(&mut DbConnection) -> Result<T, DbError> + Send + 'static,
+        T: Send + 'static,
+    {
+        let db = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = db.conn()?;
+            work(&mut conn)
+        })
+        .await
+        .map_err(|_| DbError::Cancelled)?
+    }
+
+    /// Readiness probe: can we run a trivial query?
+    pub async fn ping(&self) -> Result<(), DbError> {
+        self.run(|c| {
+            c.batch_execute("SELECT 1")?;
+            Ok(())
+        })
+        .await
+    }
+}

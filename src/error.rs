@@ -1,0 +1,133 @@
+//! Matrix error bodies at the HTTP edge.
+//!
+//! Library modules return their own typed errors (`thiserror`); handlers map them to a
+//! [`MatrixError`], which renders as `{"errcode": ..., "error": ...}` with the right status.
+//! Internal error text is logged, never sent to a remote server.
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, ResponseError};
+use serde_json::{Map, Value};
+
+#[derive(Debug, Clone)]
+pub struct MatrixError {
+    pub status: StatusCode,
+    pub errcode: &'static str,
+    pub error: String,
+    /// Code-specific fields such as `retry_after_ms` or `room_version`.
+    pub extra: Map<String, Value>,
+    /// Set when whoever created the error already logged it with more context.
+    pub logged: bool,
+}
+
+impl MatrixError {
+    pub fn new(status: StatusCode, errcode: &'static str, error: impl Into<String>) -> Self {
+        MatrixError {
+            status,
+            errcode,
+            error: error.into(),
+            extra: Map::new(),
+            logged: false,
+        }
+    }
+
+    pub fn with_field(mut self, key: &str, value: impl Into<Value>) -> Self {
+        self.extra.insert(key.to_owned(), value.into());
+        self
+    }
+
+    /// Marks the error as logged by its creator, so the HTTP edge does not log it again.
+    pub fn already_logged(mut self) -> Self {
+        self.logged = true;
+        self
+    }
+
+    pub fn unauthorized(error: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "M_UNAUTHORIZED", error)
+    }
+
+    pub fn forbidden(error: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "M_FORBIDDEN", error)
+    }
+
+    pub fn not_found(error: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "M_NOT_FOUND", error)
+    }
+
+    pub fn unrecognized(status: StatusCode, error: impl Into<String>) -> Self {
+        Self::new(status, "M_UNRECOGNIZED", error)
+    }
+
+    pub fn bad_json(error: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "M_BAD_JSON", error)
+    }
+
+    pub fn not_json(error: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "M_NOT_JSON", error)
+    }
+
+    pub fn invalid_param(error: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "M_INVALID_PARAM", error)
+    }
+
+    pub fn too_large(error: impl Into<String>) -> Self {
+        Self::new(StatusCode::PAYLOAD_TOO_LARGE, "M_TOO_LARGE", error)
+    }
+
+    /// A failure we do not explain to the caller; the cause is logged by whoever maps it.
+    pub fn internal() -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "M_UNKNOWN",
+            "Internal server error",
+        )
+    }
+
+    pub fn body(&self) -> Value {
+        let mut body = self.extra.clone();
+        body.insert("errcode".to_owned(), Value::from(self.errcode));
+        body.insert("error".to_owned(), Value::from(self.error.clone()));
+        Value::Object(body)
+    }
+}
+
+impl std::fmt::Display for MatrixError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {}: {}",
+            self.status.as_u16(),
+            self.errcode,
+            self.error
+        )
+    }
+}
+
+impl ResponseError for MatrixError {
+    fn status_code(&self) -> StatusCode {
+        self.status
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        // Every refused request is logged exactly once: here, unless its creator already did.
+        if !self.logged {
+            tracing::info!(status = self.status.as_u16(), errcode = self.errcode, error = %self.error, "request refused");
+        }
+        HttpResponse::build(self.status).json(self.body())
+    }
+}
+
+/// Logs an unexpected internal failure once and turns it into an opaque 500.
+pub fn internal_error(context: &str, err: impl std::fmt::Display) -> MatrixError {
+    tracing::error!(error = %err, "{context}");
+    MatrixError::internal().already_logged()
+}
+
+/// Parses a request body: not JSON → `M_NOT_JSON`, JSON of the wrong shape → `M_BAD_JSON`.
+pub fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, MatrixError> {
+    let value: Value = serde_json::from_slice(bytes)
+        .map_err(|e| MatrixError::not_json(format!("Body is not JSON: {e}")))?;
+    if !value.is_object() {
+        return Err(MatrixError::bad_json("Body must be a JSON object"));
+    }
+    serde_json::from_value(value).map_err(|e| MatrixError::bad_json(e.to_string()))
+}

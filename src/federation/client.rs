@@ -1,0 +1,379 @@
+//! The outbound federation client: resolves a server name (or uses the configured
+//! `federation.destinations` override), signs the request with X-Matrix, bounds the time and
+//! the response size, and never connects to an address the [`AddressPolicy`] refuses.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use reqwest::dns::{Addrs, Name, Resolve, Resolving};
+use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST};
+use reqwest::{redirect, Method};
+use ruma::{CanonicalJsonValue, OwnedServerName, ServerName};
+use serde_json::Value;
+use url::Url;
+
+use super::resolve::{AddressPolicy, Dns, ResolveError, Resolver, WellKnownFetcher};
+use crate::config::Settings;
+use crate::keys::SigningKey;
+use crate::xmatrix;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FederationError {
+    #[error("cannot resolve {server}: {source}")]
+    Resolve {
+        server: String,
+        source: ResolveError,
+    },
+    #[error("request to {server} failed: {reason}")]
+    Transport { server: String, reason: String },
+    #[error("response from {server} exceeds {limit} bytes")]
+    TooLarge { server: String, limit: usize },
+    #[error("response from {server} is not a JSON object")]
+    NotJson { server: String },
+    #[error("{server} answered {status} {errcode}")]
+    Status {
+        server: String,
+        status: u16,
+        errcode: String,
+        body: Value,
+    },
+    #[error("request body is not canonical JSON: {0}")]
+    BadBody(String),
+}
+
+impl FederationError {
+    /// The HTTP status of a remote error answer, if that is what this is.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            FederationError::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// DNS for the guarded HTTP client: names pinned by server-name resolution answer from the
+/// pin; any other name (a well-known host, a redirect) is looked up and filtered by the policy.
+struct GuardedDns {
+    pinned: Mutex<HashMap<String, Vec<IpAddr>>>,
+    dns: Arc<dyn Dns>,
+    policy: AddressPolicy,
+}
+
+impl GuardedDns {
+    fn pin(&self, host: &str, addrs: Vec<IpAddr>) {
+        self.pinned
+            .lock()
+            .unwrap()
+            .insert(host.to_ascii_lowercase(), addrs);
+    }
+}
+
+/// reqwest's handle on [`GuardedDns`].
+struct GuardedResolve(Arc<GuardedDns>);
+
+impl Resolve for GuardedResolve {
+    fn resolve(&self, name: Name) -> Resolving {
+        let this = self.0.clone();
+        let host = name.as_str().to_ascii_lowercase();
+        Box::pin(async move {
+            let pinned = this.pinned.lock().unwrap().get(&host).cloned();
+            let ips = match pinned {
+                Some(ips) => ips,
+                None => {
+                    let resolver = Resolver::new(this.dns.clone(), this.policy.clone());
+                    resolver.lookup_permitted(&host).await?
+                }
+            };
+            let addrs: Addrs = Box::new(ips.into_iter().map(|ip| SocketAddr::new(ip, 0)));
+            Ok(addrs)
+        })
+    }
+}
+
+/// A request to send; `path` is the full path and query, already percent-encoded.
+pub struct FedRequest<'a> {
+    pub method: Method,
+    pub destination: &'a ServerName,
+    pub path: &'a str,
+    pub body: Option<Value>,
+    pub signed: bool,
+}
+
+pub struct FederationClient {
+    origin: OwnedServerName,
+    key: Arc<SigningKey>,
+    /// For resolved destinations: connects only to policy-checked addresses.
+    guarded: reqwest::Client,
+    /// For operator-configured `federation.destinations` overrides, which are trusted.
+    direct: reqwest::Client,
+    guarded_dns: Arc<GuardedDns>,
+    resolver: Resolver,
+    destinations: BTreeMap<OwnedServerName, Url>,
+    max_response_bytes: usize,
+}
+
+impl FederationClient {
+    pub fn new(
+        settings: &Settings,
+        key: Arc<SigningKey>,
+        dns: Arc<dyn Dns>,
+    ) -> Result<Self, FederationError> {
+        let fed = &settings.raw.federation;
+        let policy = AddressPolicy {
+            allow_private: fed.allow_private_ranges,
+            allowed: settings.allowed_ranges.clone(),
+        };
+        let guarded_dns = Arc::new(GuardedDns {
+            pinned: Mutex::new(HashMap::new()),
+            dns: dns.clone(),
+            policy: policy.clone(),
+        });
+        let builder = || {
+            reqwest::Client::builder()
+                .user_agent(concat!("peekgate/", env!("CARGO_PKG_VERSION")))
+                .timeout(Duration::from_millis(fed.request_timeout_ms))
+                .connect_timeout(Duration::from_millis(fed.connect_timeout_ms))
+                .tls_danger_accept_invalid_certs(fed.accept_invalid_certs)
+                .no_proxy()
+        };
+        let redirect_policy = policy.clone();
+        let guarded = builder()
+            .dns_resolver(GuardedResolve(guarded_dns.clone()))
+            .redirect(redirect::Policy::custom(move |attempt| {
+                // Follow a few redirects (well-known may use them), but never to a refused IP literal.
+                let literal = attempt.url().host_str().and_then(|h| {
+                    h.trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .parse::<IpAddr>()
+                        .ok()
+                });
+                if attempt.previous().len() >= 5
+                    || literal.is_some_and(|ip| !redirect_policy.permits(ip))
+                {
+                    attempt.stop()
+                } else {
+                    attempt.follow()
+                }
+            }))
+            .build()
+            .map_err(|e| transport("(client)", e))?;
+        let direct = builder()
+            .redirect(redirect::Policy::none())
+            .build()
+            .map_err(|e| transport("(client)", e))?;
+        Ok(FederationClient {
+            origin: settings.server_name.clone(),
+            key,
+            guarded,
+            direct,
+            guarded_dns,
+            resolver: Resolver::new(dns, policy),
+            destinations: settings.destinations.clone(),
+            max_response_bytes: fed.max_response_bytes,
+        })
+    }
+
+    pub fn origin(&self) -> &ServerName {
+        &self.origin
+    }
+
+    /// A signed GET.
+    pub async fn get(
+        &self,
+        destination: &ServerName,
+        path: &str,
+    ) -> Result<Value, FederationError> {
+        self.send(FedRequest {
+            method: Method::GET,
+            destination,
+            path,
+            body: None,
+            signed: true,
+        })
+        .await
+    }
+
+    /// An unsigned GET (key endpoints need no authentication).
+    pub async fn get_unsigned(
+        &self,
+        destination: &ServerName,
+        path: &str,
+    ) -> Result<Value, FederationError> {
+        self.send(FedRequest {
+            method: Method::GET,
+            destination,
+            path,
+            body: None,
+            signed: false,
+        })
+        .await
+    }
+
+    /// Sends the request and returns the JSON object of a 2xx answer; any other status is
+    /// [`FederationError::Status`] with the remote `errcode`.
+    pub async fn send(&self, request: FedRequest<'_>) -> Result<Value, FederationError> {
+        let server = request.destination.as_str();
+        let (client, url, host_header) = self.target(request.destination, request.path).await?;
+        let mut builder = client.request(request.method.clone(), url);
+        if let Some(host) = host_header {
+            let value = HeaderValue::from_str(&host).map_err(|e| transport(server, e))?;
+            builder = builder.header(HOST, value);
+        }
+        let body_bytes = match &request.body {
+            Some(body) => Some(
+                serde_json::to_vec(body).map_err(|e| FederationError::BadBody(e.to_string()))?,
+            ),
+            None => None,
+        };
+        if request.signed {
+            let content = match &request.body {
+                Some(body) => Some(
+                    CanonicalJsonValue::try_from(body.clone())
+                        .map_err(|e| FederationError::BadBody(e.to_string()))?,
+                ),
+                None => None,
+            };
+            let header = xmatrix::authorization_header(
+                &self.key,
+                self.origin.as_str(),
+                server,
+                request.method.as_str(),
+                request.path,
+                content,
+            );
+            builder = builder.header(AUTHORIZATION, header);
+        }
+        if let Some(bytes) = body_bytes {
+            builder = builder.header(CONTENT_TYPE, "application/json").body(bytes);
+        }
+        let response = builder.send().await.map_err(|e| transport(server, e))?;
+        let status = response.status().as_u16();
+        let body = self.read_json(server, response).await?;
+        if (200..300).contains(&status) {
+            Ok(body)
+        } else {
+            let errcode = body
+                .get("errcode")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_owned();
+            Err(FederationError::Status {
+                server: server.to_owned(),
+                status,
+                errcode,
+                body,
+            })
+        }
+    }
+
+    /// Chooses client, URL and `Host` header: a configured override, or spec resolution.
+    async fn target(
+        &self,
+        destination: &ServerName,
+        path: &str,
+    ) -> Result<(&reqwest::Client, Url, Option<String>), FederationError> {
+        let server = destination.as_str();
+        if let Some(base) = self.destinations.get(destination) {
+            let url = join(base, path).map_err(|e| transport(server, e))?;
+            return Ok((&self.direct, url, Some(server.to_owned())));
+        }
+        let resolved = self
+            .resolver
+            .resolve(destination, self)
+            .await
+            .map_err(|source| FederationError::Resolve {
+                server: server.to_owned(),
+                source,
+            })?;
+        if resolved.url_host.parse::<IpAddr>().is_err() && !resolved.url_host.starts_with('[') {
+            self.guarded_dns
+                .pin(&resolved.url_host, resolved.addrs.clone());
+        }
+        let base = Url::parse(&format!("https://{}:{}/", resolved.url_host, resolved.port))
+            .map_err(|e| transport(server, e))?;
+        let url = join(&base, path).map_err(|e| transport(server, e))?;
+        Ok((&self.guarded, url, Some(resolved.host_header)))
+    }
+
+    /// Reads at most `max_response_bytes` and parses a JSON object.
+    async fn read_json(
+        &self,
+        server: &str,
+        mut response: reqwest::Response,
+    ) -> Result<Value, FederationError> {
+        let limit = self.max_response_bytes;
+        let too_large = || FederationError::TooLarge {
+            server: server.to_owned(),
+            limit,
+        };
+        if response
+            .content_length()
+            .is_some_and(|len| len as usize > limit)
+        {
+            return Err(too_large());
+        }
+        let mut bytes = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(|e| transport(server, e))? {
+            if bytes.len() + chunk.len() > limit {
+                return Err(too_large());
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        match serde_json::from_slice::<Value>(&bytes) {
+            Ok(value) if value.is_object() => Ok(value),
+            _ => Err(FederationError::NotJson {
+                server: server.to_owned(),
+            }),
+        }
+    }
+}
+
+#[async_trait]
+impl WellKnownFetcher for FederationClient {
+    async fn fetch_well_known(&self, host: &str) -> Option<String> {
+        let url = Url::parse(&format!("https://{host}/.well-known/matrix/server")).ok()?;
+        let response = self.guarded.get(url).send().await.ok()?;
+        if !response.status().is_success() {
+            return None;
+        }
+        let body = self.read_json(host, response).await.ok()?;
+        body.get("m.server")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    }
+}
+
+/// Joins a path-and-query (starting with `/`) to a base URL, keeping its percent-encoding.
+fn join(base: &Url, path: &str) -> Result<Url, url::ParseError> {
+    let base = base.as_str().trim_end_matches('/');
+    Url::parse(&format!("{base}{path}"))
+}
+
+fn transport(server: &str, e: impl std::fmt::Display) -> FederationError {
+    FederationError::Transport {
+        server: server.to_owned(),
+        reason: e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn join_keeps_encoding_and_query() {
+        let base = Url::parse("http://127.0.0.1:9008").unwrap();
+        let url = join(
+            &base,
+            "/_matrix/federation/v1/peek/%21r%3Ax/ab?ver=10&ver=11",
+        )
+        .unwrap();
+        assert_eq!(
+            url.as_str(),
+            "http://127.0.0.1:9008/_matrix/federation/v1/peek/%21r%3Ax/ab?ver=10&ver=11"
+        );
+    }
+}

@@ -1,0 +1,5 @@
+//! Server-server API: the outbound client (with server-name resolution) and our routes.
+
+pub mod client;
+pub mod resolve;
+pub mod server;

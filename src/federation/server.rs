@@ -1,0 +1,33 @@
+//! The `/_matrix/federation/*` routes. Every route except `version` authenticates the caller
+//! with the [`SignedRequest`] extractor before the handler runs.
+
+use actix_web::{web, HttpResponse};
+use serde_json::json;
+
+use crate::http::resource;
+use crate::xmatrix::SignedRequest;
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.service(resource("/_matrix/federation/v1/version").route(web::get().to(version)))
+        .service(
+            resource("/_peekgate/federation/v1/whoami")
+                .route(web::get().to(whoami))
+                .route(web::post().to(whoami)),
+        );
+}
+
+/// Unauthenticated, as the spec says.
+async fn version() -> HttpResponse {
+    HttpResponse::Ok().json(json!({
+        "server": { "name": "peekgate", "version": env!("CARGO_PKG_VERSION") }
+    }))
+}
+
+/// Diagnostic: tells an authenticated caller who we think it is. `check-federation` uses it
+/// to prove that a remote server can fetch our keys and verify our signatures.
+async fn whoami(request: SignedRequest) -> HttpResponse {
+    HttpResponse::Ok().json(json!({
+        "origin": request.origin.as_str(),
+        "content": request.body,
+    }))
+}

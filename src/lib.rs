@@ -1,0 +1,16 @@
+//! peekgate: a Matrix federation peeking gateway (MSC2444 target and peeker, MSC2753 client API).
+//!
+//! The modules follow the data flow of `design.md`: `config` → `keys` / `xmatrix` (identity and
+//! authentication) → `federation` (client and routes) → `db` (storage); `app` wires them together.
+
+pub mod app;
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod federation;
+pub mod http;
+pub mod keys;
+pub mod logging;
+pub mod metrics;
+pub mod state;
+pub mod xmatrix;

@@ -1,0 +1,18 @@
+//! What every request handler and background task shares, built once at start-up.
+
+use std::sync::Arc;
+
+use crate::config::Settings;
+use crate::db::Db;
+use crate::federation::client::FederationClient;
+use crate::keys::{RemoteKeys, SigningKey};
+use crate::metrics::Metrics;
+
+pub struct AppState {
+    pub settings: Settings,
+    pub db: Db,
+    pub key: Arc<SigningKey>,
+    pub keys: RemoteKeys,
+    pub federation: Arc<FederationClient>,
+    pub metrics: Metrics,
+}
