@@ -27,10 +27,17 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
+    /// Keeps the message on one line, whatever the underlying error printed.
     fn invalid(key: &str, reason: impl Into<String>) -> Self {
+        let reason: String = reason.into();
+        let lines: Vec<&str> = reason
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect();
         ConfigError::Invalid {
             key: key.to_owned(),
-            reason: reason.into(),
+            reason: lines.join(" "),
         }
     }
 }
@@ -461,7 +468,11 @@ fn parse_cron(key: &str, expr: &str) -> Result<cron::Schedule, ConfigError> {
     cron::Schedule::from_str(expr).map_err(|e| {
         ConfigError::invalid(
             key,
-            format!("{expr:?} is not a cron expression with seconds ({e})"),
+            // The cron crate's message draws a caret under the error; its last line says why.
+            format!(
+                "{expr:?} is not a cron expression with seconds ({})",
+                e.to_string().lines().last().unwrap_or_default()
+            ),
         )
     })
 }
@@ -539,5 +550,91 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("server_name"));
+    }
+}
+
+#[cfg(test)]
+mod example_tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../deploy/peekgate.example.toml");
+
+    /// `section.key` for every key of the config (maps and lists count as one key).
+    fn config_keys(prefix: &str, value: &serde_json::Value, out: &mut BTreeSet<String>) {
+        match value {
+            serde_json::Value::Object(map)
+                if !map.is_empty() && prefix != "federation.destinations" =>
+            {
+                for (k, v) in map {
+                    let path = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    config_keys(&path, v, out);
+                }
+            }
+            _ => {
+                out.insert(prefix.to_owned());
+            }
+        }
+    }
+
+    /// Keys the example documents, set or commented out (`# key = ...`).
+    fn documented_keys(text: &str) -> BTreeSet<String> {
+        let mut section = String::new();
+        let mut out = BTreeSet::new();
+        for line in text.lines().map(str::trim) {
+            if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+                section = name.to_owned();
+                continue;
+            }
+            let line = line.trim_start_matches('#').trim();
+            if let Some((key, _)) = line.split_once(" = ") {
+                if key.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
+                    out.insert(if section.is_empty() {
+                        key.to_owned()
+                    } else {
+                        format!("{section}.{key}")
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn example_config_documents_every_key() {
+        let mut expected = BTreeSet::new();
+        config_keys(
+            "",
+            &serde_json::to_value(Config::default()).unwrap(),
+            &mut expected,
+        );
+        let documented = documented_keys(EXAMPLE);
+        let missing: Vec<_> = expected.difference(&documented).collect();
+        assert!(
+            missing.is_empty(),
+            "keys missing from deploy/peekgate.example.toml: {missing:?}"
+        );
+        let unknown: Vec<_> = documented.difference(&expected).collect();
+        assert!(
+            unknown.is_empty(),
+            "keys in the example that the config does not have: {unknown:?}"
+        );
+    }
+
+    #[test]
+    fn example_config_parses_and_validates() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("peekgate.toml");
+        std::fs::write(&path, EXAMPLE).unwrap();
+        let config: Config = Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::file(&path))
+            .extract()
+            .unwrap();
+        config.validate().unwrap();
     }
 }

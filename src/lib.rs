@@ -4,9 +4,11 @@
 //! authentication) → `federation` (client and routes) → `db` (storage); `app` wires them together.
 
 pub mod app;
+pub mod canonical_json;
 pub mod config;
 pub mod db;
 pub mod error;
+pub mod events;
 pub mod federation;
 pub mod http;
 pub mod keys;

@@ -1,0 +1,263 @@
+//! The `peekgate` binary as an operator uses it: `serve` on built-in defaults, one-line config
+//! errors, `generate-key`, `migrate`, and a graceful exit on SIGTERM.
+
+mod support;
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+use support::peer::signing_bytes;
+
+fn peekgate(dir: &Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_peekgate"));
+    command.current_dir(dir);
+    // Only what the test sets: no PEEKGATE_* from the surrounding environment.
+    for (key, _) in std::env::vars() {
+        if key.starts_with("PEEKGATE_") {
+            command.env_remove(key);
+        }
+    }
+    command
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn stderr_lines(output: &Output) -> Vec<String> {
+    String::from_utf8_lossy(&output.stderr)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+async fn get_json(url: &str) -> Option<Value> {
+    peekgate::app::install_crypto_provider();
+    let response = reqwest::get(url).await.ok()?;
+    response.json().await.ok()
+}
+
+#[tokio::test]
+async fn serve_runs_on_builtin_defaults_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let (http_port, metrics_port) = (free_port(), free_port());
+    let mut child = peekgate(dir.path())
+        .arg("serve")
+        // Only the ports differ from the defaults, so parallel test runs do not collide.
+        .env("PEEKGATE_HTTP__BIND", format!("127.0.0.1:{http_port}"))
+        .env(
+            "PEEKGATE_METRICS__BIND",
+            format!("127.0.0.1:{metrics_port}"),
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{http_port}/_matrix/key/v2/server");
+    let mut keys = None;
+    for _ in 0..200 {
+        keys = get_json(&url).await;
+        if keys.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let keys = keys.expect("serve answers on the configured port");
+
+    // The default server name, and a self-signature that verifies under the spec's algorithm.
+    assert_eq!(keys["server_name"], "localhost:8008");
+    let (key_id, key) = keys["verify_keys"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .next()
+        .unwrap();
+    let public: [u8; 32] = peekgate::keys::decode_base64(key["key"].as_str().unwrap())
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let sig: [u8; 64] = peekgate::keys::decode_base64(
+        keys["signatures"]["localhost:8008"][key_id]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap()
+    .try_into()
+    .unwrap();
+    ed25519_dalek::VerifyingKey::from_bytes(&public)
+        .unwrap()
+        .verify_strict(
+            &signing_bytes(&keys),
+            &ed25519_dalek::Signature::from_bytes(&sig),
+        )
+        .expect("self-signature verifies");
+
+    // The defaults: SQLite under data/, the key under keys/ with mode 0600.
+    assert!(dir.path().join("data/peekgate.sqlite").exists());
+    let key_file = dir.path().join("keys/signing.key");
+    let contents = std::fs::read_to_string(&key_file).unwrap();
+    assert!(contents.starts_with(&format!(
+        "ed25519 {} ",
+        key_id.trim_start_matches("ed25519:")
+    )));
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
+    let metrics = reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("peekgate_xmatrix_auth_failures_total"));
+
+    // SIGTERM: a graceful stop with exit code 0.
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mut exit = None;
+    for _ in 0..100 {
+        if let Some(status) = child.try_wait().unwrap() {
+            exit = Some(status);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let exit = exit.unwrap_or_else(|| {
+        let _ = child.kill();
+        panic!("serve did not exit after SIGTERM")
+    });
+    assert_eq!(exit.code(), Some(0));
+
+    // A second start reuses the key.
+    let again = std::fs::read_to_string(&key_file).unwrap();
+    assert_eq!(again, contents);
+}
+
+#[test]
+fn bad_config_exits_with_one_line_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = peekgate(dir.path())
+        .arg("serve")
+        .env("PEEKGATE_HTTP__BIND", "nope")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let lines = stderr_lines(&output);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains("http.bind"), "{lines:?}");
+
+    let config = dir.path().join("peekgate.toml");
+    std::fs::write(
+        &config,
+        "server_name = \"gate.test\"\n[schedule]\nevict_inbound = \"whenever\"\n",
+    )
+    .unwrap();
+    let output = peekgate(dir.path())
+        .args(["serve", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let lines = stderr_lines(&output);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains("schedule.evict_inbound"), "{lines:?}");
+
+    // A value of the wrong type in the file.
+    std::fs::write(&config, "[peeks]\nrenewal_interval_ms = \"soon\"\n").unwrap();
+    let output = peekgate(dir.path())
+        .arg("serve")
+        .env("PEEKGATE_CONFIG", &config)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let lines = stderr_lines(&output);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains("renewal_interval_ms"), "{lines:?}");
+    // Nothing was created by a refused start.
+    assert!(!dir.path().join("data").exists());
+    assert!(!dir.path().join("keys").exists());
+}
+
+#[test]
+fn generate_key_writes_synapse_format_and_refuses_to_overwrite() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("k/signing.key");
+    let output = peekgate(dir.path())
+        .args(["generate-key", "--path"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{:?}", stderr_lines(&output));
+    let contents = std::fs::read_to_string(&path).unwrap();
+    let parts: Vec<&str> = contents.split_whitespace().collect();
+    assert_eq!(parts.len(), 3);
+    assert_eq!(parts[0], "ed25519");
+    assert!(peekgate::keys::is_valid_key_version(parts[1]));
+    assert_eq!(peekgate::keys::decode_base64(parts[2]).unwrap().len(), 32);
+
+    let output = peekgate(dir.path())
+        .args(["generate-key", "--path"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(stderr_lines(&output)[0].contains("refusing to overwrite"));
+    assert_eq!(
+        std::fs::read_to_string(&path).unwrap(),
+        contents,
+        "the key is untouched"
+    );
+}
+
+#[test]
+fn migrate_applies_once_on_postgres_and_reports_real_connection_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = support::TestDb::new(support::DbKind::Postgres);
+    let run = || {
+        peekgate(dir.path())
+            .arg("migrate")
+            .env("PEEKGATE_DATABASE__URL", &db.url)
+            .output()
+            .unwrap()
+    };
+    let first = run();
+    assert!(first.status.success(), "{:?}", stderr_lines(&first));
+    assert!(String::from_utf8_lossy(&first.stdout).contains("1 migration(s) applied"));
+    let second = run();
+    assert!(String::from_utf8_lossy(&second.stdout).contains("0 migration(s) applied"));
+
+    // A role that does not exist: the error is PostgreSQL's, not an SQLite file named after the URL.
+    let output = peekgate(dir.path())
+        .arg("migrate")
+        .env(
+            "PEEKGATE_DATABASE__URL",
+            "postgres://no_such_role_pg@127.0.0.1:5432/postgres",
+        )
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(
+        stderr_lines(&output).join("\n").contains("no_such_role_pg"),
+        "{:?}",
+        stderr_lines(&output)
+    );
+    assert!(
+        std::fs::read_dir(dir.path()).unwrap().next().is_none(),
+        "no stray files"
+    );
+}

@@ -1,0 +1,615 @@
+//! Federation identity and request authentication over real sockets, on PostgreSQL and SQLite:
+//! two peekgate servers authenticate each other; hostile requests from a test peer get 401 and
+//! change nothing; key responses that lie are not cached; internal addresses are refused.
+
+mod support;
+
+use diesel::prelude::*;
+use peekgate::db::schema::server_keys;
+use peekgate::federation::client::{FedRequest, FederationError};
+use peekgate::federation::resolve::ResolveError;
+use reqwest::Method;
+use ruma::ServerName;
+use serde_json::{json, Value};
+use support::peer::{sign_value, signing_bytes, KeyMode, TestPeer};
+use support::{DbKind, ServerSpec, TestServer};
+
+const WHOAMI: &str = "/_peekgate/federation/v1/whoami";
+
+fn server_name(name: &str) -> &ServerName {
+    <&ServerName>::try_from(name).unwrap()
+}
+
+fn http() -> reqwest::Client {
+    peekgate::app::install_crypto_provider();
+    reqwest::Client::new()
+}
+
+async fn call(
+    base: &str,
+    method: Method,
+    path: &str,
+    body: Option<Vec<u8>>,
+    auth: &[String],
+) -> (u16, Value) {
+    let mut request = http().request(method, format!("{base}{path}"));
+    for header in auth {
+        request = request.header("Authorization", header);
+    }
+    if let Some(body) = body {
+        request = request
+            .header("Content-Type", "application/json")
+            .body(body);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// Checks a Signing-JSON signature with ed25519-dalek, independently of peekgate.
+fn signature_valid(object: &Value, server: &str, key_id: &str, public_key_b64: &str) -> bool {
+    let Some(sig) = object["signatures"][server][key_id].as_str() else {
+        return false;
+    };
+    let key_bytes: [u8; 32] = peekgate::keys::decode_base64(public_key_b64)
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let sig_bytes: [u8; 64] = peekgate::keys::decode_base64(sig)
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let key = ed25519_dalek::VerifyingKey::from_bytes(&key_bytes).unwrap();
+    key.verify_strict(
+        &signing_bytes(object),
+        &ed25519_dalek::Signature::from_bytes(&sig_bytes),
+    )
+    .is_ok()
+}
+
+/// `(key_id, public key)` of a server, read from its published key response.
+async fn published_key(server: &TestServer) -> (String, String) {
+    let (status, body) = call(
+        &server.base,
+        Method::GET,
+        "/_matrix/key/v2/server",
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (key_id, key) = body["verify_keys"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .next()
+        .unwrap();
+    (key_id.clone(), key["key"].as_str().unwrap().to_owned())
+}
+
+async fn cached_key_count(server: &TestServer, origin: &str) -> i64 {
+    let origin = origin.to_owned();
+    server
+        .state()
+        .db
+        .run(move |c| {
+            Ok(server_keys::table
+                .filter(server_keys::server_name.eq(origin))
+                .count()
+                .get_result(c)?)
+        })
+        .await
+        .unwrap()
+}
+
+async fn two_servers_authenticate_each_other(db: DbKind) {
+    let a_spec = ServerSpec::new("a.test", db);
+    let b_spec = ServerSpec::new("b.test", db);
+    let (a_url, b_url) = (a_spec.url(), b_spec.url());
+    let a = a_spec.destination("b.test", &b_url).start().await;
+    let b = b_spec.destination("a.test", &a_url).start().await;
+
+    // A -> B: a signed GET; B fetches A's key, verifies, and knows who called.
+    let answer = a
+        .state()
+        .federation
+        .get(server_name("b.test"), WHOAMI)
+        .await
+        .unwrap();
+    assert_eq!(answer["origin"], "a.test");
+    assert_eq!(answer["content"], Value::Null);
+
+    // B -> A: a signed POST with a body (the body is covered by the signature).
+    let request = FedRequest {
+        method: Method::POST,
+        destination: server_name("a.test"),
+        path: "/_peekgate/federation/v1/whoami?x=%21y&z=1",
+        body: Some(json!({"hello": "world", "n": 3})),
+        signed: true,
+    };
+    let answer = b.state().federation.send(request).await.unwrap();
+    assert_eq!(answer["origin"], "b.test");
+    assert_eq!(answer["content"], json!({"hello": "world", "n": 3}));
+
+    // Each cached the other's key, exactly as published.
+    let (a_key_id, a_public) = published_key(&a).await;
+    let cached = b
+        .state()
+        .keys
+        .cached(server_name("a.test"), &a_key_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(peekgate::keys::encode_base64(&cached.public_key), a_public);
+    assert_eq!(cached_key_count(&a, "b.test").await, 1);
+    assert_eq!(
+        b.metric("peekgate_xmatrix_auth_failures_total{reason=\"bad_signature\"}")
+            .await,
+        0.0
+    );
+    a.stop().await;
+    b.stop().await;
+}
+both_backends!(two_servers_authenticate_each_other);
+
+/// A gateway that knows several lying peers, each under its own name.
+struct HostileSetup {
+    gateway: TestServer,
+    good: TestPeer,
+    peers: Vec<(KeyMode, TestPeer)>,
+}
+
+const HOSTILE_MODES: [(KeyMode, &str); 5] = [
+    (KeyMode::WrongServerName, "wrongname.test"),
+    (KeyMode::BadSelfSignature, "badselfsig.test"),
+    (KeyMode::Expired, "expired.test"),
+    (KeyMode::EmptySignatures, "emptysigs.test"),
+    (KeyMode::UnknownAlgorithmOnly, "unknownalg.test"),
+];
+
+async fn hostile_setup(db: DbKind) -> HostileSetup {
+    let good = TestPeer::start("good.test", KeyMode::Good);
+    let peers: Vec<(KeyMode, TestPeer)> = HOSTILE_MODES
+        .iter()
+        .map(|(mode, name)| (*mode, TestPeer::start(name, *mode)))
+        .collect();
+    let mut spec = ServerSpec::new("gw.test", db)
+        .destination("good.test", &good.url)
+        .configure(|c| c.http.max_body_bytes = 4096);
+    for (_, peer) in &peers {
+        spec = spec.destination(&peer.name, &peer.url);
+    }
+    HostileSetup {
+        gateway: spec.start().await,
+        good,
+        peers,
+    }
+}
+
+async fn assert_refused(
+    gateway: &TestServer,
+    method: Method,
+    body: Option<Vec<u8>>,
+    auth: &[String],
+    reason: &str,
+) {
+    let series = format!("peekgate_xmatrix_auth_failures_total{{reason=\"{reason}\"}}");
+    let before = gateway.metric(&series).await;
+    let (status, answer) = call(&gateway.base, method, WHOAMI, body, auth).await;
+    assert_eq!(status, 401, "{reason}: {answer}");
+    assert_eq!(answer["errcode"], "M_UNAUTHORIZED", "{reason}");
+    assert_eq!(
+        gateway.metric(&series).await,
+        before + 1.0,
+        "{reason} counted once"
+    );
+}
+
+async fn hostile_requests_get_401_and_change_nothing(db: DbKind) {
+    let HostileSetup {
+        gateway,
+        good,
+        peers,
+    } = hostile_setup(db).await;
+    let gw = "gw.test";
+
+    // Control: the same peer, signing correctly, is let in.
+    let (status, answer) = call(
+        &gateway.base,
+        Method::GET,
+        WHOAMI,
+        None,
+        &[good.authorization("GET", WHOAMI, gw, None)],
+    )
+    .await;
+    assert_eq!(
+        (status, answer["origin"].as_str()),
+        (200, Some("good.test"))
+    );
+
+    // No header at all.
+    assert_refused(&gateway, Method::GET, None, &[], "missing_header").await;
+
+    // A bad signature: signed over another URI.
+    let wrong_uri = good.authorization("GET", "/_peekgate/federation/v1/other", gw, None);
+    assert_refused(&gateway, Method::GET, None, &[wrong_uri], "bad_signature").await;
+
+    // Signed by another key under the published key's id.
+    let object = good.request_object("GET", WHOAMI, gw, None);
+    let forged = format!(
+        "X-Matrix origin=\"good.test\",destination=\"{gw}\",key=\"ed25519:p1\",sig=\"{}\"",
+        sign_value(&good.other_key, &object)
+    );
+    assert_refused(&gateway, Method::GET, None, &[forged], "bad_signature").await;
+
+    // A key id the origin never published.
+    let unknown_key = format!(
+        "X-Matrix origin=\"good.test\",destination=\"{gw}\",key=\"ed25519:nope\",sig=\"{}\"",
+        sign_value(&good.key, &object)
+    );
+    assert_refused(
+        &gateway,
+        Method::GET,
+        None,
+        &[unknown_key],
+        "key_unavailable",
+    )
+    .await;
+
+    // Destination is another server (signed correctly for that destination).
+    let elsewhere = good.authorization("GET", WHOAMI, "elsewhere.test", None);
+    assert_refused(
+        &gateway,
+        Method::GET,
+        None,
+        &[elsewhere],
+        "wrong_destination",
+    )
+    .await;
+
+    // A duplicated origin parameter.
+    let sig = sign_value(&good.key, &object);
+    let duplicated = format!(
+        "X-Matrix origin=\"good.test\",origin=\"evil.test\",destination=\"{gw}\",key=\"ed25519:p1\",sig=\"{sig}\""
+    );
+    assert_refused(
+        &gateway,
+        Method::GET,
+        None,
+        &[duplicated],
+        "malformed_header",
+    )
+    .await;
+
+    // Claiming to be the gateway itself.
+    let own =
+        format!("X-Matrix origin=\"{gw}\",destination=\"{gw}\",key=\"ed25519:p1\",sig=\"{sig}\"");
+    assert_refused(&gateway, Method::GET, None, &[own], "own_origin").await;
+
+    // An X-Matrix key under an unknown algorithm.
+    let unknown_alg = format!(
+        "X-Matrix origin=\"good.test\",destination=\"{gw}\",key=\"curve25519:p1\",sig=\"{sig}\""
+    );
+    assert_refused(
+        &gateway,
+        Method::GET,
+        None,
+        &[unknown_alg],
+        "unknown_algorithm",
+    )
+    .await;
+
+    // A body over the limit, correctly signed.
+    let big = json!({ "pad": "x".repeat(5000) });
+    let auth = good.authorization("POST", WHOAMI, gw, Some(&big));
+    assert_refused(
+        &gateway,
+        Method::POST,
+        Some(serde_json::to_vec(&big).unwrap()),
+        &[auth],
+        "body_too_large",
+    )
+    .await;
+
+    // A body that differs from the signed content.
+    let signed_body = json!({ "amount": 1 });
+    let auth = good.authorization("POST", WHOAMI, gw, Some(&signed_body));
+    let sent = serde_json::to_vec(&json!({ "amount": 1000 })).unwrap();
+    assert_refused(&gateway, Method::POST, Some(sent), &[auth], "bad_signature").await;
+
+    // Peers whose key responses lie: the signature on the request itself is fine, but the key
+    // response is refused, nothing is cached, and the request gets 401.
+    for (mode, peer) in &peers {
+        let auth = peer.authorization("GET", WHOAMI, gw, None);
+        let (status, answer) = call(&gateway.base, Method::GET, WHOAMI, None, &[auth]).await;
+        assert_eq!(status, 401, "{mode:?}: {answer}");
+        assert_eq!(
+            cached_key_count(&gateway, &peer.name).await,
+            0,
+            "{mode:?} must not be cached"
+        );
+    }
+
+    // Nothing changed: the only cached keys are the good peer's one key.
+    let total: i64 = gateway
+        .state()
+        .db
+        .run(|c| Ok(server_keys::table.count().get_result(c)?))
+        .await
+        .unwrap();
+    assert_eq!(total, 1);
+    gateway.stop().await;
+    good.stop().await;
+    for (_, peer) in peers {
+        peer.stop().await;
+    }
+}
+both_backends!(hostile_requests_get_401_and_change_nothing);
+
+/// The spec's "multiple Authorization headers": one bad, one good is enough.
+async fn one_valid_header_of_several_suffices(db: DbKind) {
+    let good = TestPeer::start("good.test", KeyMode::Good);
+    let gateway = ServerSpec::new("gw.test", db)
+        .destination("good.test", &good.url)
+        .start()
+        .await;
+    let bad = good.authorization("GET", "/elsewhere", "gw.test", None);
+    let ok = good.authorization("GET", WHOAMI, "gw.test", None);
+    let (status, answer) = call(&gateway.base, Method::GET, WHOAMI, None, &[bad, ok]).await;
+    assert_eq!(
+        (status, answer["origin"].as_str()),
+        (200, Some("good.test"))
+    );
+    gateway.stop().await;
+    good.stop().await;
+}
+both_backends!(one_valid_header_of_several_suffices);
+
+async fn internal_addresses_are_refused_without_override(db: DbKind) {
+    // A live server on loopback that the gateway could reach if it did not check.
+    let target = ServerSpec::new("target.test", db).start().await;
+    let port = target.running().http_addr.port();
+    let gateway = ServerSpec::new("gw.test", db).start().await;
+    let client = &gateway.state().federation;
+    for name in [
+        format!("127.0.0.1:{port}"),
+        format!("[::1]:{port}"),
+        "169.254.169.254".to_owned(),
+    ] {
+        let err = client
+            .get_unsigned(server_name(&name), "/_matrix/key/v2/server")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                FederationError::Resolve {
+                    source: ResolveError::Refused(_),
+                    ..
+                }
+            ),
+            "{name}: {err}"
+        );
+    }
+    // With an explicit override, the same loopback server is reachable.
+    let allowed = ServerSpec::new("gw2.test", db)
+        .destination("target.test", &format!("http://127.0.0.1:{port}"))
+        .start()
+        .await;
+    let keys = allowed
+        .state()
+        .federation
+        .get_unsigned(server_name("target.test"), "/_matrix/key/v2/server")
+        .await;
+    assert_eq!(keys.unwrap()["server_name"], "target.test");
+    // And with allow_private_ranges the literal is allowed too.
+    let open = ServerSpec::new("gw3.test", db)
+        .configure(|c| c.federation.allow_private_ranges = true)
+        .start()
+        .await;
+    let keys = open
+        .state()
+        .federation
+        .get_unsigned(
+            server_name(&format!("127.0.0.1:{port}")),
+            "/_matrix/key/v2/server",
+        )
+        .await;
+    // The literal resolves to https on that port; our target speaks plain HTTP, so the TLS
+    // handshake fails: a transport error, not a policy refusal.
+    assert!(
+        matches!(keys, Err(FederationError::Transport { .. })),
+        "{keys:?}"
+    );
+    for server in [target, gateway, allowed, open] {
+        server.stop().await;
+    }
+}
+both_backends!(internal_addresses_are_refused_without_override);
+
+async fn federation_over_tls_listener(db: DbKind) {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = support::self_signed_cert(dir.path());
+    let b_spec = ServerSpec::new("b.test", db).tls(cert, key);
+    let b_tls = format!("https://127.0.0.1:{}", b_spec.tls.as_ref().unwrap().0.port);
+    let a_spec = ServerSpec::new("a.test", db);
+    let a_url = a_spec.url();
+    let a = a_spec
+        .destination("b.test", &b_tls)
+        .configure(|c| c.federation.accept_invalid_certs = true)
+        .start()
+        .await;
+    let b = b_spec.destination("a.test", &a_url).start().await;
+    assert!(b.running().tls_addr.is_some());
+    let answer = a
+        .state()
+        .federation
+        .get(server_name("b.test"), WHOAMI)
+        .await
+        .unwrap();
+    assert_eq!(answer["origin"], "a.test");
+
+    // Certificate verification is on by default: the self-signed certificate is refused.
+    let strict = ServerSpec::new("c.test", db)
+        .destination("b.test", &b_tls)
+        .start()
+        .await;
+    let err = strict
+        .state()
+        .federation
+        .get(server_name("b.test"), WHOAMI)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, FederationError::Transport { .. }), "{err}");
+    for server in [a, b, strict] {
+        server.stop().await;
+    }
+}
+both_backends!(federation_over_tls_listener);
+
+async fn key_publication_and_notary(db: DbKind) {
+    let old_key = peekgate::keys::SigningKey::generate();
+    let old = peekgate::config::OldKeyConfig {
+        key_id: old_key.key_id(),
+        public_key: old_key.public_key_base64(),
+        expired_ts: 1_700_000_000_000,
+    };
+    let a_spec = ServerSpec::new("a.test", db);
+    let b_spec = ServerSpec::new("b.test", db);
+    let (a_url, b_url) = (a_spec.url(), b_spec.url());
+    let old_for_a = old.clone();
+    let a = a_spec
+        .destination("b.test", &b_url)
+        .configure(move |c| c.signing.old_keys = vec![old_for_a])
+        .start()
+        .await;
+    let b = b_spec.destination("a.test", &a_url).start().await;
+
+    // A's publication: self-signed, valid about one day, with its old key.
+    let (_, published) = call(&a.base, Method::GET, "/_matrix/key/v2/server", None, &[]).await;
+    let (a_key_id, a_public) = published_key(&a).await;
+    assert!(signature_valid(&published, "a.test", &a_key_id, &a_public));
+    let valid_until = published["valid_until_ts"].as_i64().unwrap();
+    let day_ahead = chrono::Utc::now().timestamp_millis() + 86_400_000;
+    assert!(
+        (valid_until - day_ahead).abs() < 60_000,
+        "valid_until_ts {valid_until}"
+    );
+    assert_eq!(
+        published["old_verify_keys"][&old.key_id]["key"],
+        old.public_key
+    );
+    assert_eq!(
+        published["old_verify_keys"][&old.key_id]["expired_ts"],
+        1_700_000_000_000i64
+    );
+
+    // B as notary for A: A's response, signed by A and counter-signed by B.
+    let (b_key_id, b_public) = published_key(&b).await;
+    let query = json!({ "server_keys": { "a.test": { a_key_id.clone(): { "minimum_valid_until_ts": 0 } } } });
+    let (status, answer) = call(
+        &b.base,
+        Method::POST,
+        "/_matrix/key/v2/query",
+        Some(serde_json::to_vec(&query).unwrap()),
+        &[],
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let keys = answer["server_keys"].as_array().unwrap();
+    assert_eq!(keys.len(), 1);
+    assert!(signature_valid(&keys[0], "a.test", &a_key_id, &a_public));
+    assert!(signature_valid(&keys[0], "b.test", &b_key_id, &b_public));
+
+    // GET form, for the notary itself.
+    let (status, answer) = call(
+        &b.base,
+        Method::GET,
+        "/_matrix/key/v2/query/b.test",
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(signature_valid(
+        &answer["server_keys"][0],
+        "b.test",
+        &b_key_id,
+        &b_public
+    ));
+
+    // Bad input: a clear Matrix error.
+    let (status, answer) = call(
+        &b.base,
+        Method::POST,
+        "/_matrix/key/v2/query",
+        Some(b"{nope".to_vec()),
+        &[],
+    )
+    .await;
+    assert_eq!(
+        (status, answer["errcode"].as_str()),
+        (400, Some("M_NOT_JSON"))
+    );
+    let (status, answer) = call(
+        &b.base,
+        Method::POST,
+        "/_matrix/key/v2/query",
+        Some(br#"{"server_keys": 1}"#.to_vec()),
+        &[],
+    )
+    .await;
+    assert_eq!(
+        (status, answer["errcode"].as_str()),
+        (400, Some("M_BAD_JSON"))
+    );
+    a.stop().await;
+    b.stop().await;
+}
+both_backends!(key_publication_and_notary);
+
+async fn matrix_errors_for_unknown_routes_and_methods(db: DbKind) {
+    let server = ServerSpec::new("a.test", db).start().await;
+    let (status, answer) = call(
+        &server.base,
+        Method::GET,
+        "/_matrix/federation/v1/nope",
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(
+        (status, answer["errcode"].as_str()),
+        (404, Some("M_UNRECOGNIZED"))
+    );
+    let (status, answer) = call(
+        &server.base,
+        Method::DELETE,
+        "/_matrix/federation/v1/version",
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(
+        (status, answer["errcode"].as_str()),
+        (405, Some("M_UNRECOGNIZED"))
+    );
+    let (status, answer) = call(
+        &server.base,
+        Method::GET,
+        "/_matrix/federation/v1/version",
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(
+        (status, answer["server"]["name"].as_str()),
+        (200, Some("peekgate"))
+    );
+    let (status, answer) = call(&server.base, Method::GET, "/ready", None, &[]).await;
+    assert_eq!((status, answer["database"].as_str()), (200, Some("ok")));
+    let (status, _) = call(&server.base, Method::GET, "/health", None, &[]).await;
+    assert_eq!(status, 200);
+    server.stop().await;
+}
+both_backends!(matrix_errors_for_unknown_routes_and_methods);

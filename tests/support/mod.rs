@@ -1,0 +1,296 @@
+//! Test support shared by every integration test: a fresh database per test (PostgreSQL or
+//! SQLite), a peekgate server started in-process on ephemeral 127.0.0.1 ports, and (in
+//! `peer`) a small hostile federation peer with its own key.
+//!
+//! PostgreSQL tests never skip: without a reachable server they fail with the reason.
+//! `PEEKGATE_TEST_POSTGRES_URL` points at the admin database (default: the local server).
+
+#![allow(dead_code)]
+
+pub mod peer;
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::PathBuf;
+
+use diesel::connection::SimpleConnection;
+use diesel::{Connection, PgConnection};
+use peekgate::app::{self, Listeners, RunningServer};
+use peekgate::config::Config;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DbKind {
+    Postgres,
+    Sqlite,
+}
+
+/// Runs the async test body `name(DbKind)` once per backend, as the tests `name::postgres`
+/// and `name::sqlite`.
+#[macro_export]
+macro_rules! both_backends {
+    ($body:ident) => {
+        mod $body {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                super::$body($crate::support::DbKind::Postgres).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$body($crate::support::DbKind::Sqlite).await
+            }
+        }
+    };
+}
+
+pub fn postgres_admin_url() -> String {
+    std::env::var("PEEKGATE_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// A database of its own for one test; dropped (Postgres) or deleted (SQLite) afterwards.
+pub struct TestDb {
+    pub url: String,
+    pub kind: DbKind,
+    pg_name: Option<String>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl TestDb {
+    pub fn new(kind: DbKind) -> TestDb {
+        match kind {
+            DbKind::Postgres => {
+                let admin = postgres_admin_url();
+                let name = format!("peekgate_t_{}", uuid::Uuid::new_v4().simple());
+                let mut conn = PgConnection::establish(&admin).unwrap_or_else(|e| {
+                    panic!("PostgreSQL tests need a server at {admin} (set PEEKGATE_TEST_POSTGRES_URL): {e}")
+                });
+                conn.batch_execute(&format!("CREATE DATABASE {name}"))
+                    .expect("create test database");
+                let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin);
+                TestDb {
+                    url: format!("{base}/{name}"),
+                    kind,
+                    pg_name: Some(name),
+                    _dir: None,
+                }
+            }
+            DbKind::Sqlite => {
+                let dir = tempfile::tempdir().expect("temp dir");
+                let url = format!("sqlite://{}", dir.path().join("peekgate.sqlite").display());
+                TestDb {
+                    url,
+                    kind,
+                    pg_name: None,
+                    _dir: Some(dir),
+                }
+            }
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let Some(name) = &self.pg_name {
+            if let Ok(mut conn) = PgConnection::establish(&postgres_admin_url()) {
+                let _ = conn.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"));
+            }
+        }
+    }
+}
+
+/// A listening socket on an ephemeral port, bound before the server that will use it starts,
+/// so that servers can be configured with each other's addresses.
+pub struct Reserved {
+    pub listener: TcpListener,
+    pub port: u16,
+}
+
+impl Reserved {
+    pub fn new() -> Reserved {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind ephemeral port");
+        let port = listener.local_addr().unwrap().port();
+        Reserved { listener, port }
+    }
+
+    pub fn http_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Default for Reserved {
+    fn default() -> Self {
+        Reserved::new()
+    }
+}
+
+/// A change to a test server's config, applied before it starts.
+pub type ConfigEdit = Box<dyn FnOnce(&mut Config)>;
+
+/// How to start one in-process peekgate.
+pub struct ServerSpec {
+    pub server_name: String,
+    pub db: DbKind,
+    pub destinations: BTreeMap<String, String>,
+    pub http: Reserved,
+    pub tls: Option<(Reserved, PathBuf, PathBuf)>,
+    pub configure: Vec<ConfigEdit>,
+}
+
+impl ServerSpec {
+    pub fn new(server_name: &str, db: DbKind) -> ServerSpec {
+        ServerSpec {
+            server_name: server_name.to_owned(),
+            db,
+            destinations: BTreeMap::new(),
+            http: Reserved::new(),
+            tls: None,
+            configure: Vec::new(),
+        }
+    }
+
+    /// Send federation traffic for `server_name` to `base_url` (`federation.destinations`).
+    pub fn destination(mut self, server_name: &str, base_url: &str) -> ServerSpec {
+        self.destinations
+            .insert(server_name.to_owned(), base_url.to_owned());
+        self
+    }
+
+    pub fn configure(mut self, f: impl FnOnce(&mut Config) + 'static) -> ServerSpec {
+        self.configure.push(Box::new(f));
+        self
+    }
+
+    pub fn tls(mut self, cert: PathBuf, key: PathBuf) -> ServerSpec {
+        self.tls = Some((Reserved::new(), cert, key));
+        self
+    }
+
+    pub fn url(&self) -> String {
+        self.http.http_url()
+    }
+
+    pub async fn start(self) -> TestServer {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let db = TestDb::new(self.db);
+        let mut config = Config {
+            server_name: self.server_name.clone(),
+            ..Config::default()
+        };
+        config.database.url = db.url.clone();
+        config.database.pool_size = 4;
+        config.signing.key_path = dir.path().join("signing.key");
+        config.http.bind = "127.0.0.1:0".into();
+        config.http.workers = 2;
+        config.metrics.bind = "127.0.0.1:0".into();
+        config.federation.destinations = self.destinations;
+        let mut tls_listener = None;
+        if let Some((reserved, cert, key)) = self.tls {
+            config.http.tls_bind = Some("127.0.0.1:0".into());
+            config.http.tls_cert = Some(cert);
+            config.http.tls_key = Some(key);
+            tls_listener = Some(reserved.listener);
+        }
+        for f in self.configure {
+            f(&mut config);
+        }
+        let settings = config.validate().expect("test config is valid");
+        let metrics = TcpListener::bind("127.0.0.1:0").unwrap();
+        let listeners = Listeners {
+            http: self.http.listener,
+            tls: tls_listener,
+            metrics: Some(metrics),
+        };
+        let state = app::build_state(settings, None)
+            .await
+            .expect("server state builds");
+        let running = app::start(state, listeners).expect("server starts");
+        TestServer {
+            base: format!("http://{}", running.http_addr),
+            running: Some(running),
+            server_name: self.server_name,
+            db,
+            _dir: dir,
+        }
+    }
+}
+
+pub struct TestServer {
+    pub base: String,
+    pub server_name: String,
+    running: Option<RunningServer>,
+    pub db: TestDb,
+    _dir: tempfile::TempDir,
+}
+
+impl TestServer {
+    pub fn state(&self) -> &peekgate::state::AppState {
+        self.running
+            .as_ref()
+            .expect("server is running")
+            .state
+            .get_ref()
+    }
+
+    pub fn running(&self) -> &RunningServer {
+        self.running.as_ref().expect("server is running")
+    }
+
+    /// The value of a counter or gauge series in this server's `/metrics` text (0 when absent).
+    pub async fn metric(&self, series: &str) -> f64 {
+        let addr = self.running().metrics_addr.expect("metrics listener");
+        let text = reqwest::get(format!("http://{addr}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        metric_value(&text, series)
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(running) = self.running.take() {
+            running.stop().await;
+        }
+    }
+}
+
+/// Reads one series (`name{labels}` exactly as exposed, labels in any order) from Prometheus text.
+pub fn metric_value(text: &str, series: &str) -> f64 {
+    let (want_name, want_labels) = split_series(series);
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter(|(s, _)| {
+            let (name, labels) = split_series(s);
+            name == want_name && labels == want_labels
+        })
+        .map(|(_, v)| v.parse::<f64>().unwrap())
+        .sum()
+}
+
+fn split_series(series: &str) -> (&str, Vec<&str>) {
+    match series.split_once('{') {
+        Some((name, rest)) => {
+            let mut labels: Vec<&str> = rest
+                .trim_end_matches('}')
+                .split(',')
+                .filter(|l| !l.is_empty())
+                .collect();
+            labels.sort();
+            (name, labels)
+        }
+        None => (series, Vec::new()),
+    }
+}
+
+/// A self-signed certificate for 127.0.0.1 and localhost, written to `dir` as PEM files.
+pub fn self_signed_cert(dir: &std::path::Path) -> (PathBuf, PathBuf) {
+    let cert =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+            .expect("generate certificate");
+    let cert_path = dir.join("cert.pem");
+    let key_path = dir.join("key.pem");
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
+    (cert_path, key_path)
+}
