@@ -10,14 +10,16 @@ use actix_web::{web, App, HttpServer};
 use anyhow::Context;
 use tracing_actix_web::TracingLogger;
 
+use crate::accounts::Accounts;
 use crate::config::{Settings, TlsSettings};
 use crate::db::{Backend, Db};
 use crate::federation::client::FederationClient;
 use crate::federation::resolve::{Dns, HickoryDns};
 use crate::keys::{RemoteKeys, SigningKey};
 use crate::metrics::Metrics;
+use crate::rooms::Rooms;
 use crate::state::AppState;
-use crate::{federation, http, keys};
+use crate::{client_api, federation, http, keys};
 
 /// rustls needs one process-wide crypto provider before any client or server config exists.
 pub fn install_crypto_provider() {
@@ -26,10 +28,7 @@ pub fn install_crypto_provider() {
 }
 
 /// Loads or creates the signing key, connects to and migrates the database, builds clients.
-pub async fn build_state(
-    settings: Settings,
-    dns: Option<Arc<dyn Dns>>,
-) -> anyhow::Result<AppState> {
+pub async fn build_state(settings: Settings, dns: Option<Arc<dyn Dns>>) -> anyhow::Result<AppState> {
     install_crypto_provider();
     let key_path = settings.raw.signing.key_path.clone();
     let (key, generated) = SigningKey::load_or_generate(&key_path)?;
@@ -37,10 +36,7 @@ pub async fn build_state(
         tracing::info!(path = %key_path.display(), key_id = %key.key_id(), "generated a new signing key");
     }
     let key = Arc::new(key);
-    let (url, pool_size) = (
-        settings.raw.database.url.clone(),
-        settings.raw.database.pool_size,
-    );
+    let (url, pool_size) = (settings.raw.database.url.clone(), settings.raw.database.pool_size);
     let db = tokio::task::spawn_blocking(move || -> anyhow::Result<Db> {
         let db = Db::connect(&url, pool_size)?;
         let applied = db.migrate()?;
@@ -62,14 +58,9 @@ pub async fn build_state(
         key.clone(),
         settings.raw.signing.old_keys.clone(),
     );
-    Ok(AppState {
-        settings,
-        db,
-        key,
-        keys,
-        federation,
-        metrics: Metrics::new(),
-    })
+    let rooms = Rooms::new(db.clone(), key.clone(), settings.server_name.clone());
+    let accounts = Accounts::new(db.clone());
+    Ok(AppState { settings, db, key, keys, federation, metrics: Metrics::new(), rooms, accounts })
 }
 
 /// Sockets bound before the server starts (tests bind port 0 and read the port back).
@@ -86,15 +77,8 @@ impl Listeners {
         };
         Ok(Listeners {
             http: bind(settings.http_bind, "http.bind")?,
-            tls: settings
-                .tls
-                .as_ref()
-                .map(|t| bind(t.bind, "http.tls_bind"))
-                .transpose()?,
-            metrics: settings
-                .metrics_bind
-                .map(|a| bind(a, "metrics.bind"))
-                .transpose()?,
+            tls: settings.tls.as_ref().map(|t| bind(t.bind, "http.tls_bind")).transpose()?,
+            metrics: settings.metrics_bind.map(|a| bind(a, "metrics.bind")).transpose()?,
         })
     }
 }
@@ -131,32 +115,21 @@ pub fn configure_routes(cfg: &mut web::ServiceConfig) {
     cfg.configure(http::health_routes)
         .configure(keys::http::routes)
         .configure(federation::server::routes)
+        .configure(client_api::routes)
         .default_service(web::to(http::not_found));
 }
 
 pub fn start(state: AppState, listeners: Listeners) -> anyhow::Result<RunningServer> {
-    let tls_config = state
-        .settings
-        .tls
-        .as_ref()
-        .map(load_tls_config)
-        .transpose()?;
+    let tls_config = state.settings.tls.as_ref().map(load_tls_config).transpose()?;
     let workers = state.settings.raw.http.workers;
     let state = web::Data::new(state);
     let http_addr = listeners.http.local_addr()?;
     let tls_addr = listeners.tls.as_ref().map(|l| l.local_addr()).transpose()?;
-    let metrics_addr = listeners
-        .metrics
-        .as_ref()
-        .map(|l| l.local_addr())
-        .transpose()?;
+    let metrics_addr = listeners.metrics.as_ref().map(|l| l.local_addr()).transpose()?;
 
     let app_state = state.clone();
     let mut main = HttpServer::new(move || {
-        App::new()
-            .app_data(app_state.clone())
-            .wrap(TracingLogger::default())
-            .configure(configure_routes)
+        App::new().app_data(app_state.clone()).wrap(TracingLogger::default()).configure(configure_routes)
     })
     .disable_signals()
     .listen(listeners.http)?;
@@ -186,24 +159,17 @@ pub fn start(state: AppState, listeners: Listeners) -> anyhow::Result<RunningSer
         tasks.push(tokio::spawn(server));
     }
     tracing::info!(%http_addr, ?tls_addr, ?metrics_addr, server_name = %state.settings.server_name, "peekgate listening");
-    Ok(RunningServer {
-        state,
-        http_addr,
-        tls_addr,
-        metrics_addr,
-        handles,
-        tasks,
-    })
+    Ok(RunningServer { state, http_addr, tls_addr, metrics_addr, handles, tasks })
 }
 
 fn load_tls_config(tls: &TlsSettings) -> anyhow::Result<rustls::ServerConfig> {
-    let cert_file = std::fs::File::open(&tls.cert)
-        .with_context(|| format!("http.tls_cert: cannot open {}", tls.cert.display()))?;
+    let cert_file =
+        std::fs::File::open(&tls.cert).with_context(|| format!("http.tls_cert: cannot open {}", tls.cert.display()))?;
     let certs = rustls_pemfile::certs(&mut BufReader::new(cert_file))
         .collect::<Result<Vec<_>, _>>()
         .with_context(|| format!("http.tls_cert: {} is not PEM", tls.cert.display()))?;
-    let key_file = std::fs::File::open(&tls.key)
-        .with_context(|| format!("http.tls_key: cannot open {}", tls.key.display()))?;
+    let key_file =
+        std::fs::File::open(&tls.key).with_context(|| format!("http.tls_key: cannot open {}", tls.key.display()))?;
     let key = rustls_pemfile::private_key(&mut BufReader::new(key_file))
         .with_context(|| format!("http.tls_key: {} is not PEM", tls.key.display()))?
         .with_context(|| format!("http.tls_key: no private key in {}", tls.key.display()))?;

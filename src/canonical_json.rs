@@ -17,8 +17,7 @@ pub enum CanonicalError {
 /// Parses JSON text, reading numbers written with a fraction or exponent as integers when their
 /// value is an integer in ±(2^53-1) (so `-0` is `0` and `1e10` is `10000000000`).
 pub fn parse_lenient(text: &str) -> Result<CanonicalJsonValue, CanonicalError> {
-    let value: Value =
-        serde_json::from_str(text).map_err(|e| CanonicalError::NotJson(e.to_string()))?;
+    let value: Value = serde_json::from_str(text).map_err(|e| CanonicalError::NotJson(e.to_string()))?;
     to_canonical_lenient(value)
 }
 
@@ -28,16 +27,11 @@ fn to_canonical_lenient(value: Value) -> Result<CanonicalJsonValue, CanonicalErr
         Value::Bool(b) => CanonicalJsonValue::Bool(b),
         Value::String(s) => CanonicalJsonValue::String(s),
         Value::Number(n) => CanonicalJsonValue::Integer(integer(&n)?),
-        Value::Array(items) => CanonicalJsonValue::Array(
-            items
-                .into_iter()
-                .map(to_canonical_lenient)
-                .collect::<Result<_, _>>()?,
-        ),
+        Value::Array(items) => {
+            CanonicalJsonValue::Array(items.into_iter().map(to_canonical_lenient).collect::<Result<_, _>>()?)
+        }
         Value::Object(map) => CanonicalJsonValue::Object(
-            map.into_iter()
-                .map(|(k, v)| Ok((k, to_canonical_lenient(v)?)))
-                .collect::<Result<_, CanonicalError>>()?,
+            map.into_iter().map(|(k, v)| Ok((k, to_canonical_lenient(v)?))).collect::<Result<_, CanonicalError>>()?,
         ),
     })
 }
@@ -69,9 +63,6 @@ mod tests {
         assert!(parse_lenient(r#"{"a": 1.5}"#).is_err());
         assert!(parse_lenient(r#"{"a": 1e300}"#).is_err());
         assert!(parse_lenient(r#"{"a": 9007199254740992}"#).is_err());
-        assert_eq!(
-            encode(&parse_lenient(r#"{"a": -0}"#).unwrap()),
-            r#"{"a":0}"#
-        );
+        assert_eq!(encode(&parse_lenient(r#"{"a": -0}"#).unwrap()), r#"{"a":0}"#);
     }
 }

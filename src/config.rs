@@ -30,15 +30,8 @@ impl ConfigError {
     /// Keeps the message on one line, whatever the underlying error printed.
     fn invalid(key: &str, reason: impl Into<String>) -> Self {
         let reason: String = reason.into();
-        let lines: Vec<&str> = reason
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .collect();
-        ConfigError::Invalid {
-            key: key.to_owned(),
-            reason: lines.join(" "),
-        }
+        let lines: Vec<&str> = reason.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+        ConfigError::Invalid { key: key.to_owned(), reason: lines.join(" ") }
     }
 }
 
@@ -199,18 +192,13 @@ impl Default for HttpConfig {
 
 impl Default for MetricsConfig {
     fn default() -> Self {
-        MetricsConfig {
-            bind: "127.0.0.1:9093".to_owned(),
-        }
+        MetricsConfig { bind: "127.0.0.1:9093".to_owned() }
     }
 }
 
 impl Default for DatabaseConfig {
     fn default() -> Self {
-        DatabaseConfig {
-            url: "sqlite://data/peekgate.sqlite".to_owned(),
-            pool_size: 8,
-        }
+        DatabaseConfig { url: "sqlite://data/peekgate.sqlite".to_owned(), pool_size: 8 }
     }
 }
 
@@ -241,37 +229,25 @@ impl Default for FederationConfig {
 
 impl Default for PeeksConfig {
     fn default() -> Self {
-        PeeksConfig {
-            renewal_interval_ms: 3_600_000,
-            eviction_grace_ms: 300_000,
-            idle_device_ms: 900_000,
-        }
+        PeeksConfig { renewal_interval_ms: 3_600_000, eviction_grace_ms: 300_000, idle_device_ms: 900_000 }
     }
 }
 
 impl Default for ScheduleConfig {
     fn default() -> Self {
-        ScheduleConfig {
-            evict_inbound: "*/30 * * * * *".to_owned(),
-            renew_outbound: "*/30 * * * * *".to_owned(),
-        }
+        ScheduleConfig { evict_inbound: "*/30 * * * * *".to_owned(), renew_outbound: "*/30 * * * * *".to_owned() }
     }
 }
 
 impl Default for ClientConfig {
     fn default() -> Self {
-        ClientConfig {
-            registration: "disabled".to_owned(),
-        }
+        ClientConfig { registration: "disabled".to_owned() }
     }
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig {
-            format: "plain".to_owned(),
-            filter: "info".to_owned(),
-        }
+        LogConfig { format: "plain".to_owned(), filter: "info".to_owned() }
     }
 }
 
@@ -302,28 +278,21 @@ impl Config {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
         if let Some(path) = file {
             if !path.exists() {
-                return Err(ConfigError::Load(format!(
-                    "file {} does not exist",
-                    path.display()
-                )));
+                return Err(ConfigError::Load(format!("file {} does not exist", path.display())));
             }
             figment = figment.merge(Toml::file(path));
         }
         figment = figment.merge(Env::prefixed("PEEKGATE_").ignore(&["config"]).split("__"));
-        figment
-            .extract()
-            .map_err(|e| ConfigError::Load(one_line_figment_error(e)))
+        figment.extract().map_err(|e| ConfigError::Load(one_line_figment_error(e)))
     }
 
     /// Picks the config file the contract names: `--config`, else `$PEEKGATE_CONFIG`,
     /// else `peekgate.toml` when present, else none (built-in defaults).
     pub fn locate(explicit: Option<PathBuf>) -> Option<PathBuf> {
-        explicit
-            .or_else(|| std::env::var_os("PEEKGATE_CONFIG").map(PathBuf::from))
-            .or_else(|| {
-                let default = PathBuf::from(DEFAULT_CONFIG_FILE);
-                default.exists().then_some(default)
-            })
+        explicit.or_else(|| std::env::var_os("PEEKGATE_CONFIG").map(PathBuf::from)).or_else(|| {
+            let default = PathBuf::from(DEFAULT_CONFIG_FILE);
+            default.exists().then_some(default)
+        })
     }
 
     /// Checks every value and turns it into the typed [`Settings`].
@@ -340,16 +309,10 @@ impl Config {
             || self.database.url.starts_with("postgres://")
             || self.database.url.starts_with("postgresql://"))
         {
-            return Err(ConfigError::invalid(
-                "database.url",
-                "must start with sqlite:// or postgres://",
-            ));
+            return Err(ConfigError::invalid("database.url", "must start with sqlite:// or postgres://"));
         }
         if self.database.pool_size == 0 {
-            return Err(ConfigError::invalid(
-                "database.pool_size",
-                "must be at least 1",
-            ));
+            return Err(ConfigError::invalid("database.pool_size", "must be at least 1"));
         }
         if self.signing.key_validity_ms < 3_600_000 {
             return Err(ConfigError::invalid(
@@ -366,39 +329,22 @@ impl Config {
             .allowed_ranges
             .iter()
             .map(|r| {
-                IpNet::from_str(r).map_err(|e| {
-                    ConfigError::invalid("federation.allowed_ranges", format!("{r:?}: {e}"))
-                })
+                IpNet::from_str(r).map_err(|e| ConfigError::invalid("federation.allowed_ranges", format!("{r:?}: {e}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        positive(
-            "federation.request_timeout_ms",
-            self.federation.request_timeout_ms,
-        )?;
-        positive(
-            "federation.connect_timeout_ms",
-            self.federation.connect_timeout_ms,
-        )?;
-        positive(
-            "federation.max_response_bytes",
-            self.federation.max_response_bytes as u64,
-        )?;
+        positive("federation.request_timeout_ms", self.federation.request_timeout_ms)?;
+        positive("federation.connect_timeout_ms", self.federation.connect_timeout_ms)?;
+        positive("federation.max_response_bytes", self.federation.max_response_bytes as u64)?;
         positive("http.max_body_bytes", self.http.max_body_bytes as u64)?;
         positive("peeks.renewal_interval_ms", self.peeks.renewal_interval_ms)?;
         positive("peeks.idle_device_ms", self.peeks.idle_device_ms)?;
         let evict_inbound = parse_cron("schedule.evict_inbound", &self.schedule.evict_inbound)?;
         let renew_outbound = parse_cron("schedule.renew_outbound", &self.schedule.renew_outbound)?;
         if !matches!(self.client.registration.as_str(), "disabled" | "open") {
-            return Err(ConfigError::invalid(
-                "client.registration",
-                "must be \"disabled\" or \"open\"",
-            ));
+            return Err(ConfigError::invalid("client.registration", "must be \"disabled\" or \"open\""));
         }
         if !matches!(self.log.format.as_str(), "plain" | "json") {
-            return Err(ConfigError::invalid(
-                "log.format",
-                "must be \"plain\" or \"json\"",
-            ));
+            return Err(ConfigError::invalid("log.format", "must be \"plain\" or \"json\""));
         }
         if let Some(ws) = &self.http.well_known_server {
             // Must itself be a valid server name (host[:port]).
@@ -423,12 +369,16 @@ impl Config {
             return Ok(None);
         };
         let bind = parse_addr("http.tls_bind", bind)?;
-        let cert = self.http.tls_cert.clone().ok_or_else(|| {
-            ConfigError::invalid("http.tls_cert", "required when http.tls_bind is set")
-        })?;
-        let key = self.http.tls_key.clone().ok_or_else(|| {
-            ConfigError::invalid("http.tls_key", "required when http.tls_bind is set")
-        })?;
+        let cert = self
+            .http
+            .tls_cert
+            .clone()
+            .ok_or_else(|| ConfigError::invalid("http.tls_cert", "required when http.tls_bind is set"))?;
+        let key = self
+            .http
+            .tls_key
+            .clone()
+            .ok_or_else(|| ConfigError::invalid("http.tls_key", "required when http.tls_bind is set"))?;
         Ok(Some(TlsSettings { bind, cert, key }))
     }
 
@@ -440,10 +390,7 @@ impl Config {
                 .map_err(|e| ConfigError::invalid(&key, format!("bad server name: {e}")))?;
             let url = Url::parse(base).map_err(|e| ConfigError::invalid(&key, e.to_string()))?;
             if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
-                return Err(ConfigError::invalid(
-                    &key,
-                    "must be an http:// or https:// base URL",
-                ));
+                return Err(ConfigError::invalid(&key, "must be an http:// or https:// base URL"));
             }
             out.insert(server, url);
         }
@@ -452,9 +399,7 @@ impl Config {
 }
 
 fn parse_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
-    value.parse().map_err(|e| {
-        ConfigError::invalid(key, format!("{value:?} is not an ip:port address ({e})"))
-    })
+    value.parse().map_err(|e| ConfigError::invalid(key, format!("{value:?} is not an ip:port address ({e})")))
 }
 
 fn positive(key: &str, value: u64) -> Result<(), ConfigError> {
@@ -484,19 +429,12 @@ fn validate_old_key(old: &OldKeyConfig) -> Result<(), ConfigError> {
         .split_once(':')
         .ok_or_else(|| ConfigError::invalid(key, format!("{:?} is not a key id", old.key_id)))?;
     if alg != "ed25519" || !crate::keys::is_valid_key_version(version) {
-        return Err(ConfigError::invalid(
-            key,
-            format!("{:?} is not an ed25519 key id", old.key_id),
-        ));
+        return Err(ConfigError::invalid(key, format!("{:?} is not an ed25519 key id", old.key_id)));
     }
-    let bytes = crate::keys::decode_base64(&old.public_key).ok_or_else(|| {
-        ConfigError::invalid(key, format!("{}: public_key is not base64", old.key_id))
-    })?;
+    let bytes = crate::keys::decode_base64(&old.public_key)
+        .ok_or_else(|| ConfigError::invalid(key, format!("{}: public_key is not base64", old.key_id)))?;
     if bytes.len() != 32 {
-        return Err(ConfigError::invalid(
-            key,
-            format!("{}: public_key is not 32 bytes", old.key_id),
-        ));
+        return Err(ConfigError::invalid(key, format!("{}: public_key is not 32 bytes", old.key_id)));
     }
     Ok(())
 }
@@ -504,10 +442,7 @@ fn validate_old_key(old: &OldKeyConfig) -> Result<(), ConfigError> {
 /// figment errors can span several lines and name the provider; keep the first line.
 fn one_line_figment_error(e: figment::Error) -> String {
     let text = e.to_string();
-    text.lines()
-        .next()
-        .unwrap_or("invalid configuration")
-        .to_owned()
+    text.lines().next().unwrap_or("invalid configuration").to_owned()
 }
 
 #[cfg(test)]
@@ -535,21 +470,12 @@ mod tests {
         assert!(err.contains("schedule.evict_inbound"), "{err}");
 
         let mut c = Config::default();
-        c.federation
-            .destinations
-            .insert("b.test".into(), "ftp://x".into());
+        c.federation.destinations.insert("b.test".into(), "ftp://x".into());
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("federation.destinations.b.test"), "{err}");
 
-        let c = Config {
-            server_name: "bad name!".into(),
-            ..Config::default()
-        };
-        assert!(c
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("server_name"));
+        let c = Config { server_name: "bad name!".into(), ..Config::default() };
+        assert!(c.validate().unwrap_err().to_string().contains("server_name"));
     }
 }
 
@@ -564,15 +490,9 @@ mod example_tests {
     /// `section.key` for every key of the config (maps and lists count as one key).
     fn config_keys(prefix: &str, value: &serde_json::Value, out: &mut BTreeSet<String>) {
         match value {
-            serde_json::Value::Object(map)
-                if !map.is_empty() && prefix != "federation.destinations" =>
-            {
+            serde_json::Value::Object(map) if !map.is_empty() && prefix != "federation.destinations" => {
                 for (k, v) in map {
-                    let path = if prefix.is_empty() {
-                        k.clone()
-                    } else {
-                        format!("{prefix}.{k}")
-                    };
+                    let path = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
                     config_keys(&path, v, out);
                 }
             }
@@ -594,11 +514,7 @@ mod example_tests {
             let line = line.trim_start_matches('#').trim();
             if let Some((key, _)) = line.split_once(" = ") {
                 if key.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
-                    out.insert(if section.is_empty() {
-                        key.to_owned()
-                    } else {
-                        format!("{section}.{key}")
-                    });
+                    out.insert(if section.is_empty() { key.to_owned() } else { format!("{section}.{key}") });
                 }
             }
         }
@@ -608,22 +524,12 @@ mod example_tests {
     #[test]
     fn example_config_documents_every_key() {
         let mut expected = BTreeSet::new();
-        config_keys(
-            "",
-            &serde_json::to_value(Config::default()).unwrap(),
-            &mut expected,
-        );
+        config_keys("", &serde_json::to_value(Config::default()).unwrap(), &mut expected);
         let documented = documented_keys(EXAMPLE);
         let missing: Vec<_> = expected.difference(&documented).collect();
-        assert!(
-            missing.is_empty(),
-            "keys missing from deploy/peekgate.example.toml: {missing:?}"
-        );
+        assert!(missing.is_empty(), "keys missing from deploy/peekgate.example.toml: {missing:?}");
         let unknown: Vec<_> = documented.difference(&expected).collect();
-        assert!(
-            unknown.is_empty(),
-            "keys in the example that the config does not have: {unknown:?}"
-        );
+        assert!(unknown.is_empty(), "keys in the example that the config does not have: {unknown:?}");
     }
 
     #[test]
@@ -631,10 +537,8 @@ mod example_tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("peekgate.toml");
         std::fs::write(&path, EXAMPLE).unwrap();
-        let config: Config = Figment::from(Serialized::defaults(Config::default()))
-            .merge(Toml::file(&path))
-            .extract()
-            .unwrap();
+        let config: Config =
+            Figment::from(Serialized::defaults(Config::default())).merge(Toml::file(&path)).extract().unwrap();
         config.validate().unwrap();
     }
 }

@@ -21,13 +21,7 @@ pub struct MatrixError {
 
 impl MatrixError {
     pub fn new(status: StatusCode, errcode: &'static str, error: impl Into<String>) -> Self {
-        MatrixError {
-            status,
-            errcode,
-            error: error.into(),
-            extra: Map::new(),
-            logged: false,
-        }
+        MatrixError { status, errcode, error: error.into(), extra: Map::new(), logged: false }
     }
 
     pub fn with_field(mut self, key: &str, value: impl Into<Value>) -> Self {
@@ -75,11 +69,7 @@ impl MatrixError {
 
     /// A failure we do not explain to the caller; the cause is logged by whoever maps it.
     pub fn internal() -> Self {
-        Self::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "M_UNKNOWN",
-            "Internal server error",
-        )
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "M_UNKNOWN", "Internal server error")
     }
 
     pub fn body(&self) -> Value {
@@ -92,13 +82,7 @@ impl MatrixError {
 
 impl std::fmt::Display for MatrixError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} {}: {}",
-            self.status.as_u16(),
-            self.errcode,
-            self.error
-        )
+        write!(f, "{} {}: {}", self.status.as_u16(), self.errcode, self.error)
     }
 }
 
@@ -124,10 +108,43 @@ pub fn internal_error(context: &str, err: impl std::fmt::Display) -> MatrixError
 
 /// Parses a request body: not JSON → `M_NOT_JSON`, JSON of the wrong shape → `M_BAD_JSON`.
 pub fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, MatrixError> {
-    let value: Value = serde_json::from_slice(bytes)
-        .map_err(|e| MatrixError::not_json(format!("Body is not JSON: {e}")))?;
+    let value: Value =
+        serde_json::from_slice(bytes).map_err(|e| MatrixError::not_json(format!("Body is not JSON: {e}")))?;
     if !value.is_object() {
         return Err(MatrixError::bad_json("Body must be a JSON object"));
     }
     serde_json::from_value(value).map_err(|e| MatrixError::bad_json(e.to_string()))
+}
+
+impl From<crate::rooms::RoomError> for MatrixError {
+    fn from(e: crate::rooms::RoomError) -> Self {
+        use crate::rooms::RoomError as E;
+        match e {
+            E::NotFound => MatrixError::not_found("Room not found"),
+            E::EventNotFound => MatrixError::not_found("Event not found"),
+            E::Forbidden(reason) => MatrixError::forbidden(reason),
+            E::BadEvent(reason) => MatrixError::bad_json(reason),
+            E::AliasInUse => MatrixError::new(StatusCode::BAD_REQUEST, "M_ROOM_IN_USE", "Room alias already taken"),
+            E::InvalidParam(reason) => MatrixError::invalid_param(reason),
+            E::UnsupportedVersion(v) => MatrixError::new(
+                StatusCode::BAD_REQUEST,
+                "M_UNSUPPORTED_ROOM_VERSION",
+                format!("Room version {v} is not supported"),
+            ),
+            other @ (E::Internal(_) | E::Db(_)) => internal_error("room operation failed", other),
+        }
+    }
+}
+
+impl From<crate::accounts::AccountError> for MatrixError {
+    fn from(e: crate::accounts::AccountError) -> Self {
+        use crate::accounts::AccountError as E;
+        match e {
+            E::UserInUse => MatrixError::new(StatusCode::BAD_REQUEST, "M_USER_IN_USE", "User ID already taken"),
+            E::InvalidUsername(reason) => MatrixError::new(StatusCode::BAD_REQUEST, "M_INVALID_USERNAME", reason),
+            E::BadCredentials => MatrixError::forbidden("Invalid username or password"),
+            E::UnknownToken => MatrixError::new(StatusCode::UNAUTHORIZED, "M_UNKNOWN_TOKEN", "Unknown access token"),
+            other @ (E::Hash(_) | E::Db(_)) => internal_error("account operation failed", other),
+        }
+    }
 }

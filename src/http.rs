@@ -13,18 +13,12 @@ pub fn resource(path: &str) -> Resource {
 }
 
 async fn method_not_allowed() -> Result<HttpResponse, MatrixError> {
-    Err(MatrixError::unrecognized(
-        actix_web::http::StatusCode::METHOD_NOT_ALLOWED,
-        "Unsupported method",
-    ))
+    Err(MatrixError::unrecognized(actix_web::http::StatusCode::METHOD_NOT_ALLOWED, "Unsupported method"))
 }
 
 /// Unknown endpoints answer 404 `M_UNRECOGNIZED`.
 pub async fn not_found() -> Result<HttpResponse, MatrixError> {
-    Err(MatrixError::unrecognized(
-        actix_web::http::StatusCode::NOT_FOUND,
-        "Unrecognized request",
-    ))
+    Err(MatrixError::unrecognized(actix_web::http::StatusCode::NOT_FOUND, "Unrecognized request"))
 }
 
 pub fn health_routes(cfg: &mut web::ServiceConfig) {
@@ -41,12 +35,10 @@ async fn health() -> HttpResponse {
 /// Readiness: the database answers a query (the key is loaded before we listen at all).
 async fn ready(state: web::Data<AppState>) -> HttpResponse {
     match state.db.ping().await {
-        Ok(()) => HttpResponse::Ok()
-            .json(json!({ "status": "ready", "database": "ok", "signing_key": "loaded" })),
+        Ok(()) => HttpResponse::Ok().json(json!({ "status": "ready", "database": "ok", "signing_key": "loaded" })),
         Err(e) => {
             tracing::warn!(error = %e, "readiness check failed");
-            HttpResponse::ServiceUnavailable()
-                .json(json!({ "status": "not ready", "database": "unreachable" }))
+            HttpResponse::ServiceUnavailable().json(json!({ "status": "not ready", "database": "unreachable" }))
         }
     }
 }
@@ -60,7 +52,5 @@ async fn well_known(state: web::Data<AppState>) -> Result<HttpResponse, MatrixEr
 }
 
 pub async fn metrics_text(state: web::Data<AppState>) -> HttpResponse {
-    HttpResponse::Ok()
-        .content_type("text/plain; version=0.0.4; charset=utf-8")
-        .body(state.metrics.render())
+    HttpResponse::Ok().content_type("text/plain; version=0.0.4; charset=utf-8").body(state.metrics.render())
 }

@@ -3,8 +3,10 @@
 //! The modules follow the data flow of `design.md`: `config` → `keys` / `xmatrix` (identity and
 //! authentication) → `federation` (client and routes) → `db` (storage); `app` wires them together.
 
+pub mod accounts;
 pub mod app;
 pub mod canonical_json;
+pub mod client_api;
 pub mod config;
 pub mod db;
 pub mod error;
@@ -14,5 +16,6 @@ pub mod http;
 pub mod keys;
 pub mod logging;
 pub mod metrics;
+pub mod rooms;
 pub mod state;
 pub mod xmatrix;

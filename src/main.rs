@@ -8,11 +8,7 @@ use peekgate::config::{Config, Settings};
 use peekgate::keys::SigningKey;
 
 #[derive(Parser)]
-#[command(
-    name = "peekgate",
-    version,
-    about = "Matrix federation peeking gateway"
-)]
+#[command(name = "peekgate", version, about = "Matrix federation peeking gateway")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -38,13 +34,30 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Manage local users.
+    User {
+        #[command(subcommand)]
+        command: UserCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum UserCommand {
+    /// Create a local user (works whatever `client.registration` says).
+    Create {
+        localpart: String,
+        #[arg(long)]
+        password: String,
+        #[arg(long)]
+        admin: bool,
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
 }
 
 fn load_settings(explicit: Option<PathBuf>) -> Result<Settings, String> {
     let file = Config::locate(explicit);
-    Config::load(file.as_deref())
-        .and_then(Config::validate)
-        .map_err(|e| e.to_string())
+    Config::load(file.as_deref()).and_then(Config::validate).map_err(|e| e.to_string())
 }
 
 fn main() -> ExitCode {
@@ -53,6 +66,9 @@ fn main() -> ExitCode {
         Command::Serve { config } => serve(config),
         Command::GenerateKey { path, config } => generate_key(path, config),
         Command::Migrate { config } => migrate(config),
+        Command::User { command: UserCommand::Create { localpart, password, admin, config } } => {
+            create_user(&localpart, &password, admin, config)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -66,13 +82,8 @@ fn main() -> ExitCode {
 fn serve(config: Option<PathBuf>) -> Result<(), String> {
     let settings = load_settings(config)?;
     peekgate::logging::init(&settings.raw.log);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
-    runtime
-        .block_on(peekgate::app::serve(settings))
-        .map_err(|e| format!("{e:#}"))
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
+    runtime.block_on(peekgate::app::serve(settings)).map_err(|e| format!("{e:#}"))
 }
 
 fn generate_key(path: Option<PathBuf>, config: Option<PathBuf>) -> Result<(), String> {
@@ -91,5 +102,20 @@ fn migrate(config: Option<PathBuf>) -> Result<(), String> {
     let db = peekgate::db::Db::connect(&settings.raw.database.url, 1).map_err(|e| e.to_string())?;
     let applied = db.migrate().map_err(|e| e.to_string())?;
     println!("{applied} migration(s) applied");
+    Ok(())
+}
+
+fn create_user(localpart: &str, password: &str, admin: bool, config: Option<PathBuf>) -> Result<(), String> {
+    let settings = load_settings(config)?;
+    let user_id =
+        peekgate::accounts::validate_localpart(localpart, &settings.server_name).map_err(|e| e.to_string())?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
+    runtime.block_on(async {
+        let db = peekgate::db::Db::connect(&settings.raw.database.url, 2).map_err(|e| e.to_string())?;
+        db.migrate().map_err(|e| e.to_string())?;
+        let accounts = peekgate::accounts::Accounts::new(db);
+        accounts.create_user(&user_id, password, admin).await.map_err(|e| e.to_string())
+    })?;
+    println!("created {user_id}{}", if admin { " (admin)" } else { "" });
     Ok(())
 }

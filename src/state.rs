@@ -2,11 +2,13 @@
 
 use std::sync::Arc;
 
+use crate::accounts::Accounts;
 use crate::config::Settings;
 use crate::db::Db;
 use crate::federation::client::FederationClient;
 use crate::keys::{RemoteKeys, SigningKey};
 use crate::metrics::Metrics;
+use crate::rooms::Rooms;
 
 pub struct AppState {
     pub settings: Settings,
@@ -15,4 +17,6 @@ pub struct AppState {
     pub keys: RemoteKeys,
     pub federation: Arc<FederationClient>,
     pub metrics: Metrics,
+    pub rooms: Rooms,
+    pub accounts: Accounts,
 }

@@ -29,19 +29,10 @@ pub fn request_object(
     content: Option<CanonicalJsonValue>,
 ) -> CanonicalJsonObject {
     let mut object = CanonicalJsonObject::new();
-    object.insert(
-        "method".into(),
-        CanonicalJsonValue::String(method.to_owned()),
-    );
+    object.insert("method".into(), CanonicalJsonValue::String(method.to_owned()));
     object.insert("uri".into(), CanonicalJsonValue::String(uri.to_owned()));
-    object.insert(
-        "origin".into(),
-        CanonicalJsonValue::String(origin.to_owned()),
-    );
-    object.insert(
-        "destination".into(),
-        CanonicalJsonValue::String(destination.to_owned()),
-    );
+    object.insert("origin".into(), CanonicalJsonValue::String(origin.to_owned()));
+    object.insert("destination".into(), CanonicalJsonValue::String(destination.to_owned()));
     if let Some(content) = content {
         object.insert("content".into(), content);
     }
@@ -61,10 +52,7 @@ pub fn authorization_header(
     let canonical = to_canonical_json_string_for_signing(&object)
         .expect("a request object of strings and canonical JSON serialises");
     let sig = key.sign_bytes(canonical.as_bytes());
-    format!(
-        "X-Matrix origin=\"{origin}\",destination=\"{destination}\",key=\"{}\",sig=\"{sig}\"",
-        key.key_id()
-    )
+    format!("X-Matrix origin=\"{origin}\",destination=\"{destination}\",key=\"{}\",sig=\"{sig}\"", key.key_id())
 }
 
 /// Why an inbound request failed authentication; the label of
@@ -143,20 +131,13 @@ impl FromRequest for SignedRequest {
         let req = req.clone();
         let payload = payload.take();
         Box::pin(async move {
-            let state = req
-                .app_data::<web::Data<AppState>>()
-                .cloned()
-                .ok_or_else(MatrixError::internal)?;
+            let state = req.app_data::<web::Data<AppState>>().cloned().ok_or_else(MatrixError::internal)?;
             authenticate(&state, &req, payload).await
         })
     }
 }
 
-async fn authenticate(
-    state: &AppState,
-    req: &HttpRequest,
-    payload: Payload,
-) -> Result<SignedRequest, MatrixError> {
+async fn authenticate(state: &AppState, req: &HttpRequest, payload: Payload) -> Result<SignedRequest, MatrixError> {
     let fail = |failure: AuthFailure, origin: Option<&str>, detail: &str| {
         state.metrics.xmatrix_auth_failure(failure.label());
         tracing::warn!(
@@ -173,19 +154,13 @@ async fn authenticate(
     let bytes = match read_limited(req, payload, limit).await {
         Ok(bytes) => bytes,
         Err(ReadError::TooLarge) => return Err(fail(AuthFailure::BodyTooLarge, None, "")),
-        Err(ReadError::Payload(e)) => {
-            return Err(MatrixError::bad_json(format!("Cannot read body: {e}")))
-        }
+        Err(ReadError::Payload(e)) => return Err(MatrixError::bad_json(format!("Cannot read body: {e}"))),
     };
     let headers: Vec<&str> = req
         .headers()
         .get_all(AUTHORIZATION)
         .filter_map(|v| v.to_str().ok())
-        .filter(|v| {
-            v.trim_start()
-                .get(..8)
-                .is_some_and(|s| s.eq_ignore_ascii_case("X-Matrix"))
-        })
+        .filter(|v| v.trim_start().get(..8).is_some_and(|s| s.eq_ignore_ascii_case("X-Matrix")))
         .collect();
     if headers.is_empty() {
         return Err(fail(AuthFailure::MissingHeader, None, ""));
@@ -193,25 +168,12 @@ async fn authenticate(
 
     let (body, content) = parse_body(&bytes)?;
     let ours = state.settings.server_name.as_str();
-    let uri = req
-        .uri()
-        .path_and_query()
-        .map(|pq| pq.as_str())
-        .unwrap_or("/");
+    let uri = req.uri().path_and_query().map(|pq| pq.as_str()).unwrap_or("/");
 
     // Several Authorization headers (one per key) may be sent; one valid one suffices.
     let mut last = None;
     for header in headers {
-        match verify_header(
-            state,
-            header,
-            req.method().as_str(),
-            uri,
-            ours,
-            content.clone(),
-        )
-        .await
-        {
+        match verify_header(state, header, req.method().as_str(), uri, ours, content.clone()).await {
             Ok(origin) => return Ok(SignedRequest { origin, body }),
             Err(failure) => last = Some(failure),
         }
@@ -230,8 +192,7 @@ async fn verify_header(
     ours: &str,
     content: Option<CanonicalJsonValue>,
 ) -> Result<OwnedServerName, HeaderFailure> {
-    let x =
-        XMatrix::parse(header).map_err(|e| (AuthFailure::MalformedHeader, None, e.to_string()))?;
+    let x = XMatrix::parse(header).map_err(|e| (AuthFailure::MalformedHeader, None, e.to_string()))?;
     let origin = x.origin.to_string();
     let with_origin = |f: AuthFailure, detail: String| (f, Some(origin.clone()), detail);
     if origin == ours {
@@ -239,17 +200,11 @@ async fn verify_header(
     }
     if let Some(destination) = &x.destination {
         if destination.as_str() != ours {
-            return Err(with_origin(
-                AuthFailure::WrongDestination,
-                destination.to_string(),
-            ));
+            return Err(with_origin(AuthFailure::WrongDestination, destination.to_string()));
         }
     }
     if x.key.algorithm() != SigningKeyAlgorithm::Ed25519 {
-        return Err(with_origin(
-            AuthFailure::UnknownAlgorithm,
-            x.key.to_string(),
-        ));
+        return Err(with_origin(AuthFailure::UnknownAlgorithm, x.key.to_string()));
     }
     let public_key = state
         .keys
@@ -259,25 +214,18 @@ async fn verify_header(
     let object = request_object(method, uri, &origin, ours, content);
     let canonical = to_canonical_json_string_for_signing(&object)
         .map_err(|e| with_origin(AuthFailure::BadSignature, e.to_string()))?;
-    verify_canonical_json_bytes(
-        &SigningKeyAlgorithm::Ed25519,
-        &public_key,
-        x.sig.as_bytes(),
-        canonical.as_bytes(),
-    )
-    .map_err(|e| with_origin(AuthFailure::BadSignature, e.to_string()))?;
+    verify_canonical_json_bytes(&SigningKeyAlgorithm::Ed25519, &public_key, x.sig.as_bytes(), canonical.as_bytes())
+        .map_err(|e| with_origin(AuthFailure::BadSignature, e.to_string()))?;
     Ok(x.origin)
 }
 
 /// Parses a non-empty body as a JSON object. Bad JSON is a 400, not an authentication failure.
-fn parse_body(
-    bytes: &[u8],
-) -> Result<(Option<serde_json::Value>, Option<CanonicalJsonValue>), MatrixError> {
+fn parse_body(bytes: &[u8]) -> Result<(Option<serde_json::Value>, Option<CanonicalJsonValue>), MatrixError> {
     if bytes.is_empty() {
         return Ok((None, None));
     }
-    let value: serde_json::Value = serde_json::from_slice(bytes)
-        .map_err(|e| MatrixError::not_json(format!("Body is not JSON: {e}")))?;
+    let value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| MatrixError::not_json(format!("Body is not JSON: {e}")))?;
     if !value.is_object() {
         return Err(MatrixError::bad_json("Body must be a JSON object"));
     }
@@ -292,16 +240,9 @@ enum ReadError {
 }
 
 /// Reads the body, refusing it as soon as it is known to exceed `limit` (before parsing).
-async fn read_limited(
-    req: &HttpRequest,
-    mut payload: Payload,
-    limit: usize,
-) -> Result<Vec<u8>, ReadError> {
-    let declared = req
-        .headers()
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
+async fn read_limited(req: &HttpRequest, mut payload: Payload, limit: usize) -> Result<Vec<u8>, ReadError> {
+    let declared =
+        req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|len| len > limit) {
         return Err(ReadError::TooLarge);
     }

@@ -24,18 +24,11 @@ fn peekgate(dir: &Path) -> Command {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 fn stderr_lines(output: &Output) -> Vec<String> {
-    String::from_utf8_lossy(&output.stderr)
-        .lines()
-        .map(str::to_owned)
-        .collect()
+    String::from_utf8_lossy(&output.stderr).lines().map(str::to_owned).collect()
 }
 
 async fn get_json(url: &str) -> Option<Value> {
@@ -52,10 +45,7 @@ async fn serve_runs_on_builtin_defaults_and_stops_on_sigterm() {
         .arg("serve")
         // Only the ports differ from the defaults, so parallel test runs do not collide.
         .env("PEEKGATE_HTTP__BIND", format!("127.0.0.1:{http_port}"))
-        .env(
-            "PEEKGATE_METRICS__BIND",
-            format!("127.0.0.1:{metrics_port}"),
-        )
+        .env("PEEKGATE_METRICS__BIND", format!("127.0.0.1:{metrics_port}"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -73,61 +63,32 @@ async fn serve_runs_on_builtin_defaults_and_stops_on_sigterm() {
 
     // The default server name, and a self-signature that verifies under the spec's algorithm.
     assert_eq!(keys["server_name"], "localhost:8008");
-    let (key_id, key) = keys["verify_keys"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .next()
-        .unwrap();
-    let public: [u8; 32] = peekgate::keys::decode_base64(key["key"].as_str().unwrap())
+    let (key_id, key) = keys["verify_keys"].as_object().unwrap().iter().next().unwrap();
+    let public: [u8; 32] = peekgate::keys::decode_base64(key["key"].as_str().unwrap()).unwrap().try_into().unwrap();
+    let sig: [u8; 64] = peekgate::keys::decode_base64(keys["signatures"]["localhost:8008"][key_id].as_str().unwrap())
         .unwrap()
         .try_into()
         .unwrap();
-    let sig: [u8; 64] = peekgate::keys::decode_base64(
-        keys["signatures"]["localhost:8008"][key_id]
-            .as_str()
-            .unwrap(),
-    )
-    .unwrap()
-    .try_into()
-    .unwrap();
     ed25519_dalek::VerifyingKey::from_bytes(&public)
         .unwrap()
-        .verify_strict(
-            &signing_bytes(&keys),
-            &ed25519_dalek::Signature::from_bytes(&sig),
-        )
+        .verify_strict(&signing_bytes(&keys), &ed25519_dalek::Signature::from_bytes(&sig))
         .expect("self-signature verifies");
 
     // The defaults: SQLite under data/, the key under keys/ with mode 0600.
     assert!(dir.path().join("data/peekgate.sqlite").exists());
     let key_file = dir.path().join("keys/signing.key");
     let contents = std::fs::read_to_string(&key_file).unwrap();
-    assert!(contents.starts_with(&format!(
-        "ed25519 {} ",
-        key_id.trim_start_matches("ed25519:")
-    )));
+    assert!(contents.starts_with(&format!("ed25519 {} ", key_id.trim_start_matches("ed25519:"))));
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(
-            std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777,
-            0o600
-        );
+        assert_eq!(std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777, 0o600);
     }
-    let metrics = reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics")).await.unwrap().text().await.unwrap();
     assert!(metrics.contains("peekgate_xmatrix_auth_failures_total"));
 
     // SIGTERM: a graceful stop with exit code 0.
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     assert!(status.success());
     let mut exit = None;
     for _ in 0..100 {
@@ -151,27 +112,15 @@ async fn serve_runs_on_builtin_defaults_and_stops_on_sigterm() {
 #[test]
 fn bad_config_exits_with_one_line_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
-    let output = peekgate(dir.path())
-        .arg("serve")
-        .env("PEEKGATE_HTTP__BIND", "nope")
-        .output()
-        .unwrap();
+    let output = peekgate(dir.path()).arg("serve").env("PEEKGATE_HTTP__BIND", "nope").output().unwrap();
     assert!(!output.status.success());
     let lines = stderr_lines(&output);
     assert_eq!(lines.len(), 1, "{lines:?}");
     assert!(lines[0].contains("http.bind"), "{lines:?}");
 
     let config = dir.path().join("peekgate.toml");
-    std::fs::write(
-        &config,
-        "server_name = \"gate.test\"\n[schedule]\nevict_inbound = \"whenever\"\n",
-    )
-    .unwrap();
-    let output = peekgate(dir.path())
-        .args(["serve", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
+    std::fs::write(&config, "server_name = \"gate.test\"\n[schedule]\nevict_inbound = \"whenever\"\n").unwrap();
+    let output = peekgate(dir.path()).args(["serve", "--config"]).arg(&config).output().unwrap();
     assert!(!output.status.success());
     let lines = stderr_lines(&output);
     assert_eq!(lines.len(), 1, "{lines:?}");
@@ -179,11 +128,7 @@ fn bad_config_exits_with_one_line_naming_the_key() {
 
     // A value of the wrong type in the file.
     std::fs::write(&config, "[peeks]\nrenewal_interval_ms = \"soon\"\n").unwrap();
-    let output = peekgate(dir.path())
-        .arg("serve")
-        .env("PEEKGATE_CONFIG", &config)
-        .output()
-        .unwrap();
+    let output = peekgate(dir.path()).arg("serve").env("PEEKGATE_CONFIG", &config).output().unwrap();
     assert!(!output.status.success());
     let lines = stderr_lines(&output);
     assert_eq!(lines.len(), 1, "{lines:?}");
@@ -197,11 +142,7 @@ fn bad_config_exits_with_one_line_naming_the_key() {
 fn generate_key_writes_synapse_format_and_refuses_to_overwrite() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("k/signing.key");
-    let output = peekgate(dir.path())
-        .args(["generate-key", "--path"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let output = peekgate(dir.path()).args(["generate-key", "--path"]).arg(&path).output().unwrap();
     assert!(output.status.success(), "{:?}", stderr_lines(&output));
     let contents = std::fs::read_to_string(&path).unwrap();
     let parts: Vec<&str> = contents.split_whitespace().collect();
@@ -210,54 +151,31 @@ fn generate_key_writes_synapse_format_and_refuses_to_overwrite() {
     assert!(peekgate::keys::is_valid_key_version(parts[1]));
     assert_eq!(peekgate::keys::decode_base64(parts[2]).unwrap().len(), 32);
 
-    let output = peekgate(dir.path())
-        .args(["generate-key", "--path"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let output = peekgate(dir.path()).args(["generate-key", "--path"]).arg(&path).output().unwrap();
     assert!(!output.status.success());
     assert!(stderr_lines(&output)[0].contains("refusing to overwrite"));
-    assert_eq!(
-        std::fs::read_to_string(&path).unwrap(),
-        contents,
-        "the key is untouched"
-    );
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), contents, "the key is untouched");
 }
 
 #[test]
 fn migrate_applies_once_on_postgres_and_reports_real_connection_errors() {
     let dir = tempfile::tempdir().unwrap();
     let db = support::TestDb::new(support::DbKind::Postgres);
-    let run = || {
-        peekgate(dir.path())
-            .arg("migrate")
-            .env("PEEKGATE_DATABASE__URL", &db.url)
-            .output()
-            .unwrap()
-    };
+    let run = || peekgate(dir.path()).arg("migrate").env("PEEKGATE_DATABASE__URL", &db.url).output().unwrap();
     let first = run();
     assert!(first.status.success(), "{:?}", stderr_lines(&first));
-    assert!(String::from_utf8_lossy(&first.stdout).contains("1 migration(s) applied"));
+    let all = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/postgres")).unwrap().count();
+    assert!(String::from_utf8_lossy(&first.stdout).contains(&format!("{all} migration(s) applied")));
     let second = run();
     assert!(String::from_utf8_lossy(&second.stdout).contains("0 migration(s) applied"));
 
     // A role that does not exist: the error is PostgreSQL's, not an SQLite file named after the URL.
     let output = peekgate(dir.path())
         .arg("migrate")
-        .env(
-            "PEEKGATE_DATABASE__URL",
-            "postgres://no_such_role_pg@127.0.0.1:5432/postgres",
-        )
+        .env("PEEKGATE_DATABASE__URL", "postgres://no_such_role_pg@127.0.0.1:5432/postgres")
         .output()
         .unwrap();
     assert!(!output.status.success());
-    assert!(
-        stderr_lines(&output).join("\n").contains("no_such_role_pg"),
-        "{:?}",
-        stderr_lines(&output)
-    );
-    assert!(
-        std::fs::read_dir(dir.path()).unwrap().next().is_none(),
-        "no stray files"
-    );
+    assert!(stderr_lines(&output).join("\n").contains("no_such_role_pg"), "{:?}", stderr_lines(&output));
+    assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none(), "no stray files");
 }

@@ -21,9 +21,7 @@ fn spec_key() -> SigningKey {
     assert_eq!(key.key_id(), v["key_id"].as_str().unwrap());
     assert_eq!(
         key.public_key_base64(),
-        v["derived_not_in_spec"]["ed25519_public_key_unpadded_base64"]
-            .as_str()
-            .unwrap()
+        v["derived_not_in_spec"]["ed25519_public_key_unpadded_base64"].as_str().unwrap()
     );
     key
 }
@@ -43,11 +41,7 @@ fn canonical_json_vectors() {
     for case in cases {
         let input = case["input"].as_str().unwrap();
         let parsed = canonical_json::parse_lenient(input).unwrap();
-        assert_eq!(
-            canonical_json::encode(&parsed),
-            case["expected_canonical"].as_str().unwrap(),
-            "{input}"
-        );
+        assert_eq!(canonical_json::encode(&parsed), case["expected_canonical"].as_str().unwrap(), "{input}");
     }
 }
 
@@ -62,11 +56,7 @@ fn json_signing_vectors() {
 
         // The expected object verifies, and flipping one byte of a value breaks it.
         let public_key = ruma::serde::Base64::new(key.public_key().to_vec());
-        let keys = [(
-            "domain".to_owned(),
-            [("ed25519:1".to_owned(), public_key)].into(),
-        )]
-        .into();
+        let keys = [("domain".to_owned(), [("ed25519:1".to_owned(), public_key)].into())].into();
         ruma::signatures::verify_json(&keys, &object(&case["expected_signed"])).unwrap();
         if case["input"].as_object().unwrap().is_empty() {
             continue;
@@ -87,20 +77,10 @@ fn event_signing_vectors_use_pre_v11_redaction() {
         let got = serde_json::to_value(&event).unwrap();
         let expected = &case["expected_signed"];
         assert_eq!(got["hashes"], expected["hashes"], "{}", case["name"]);
-        assert_eq!(
-            got["signatures"], expected["signatures"],
-            "{}",
-            case["name"]
-        );
-        assert_eq!(
-            got["unsigned"], expected["unsigned"],
-            "unsigned is carried through untouched"
-        );
+        assert_eq!(got["signatures"], expected["signatures"], "{}", case["name"]);
+        assert_eq!(got["unsigned"], expected["unsigned"], "unsigned is carried through untouched");
         assert_eq!(got, *expected, "{}", case["name"]);
-        assert_eq!(
-            events::content_hash(&object(expected)).unwrap(),
-            expected["hashes"]["sha256"].as_str().unwrap()
-        );
+        assert_eq!(events::content_hash(&object(expected)).unwrap(), expected["hashes"]["sha256"].as_str().unwrap());
     }
 }
 
@@ -109,20 +89,12 @@ fn v11_redaction_gives_different_signatures() {
     let key = spec_key();
     let official = vector("event_signing.json");
     let derived = vector("derived_v11_redaction_contrast.json");
-    for (case, contrast) in official["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .zip(derived["cases"].as_array().unwrap())
-    {
+    for (case, contrast) in official["cases"].as_array().unwrap().iter().zip(derived["cases"].as_array().unwrap()) {
         let mut v11 = object(&case["input"]);
         events::hash_and_sign(&key, "domain", &mut v11, RoomVersion::V11).unwrap();
         let v11 = serde_json::to_value(&v11).unwrap();
         assert_eq!(v11["hashes"]["sha256"], contrast["sha256_content_hash"]);
-        assert_eq!(
-            v11["signatures"]["domain"]["ed25519:1"],
-            contrast["signature_if_v11_redaction_used"]
-        );
+        assert_eq!(v11["signatures"]["domain"]["ed25519:1"], contrast["signature_if_v11_redaction_used"]);
         assert_ne!(v11["signatures"], case["expected_signed"]["signatures"]);
     }
 }

@@ -71,18 +71,12 @@ pub struct Target {
 impl Target {
     pub fn from_url(url: &str) -> Result<Target, DbError> {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            return Ok(Target {
-                backend: Backend::Postgres,
-                connect_string: url.to_owned(),
-            });
+            return Ok(Target { backend: Backend::Postgres, connect_string: url.to_owned() });
         }
         if let Some(rest) = url.strip_prefix("sqlite:") {
             // sqlite://relative/path, sqlite:///absolute/path, sqlite::memory: and sqlite:path
             let path = rest.strip_prefix("//").unwrap_or(rest);
-            return Ok(Target {
-                backend: Backend::Sqlite,
-                connect_string: path.to_owned(),
-            });
+            return Ok(Target { backend: Backend::Sqlite, connect_string: path.to_owned() });
         }
         Err(DbError::UnknownScheme(url.to_owned()))
     }
@@ -95,8 +89,8 @@ impl Target {
                 .map_err(|e| DbError::Connect(e.to_string())),
             Backend::Sqlite => {
                 self.ensure_sqlite_directory()?;
-                let mut conn = SqliteConnection::establish(&self.connect_string)
-                    .map_err(|e| DbError::Connect(e.to_string()))?;
+                let mut conn =
+                    SqliteConnection::establish(&self.connect_string).map_err(|e| DbError::Connect(e.to_string()))?;
                 // Without these a pool of writers hits "database is locked".
                 conn.batch_execute(
                     "PRAGMA journal_mode=WAL; PRAGMA busy_timeout=5000; \
@@ -114,8 +108,7 @@ impl Target {
         }
         if let Some(dir) = Path::new(&self.connect_string).parent() {
             if !dir.as_os_str().is_empty() && !dir.exists() {
-                std::fs::create_dir_all(dir)
-                    .map_err(|e| DbError::Directory(dir.display().to_string(), e))?;
+                std::fs::create_dir_all(dir).map_err(|e| DbError::Directory(dir.display().to_string(), e))?;
             }
         }
         Ok(())
@@ -144,14 +137,11 @@ impl ManageConnection for ConnectionManager {
     type Error = ManagerError;
 
     fn connect(&self) -> Result<DbConnection, ManagerError> {
-        self.target
-            .connect()
-            .map_err(|e| ManagerError(e.to_string()))
+        self.target.connect().map_err(|e| ManagerError(e.to_string()))
     }
 
     fn is_valid(&self, conn: &mut DbConnection) -> Result<(), ManagerError> {
-        conn.batch_execute("SELECT 1")
-            .map_err(|e| ManagerError(e.to_string()))
+        conn.batch_execute("SELECT 1").map_err(|e| ManagerError(e.to_string()))
     }
 
     fn has_broken(&self, _conn: &mut DbConnection) -> bool {
@@ -191,13 +181,10 @@ impl Db {
     /// Applies every pending migration of this backend; returns how many ran.
     pub fn migrate(&self) -> Result<usize, DbError> {
         let mut conn = self.conn()?;
-        let applied = on_backend!(
-            &mut *conn,
-            |c| match c.run_pending_migrations(self.migrations()) {
-                Ok(versions) => versions.len(),
-                Err(e) => return Err(DbError::Migration(e.to_string())),
-            }
-        );
+        let applied = on_backend!(&mut *conn, |c| match c.run_pending_migrations(self.migrations()) {
+            Ok(versions) => versions.len(),
+            Err(e) => return Err(DbError::Migration(e.to_string())),
+        });
         Ok(applied)
     }
 
@@ -212,11 +199,13 @@ impl Db {
         self.pool.get().map_err(|e| DbError::Pool(e.to_string()))
     }
 
-    /// Runs blocking diesel work on the blocking pool.
-    pub async fn run<T, F>(&self, work: F) -> Result<T, DbError>
+    /// Runs blocking diesel work on the blocking pool. The work's own error type is kept, so
+    /// callers get their typed errors back (pool and task failures convert from [`DbError`]).
+    pub async fn run<T, E, F>(&self, work: F) -> Result<T, E>
     where
-        F: FnOnce(&mut DbConnection) -> Result<T, DbError> + Send + 'static,
+        F: FnOnce(&mut DbConnection) -> Result<T, E> + Send + 'static,
         T: Send + 'static,
+        E: From<DbError> + Send + 'static,
     {
         let db = self.clone();
         tokio::task::spawn_blocking(move || {
@@ -224,13 +213,13 @@ impl Db {
             work(&mut conn)
         })
         .await
-        .map_err(|_| DbError::Cancelled)?
+        .map_err(|_| E::from(DbError::Cancelled))?
     }
 
     /// Readiness probe: can we run a trivial query?
     pub async fn ping(&self) -> Result<(), DbError> {
         self.run(|c| {
-            c.batch_execute("SELECT 1")?;
+            c.batch_execute("SELECT 1").map_err(DbError::Query)?;
             Ok(())
         })
         .await

@@ -20,4 +20,126 @@ diesel::table! {
     }
 }
 
-diesel::allow_tables_to_appear_in_same_query!(server_keys, server_key_responses);
+diesel::table! {
+    rooms (room_id) {
+        room_id -> Text,
+        room_version -> Text,
+        is_local -> Bool,
+        created_ts -> BigInt,
+        current_state_group -> Nullable<BigInt>,
+        max_depth -> BigInt,
+    }
+}
+
+diesel::table! {
+    events (stream_pos) {
+        stream_pos -> BigInt,
+        event_id -> Text,
+        room_id -> Text,
+        event_type -> Text,
+        state_key -> Nullable<Text>,
+        sender -> Text,
+        depth -> BigInt,
+        origin_server_ts -> BigInt,
+        json -> Text,
+        state_group_before -> Nullable<BigInt>,
+        state_group -> BigInt,
+        outlier -> Bool,
+        rejected -> Bool,
+    }
+}
+
+diesel::table! {
+    state_groups (id) {
+        id -> BigInt,
+        room_id -> Text,
+        prev_group -> Nullable<BigInt>,
+        delta_depth -> Integer,
+    }
+}
+
+diesel::table! {
+    state_group_entries (group_id, event_type, state_key) {
+        group_id -> BigInt,
+        event_type -> Text,
+        state_key -> Text,
+        event_id -> Text,
+    }
+}
+
+diesel::table! {
+    current_state (room_id, event_type, state_key) {
+        room_id -> Text,
+        event_type -> Text,
+        state_key -> Text,
+        event_id -> Text,
+    }
+}
+
+diesel::table! {
+    forward_extremities (room_id, event_id) {
+        room_id -> Text,
+        event_id -> Text,
+    }
+}
+
+diesel::table! {
+    room_aliases (alias) {
+        alias -> Text,
+        room_id -> Text,
+        creator -> Text,
+    }
+}
+
+diesel::table! {
+    users (user_id) {
+        user_id -> Text,
+        password_hash -> Text,
+        is_admin -> Bool,
+        created_ts -> BigInt,
+    }
+}
+
+diesel::table! {
+    devices (user_id, device_id) {
+        user_id -> Text,
+        device_id -> Text,
+        display_name -> Nullable<Text>,
+        last_sync_ts -> Nullable<BigInt>,
+        created_ts -> BigInt,
+    }
+}
+
+diesel::table! {
+    access_tokens (token_hash) {
+        token_hash -> Text,
+        user_id -> Text,
+        device_id -> Text,
+        created_ts -> BigInt,
+    }
+}
+
+diesel::table! {
+    client_txns (user_id, device_id, txn_id) {
+        user_id -> Text,
+        device_id -> Text,
+        txn_id -> Text,
+        event_id -> Text,
+    }
+}
+
+diesel::allow_tables_to_appear_in_same_query!(
+    server_keys,
+    server_key_responses,
+    rooms,
+    events,
+    state_groups,
+    state_group_entries,
+    current_state,
+    forward_extremities,
+    room_aliases,
+    users,
+    devices,
+    access_tokens,
+    client_txns,
+);

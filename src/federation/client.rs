@@ -23,10 +23,7 @@ use crate::xmatrix;
 #[derive(Debug, thiserror::Error)]
 pub enum FederationError {
     #[error("cannot resolve {server}: {source}")]
-    Resolve {
-        server: String,
-        source: ResolveError,
-    },
+    Resolve { server: String, source: ResolveError },
     #[error("request to {server} failed: {reason}")]
     Transport { server: String, reason: String },
     #[error("response from {server} exceeds {limit} bytes")]
@@ -34,12 +31,7 @@ pub enum FederationError {
     #[error("response from {server} is not a JSON object")]
     NotJson { server: String },
     #[error("{server} answered {status} {errcode}")]
-    Status {
-        server: String,
-        status: u16,
-        errcode: String,
-        body: Value,
-    },
+    Status { server: String, status: u16, errcode: String, body: Value },
     #[error("request body is not canonical JSON: {0}")]
     BadBody(String),
 }
@@ -64,10 +56,7 @@ struct GuardedDns {
 
 impl GuardedDns {
     fn pin(&self, host: &str, addrs: Vec<IpAddr>) {
-        self.pinned
-            .lock()
-            .unwrap()
-            .insert(host.to_ascii_lowercase(), addrs);
+        self.pinned.lock().unwrap().insert(host.to_ascii_lowercase(), addrs);
     }
 }
 
@@ -116,21 +105,12 @@ pub struct FederationClient {
 }
 
 impl FederationClient {
-    pub fn new(
-        settings: &Settings,
-        key: Arc<SigningKey>,
-        dns: Arc<dyn Dns>,
-    ) -> Result<Self, FederationError> {
+    pub fn new(settings: &Settings, key: Arc<SigningKey>, dns: Arc<dyn Dns>) -> Result<Self, FederationError> {
         let fed = &settings.raw.federation;
-        let policy = AddressPolicy {
-            allow_private: fed.allow_private_ranges,
-            allowed: settings.allowed_ranges.clone(),
-        };
-        let guarded_dns = Arc::new(GuardedDns {
-            pinned: Mutex::new(HashMap::new()),
-            dns: dns.clone(),
-            policy: policy.clone(),
-        });
+        let policy =
+            AddressPolicy { allow_private: fed.allow_private_ranges, allowed: settings.allowed_ranges.clone() };
+        let guarded_dns =
+            Arc::new(GuardedDns { pinned: Mutex::new(HashMap::new()), dns: dns.clone(), policy: policy.clone() });
         let builder = || {
             reqwest::Client::builder()
                 .user_agent(concat!("peekgate/", env!("CARGO_PKG_VERSION")))
@@ -144,15 +124,11 @@ impl FederationClient {
             .dns_resolver(GuardedResolve(guarded_dns.clone()))
             .redirect(redirect::Policy::custom(move |attempt| {
                 // Follow a few redirects (well-known may use them), but never to a refused IP literal.
-                let literal = attempt.url().host_str().and_then(|h| {
-                    h.trim_start_matches('[')
-                        .trim_end_matches(']')
-                        .parse::<IpAddr>()
-                        .ok()
-                });
-                if attempt.previous().len() >= 5
-                    || literal.is_some_and(|ip| !redirect_policy.permits(ip))
-                {
+                let literal = attempt
+                    .url()
+                    .host_str()
+                    .and_then(|h| h.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>().ok());
+                if attempt.previous().len() >= 5 || literal.is_some_and(|ip| !redirect_policy.permits(ip)) {
                     attempt.stop()
                 } else {
                     attempt.follow()
@@ -160,10 +136,7 @@ impl FederationClient {
             }))
             .build()
             .map_err(|e| transport("(client)", e))?;
-        let direct = builder()
-            .redirect(redirect::Policy::none())
-            .build()
-            .map_err(|e| transport("(client)", e))?;
+        let direct = builder().redirect(redirect::Policy::none()).build().map_err(|e| transport("(client)", e))?;
         Ok(FederationClient {
             origin: settings.server_name.clone(),
             key,
@@ -181,35 +154,13 @@ impl FederationClient {
     }
 
     /// A signed GET.
-    pub async fn get(
-        &self,
-        destination: &ServerName,
-        path: &str,
-    ) -> Result<Value, FederationError> {
-        self.send(FedRequest {
-            method: Method::GET,
-            destination,
-            path,
-            body: None,
-            signed: true,
-        })
-        .await
+    pub async fn get(&self, destination: &ServerName, path: &str) -> Result<Value, FederationError> {
+        self.send(FedRequest { method: Method::GET, destination, path, body: None, signed: true }).await
     }
 
     /// An unsigned GET (key endpoints need no authentication).
-    pub async fn get_unsigned(
-        &self,
-        destination: &ServerName,
-        path: &str,
-    ) -> Result<Value, FederationError> {
-        self.send(FedRequest {
-            method: Method::GET,
-            destination,
-            path,
-            body: None,
-            signed: false,
-        })
-        .await
+    pub async fn get_unsigned(&self, destination: &ServerName, path: &str) -> Result<Value, FederationError> {
+        self.send(FedRequest { method: Method::GET, destination, path, body: None, signed: false }).await
     }
 
     /// Sends the request and returns the JSON object of a 2xx answer; any other status is
@@ -223,16 +174,13 @@ impl FederationClient {
             builder = builder.header(HOST, value);
         }
         let body_bytes = match &request.body {
-            Some(body) => Some(
-                serde_json::to_vec(body).map_err(|e| FederationError::BadBody(e.to_string()))?,
-            ),
+            Some(body) => Some(serde_json::to_vec(body).map_err(|e| FederationError::BadBody(e.to_string()))?),
             None => None,
         };
         if request.signed {
             let content = match &request.body {
                 Some(body) => Some(
-                    CanonicalJsonValue::try_from(body.clone())
-                        .map_err(|e| FederationError::BadBody(e.to_string()))?,
+                    CanonicalJsonValue::try_from(body.clone()).map_err(|e| FederationError::BadBody(e.to_string()))?,
                 ),
                 None => None,
             };
@@ -255,17 +203,8 @@ impl FederationClient {
         if (200..300).contains(&status) {
             Ok(body)
         } else {
-            let errcode = body
-                .get("errcode")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_owned();
-            Err(FederationError::Status {
-                server: server.to_owned(),
-                status,
-                errcode,
-                body,
-            })
+            let errcode = body.get("errcode").and_then(Value::as_str).unwrap_or("").to_owned();
+            Err(FederationError::Status { server: server.to_owned(), status, errcode, body })
         }
     }
 
@@ -284,13 +223,9 @@ impl FederationClient {
             .resolver
             .resolve(destination, self)
             .await
-            .map_err(|source| FederationError::Resolve {
-                server: server.to_owned(),
-                source,
-            })?;
+            .map_err(|source| FederationError::Resolve { server: server.to_owned(), source })?;
         if resolved.url_host.parse::<IpAddr>().is_err() && !resolved.url_host.starts_with('[') {
-            self.guarded_dns
-                .pin(&resolved.url_host, resolved.addrs.clone());
+            self.guarded_dns.pin(&resolved.url_host, resolved.addrs.clone());
         }
         let base = Url::parse(&format!("https://{}:{}/", resolved.url_host, resolved.port))
             .map_err(|e| transport(server, e))?;
@@ -299,20 +234,10 @@ impl FederationClient {
     }
 
     /// Reads at most `max_response_bytes` and parses a JSON object.
-    async fn read_json(
-        &self,
-        server: &str,
-        mut response: reqwest::Response,
-    ) -> Result<Value, FederationError> {
+    async fn read_json(&self, server: &str, mut response: reqwest::Response) -> Result<Value, FederationError> {
         let limit = self.max_response_bytes;
-        let too_large = || FederationError::TooLarge {
-            server: server.to_owned(),
-            limit,
-        };
-        if response
-            .content_length()
-            .is_some_and(|len| len as usize > limit)
-        {
+        let too_large = || FederationError::TooLarge { server: server.to_owned(), limit };
+        if response.content_length().is_some_and(|len| len as usize > limit) {
             return Err(too_large());
         }
         let mut bytes = Vec::new();
@@ -324,9 +249,7 @@ impl FederationClient {
         }
         match serde_json::from_slice::<Value>(&bytes) {
             Ok(value) if value.is_object() => Ok(value),
-            _ => Err(FederationError::NotJson {
-                server: server.to_owned(),
-            }),
+            _ => Err(FederationError::NotJson { server: server.to_owned() }),
         }
     }
 }
@@ -340,9 +263,7 @@ impl WellKnownFetcher for FederationClient {
             return None;
         }
         let body = self.read_json(host, response).await.ok()?;
-        body.get("m.server")
-            .and_then(Value::as_str)
-            .map(str::to_owned)
+        body.get("m.server").and_then(Value::as_str).map(str::to_owned)
     }
 }
 
@@ -353,10 +274,7 @@ fn join(base: &Url, path: &str) -> Result<Url, url::ParseError> {
 }
 
 fn transport(server: &str, e: impl std::fmt::Display) -> FederationError {
-    FederationError::Transport {
-        server: server.to_owned(),
-        reason: e.to_string(),
-    }
+    FederationError::Transport { server: server.to_owned(), reason: e.to_string() }
 }
 
 #[cfg(test)]
@@ -366,14 +284,7 @@ mod tests {
     #[test]
     fn join_keeps_encoding_and_query() {
         let base = Url::parse("http://127.0.0.1:9008").unwrap();
-        let url = join(
-            &base,
-            "/_matrix/federation/v1/peek/%21r%3Ax/ab?ver=10&ver=11",
-        )
-        .unwrap();
-        assert_eq!(
-            url.as_str(),
-            "http://127.0.0.1:9008/_matrix/federation/v1/peek/%21r%3Ax/ab?ver=10&ver=11"
-        );
+        let url = join(&base, "/_matrix/federation/v1/peek/%21r%3Ax/ab?ver=10&ver=11").unwrap();
+        assert_eq!(url.as_str(), "http://127.0.0.1:9008/_matrix/federation/v1/peek/%21r%3Ax/ab?ver=10&ver=11");
     }
 }

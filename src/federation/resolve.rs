@@ -113,16 +113,12 @@ pub fn is_internal(ip: IpAddr) -> bool {
 
 /// Splits `host[:port]` (IPv6 literals in brackets) the way ruma's `ServerName` does.
 fn split_host_port(name: &str) -> Result<(String, Option<u16>), ResolveError> {
-    let parsed =
-        <&ServerName>::try_from(name).map_err(|_| ResolveError::BadDelegation(name.into()))?;
+    let parsed = <&ServerName>::try_from(name).map_err(|_| ResolveError::BadDelegation(name.into()))?;
     Ok((parsed.host().to_owned(), parsed.port()))
 }
 
 fn ip_literal(host: &str) -> Option<IpAddr> {
-    host.trim_start_matches('[')
-        .trim_end_matches(']')
-        .parse()
-        .ok()
+    host.trim_start_matches('[').trim_end_matches(']').parse().ok()
 }
 
 pub struct Resolver {
@@ -133,11 +129,7 @@ pub struct Resolver {
 
 impl Resolver {
     pub fn new(dns: Arc<dyn Dns>, policy: AddressPolicy) -> Resolver {
-        Resolver {
-            dns,
-            policy,
-            well_known_cache: Mutex::new(HashMap::new()),
-        }
+        Resolver { dns, policy, well_known_cache: Mutex::new(HashMap::new()) }
     }
 
     pub fn policy(&self) -> &AddressPolicy {
@@ -182,11 +174,7 @@ impl Resolver {
     /// The certificate name and `Host` stay `host`, never the SRV target.
     async fn srv_or_default(&self, host: &str) -> Result<ResolvedServer, ResolveError> {
         for prefix in ["_matrix-fed._tcp", "_matrix._tcp"] {
-            let targets = self
-                .dns
-                .srv(&format!("{prefix}.{host}"))
-                .await
-                .unwrap_or_default();
+            let targets = self.dns.srv(&format!("{prefix}.{host}")).await.unwrap_or_default();
             if let Some(target) = targets.first() {
                 return self.named(host, &target.host, target.port, host).await;
             }
@@ -219,12 +207,7 @@ impl Resolver {
         host_header: &str,
     ) -> Result<ResolvedServer, ResolveError> {
         let ips = self.lookup_permitted(lookup_host).await?;
-        Ok(ResolvedServer {
-            url_host: url_host.to_owned(),
-            port,
-            host_header: host_header.to_owned(),
-            addrs: ips,
-        })
+        Ok(ResolvedServer { url_host: url_host.to_owned(), port, host_header: host_header.to_owned(), addrs: ips })
     }
 
     pub async fn lookup_permitted(&self, host: &str) -> Result<Vec<IpAddr>, ResolveError> {
@@ -232,11 +215,7 @@ impl Resolver {
         if ips.is_empty() {
             return Err(ResolveError::NoAddress(host.to_owned()));
         }
-        let permitted: Vec<IpAddr> = ips
-            .iter()
-            .copied()
-            .filter(|ip| self.policy.permits(*ip))
-            .collect();
+        let permitted: Vec<IpAddr> = ips.iter().copied().filter(|ip| self.policy.permits(*ip)).collect();
         if permitted.is_empty() {
             return Err(ResolveError::Refused(ips[0]));
         }
@@ -246,11 +225,7 @@ impl Resolver {
     /// The delegated server name from well-known, cached for 24 h (failures for 1 h).
     async fn well_known(&self, host: &str, fetcher: &dyn WellKnownFetcher) -> Option<String> {
         if let Some((at, cached)) = self.well_known_cache.lock().unwrap().get(host) {
-            let ttl = if cached.is_some() {
-                WELL_KNOWN_TTL
-            } else {
-                WELL_KNOWN_FAILURE_TTL
-            };
+            let ttl = if cached.is_some() { WELL_KNOWN_TTL } else { WELL_KNOWN_FAILURE_TTL };
             if at.elapsed() < ttl {
                 return cached.clone();
             }
@@ -259,10 +234,7 @@ impl Resolver {
             .fetch_well_known(host)
             .await
             .filter(|delegated| <&ServerName>::try_from(delegated.as_str()).is_ok());
-        self.well_known_cache
-            .lock()
-            .unwrap()
-            .insert(host.to_owned(), (Instant::now(), fetched.clone()));
+        self.well_known_cache.lock().unwrap().insert(host.to_owned(), (Instant::now(), fetched.clone()));
         fetched
     }
 }
@@ -274,37 +246,29 @@ pub struct HickoryDns {
 
 impl HickoryDns {
     pub fn from_system() -> HickoryDns {
-        let resolver = hickory_resolver::TokioResolver::builder_tokio()
-            .map(|builder| builder.build())
-            .ok()
-            .and_then(Result::ok);
+        let resolver =
+            hickory_resolver::TokioResolver::builder_tokio().map(|builder| builder.build()).ok().and_then(Result::ok);
         if resolver.is_none() {
-            tracing::warn!(
-                "no usable system DNS configuration; only federation.destinations will resolve"
-            );
+            tracing::warn!("no usable system DNS configuration; only federation.destinations will resolve");
         }
         HickoryDns { resolver }
     }
 
     fn resolver(&self, name: &str) -> Result<&hickory_resolver::TokioResolver, ResolveError> {
-        self.resolver.as_ref().ok_or_else(|| ResolveError::Dns {
-            name: name.to_owned(),
-            reason: "no DNS resolver configured".to_owned(),
-        })
+        self.resolver
+            .as_ref()
+            .ok_or_else(|| ResolveError::Dns { name: name.to_owned(), reason: "no DNS resolver configured".to_owned() })
     }
 }
 
 #[async_trait]
 impl Dns for HickoryDns {
     async fn srv(&self, name: &str) -> Result<Vec<SrvTarget>, ResolveError> {
-        let lookup =
-            self.resolver(name)?
-                .srv_lookup(name)
-                .await
-                .map_err(|e| ResolveError::Dns {
-                    name: name.to_owned(),
-                    reason: e.to_string(),
-                })?;
+        let lookup = self
+            .resolver(name)?
+            .srv_lookup(name)
+            .await
+            .map_err(|e| ResolveError::Dns { name: name.to_owned(), reason: e.to_string() })?;
         let mut records: Vec<(u16, u16, SrvTarget)> = lookup
             .answers()
             .iter()
@@ -312,10 +276,7 @@ impl Dns for HickoryDns {
                 hickory_resolver::proto::rr::RData::SRV(srv) => Some((
                     srv.priority,
                     u16::MAX - srv.weight,
-                    SrvTarget {
-                        host: srv.target.to_utf8().trim_end_matches('.').to_owned(),
-                        port: srv.port,
-                    },
+                    SrvTarget { host: srv.target.to_utf8().trim_end_matches('.').to_owned(), port: srv.port },
                 )),
                 _ => None,
             })
@@ -330,10 +291,7 @@ impl Dns for HickoryDns {
             .resolver(host)?
             .lookup_ip(host)
             .await
-            .map_err(|e| ResolveError::Dns {
-                name: host.to_owned(),
-                reason: e.to_string(),
-            })?;
+            .map_err(|e| ResolveError::Dns { name: host.to_owned(), reason: e.to_string() })?;
         Ok(lookup.iter().collect())
     }
 }
@@ -358,10 +316,7 @@ mod tests {
             self.ips
                 .get(host)
                 .cloned()
-                .ok_or_else(|| ResolveError::Dns {
-                    name: host.into(),
-                    reason: "NXDOMAIN".into(),
-                })
+                .ok_or_else(|| ResolveError::Dns { name: host.into(), reason: "NXDOMAIN".into() })
         }
     }
 
@@ -397,53 +352,31 @@ mod tests {
         }
         dns.srv.insert(
             "_matrix-fed._tcp.srv.example".into(),
-            vec![SrvTarget {
-                host: "srvtarget.example".into(),
-                port: 8449,
-            }],
+            vec![SrvTarget { host: "srvtarget.example".into(), port: 8449 }],
         );
         dns.srv.insert(
             "_matrix._tcp.legacy.example".into(),
-            vec![SrvTarget {
-                host: "legacytarget.example".into(),
-                port: 8450,
-            }],
+            vec![SrvTarget { host: "legacytarget.example".into(), port: 8450 }],
         );
         dns.srv.insert(
             "_matrix-fed._tcp.dhost.example".into(),
-            vec![SrvTarget {
-                host: "srvtarget.example".into(),
-                port: 9000,
-            }],
+            vec![SrvTarget { host: "srvtarget.example".into(), port: 9000 }],
         );
         let well_known = FakeWellKnown(HashMap::from([
-            (
-                "delegated.example".to_owned(),
-                "matrix.delegated.example:443".to_owned(),
-            ),
+            ("delegated.example".to_owned(), "matrix.delegated.example:443".to_owned()),
             ("toip.example".to_owned(), "203.0.113.10".to_owned()),
             ("tosrv.example".to_owned(), "dhost.example".to_owned()),
         ]));
-        (
-            Resolver::new(Arc::new(dns), AddressPolicy::default()),
-            well_known,
-        )
+        (Resolver::new(Arc::new(dns), AddressPolicy::default()), well_known)
     }
 
     async fn resolve(name: &str) -> Result<ResolvedServer, ResolveError> {
         let (resolver, wk) = fixture();
-        resolver
-            .resolve(<&ServerName>::try_from(name).unwrap(), &wk)
-            .await
+        resolver.resolve(<&ServerName>::try_from(name).unwrap(), &wk).await
     }
 
     fn expect(url_host: &str, port: u16, host_header: &str, addr: &str) -> ResolvedServer {
-        ResolvedServer {
-            url_host: url_host.into(),
-            port,
-            host_header: host_header.into(),
-            addrs: vec![ip(addr)],
-        }
+        ResolvedServer { url_host: url_host.into(), port, host_header: host_header.into(), addrs: vec![ip(addr)] }
     }
 
     #[tokio::test]
@@ -470,12 +403,7 @@ mod tests {
     async fn well_known_delegation_variants() {
         assert_eq!(
             resolve("delegated.example").await.unwrap(),
-            expect(
-                "matrix.delegated.example",
-                443,
-                "matrix.delegated.example:443",
-                "203.0.113.4"
-            )
+            expect("matrix.delegated.example", 443, "matrix.delegated.example:443", "203.0.113.4")
         );
         assert_eq!(
             resolve("toip.example").await.unwrap(),
@@ -490,20 +418,11 @@ mod tests {
 
     #[tokio::test]
     async fn srv_then_legacy_srv_then_8448() {
-        assert_eq!(
-            resolve("srv.example").await.unwrap(),
-            expect("srv.example", 8449, "srv.example", "203.0.113.5")
-        );
+        assert_eq!(resolve("srv.example").await.unwrap(), expect("srv.example", 8449, "srv.example", "203.0.113.5"));
         let (resolver, wk) = fixture();
         // legacy.example has only a _matrix._tcp record; its target resolves.
-        let got = resolver
-            .resolve(<&ServerName>::try_from("legacy.example").unwrap(), &wk)
-            .await
-            .unwrap();
-        assert_eq!(
-            got,
-            expect("legacy.example", 8450, "legacy.example", "203.0.113.6")
-        );
+        let got = resolver.resolve(<&ServerName>::try_from("legacy.example").unwrap(), &wk).await.unwrap();
+        assert_eq!(got, expect("legacy.example", 8450, "legacy.example", "203.0.113.6"));
         assert_eq!(
             resolve("plain.example").await.unwrap(),
             expect("plain.example", 8448, "plain.example", "203.0.113.1")
@@ -512,50 +431,24 @@ mod tests {
 
     #[tokio::test]
     async fn internal_addresses_are_refused() {
-        assert_eq!(
-            resolve("127.0.0.1:8448").await,
-            Err(ResolveError::Refused(ip("127.0.0.1")))
-        );
-        assert_eq!(
-            resolve("[::1]").await,
-            Err(ResolveError::Refused(ip("::1")))
-        );
-        assert_eq!(
-            resolve("169.254.169.254").await,
-            Err(ResolveError::Refused(ip("169.254.169.254")))
-        );
-        assert_eq!(
-            resolve("metadata.example").await,
-            Err(ResolveError::Refused(ip("169.254.169.254")))
-        );
-        assert_eq!(
-            resolve("loop6.example").await,
-            Err(ResolveError::Refused(ip("::1")))
-        );
-        assert_eq!(
-            resolve("inside.example").await,
-            Err(ResolveError::Refused(ip("10.0.0.8")))
-        );
+        assert_eq!(resolve("127.0.0.1:8448").await, Err(ResolveError::Refused(ip("127.0.0.1"))));
+        assert_eq!(resolve("[::1]").await, Err(ResolveError::Refused(ip("::1"))));
+        assert_eq!(resolve("169.254.169.254").await, Err(ResolveError::Refused(ip("169.254.169.254"))));
+        assert_eq!(resolve("metadata.example").await, Err(ResolveError::Refused(ip("169.254.169.254"))));
+        assert_eq!(resolve("loop6.example").await, Err(ResolveError::Refused(ip("::1"))));
+        assert_eq!(resolve("inside.example").await, Err(ResolveError::Refused(ip("10.0.0.8"))));
     }
 
     #[tokio::test]
     async fn allowed_ranges_open_exactly_that_range() {
         let (_, wk) = fixture();
         let mut dns = FakeDns::default();
-        dns.ips
-            .insert("inside.example".into(), vec![ip("10.0.0.8")]);
-        let policy = AddressPolicy {
-            allow_private: false,
-            allowed: vec!["10.0.0.0/24".parse().unwrap()],
-        };
+        dns.ips.insert("inside.example".into(), vec![ip("10.0.0.8")]);
+        let policy = AddressPolicy { allow_private: false, allowed: vec!["10.0.0.0/24".parse().unwrap()] };
         let resolver = Resolver::new(Arc::new(dns), policy);
-        let got = resolver
-            .resolve(<&ServerName>::try_from("inside.example:8448").unwrap(), &wk)
-            .await;
+        let got = resolver.resolve(<&ServerName>::try_from("inside.example:8448").unwrap(), &wk).await;
         assert_eq!(got.unwrap().addrs, vec![ip("10.0.0.8")]);
-        let refused = resolver
-            .resolve(<&ServerName>::try_from("10.0.1.1").unwrap(), &wk)
-            .await;
+        let refused = resolver.resolve(<&ServerName>::try_from("10.0.1.1").unwrap(), &wk).await;
         assert_eq!(refused, Err(ResolveError::Refused(ip("10.0.1.1"))));
     }
 

@@ -4,15 +4,26 @@
 use actix_web::{web, HttpResponse};
 use serde_json::json;
 
+use super::reads;
 use crate::http::resource;
 use crate::xmatrix::SignedRequest;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(resource("/_matrix/federation/v1/version").route(web::get().to(version)))
+        .service(resource("/_matrix/federation/v1/event/{event_id}").route(web::get().to(reads::event)))
+        .service(resource("/_matrix/federation/v1/state/{room_id}").route(web::get().to(reads::room_state)))
+        .service(resource("/_matrix/federation/v1/state_ids/{room_id}").route(web::get().to(reads::room_state_ids)))
+        .service(resource("/_matrix/federation/v1/backfill/{room_id}").route(web::get().to(reads::backfill)))
         .service(
-            resource("/_peekgate/federation/v1/whoami")
-                .route(web::get().to(whoami))
-                .route(web::post().to(whoami)),
+            resource("/_matrix/federation/v1/event_auth/{room_id}/{event_id}").route(web::get().to(reads::event_auth)),
+        )
+        .service(
+            resource("/_matrix/federation/v1/get_missing_events/{room_id}")
+                .route(web::post().to(reads::get_missing_events)),
+        )
+        .service(resource("/_matrix/federation/v1/query/directory").route(web::get().to(reads::query_directory)))
+        .service(
+            resource("/_peekgate/federation/v1/whoami").route(web::get().to(whoami)).route(web::post().to(whoami)),
         );
 }
 

@@ -17,21 +17,14 @@ const MAX_SERVERS_PER_QUERY: usize = 100;
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/_matrix/key/v2/server", web::get().to(own_keys))
         .route("/_matrix/key/v2/query", web::post().to(query_post))
-        .route(
-            "/_matrix/key/v2/query/{server_name}",
-            web::get().to(query_get),
-        );
+        .route("/_matrix/key/v2/query/{server_name}", web::get().to(query_get));
 }
 
 /// Our key response, signed now, valid for `signing.key_validity_ms`.
 pub fn own_publication(state: &AppState) -> CanonicalJsonObject {
     let settings = &state.settings;
     let valid_until = now_ms() + settings.raw.signing.key_validity_ms as i64;
-    state.key.publication(
-        settings.server_name.as_str(),
-        valid_until,
-        &settings.raw.signing.old_keys,
-    )
+    state.key.publication(settings.server_name.as_str(), valid_until, &settings.raw.signing.old_keys)
 }
 
 async fn own_keys(state: web::Data<AppState>) -> HttpResponse {
@@ -48,24 +41,16 @@ struct KeyCriteria {
     minimum_valid_until_ts: Option<i64>,
 }
 
-async fn query_post(
-    state: web::Data<AppState>,
-    body: web::Bytes,
-) -> Result<HttpResponse, MatrixError> {
+async fn query_post(state: web::Data<AppState>, body: web::Bytes) -> Result<HttpResponse, MatrixError> {
     let query: QueryBody = parse_json(&body)?;
     if query.server_keys.len() > MAX_SERVERS_PER_QUERY {
-        return Err(MatrixError::invalid_param(format!(
-            "At most {MAX_SERVERS_PER_QUERY} servers per query"
-        )));
+        return Err(MatrixError::invalid_param(format!("At most {MAX_SERVERS_PER_QUERY} servers per query")));
     }
     let mut wanted = Vec::new();
     for (server, criteria) in query.server_keys {
         let server = OwnedServerName::try_from(server.as_str())
             .map_err(|_| MatrixError::invalid_param(format!("Invalid server name {server:?}")))?;
-        let minimum = criteria
-            .values()
-            .filter_map(|c| c.minimum_valid_until_ts)
-            .max();
+        let minimum = criteria.values().filter_map(|c| c.minimum_valid_until_ts).max();
         wanted.push((server, minimum));
     }
     notary_answer(&state, wanted).await
@@ -81,8 +66,8 @@ async fn query_get(
     path: web::Path<String>,
     params: web::Query<QueryParams>,
 ) -> Result<HttpResponse, MatrixError> {
-    let server = OwnedServerName::try_from(path.as_str())
-        .map_err(|_| MatrixError::invalid_param("Invalid server name"))?;
+    let server =
+        OwnedServerName::try_from(path.as_str()).map_err(|_| MatrixError::invalid_param("Invalid server name"))?;
     notary_answer(&state, vec![(server, params.minimum_valid_until_ts)]).await
 }
 
@@ -100,9 +85,7 @@ async fn notary_answer(
             .await
             .map_err(|e| internal_error("notary lookup", e))?;
         if let Some(mut object) = found {
-            state
-                .key
-                .sign_json(state.settings.server_name.as_str(), &mut object);
+            state.key.sign_json(state.settings.server_name.as_str(), &mut object);
             server_keys.push(CanonicalJsonValue::Object(object));
         }
     }

@@ -34,10 +34,7 @@ pub fn decode_base64(text: &str) -> Option<Vec<u8>> {
 
 /// A key "version" (the part after `ed25519:`) is `[a-zA-Z0-9_]+`.
 pub fn is_valid_key_version(version: &str) -> bool {
-    !version.is_empty()
-        && version
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    !version.is_empty() && version.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
 /// Milliseconds since the Unix epoch.

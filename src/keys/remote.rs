@@ -8,9 +8,7 @@ use std::time::{Duration, Instant};
 
 use diesel::prelude::*;
 use ruma::signatures::{to_canonical_json_string_for_signing, verify_canonical_json_bytes};
-use ruma::{
-    CanonicalJsonObject, CanonicalJsonValue, OwnedServerName, ServerName, SigningKeyAlgorithm,
-};
+use ruma::{CanonicalJsonObject, CanonicalJsonValue, OwnedServerName, ServerName, SigningKeyAlgorithm};
 
 use super::{decode_base64, now_ms, SigningKey};
 use crate::config::OldKeyConfig;
@@ -27,18 +25,11 @@ pub const REFETCH_INTERVAL: Duration = Duration::from_secs(300);
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     #[error("{server} has no key {key_id} valid at {at}")]
-    NotValid {
-        server: String,
-        key_id: String,
-        at: i64,
-    },
+    NotValid { server: String, key_id: String, at: i64 },
     #[error("keys of {0} were fetched less than 5 minutes ago; not refetching")]
     RateLimited(String),
     #[error("fetching keys of {server}: {source}")]
-    Fetch {
-        server: String,
-        source: FederationError,
-    },
+    Fetch { server: String, source: FederationError },
     #[error("key response of {server} rejected: {reason}")]
     BadResponse { server: String, reason: String },
     #[error(transparent)]
@@ -101,23 +92,13 @@ pub fn verify_key_response(
         let Some(CanonicalJsonValue::String(sig)) = signatures.get(&key.key_id) else {
             return Err(format!("{} did not sign the response", key.key_id));
         };
-        let sig = decode_base64(sig)
-            .ok_or_else(|| format!("signature by {} is not base64", key.key_id))?;
-        verify_canonical_json_bytes(
-            &SigningKeyAlgorithm::Ed25519,
-            &key.public_key,
-            &sig,
-            canonical.as_bytes(),
-        )
-        .map_err(|_| format!("bad self-signature by {}", key.key_id))?;
+        let sig = decode_base64(sig).ok_or_else(|| format!("signature by {} is not base64", key.key_id))?;
+        verify_canonical_json_bytes(&SigningKeyAlgorithm::Ed25519, &key.public_key, &sig, canonical.as_bytes())
+            .map_err(|_| format!("bad self-signature by {}", key.key_id))?;
     }
     let mut keys = verify_keys;
     keys.extend(parse_keys(&object, "old_verify_keys", true, 0)?);
-    Ok(VerifiedKeyResponse {
-        keys,
-        valid_until_ts,
-        object,
-    })
+    Ok(VerifiedKeyResponse { keys, valid_until_ts, object })
 }
 
 fn parse_keys(
@@ -127,11 +108,7 @@ fn parse_keys(
     valid_until_ts: i64,
 ) -> Result<Vec<VerifyKey>, String> {
     let Some(value) = object.get(field) else {
-        return if old {
-            Ok(Vec::new())
-        } else {
-            Err(format!("{field} is missing"))
-        };
+        return if old { Ok(Vec::new()) } else { Err(format!("{field} is missing")) };
     };
     let CanonicalJsonValue::Object(map) = value else {
         return Err(format!("{field} is not an object"));
@@ -158,12 +135,7 @@ fn parse_keys(
         } else {
             valid_until_ts
         };
-        keys.push(VerifyKey {
-            key_id: key_id.clone(),
-            public_key,
-            valid_until_ts,
-            is_old: old,
-        });
+        keys.push(VerifyKey { key_id: key_id.clone(), public_key, valid_until_ts, is_old: old });
     }
     Ok(keys)
 }
@@ -194,11 +166,7 @@ impl RemoteKeys {
         RemoteKeys {
             db,
             client,
-            own: OwnKeys {
-                server_name,
-                key,
-                old_keys,
-            },
+            own: OwnKeys { server_name, key, old_keys },
             last_fetch: Mutex::new(HashMap::new()),
             fetch_locks: Mutex::new(HashMap::new()),
         }
@@ -206,17 +174,8 @@ impl RemoteKeys {
 
     /// The public key `key_id` of `server`, valid at `valid_at` (ms). Uses the cache, fetching
     /// the server's keys when the key is unknown or no longer valid (rate-limited).
-    pub async fn verify_key(
-        &self,
-        server: &ServerName,
-        key_id: &str,
-        valid_at: i64,
-    ) -> Result<[u8; 32], KeyError> {
-        let not_valid = || KeyError::NotValid {
-            server: server.to_string(),
-            key_id: key_id.to_owned(),
-            at: valid_at,
-        };
+    pub async fn verify_key(&self, server: &ServerName, key_id: &str, valid_at: i64) -> Result<[u8; 32], KeyError> {
+        let not_valid = || KeyError::NotValid { server: server.to_string(), key_id: key_id.to_owned(), at: valid_at };
         if server == self.own.server_name {
             return self.own_key(key_id, valid_at).ok_or_else(not_valid);
         }
@@ -244,20 +203,11 @@ impl RemoteKeys {
         key_id: &str,
         valid_at: i64,
     ) -> Result<Option<[u8; 32]>, KeyError> {
-        Ok(self
-            .cached(server, key_id)
-            .await?
-            .filter(|key| key.valid_until_ts >= valid_at)
-            .map(|key| key.public_key))
+        Ok(self.cached(server, key_id).await?.filter(|key| key.valid_until_ts >= valid_at).map(|key| key.public_key))
     }
 
     fn fetch_lock(&self, server: &ServerName) -> Arc<tokio::sync::Mutex<()>> {
-        self.fetch_locks
-            .lock()
-            .unwrap()
-            .entry(server.to_owned())
-            .or_default()
-            .clone()
+        self.fetch_locks.lock().unwrap().entry(server.to_owned()).or_default().clone()
     }
 
     fn own_key(&self, key_id: &str, valid_at: i64) -> Option<[u8; 32]> {
@@ -272,16 +222,12 @@ impl RemoteKeys {
     }
 
     /// The cached key row, if any.
-    pub async fn cached(
-        &self,
-        server: &ServerName,
-        key_id: &str,
-    ) -> Result<Option<VerifyKey>, KeyError> {
+    pub async fn cached(&self, server: &ServerName, key_id: &str) -> Result<Option<VerifyKey>, KeyError> {
         let server = server.to_string();
         let key_id = key_id.to_owned();
         let row: Option<(String, String, i64, bool)> = self
             .db
-            .run(move |conn| {
+            .run::<_, DbError, _>(move |conn| {
                 Ok(server_keys::table
                     .filter(server_keys::server_name.eq(&server))
                     .filter(server_keys::key_id.eq(&key_id))
@@ -295,37 +241,21 @@ impl RemoteKeys {
                     .optional()?)
             })
             .await?;
-        Ok(
-            row.and_then(|(key_id, public_key, valid_until_ts, is_old)| {
-                let public_key = decode_base64(&public_key)?.try_into().ok()?;
-                Some(VerifyKey {
-                    key_id,
-                    public_key,
-                    valid_until_ts,
-                    is_old,
-                })
-            }),
-        )
+        Ok(row.and_then(|(key_id, public_key, valid_until_ts, is_old)| {
+            let public_key = decode_base64(&public_key)?.try_into().ok()?;
+            Some(VerifyKey { key_id, public_key, valid_until_ts, is_old })
+        }))
     }
 
     /// Fetches, verifies and caches `server`'s key response, at most once per 5 minutes.
-    pub async fn fetch_and_store(
-        &self,
-        server: &ServerName,
-    ) -> Result<VerifiedKeyResponse, KeyError> {
+    pub async fn fetch_and_store(&self, server: &ServerName) -> Result<VerifiedKeyResponse, KeyError> {
         self.take_fetch_slot(server)?;
         let value = self
             .client
             .get_unsigned(server, "/_matrix/key/v2/server")
             .await
-            .map_err(|source| KeyError::Fetch {
-                server: server.to_string(),
-                source,
-            })?;
-        let bad = |reason: String| KeyError::BadResponse {
-            server: server.to_string(),
-            reason,
-        };
+            .map_err(|source| KeyError::Fetch { server: server.to_string(), source })?;
+        let bad = |reason: String| KeyError::BadResponse { server: server.to_string(), reason };
         let object = match CanonicalJsonValue::try_from(value) {
             Ok(CanonicalJsonValue::Object(object)) => object,
             Ok(_) => return Err(bad("not an object".into())),
@@ -347,11 +277,7 @@ impl RemoteKeys {
         Ok(())
     }
 
-    async fn store(
-        &self,
-        server: &ServerName,
-        verified: &VerifiedKeyResponse,
-    ) -> Result<(), KeyError> {
+    async fn store(&self, server: &ServerName, verified: &VerifiedKeyResponse) -> Result<(), KeyError> {
         let server = server.to_string();
         let now = now_ms();
         let rows: Vec<_> = verified
@@ -368,11 +294,10 @@ impl RemoteKeys {
                 )
             })
             .collect();
-        let response_json =
-            serde_json::to_string(&verified.object).expect("canonical JSON serialises");
+        let response_json = serde_json::to_string(&verified.object).expect("canonical JSON serialises");
         let valid_until_ts = verified.valid_until_ts;
         self.db
-            .run(move |conn| {
+            .run::<_, DbError, _>(move |conn| {
                 conn.transaction(|conn| {
                     for row in rows {
                         let (_, _, public_key, valid_until, is_old, fetched) = row.clone();
@@ -389,14 +314,12 @@ impl RemoteKeys {
                         server_key_responses::valid_until_ts.eq(valid_until_ts),
                         server_key_responses::fetched_ts.eq(now),
                     );
-                    on_backend!(&mut *conn, |c| diesel::insert_into(
-                        server_key_responses::table
-                    )
-                    .values(response.clone())
-                    .on_conflict(server_key_responses::server_name)
-                    .do_update()
-                    .set((response.1.clone(), response.2, response.3))
-                    .execute(c))?;
+                    on_backend!(&mut *conn, |c| diesel::insert_into(server_key_responses::table)
+                        .values(response.clone())
+                        .on_conflict(server_key_responses::server_name)
+                        .do_update()
+                        .set((response.1.clone(), response.2, response.3))
+                        .execute(c))?;
                     Ok::<_, diesel::result::Error>(())
                 })?;
                 Ok(())
@@ -432,25 +355,18 @@ impl RemoteKeys {
         }
     }
 
-    async fn cached_response(
-        &self,
-        server: &ServerName,
-    ) -> Result<Option<(CanonicalJsonObject, i64)>, KeyError> {
+    async fn cached_response(&self, server: &ServerName) -> Result<Option<(CanonicalJsonObject, i64)>, KeyError> {
         let server = server.to_string();
         let row: Option<(String, i64)> = self
             .db
-            .run(move |conn| {
+            .run::<_, DbError, _>(move |conn| {
                 Ok(server_key_responses::table
                     .filter(server_key_responses::server_name.eq(&server))
-                    .select((
-                        server_key_responses::response_json,
-                        server_key_responses::valid_until_ts,
-                    ))
+                    .select((server_key_responses::response_json, server_key_responses::valid_until_ts))
                     .first(conn)
                     .optional()?)
             })
             .await?;
-        Ok(row
-            .and_then(|(json, valid_until)| Some((serde_json::from_str(&json).ok()?, valid_until))))
+        Ok(row.and_then(|(json, valid_until)| Some((serde_json::from_str(&json).ok()?, valid_until))))
     }
 }

@@ -18,10 +18,7 @@ pub enum SigningKeyError {
     #[error("key file {0} already exists; refusing to overwrite it")]
     Exists(PathBuf),
     #[error("key file {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("key file {path}: {reason}")]
     Malformed { path: PathBuf, reason: String },
 }
@@ -37,9 +34,7 @@ pub struct SigningKey {
 impl std::fmt::Debug for SigningKey {
     // Never print the seed.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SigningKey")
-            .field("key_id", &self.key_id())
-            .finish_non_exhaustive()
+        f.debug_struct("SigningKey").field("key_id", &self.key_id()).finish_non_exhaustive()
     }
 }
 
@@ -55,17 +50,10 @@ impl SigningKey {
     /// Builds the key from its 32-byte seed; `version` must be `[a-zA-Z0-9_]+`.
     pub fn from_seed(version: &str, seed: [u8; 32]) -> SigningKey {
         let dalek = ed25519_dalek::SigningKey::from_bytes(&seed);
-        let der = dalek
-            .to_pkcs8_der()
-            .expect("an ed25519 key always encodes as PKCS#8");
+        let der = dalek.to_pkcs8_der().expect("an ed25519 key always encodes as PKCS#8");
         let pair = Ed25519KeyPair::from_der(der.as_bytes(), version.to_owned())
             .expect("PKCS#8 from ed25519-dalek is accepted by ruma");
-        SigningKey {
-            version: version.to_owned(),
-            seed,
-            public_key: dalek.verifying_key().to_bytes(),
-            pair,
-        }
+        SigningKey { version: version.to_owned(), seed, public_key: dalek.verifying_key().to_bytes(), pair }
     }
 
     pub fn version(&self) -> &str {
@@ -107,18 +95,11 @@ impl SigningKey {
 
     /// Parses a key file; the first `ed25519` line is our current key.
     pub fn parse(path: &Path, contents: &str) -> Result<SigningKey, SigningKeyError> {
-        let malformed = |reason: &str| SigningKeyError::Malformed {
-            path: path.to_owned(),
-            reason: reason.to_owned(),
-        };
-        let line = contents
-            .lines()
-            .map(str::trim)
-            .find(|l| !l.is_empty())
-            .ok_or_else(|| malformed("the file is empty"))?;
+        let malformed = |reason: &str| SigningKeyError::Malformed { path: path.to_owned(), reason: reason.to_owned() };
+        let line =
+            contents.lines().map(str::trim).find(|l| !l.is_empty()).ok_or_else(|| malformed("the file is empty"))?;
         let mut parts = line.split_whitespace();
-        let (Some(alg), Some(version), Some(seed), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
+        let (Some(alg), Some(version), Some(seed), None) = (parts.next(), parts.next(), parts.next(), parts.next())
         else {
             return Err(malformed("expected `ed25519 <version> <base64 seed>`"));
         };
@@ -135,19 +116,14 @@ impl SigningKey {
     }
 
     pub fn load(path: &Path) -> Result<SigningKey, SigningKeyError> {
-        let contents = std::fs::read_to_string(path).map_err(|source| SigningKeyError::Io {
-            path: path.to_owned(),
-            source,
-        })?;
+        let contents =
+            std::fs::read_to_string(path).map_err(|source| SigningKeyError::Io { path: path.to_owned(), source })?;
         SigningKey::parse(path, &contents)
     }
 
     /// Writes a new key to `path` with mode 0600; refuses to overwrite an existing file.
     pub fn write_new(path: &Path) -> Result<SigningKey, SigningKeyError> {
-        let io = |source| SigningKeyError::Io {
-            path: path.to_owned(),
-            source,
-        };
+        let io = |source| SigningKeyError::Io { path: path.to_owned(), source };
         if path.exists() {
             return Err(SigningKeyError::Exists(path.to_owned()));
         }
@@ -169,8 +145,7 @@ impl SigningKey {
                 io(e)
             }
         })?;
-        file.write_all(key.to_file_contents().as_bytes())
-            .map_err(io)?;
+        file.write_all(key.to_file_contents().as_bytes()).map_err(io)?;
         file.sync_all().map_err(io)?;
         Ok(key)
     }
@@ -195,28 +170,13 @@ impl SigningKey {
         verify_keys.insert(self.key_id(), key_object(self.public_key_base64(), None));
         let mut old_verify_keys = CanonicalJsonObject::new();
         for old in old_keys {
-            old_verify_keys.insert(
-                old.key_id.clone(),
-                key_object(old.public_key.clone(), Some(old.expired_ts as i64)),
-            );
+            old_verify_keys.insert(old.key_id.clone(), key_object(old.public_key.clone(), Some(old.expired_ts as i64)));
         }
         let mut object = CanonicalJsonObject::new();
-        object.insert(
-            "server_name".into(),
-            CanonicalJsonValue::String(server_name.into()),
-        );
-        object.insert(
-            "verify_keys".into(),
-            CanonicalJsonValue::Object(verify_keys),
-        );
-        object.insert(
-            "old_verify_keys".into(),
-            CanonicalJsonValue::Object(old_verify_keys),
-        );
-        object.insert(
-            "valid_until_ts".into(),
-            CanonicalJsonValue::Integer(Int::new_saturating(valid_until_ts)),
-        );
+        object.insert("server_name".into(), CanonicalJsonValue::String(server_name.into()));
+        object.insert("verify_keys".into(), CanonicalJsonValue::Object(verify_keys));
+        object.insert("old_verify_keys".into(), CanonicalJsonValue::Object(old_verify_keys));
+        object.insert("valid_until_ts".into(), CanonicalJsonValue::Integer(Int::new_saturating(valid_until_ts)));
         self.sign_json(server_name, &mut object);
         object
     }
@@ -226,10 +186,7 @@ fn key_object(public_key: String, expired_ts: Option<i64>) -> CanonicalJsonValue
     let mut key = CanonicalJsonObject::new();
     key.insert("key".into(), CanonicalJsonValue::String(public_key));
     if let Some(ts) = expired_ts {
-        key.insert(
-            "expired_ts".into(),
-            CanonicalJsonValue::Integer(Int::new_saturating(ts)),
-        );
+        key.insert("expired_ts".into(), CanonicalJsonValue::Integer(Int::new_saturating(ts)));
     }
     CanonicalJsonValue::Object(key)
 }
@@ -249,13 +206,7 @@ mod tests {
 
     #[test]
     fn malformed_files_are_refused() {
-        for bad in [
-            "",
-            "rsa a_1 AAAA",
-            "ed25519 a-1 AAAA",
-            "ed25519 a_1 AAAA",
-            "ed25519 a_1",
-        ] {
+        for bad in ["", "rsa a_1 AAAA", "ed25519 a-1 AAAA", "ed25519 a_1 AAAA", "ed25519 a_1"] {
             assert!(SigningKey::parse(Path::new("k"), bad).is_err(), "{bad:?}");
         }
     }
@@ -265,10 +216,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/signing.key");
         SigningKey::write_new(&path).unwrap();
-        assert!(matches!(
-            SigningKey::write_new(&path),
-            Err(SigningKeyError::Exists(_))
-        ));
+        assert!(matches!(SigningKey::write_new(&path), Err(SigningKeyError::Exists(_))));
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;

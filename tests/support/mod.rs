@@ -7,7 +7,9 @@
 
 #![allow(dead_code)]
 
+pub mod client;
 pub mod peer;
+pub mod verify;
 
 use std::collections::BTreeMap;
 use std::net::TcpListener;
@@ -64,25 +66,14 @@ impl TestDb {
                 let mut conn = PgConnection::establish(&admin).unwrap_or_else(|e| {
                     panic!("PostgreSQL tests need a server at {admin} (set PEEKGATE_TEST_POSTGRES_URL): {e}")
                 });
-                conn.batch_execute(&format!("CREATE DATABASE {name}"))
-                    .expect("create test database");
+                conn.batch_execute(&format!("CREATE DATABASE {name}")).expect("create test database");
                 let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin);
-                TestDb {
-                    url: format!("{base}/{name}"),
-                    kind,
-                    pg_name: Some(name),
-                    _dir: None,
-                }
+                TestDb { url: format!("{base}/{name}"), kind, pg_name: Some(name), _dir: None }
             }
             DbKind::Sqlite => {
                 let dir = tempfile::tempdir().expect("temp dir");
                 let url = format!("sqlite://{}", dir.path().join("peekgate.sqlite").display());
-                TestDb {
-                    url,
-                    kind,
-                    pg_name: None,
-                    _dir: Some(dir),
-                }
+                TestDb { url, kind, pg_name: None, _dir: Some(dir) }
             }
         }
     }
@@ -150,8 +141,7 @@ impl ServerSpec {
 
     /// Send federation traffic for `server_name` to `base_url` (`federation.destinations`).
     pub fn destination(mut self, server_name: &str, base_url: &str) -> ServerSpec {
-        self.destinations
-            .insert(server_name.to_owned(), base_url.to_owned());
+        self.destinations.insert(server_name.to_owned(), base_url.to_owned());
         self
     }
 
@@ -172,10 +162,7 @@ impl ServerSpec {
     pub async fn start(self) -> TestServer {
         let dir = tempfile::tempdir().expect("temp dir");
         let db = TestDb::new(self.db);
-        let mut config = Config {
-            server_name: self.server_name.clone(),
-            ..Config::default()
-        };
+        let mut config = Config { server_name: self.server_name.clone(), ..Config::default() };
         config.database.url = db.url.clone();
         config.database.pool_size = 4;
         config.signing.key_path = dir.path().join("signing.key");
@@ -195,14 +182,8 @@ impl ServerSpec {
         }
         let settings = config.validate().expect("test config is valid");
         let metrics = TcpListener::bind("127.0.0.1:0").unwrap();
-        let listeners = Listeners {
-            http: self.http.listener,
-            tls: tls_listener,
-            metrics: Some(metrics),
-        };
-        let state = app::build_state(settings, None)
-            .await
-            .expect("server state builds");
+        let listeners = Listeners { http: self.http.listener, tls: tls_listener, metrics: Some(metrics) };
+        let state = app::build_state(settings, None).await.expect("server state builds");
         let running = app::start(state, listeners).expect("server starts");
         TestServer {
             base: format!("http://{}", running.http_addr),
@@ -224,11 +205,7 @@ pub struct TestServer {
 
 impl TestServer {
     pub fn state(&self) -> &peekgate::state::AppState {
-        self.running
-            .as_ref()
-            .expect("server is running")
-            .state
-            .get_ref()
+        self.running.as_ref().expect("server is running").state.get_ref()
     }
 
     pub fn running(&self) -> &RunningServer {
@@ -238,12 +215,7 @@ impl TestServer {
     /// The value of a counter or gauge series in this server's `/metrics` text (0 when absent).
     pub async fn metric(&self, series: &str) -> f64 {
         let addr = self.running().metrics_addr.expect("metrics listener");
-        let text = reqwest::get(format!("http://{addr}/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = reqwest::get(format!("http://{addr}/metrics")).await.unwrap().text().await.unwrap();
         metric_value(&text, series)
     }
 
@@ -271,11 +243,7 @@ pub fn metric_value(text: &str, series: &str) -> f64 {
 fn split_series(series: &str) -> (&str, Vec<&str>) {
     match series.split_once('{') {
         Some((name, rest)) => {
-            let mut labels: Vec<&str> = rest
-                .trim_end_matches('}')
-                .split(',')
-                .filter(|l| !l.is_empty())
-                .collect();
+            let mut labels: Vec<&str> = rest.trim_end_matches('}').split(',').filter(|l| !l.is_empty()).collect();
             labels.sort();
             (name, labels)
         }
@@ -285,9 +253,8 @@ fn split_series(series: &str) -> (&str, Vec<&str>) {
 
 /// A self-signed certificate for 127.0.0.1 and localhost, written to `dir` as PEM files.
 pub fn self_signed_cert(dir: &std::path::Path) -> (PathBuf, PathBuf) {
-    let cert =
-        rcgen::generate_simple_self_signed(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
-            .expect("generate certificate");
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+        .expect("generate certificate");
     let cert_path = dir.join("cert.pem");
     let key_path = dir.join("key.pem");
     std::fs::write(&cert_path, cert.cert.pem()).unwrap();

@@ -88,24 +88,11 @@ impl TestPeer {
         .run();
         let handle = server.handle();
         tokio::spawn(server);
-        TestPeer {
-            name: name.to_owned(),
-            key,
-            key_id,
-            other_key,
-            url,
-            handle,
-        }
+        TestPeer { name: name.to_owned(), key, key_id, other_key, url, handle }
     }
 
     /// The object X-Matrix signs, built independently of peekgate's code.
-    pub fn request_object(
-        &self,
-        method: &str,
-        uri: &str,
-        destination: &str,
-        content: Option<&Value>,
-    ) -> Value {
+    pub fn request_object(&self, method: &str, uri: &str, destination: &str, content: Option<&Value>) -> Value {
         let mut object = json!({
             "method": method,
             "uri": uri,
@@ -119,21 +106,9 @@ impl TestPeer {
     }
 
     /// A correct `Authorization` header for the request.
-    pub fn authorization(
-        &self,
-        method: &str,
-        uri: &str,
-        destination: &str,
-        content: Option<&Value>,
-    ) -> String {
-        let sig = sign_value(
-            &self.key,
-            &self.request_object(method, uri, destination, content),
-        );
-        format!(
-            "X-Matrix origin=\"{}\",destination=\"{destination}\",key=\"{}\",sig=\"{sig}\"",
-            self.name, self.key_id
-        )
+    pub fn authorization(&self, method: &str, uri: &str, destination: &str, content: Option<&Value>) -> String {
+        let sig = sign_value(&self.key, &self.request_object(method, uri, destination, content));
+        format!("X-Matrix origin=\"{}\",destination=\"{destination}\",key=\"{}\",sig=\"{sig}\"", self.name, self.key_id)
     }
 
     pub async fn stop(self) {
@@ -149,27 +124,15 @@ fn key_response(
     mode: KeyMode,
 ) -> Value {
     let now = chrono::Utc::now().timestamp_millis();
-    let valid_until = if mode == KeyMode::Expired {
-        now - 60_000
-    } else {
-        now + 86_400_000
-    };
-    let server_name = if mode == KeyMode::WrongServerName {
-        "someone-else.test"
-    } else {
-        name
-    };
+    let valid_until = if mode == KeyMode::Expired { now - 60_000 } else { now + 86_400_000 };
+    let server_name = if mode == KeyMode::WrongServerName { "someone-else.test" } else { name };
     let mut response = json!({
         "server_name": server_name,
         "verify_keys": { key_id: { "key": b64(key.verifying_key().as_bytes()) } },
         "old_verify_keys": {},
         "valid_until_ts": valid_until,
     });
-    let signer = if mode == KeyMode::BadSelfSignature {
-        other_key
-    } else {
-        key
-    };
+    let signer = if mode == KeyMode::BadSelfSignature { other_key } else { key };
     let sig = sign_value(signer, &response);
     response["signatures"] = match mode {
         KeyMode::EmptySignatures => json!({}),

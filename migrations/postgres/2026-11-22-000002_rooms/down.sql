@@ -1,0 +1,11 @@
+DROP TABLE client_txns;
+DROP TABLE access_tokens;
+DROP TABLE devices;
+DROP TABLE users;
+DROP TABLE room_aliases;
+DROP TABLE forward_extremities;
+DROP TABLE current_state;
+DROP TABLE state_group_entries;
+DROP TABLE state_groups;
+DROP TABLE events;
+DROP TABLE rooms;

@@ -1,0 +1,279 @@
+//! Room routes of the client-server API for local users: createRoom, send, state, join, leave,
+//! messages and the room directory.
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use ruma::{OwnedRoomId, RoomAliasId, RoomId};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::auth::Authed;
+use crate::error::{parse_json, MatrixError};
+use crate::rooms::{CreateRoomRequest, Visibility};
+use crate::state::AppState;
+
+pub fn parse_room_id(raw: &str) -> Result<OwnedRoomId, MatrixError> {
+    RoomId::parse(raw).map_err(|_| MatrixError::invalid_param(format!("Invalid room ID {raw:?}")))
+}
+
+/// A room ID, or an alias of one of our rooms.
+async fn resolve_room(state: &AppState, id_or_alias: &str) -> Result<OwnedRoomId, MatrixError> {
+    if id_or_alias.starts_with('#') {
+        let alias = RoomAliasId::parse(id_or_alias)
+            .map_err(|_| MatrixError::invalid_param(format!("Invalid room alias {id_or_alias:?}")))?;
+        return state
+            .rooms
+            .resolve_alias(alias.as_str())
+            .await?
+            .ok_or_else(|| MatrixError::not_found("Room alias not found"));
+    }
+    parse_room_id(id_or_alias)
+}
+
+/// Readers must be joined, or the room must be world-readable now.
+async fn require_reader(
+    state: &AppState,
+    room_id: &RoomId,
+    session: &crate::accounts::Session,
+) -> Result<bool, MatrixError> {
+    if state.rooms.room(room_id).await?.is_none() {
+        return Err(MatrixError::not_found("Room not found"));
+    }
+    if state.rooms.membership(room_id, &session.user_id).await?.as_deref() == Some("join") {
+        return Ok(true);
+    }
+    let visibility = state
+        .rooms
+        .state_event(room_id, "m.room.history_visibility", "")
+        .await?
+        .map(|e| Visibility::parse(e.content_value()["history_visibility"].as_str()));
+    if visibility == Some(Visibility::WorldReadable) {
+        return Ok(false);
+    }
+    Err(MatrixError::forbidden("You are not in this room and it is not world-readable"))
+}
+
+pub async fn create_room(
+    state: web::Data<AppState>,
+    Authed(session): Authed,
+    body: web::Bytes,
+) -> Result<HttpResponse, MatrixError> {
+    let request: CreateRoomRequest = parse_json(&body)?;
+    let alias = request.room_alias_name.as_ref().map(|name| format!("#{name}:{}", state.settings.server_name));
+    let room_id = state.rooms.create_room(&session.user_id, request).await?;
+    let mut answer = json!({ "room_id": room_id });
+    if let Some(alias) = alias {
+        answer["room_alias"] = Value::from(alias);
+    }
+    Ok(HttpResponse::Ok().json(answer))
+}
+
+pub async fn send_event(
+    state: web::Data<AppState>,
+    Authed(session): Authed,
+    path: web::Path<(String, String, String)>,
+    body: web::Bytes,
+) -> Result<HttpResponse, MatrixError> {
+    let (room, kind, txn_id) = path.into_inner();
+    let room_id = parse_room_id(&room)?;
+    let content: Value = parse_json(&body)?;
+    let appended = state
+        .rooms
+        .send_once(&room_id, &session.user_id, &kind, None, content, Some((session.device_id.clone(), txn_id)))
+        .await?;
+    Ok(HttpResponse::Ok().json(json!({ "event_id": appended.event_id })))
+}
+
+pub async fn put_state(
+    state: web::Data<AppState>,
+    Authed(session): Authed,
+    path: web::Path<(String, String, String)>,
+    body: web::Bytes,
+) -> Result<HttpResponse, MatrixError> {
+    let (room, kind, state_key) = path.into_inner();
+    put_state_event(&state, &session, &room, &kind, &state_key, &body).await
+}
+
+pub async fn put_state_empty_key(
+    state: web::Data<AppState>,
+    Authed(session): Authed,
+    path: web::Path<(String, String)>,
+    body: web::Bytes,
+) -> Result<HttpResponse, MatrixError> {
+    let (room, kind) = path.into_inner();
+    put_state_event(&state, &session, &room, &kind, "", &body).await
+}
+
+async fn put_state_event(
+    state: &AppState,
+    session: &crate::accounts::Session,
+    room: &str,
+    kind: &str,
+    state_key: &str,
+    body: &[u8],
+) -> Result<HttpResponse, MatrixError> {
+    let room_id = parse_room_id(room)?;
+    let content: Value = parse_json(body)?;
+    let appended = state.rooms.send(&room_id, &session.user_id, kind, Some(state_key), content).await?;
+    Ok(HttpResponse::Ok().json(json!({ "event_id": appended.event_id })))
+}
+
+pub async fn get_state(
+    state: web::Data<AppState>,
+    Authed(session): Authed,
+    path: web::Path<(String, String, String)>,
+) -> Result<HttpResponse, MatrixError> {
+    let (room, kind, state_key) = path.into_inner();
+    get_state_event(&state, &session, &room, &kind, &state_key).await
+}
+
+pub async fn get_state_empty_key(
+    state: web::Data<AppState>,
+    Authed(session): Authed,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse, MatrixError> {
+    let (room, kind) = path.into_inner();
+    get_state_event(&state, &session, &room, &kind, "").await
+}
+
+async fn get_state_event(
+    state: &AppState,
+    session: &crate::accounts::Session,
+    room: &str,
+    kind: &str,
+    state_key: &str,
+) -> Result<HttpResponse, MatrixError> {
+    let room_id = parse_room_id(room)?;
+    require_reader(state, &room_id, session).await?;
+    match state.rooms.state_event(&room_id, kind, state_key).await? {
+        Some(event) => Ok(HttpResponse::Ok().json(event.content_value())),
+        None => Err(MatrixError::not_found("State event not found")),
+    }
+}
+
+pub async fn get_full_state(
+    state: web::Data<AppState>,
+    Authed(session): Authed,
+    path: web::Path<String>,
+) -> Result<HttpResponse, MatrixError> {
+    let room_id = parse_room_id(&path)?;
+    require_reader(&state, &room_id, &session).await?;
+    let events: Vec<Value> = state.rooms.current_state(&room_id).await?.iter().map(|e| e.client_json()).collect();
+    Ok(HttpResponse::Ok().json(events))
+}
+
+pub async fn join_by_id_or_alias(
+    state: web::Data<AppState>,
+    Authed(session): Authed,
+    path: web::Path<String>,
+) -> Result<HttpResponse, MatrixError> {
+    let room_id = resolve_room(&state, &path).await?;
+    join(&state, &session, &room_id).await
+}
+
+pub async fn join_by_id(
+    state: web::Data<AppState>,
+    Authed(session): Authed,
+    path: web::Path<String>,
+) -> Result<HttpResponse, MatrixError> {
+    let room_id = parse_room_id(&path)?;
+    join(&state, &session, &room_id).await
+}
+
+/// Joins one of our own rooms. Rooms hosted elsewhere need federated joins, which peekgate does
+/// not do yet: those get a clear error and change nothing.
+async fn join(
+    state: &AppState,
+    session: &crate::accounts::Session,
+    room_id: &RoomId,
+) -> Result<HttpResponse, MatrixError> {
+    match state.rooms.room(room_id).await? {
+        Some(room) if room.is_local => {}
+        Some(_) => {
+            return Err(MatrixError::new(
+                actix_web::http::StatusCode::BAD_REQUEST,
+                "M_UNRECOGNIZED",
+                "Joining rooms hosted on other servers is not supported yet",
+            ))
+        }
+        None => return Err(MatrixError::not_found("Room not found on this server")),
+    }
+    let member = session.user_id.as_str();
+    state.rooms.send(room_id, &session.user_id, "m.room.member", Some(member), json!({ "membership": "join" })).await?;
+    Ok(HttpResponse::Ok().json(json!({ "room_id": room_id })))
+}
+
+pub async fn leave(
+    state: web::Data<AppState>,
+    Authed(session): Authed,
+    path: web::Path<String>,
+) -> Result<HttpResponse, MatrixError> {
+    let room_id = parse_room_id(&path)?;
+    let member = session.user_id.as_str();
+    state
+        .rooms
+        .send(&room_id, &session.user_id, "m.room.member", Some(member), json!({ "membership": "leave" }))
+        .await?;
+    Ok(HttpResponse::Ok().json(json!({})))
+}
+
+#[derive(Deserialize)]
+pub struct MessagesQuery {
+    from: Option<String>,
+    dir: Option<String>,
+    limit: Option<i64>,
+}
+
+/// Stream tokens are `s<stream position>`.
+fn parse_token(token: &str) -> Result<i64, MatrixError> {
+    token
+        .strip_prefix('s')
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| MatrixError::invalid_param(format!("Invalid pagination token {token:?}")))
+}
+
+pub async fn messages(
+    state: web::Data<AppState>,
+    Authed(session): Authed,
+    path: web::Path<String>,
+    query: web::Query<MessagesQuery>,
+) -> Result<HttpResponse, MatrixError> {
+    let room_id = parse_room_id(&path)?;
+    let member = require_reader(&state, &room_id, &session).await?;
+    let forwards = match query.dir.as_deref() {
+        Some("f") => true,
+        Some("b") | None => false,
+        Some(other) => return Err(MatrixError::invalid_param(format!("dir must be b or f, not {other:?}"))),
+    };
+    let limit = query.limit.unwrap_or(10).clamp(1, 1000);
+    let from = match &query.from {
+        Some(token) => parse_token(token)?,
+        None if forwards => 0,
+        None => state.rooms.latest_stream_pos(&room_id).await? + 1,
+    };
+    let events = state.rooms.events_in_range(&room_id, from, forwards, limit).await?;
+    let end = events.last().map(|e| e.stream_pos);
+    let mut chunk = Vec::with_capacity(events.len());
+    for event in &events {
+        // Non-members of a world-readable room see only world-readable history.
+        if member || state.rooms.visibility_of(event).await? == Visibility::WorldReadable {
+            chunk.push(event.pdu.client_json());
+        }
+    }
+    let mut answer = json!({ "chunk": chunk, "start": format!("s{from}") });
+    if let Some(end) = end {
+        answer["end"] = Value::from(format!("s{end}"));
+    }
+    Ok(HttpResponse::Ok().json(answer))
+}
+
+pub async fn directory_lookup(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, MatrixError> {
+    let alias = req.match_info().get("alias").unwrap_or_default();
+    let alias = RoomAliasId::parse(alias).map_err(|_| MatrixError::invalid_param("Invalid room alias"))?;
+    match state.rooms.resolve_alias(alias.as_str()).await? {
+        Some(room_id) => Ok(HttpResponse::Ok().json(json!({
+            "room_id": room_id,
+            "servers": [state.settings.server_name.as_str()],
+        }))),
+        None => Err(MatrixError::not_found("Room alias not found")),
+    }
+}

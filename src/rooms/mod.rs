@@ -1,0 +1,292 @@
+//! Rooms: the one append path for events, state at any event, auth chains, aliases and the
+//! history visibility that applies to an event. Async methods here wrap the synchronous
+//! storage functions of [`store`] in `Db::run`.
+
+mod create;
+pub mod store;
+pub mod visibility;
+
+use std::sync::Arc;
+
+use rand::distr::{Alphanumeric, SampleString};
+use ruma::{OwnedRoomId, OwnedServerName, OwnedUserId, RoomId, ServerName, UserId};
+use serde_json::Value;
+use tokio::sync::watch;
+
+pub use create::{CreateRoomRequest, InitialStateEvent};
+pub use store::{Appended, StateMap, StoredEvent};
+pub use visibility::Visibility;
+
+use crate::db::schema::room_aliases;
+use crate::db::{Db, DbConnection, DbError};
+use crate::events::{EventDraft, Pdu};
+use crate::keys::{now_ms, SigningKey};
+use diesel::prelude::*;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RoomError {
+    #[error("room not found")]
+    NotFound,
+    #[error("event not found")]
+    EventNotFound,
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    #[error("bad event: {0}")]
+    BadEvent(String),
+    #[error("alias already in use")]
+    AliasInUse,
+    #[error("invalid parameter: {0}")]
+    InvalidParam(String),
+    #[error("unsupported room version {0}")]
+    UnsupportedVersion(String),
+    #[error("internal: {0}")]
+    Internal(String),
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+impl From<diesel::result::Error> for RoomError {
+    fn from(e: diesel::result::Error) -> Self {
+        RoomError::Db(DbError::Query(e))
+    }
+}
+
+/// The room service shared by the client and federation APIs.
+pub struct Rooms {
+    db: Db,
+    key: Arc<SigningKey>,
+    server_name: OwnedServerName,
+    /// The newest stream position; the sender and `/sync` wait on changes.
+    stream: watch::Sender<i64>,
+}
+
+impl Rooms {
+    pub fn new(db: Db, key: Arc<SigningKey>, server_name: OwnedServerName) -> Rooms {
+        Rooms { db, key, server_name, stream: watch::Sender::new(0) }
+    }
+
+    pub fn server_name(&self) -> &ServerName {
+        &self.server_name
+    }
+
+    /// Subscribe to "new events were appended" (the value is the newest stream position).
+    pub fn subscribe(&self) -> watch::Receiver<i64> {
+        self.stream.subscribe()
+    }
+
+    fn appended(&self, stream_pos: i64) {
+        self.stream.send_if_modified(|current| {
+            if stream_pos > *current {
+                *current = stream_pos;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// Creates a room of ours with the events of `request`, all or nothing.
+    pub async fn create_room(&self, creator: &UserId, request: CreateRoomRequest) -> Result<OwnedRoomId, RoomError> {
+        let room_id =
+            RoomId::parse(format!("!{}:{}", Alphanumeric.sample_string(&mut rand::rng(), 18), self.server_name))
+                .map_err(|e| RoomError::Internal(e.to_string()))?;
+        let plan = create::plan(&self.server_name, creator, &room_id, request)?;
+        let key = self.key.clone();
+        let server_name = self.server_name.to_string();
+        let creator = creator.to_owned();
+        let rid = room_id.clone();
+        let last = self
+            .db
+            .run(move |conn| {
+                conn.transaction::<_, RoomError, _>(|conn| {
+                    create::execute(conn, &key, &server_name, &rid, &creator, plan)
+                })
+            })
+            .await?;
+        self.appended(last);
+        Ok(room_id)
+    }
+
+    /// Appends one event from a local user (the single append path for local events).
+    pub async fn send(
+        &self,
+        room_id: &RoomId,
+        sender: &UserId,
+        kind: &str,
+        state_key: Option<&str>,
+        content: Value,
+    ) -> Result<Appended, RoomError> {
+        self.send_once(room_id, sender, kind, state_key, content, None).await
+    }
+
+    /// Like [`Rooms::send`], but a repeated client transaction `(device_id, txn_id)` returns the
+    /// event it created the first time instead of appending again (checked under the append lock).
+    pub async fn send_once(
+        &self,
+        room_id: &RoomId,
+        sender: &UserId,
+        kind: &str,
+        state_key: Option<&str>,
+        content: Value,
+        txn: Option<(String, String)>,
+    ) -> Result<Appended, RoomError> {
+        let key = self.key.clone();
+        let server_name = self.server_name.to_string();
+        let draft = EventDraft {
+            room_id: room_id.to_owned(),
+            sender: sender.to_owned(),
+            kind: kind.to_owned(),
+            state_key: state_key.map(str::to_owned),
+            content,
+            prev_events: Vec::new(),
+            auth_events: Vec::new(),
+            depth: 0,
+            origin_server_ts: now_ms(),
+        };
+        let room = room_id.to_string();
+        let appended = self
+            .db
+            .run(move |conn| {
+                conn.transaction::<_, RoomError, _>(|conn| {
+                    let row = store::lock_for_append(conn, &room)?;
+                    if let Some((device_id, txn_id)) = &txn {
+                        if let Some(done) = store::client_txn(conn, draft.sender.as_str(), device_id, txn_id)? {
+                            return Ok(done);
+                        }
+                    }
+                    let sender = draft.sender.to_string();
+                    let appended = store::append_local(conn, &key, &server_name, &row, draft)?;
+                    if let Some((device_id, txn_id)) = &txn {
+                        store::record_client_txn(conn, &sender, device_id, txn_id, appended.event_id.as_str())?;
+                    }
+                    Ok(appended)
+                })
+            })
+            .await?;
+        self.appended(appended.stream_pos);
+        Ok(appended)
+    }
+
+    pub async fn room(&self, room_id: &RoomId) -> Result<Option<store::RoomRow>, RoomError> {
+        let room = room_id.to_string();
+        self.read(move |conn| store::room(conn, &room)).await
+    }
+
+    /// The current state event for `(kind, state_key)`.
+    pub async fn state_event(&self, room_id: &RoomId, kind: &str, state_key: &str) -> Result<Option<Pdu>, RoomError> {
+        let (room, kind, state_key) = (room_id.to_string(), kind.to_owned(), state_key.to_owned());
+        self.read(move |conn| match store::current_state_id(conn, &room, &kind, &state_key)? {
+            Some(id) => Ok(store::event_by_id(conn, &id)?.map(|e| e.pdu)),
+            None => Ok(None),
+        })
+        .await
+    }
+
+    /// Every current state event of the room.
+    pub async fn current_state(&self, room_id: &RoomId) -> Result<Vec<Pdu>, RoomError> {
+        let room = room_id.to_string();
+        self.read(move |conn| {
+            let ids: Vec<String> = store::current_state_map(conn, &room)?.into_values().collect();
+            Ok(store::events_by_ids(conn, &ids)?.into_iter().map(|e| e.pdu).collect())
+        })
+        .await
+    }
+
+    pub async fn event(&self, event_id: &str) -> Result<Option<StoredEvent>, RoomError> {
+        let id = event_id.to_owned();
+        self.read(move |conn| store::event_by_id(conn, &id)).await
+    }
+
+    /// The state after `event_id` (which must be in `room_id`), as full events.
+    pub async fn state_after(&self, room_id: &RoomId, event_id: &str) -> Result<Vec<Pdu>, RoomError> {
+        let (room, id) = (room_id.to_string(), event_id.to_owned());
+        self.read(move |conn| {
+            let stored = store::event_by_id(conn, &id)?.ok_or(RoomError::EventNotFound)?;
+            if stored.pdu.room_id.as_str() != room {
+                return Err(RoomError::EventNotFound);
+            }
+            let ids: Vec<String> = store::state_map_at_group(conn, stored.state_group)?.into_values().collect();
+            Ok(store::events_by_ids(conn, &ids)?.into_iter().map(|e| e.pdu).collect())
+        })
+        .await
+    }
+
+    /// Every event of a state group (see [`StoredEvent::state_group_before`]).
+    pub async fn state_of_group(&self, group: i64) -> Result<Vec<Pdu>, RoomError> {
+        self.read(move |conn| {
+            let ids: Vec<String> = store::state_map_at_group(conn, group)?.into_values().collect();
+            Ok(store::events_by_ids(conn, &ids)?.into_iter().map(|e| e.pdu).collect())
+        })
+        .await
+    }
+
+    /// The full auth chain of the given events, sorted by depth.
+    pub async fn auth_chain(&self, event_ids: Vec<String>) -> Result<Vec<Pdu>, RoomError> {
+        self.read(move |conn| store::auth_chain(conn, &event_ids)).await
+    }
+
+    /// Events by stream position (see [`store::events_in_range`]).
+    pub async fn events_in_range(
+        &self,
+        room_id: &RoomId,
+        from: i64,
+        forwards: bool,
+        limit: i64,
+    ) -> Result<Vec<StoredEvent>, RoomError> {
+        let room = room_id.to_string();
+        self.read(move |conn| store::events_in_range(conn, &room, from, forwards, limit)).await
+    }
+
+    pub async fn latest_stream_pos(&self, room_id: &RoomId) -> Result<i64, RoomError> {
+        let room = room_id.to_string();
+        self.read(move |conn| store::latest_stream_pos(conn, &room)).await
+    }
+
+    /// The membership of `user_id` in the current state (`None` when never a member).
+    pub async fn membership(&self, room_id: &RoomId, user_id: &UserId) -> Result<Option<String>, RoomError> {
+        let event = self.state_event(room_id, "m.room.member", user_id.as_str()).await?;
+        Ok(event.and_then(|pdu| pdu.content_value()["membership"].as_str().map(str::to_owned)))
+    }
+
+    /// The history visibility that applies to a stored event (WR-2).
+    pub async fn visibility_of(&self, event: &StoredEvent) -> Result<Visibility, RoomError> {
+        let event = event.clone();
+        self.read(move |conn| visibility::of_event(conn, &event)).await
+    }
+
+    /// Does `server` have a joined member in the current state (then membership rules apply)?
+    pub async fn server_is_joined(&self, room_id: &RoomId, server: &ServerName) -> Result<bool, RoomError> {
+        let (room, server) = (room_id.to_string(), server.to_string());
+        self.read(move |conn| {
+            let members = store::current_member_ids_of_server(conn, &room, &server)?;
+            Ok(store::events_by_ids(conn, &members)?.iter().any(|e| e.pdu.content_value()["membership"] == "join"))
+        })
+        .await
+    }
+
+    pub async fn resolve_alias(&self, alias: &str) -> Result<Option<OwnedRoomId>, RoomError> {
+        let alias = alias.to_owned();
+        self.read(move |conn| {
+            let room: Option<String> = room_aliases::table
+                .filter(room_aliases::alias.eq(&alias))
+                .select(room_aliases::room_id)
+                .first(conn)
+                .optional()?;
+            room.map(|r| RoomId::parse(r).map_err(|e| RoomError::Internal(e.to_string()))).transpose()
+        })
+        .await
+    }
+
+    async fn read<T, F>(&self, work: F) -> Result<T, RoomError>
+    where
+        F: FnOnce(&mut DbConnection) -> Result<T, RoomError> + Send + 'static,
+        T: Send + 'static,
+    {
+        self.db.run(work).await
+    }
+}
+
+/// A user ID of ours with this localpart.
+pub fn local_user(localpart: &str, server_name: &ServerName) -> Result<OwnedUserId, RoomError> {
+    UserId::parse(format!("@{localpart}:{server_name}")).map_err(|e| RoomError::InvalidParam(e.to_string()))
+}

@@ -1,0 +1,502 @@
+//! The synchronous storage side of rooms (runs inside `Db::run`): the single append path,
+//! state groups (state at any event), current state, forward extremities and event lookups.
+
+use std::collections::{BTreeMap, HashMap};
+
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Text};
+use ruma::events::StateEventType;
+use ruma::{EventId, OwnedEventId};
+
+use super::RoomError;
+use crate::db::schema::{
+    client_txns, current_state, events, forward_extremities, rooms, state_group_entries, state_groups,
+};
+use crate::db::DbConnection;
+use crate::events as pdus;
+use crate::events::{EventDraft, Pdu, RoomVersion};
+use crate::keys::SigningKey;
+use crate::on_backend;
+
+/// A full state map: `(type, state_key)` → event ID.
+pub type StateMap = BTreeMap<(String, String), String>;
+
+/// A full snapshot is stored after this many deltas, bounding the walk to compute a state.
+const SNAPSHOT_EVERY: i32 = 50;
+
+/// Any `prev_events` list is capped by the spec at 20.
+const MAX_PREV_EVENTS: i64 = 20;
+
+/// Arbitrary constant naming the append lock in PostgreSQL's advisory-lock space.
+const APPEND_LOCK_KEY: i64 = 0x7065_656b; // "peek"
+
+/// What the append path needs to know about a room.
+#[derive(Debug, Clone)]
+pub struct RoomRow {
+    pub room_id: String,
+    pub version: RoomVersion,
+    pub is_local: bool,
+    pub current_state_group: Option<i64>,
+    pub max_depth: i64,
+}
+
+/// An event as stored, with its position in the stream.
+#[derive(Debug, Clone)]
+pub struct StoredEvent {
+    pub stream_pos: i64,
+    pub pdu: Pdu,
+    pub state_group_before: Option<i64>,
+    pub state_group: i64,
+}
+
+/// The result of appending one event.
+#[derive(Debug, Clone)]
+pub struct Appended {
+    pub event_id: OwnedEventId,
+    pub stream_pos: i64,
+}
+
+/// Takes the append lock. On PostgreSQL a transaction-scoped advisory lock makes appends (and
+/// so stream positions) commit in order; on SQLite the first write makes the transaction hold
+/// the database's write lock. Then the room row is locked by a no-op update.
+pub fn lock_for_append(conn: &mut DbConnection, room_id: &str) -> Result<RoomRow, RoomError> {
+    if matches!(conn, DbConnection::Postgresql(_)) {
+        diesel::sql_query(format!("SELECT pg_advisory_xact_lock({APPEND_LOCK_KEY})")).execute(conn)?;
+    }
+    let updated = diesel::update(rooms::table.filter(rooms::room_id.eq(room_id)))
+        .set(rooms::max_depth.eq(rooms::max_depth))
+        .execute(conn)?;
+    if updated == 0 {
+        return Err(RoomError::NotFound);
+    }
+    room(conn, room_id)?.ok_or(RoomError::NotFound)
+}
+
+pub fn room(conn: &mut DbConnection, room_id: &str) -> Result<Option<RoomRow>, RoomError> {
+    let row: Option<(String, String, bool, Option<i64>, i64)> = rooms::table
+        .filter(rooms::room_id.eq(room_id))
+        .select((rooms::room_id, rooms::room_version, rooms::is_local, rooms::current_state_group, rooms::max_depth))
+        .first(conn)
+        .optional()?;
+    row.map(|(room_id, version, is_local, current_state_group, max_depth)| {
+        let version = RoomVersion::parse(&version)
+            .ok_or_else(|| RoomError::Internal(format!("room {room_id} has unsupported version {version}")))?;
+        Ok(RoomRow { room_id, version, is_local, current_state_group, max_depth })
+    })
+    .transpose()
+}
+
+pub fn insert_room(
+    conn: &mut DbConnection,
+    room_id: &str,
+    version: RoomVersion,
+    is_local: bool,
+    now: i64,
+) -> Result<(), RoomError> {
+    diesel::insert_into(rooms::table)
+        .values((
+            rooms::room_id.eq(room_id),
+            rooms::room_version.eq(version.as_str()),
+            rooms::is_local.eq(is_local),
+            rooms::created_ts.eq(now),
+            rooms::max_depth.eq(0i64),
+        ))
+        .execute(conn)?;
+    Ok(())
+}
+
+/// The current state event ID for one key.
+pub fn current_state_id(
+    conn: &mut DbConnection,
+    room_id: &str,
+    kind: &str,
+    state_key: &str,
+) -> Result<Option<String>, RoomError> {
+    Ok(current_state::table
+        .filter(current_state::room_id.eq(room_id))
+        .filter(current_state::event_type.eq(kind))
+        .filter(current_state::state_key.eq(state_key))
+        .select(current_state::event_id)
+        .first(conn)
+        .optional()?)
+}
+
+pub fn current_state_map(conn: &mut DbConnection, room_id: &str) -> Result<StateMap, RoomError> {
+    let rows: Vec<(String, String, String)> = current_state::table
+        .filter(current_state::room_id.eq(room_id))
+        .select((current_state::event_type, current_state::state_key, current_state::event_id))
+        .load(conn)?;
+    Ok(rows.into_iter().map(|(t, k, id)| ((t, k), id)).collect())
+}
+
+/// Builds, authorises and stores one of our own events at the end of the room.
+pub fn append_local(
+    conn: &mut DbConnection,
+    key: &SigningKey,
+    server_name: &str,
+    room: &RoomRow,
+    mut draft: EventDraft,
+) -> Result<Appended, RoomError> {
+    let auth_types =
+        pdus::auth_types(room.version, &draft.kind, &draft.sender, draft.state_key.as_deref(), &draft.content)
+            .map_err(|e| RoomError::BadEvent(e.to_string()))?;
+    let mut needed: HashMap<(String, String), String> = HashMap::new();
+    for (kind, state_key) in auth_types {
+        if let Some(id) = current_state_id(conn, &room.room_id, &kind.to_string(), &state_key)? {
+            needed.insert((kind.to_string(), state_key), id);
+        }
+    }
+    draft.auth_events = needed.values().map(|id| EventId::parse(id).expect("stored IDs are valid")).collect();
+    draft.auth_events.sort();
+    let prev: Vec<String> = forward_extremities::table
+        .filter(forward_extremities::room_id.eq(&room.room_id))
+        .select(forward_extremities::event_id)
+        .limit(MAX_PREV_EVENTS)
+        .load(conn)?;
+    draft.prev_events = prev.iter().map(|id| EventId::parse(id).expect("stored IDs are valid")).collect();
+    draft.depth = room.max_depth + 1;
+    let pdu = pdus::build(key, server_name, room.version, draft).map_err(|e| RoomError::BadEvent(e.to_string()))?;
+    authorise(conn, room, &pdu, &needed)?;
+    store_event(conn, room, &pdu)
+}
+
+/// The auth rules, against the event's own auth events and the current state.
+fn authorise(
+    conn: &mut DbConnection,
+    room: &RoomRow,
+    pdu: &Pdu,
+    state: &HashMap<(String, String), String>,
+) -> Result<(), RoomError> {
+    let mut loaded: HashMap<String, Pdu> = HashMap::new();
+    for id in pdu.auth_events.iter().map(|id| id.to_string()).chain(state.values().cloned()) {
+        if let std::collections::hash_map::Entry::Vacant(slot) = loaded.entry(id) {
+            if let Some(stored) = event_by_id(conn, slot.key())? {
+                slot.insert(stored.pdu);
+            }
+        }
+    }
+    let fetch_event = |id: &EventId| loaded.get(id.as_str()).cloned();
+    let fetch_state = |kind: &StateEventType, state_key: &str| {
+        state.get(&(kind.to_string(), state_key.to_owned())).and_then(|id| loaded.get(id)).cloned()
+    };
+    pdus::check_auth(room.version, pdu, fetch_event, fetch_state).map_err(|e| RoomError::Forbidden(e.to_string()))
+}
+
+/// Stores an authorised event: a new state group when it is a state event, the events row,
+/// current state, forward extremities and the room's depth.
+pub fn store_event(conn: &mut DbConnection, room: &RoomRow, pdu: &Pdu) -> Result<Appended, RoomError> {
+    let before = room.current_state_group;
+    let after = match (&pdu.state_key, before) {
+        (Some(state_key), _) => {
+            new_state_group(conn, &room.room_id, before, &pdu.event_type(), state_key, pdu.event_id.as_str())?
+        }
+        (None, Some(group)) => group,
+        (None, None) => return Err(RoomError::BadEvent("the first event of a room must be its create event".into())),
+    };
+    let json = serde_json::to_string(&pdu.json).expect("canonical JSON serialises");
+    let stream_pos: i64 = diesel::insert_into(events::table)
+        .values((
+            events::event_id.eq(pdu.event_id.as_str()),
+            events::room_id.eq(&room.room_id),
+            events::event_type.eq(pdu.event_type()),
+            events::state_key.eq(pdu.state_key.clone()),
+            events::sender.eq(pdu.sender.as_str()),
+            events::depth.eq(pdu.depth),
+            events::origin_server_ts.eq(i64::from(pdu.origin_server_ts.0)),
+            events::json.eq(json),
+            events::state_group_before.eq(before),
+            events::state_group.eq(after),
+        ))
+        .returning(events::stream_pos)
+        .get_result(conn)?;
+    if let Some(state_key) = &pdu.state_key {
+        let row = (
+            current_state::room_id.eq(room.room_id.clone()),
+            current_state::event_type.eq(pdu.event_type()),
+            current_state::state_key.eq(state_key.clone()),
+            current_state::event_id.eq(pdu.event_id.to_string()),
+        );
+        on_backend!(&mut *conn, |c| diesel::insert_into(current_state::table)
+            .values(row.clone())
+            .on_conflict((current_state::room_id, current_state::event_type, current_state::state_key))
+            .do_update()
+            .set(row.3.clone())
+            .execute(c))?;
+    }
+    let prevs: Vec<String> = pdu.prev_events.iter().map(|id| id.to_string()).collect();
+    diesel::delete(
+        forward_extremities::table
+            .filter(forward_extremities::room_id.eq(&room.room_id))
+            .filter(forward_extremities::event_id.eq_any(prevs)),
+    )
+    .execute(conn)?;
+    diesel::insert_into(forward_extremities::table)
+        .values((
+            forward_extremities::room_id.eq(&room.room_id),
+            forward_extremities::event_id.eq(pdu.event_id.as_str()),
+        ))
+        .execute(conn)?;
+    diesel::update(rooms::table.filter(rooms::room_id.eq(&room.room_id)))
+        .set((rooms::current_state_group.eq(after), rooms::max_depth.eq(room.max_depth.max(pdu.depth))))
+        .execute(conn)?;
+    Ok(Appended { event_id: pdu.event_id.clone(), stream_pos })
+}
+
+/// A new group: one delta on top of `prev`, or a full snapshot every [`SNAPSHOT_EVERY`] steps.
+fn new_state_group(
+    conn: &mut DbConnection,
+    room_id: &str,
+    prev: Option<i64>,
+    kind: &str,
+    state_key: &str,
+    event_id: &str,
+) -> Result<i64, RoomError> {
+    let prev_depth: Option<i32> = match prev {
+        Some(group) => Some(state_groups::table.find(group).select(state_groups::delta_depth).first(conn)?),
+        None => None,
+    };
+    let snapshot = prev_depth.is_some_and(|d| d + 1 >= SNAPSHOT_EVERY);
+    let (prev_group, delta_depth) = match (prev, prev_depth) {
+        (Some(group), Some(depth)) if !snapshot => (Some(group), depth + 1),
+        _ => (None, 0),
+    };
+    let id: i64 = diesel::insert_into(state_groups::table)
+        .values((
+            state_groups::room_id.eq(room_id),
+            state_groups::prev_group.eq(prev_group),
+            state_groups::delta_depth.eq(delta_depth),
+        ))
+        .returning(state_groups::id)
+        .get_result(conn)?;
+    let mut entries = if snapshot {
+        state_map_at_group(conn, prev.expect("snapshot has a previous group"))?
+    } else {
+        StateMap::new()
+    };
+    entries.insert((kind.to_owned(), state_key.to_owned()), event_id.to_owned());
+    for ((t, k), e) in entries {
+        diesel::insert_into(state_group_entries::table)
+            .values((
+                state_group_entries::group_id.eq(id),
+                state_group_entries::event_type.eq(t),
+                state_group_entries::state_key.eq(k),
+                state_group_entries::event_id.eq(e),
+            ))
+            .execute(conn)?;
+    }
+    Ok(id)
+}
+
+#[derive(QueryableByName)]
+struct GroupEntry {
+    #[diesel(sql_type = Text)]
+    event_type: String,
+    #[diesel(sql_type = Text)]
+    state_key: String,
+    #[diesel(sql_type = Text)]
+    event_id: String,
+    #[diesel(sql_type = BigInt)]
+    level: i64,
+}
+
+/// The full state of a group: one recursive query over the delta chain; nearer deltas win.
+pub fn state_map_at_group(conn: &mut DbConnection, group: i64) -> Result<StateMap, RoomError> {
+    // `group` is an i64 from our own tables, so formatting it into the SQL is safe; it avoids the
+    // backends' different bind placeholder syntax.
+    let query = format!(
+        "WITH RECURSIVE chain(id, prev, level) AS ( \
+             SELECT id, prev_group, CAST(0 AS BIGINT) FROM state_groups WHERE id = {group} \
+             UNION ALL \
+             SELECT g.id, g.prev_group, c.level + 1 FROM state_groups g JOIN chain c ON g.id = c.prev \
+         ) \
+         SELECT e.event_type, e.state_key, e.event_id, c.level AS level \
+         FROM chain c JOIN state_group_entries e ON e.group_id = c.id"
+    );
+    let rows: Vec<GroupEntry> = diesel::sql_query(query).load(conn)?;
+    let mut best: BTreeMap<(String, String), (i64, String)> = BTreeMap::new();
+    for row in rows {
+        let key = (row.event_type, row.state_key);
+        match best.get(&key) {
+            Some((level, _)) if *level <= row.level => {}
+            _ => {
+                best.insert(key, (row.level, row.event_id));
+            }
+        }
+    }
+    Ok(best.into_iter().map(|(k, (_, id))| (k, id)).collect())
+}
+
+type EventRow = (i64, String, Option<i64>, i64, String);
+
+fn to_stored(conn_version: RoomVersion, row: EventRow) -> Result<StoredEvent, RoomError> {
+    let (stream_pos, json, state_group_before, state_group, _) = row;
+    let json: ruma::CanonicalJsonObject =
+        serde_json::from_str(&json).map_err(|e| RoomError::Internal(format!("stored event JSON: {e}")))?;
+    let pdu =
+        Pdu::from_federation(json, conn_version).map_err(|e| RoomError::Internal(format!("stored event: {e}")))?;
+    Ok(StoredEvent { stream_pos, pdu, state_group_before, state_group })
+}
+
+fn version_of(conn: &mut DbConnection, room_id: &str) -> Result<RoomVersion, RoomError> {
+    room(conn, room_id)?.map(|r| r.version).ok_or(RoomError::NotFound)
+}
+
+pub fn event_by_id(conn: &mut DbConnection, event_id: &str) -> Result<Option<StoredEvent>, RoomError> {
+    let row: Option<EventRow> = events::table
+        .filter(events::event_id.eq(event_id))
+        .select((events::stream_pos, events::json, events::state_group_before, events::state_group, events::room_id))
+        .first(conn)
+        .optional()?;
+    match row {
+        Some(row) => {
+            let version = version_of(conn, &row.4)?;
+            Ok(Some(to_stored(version, row)?))
+        }
+        None => Ok(None),
+    }
+}
+
+/// Events of a room by stream position: after `from` going forwards, or before it going back.
+pub fn events_in_range(
+    conn: &mut DbConnection,
+    room_id: &str,
+    from: i64,
+    forwards: bool,
+    limit: i64,
+) -> Result<Vec<StoredEvent>, RoomError> {
+    let version = version_of(conn, room_id)?;
+    let select = (events::stream_pos, events::json, events::state_group_before, events::state_group, events::room_id);
+    let base = events::table.filter(events::room_id.eq(room_id)).filter(events::outlier.eq(false));
+    let rows: Vec<EventRow> = if forwards {
+        base.filter(events::stream_pos.gt(from))
+            .order(events::stream_pos.asc())
+            .limit(limit)
+            .select(select)
+            .load(conn)?
+    } else {
+        base.filter(events::stream_pos.lt(from))
+            .order(events::stream_pos.desc())
+            .limit(limit)
+            .select(select)
+            .load(conn)?
+    };
+    rows.into_iter().map(|row| to_stored(version, row)).collect()
+}
+
+/// The newest stream position of the room (0 when empty).
+pub fn latest_stream_pos(conn: &mut DbConnection, room_id: &str) -> Result<i64, RoomError> {
+    let pos: Option<i64> =
+        events::table.filter(events::room_id.eq(room_id)).select(diesel::dsl::max(events::stream_pos)).first(conn)?;
+    Ok(pos.unwrap_or(0))
+}
+
+/// Loads several events by ID; unknown IDs are skipped.
+pub fn events_by_ids(conn: &mut DbConnection, ids: &[String]) -> Result<Vec<StoredEvent>, RoomError> {
+    let mut out = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(500) {
+        let rows: Vec<EventRow> = events::table
+            .filter(events::event_id.eq_any(chunk))
+            .select((
+                events::stream_pos,
+                events::json,
+                events::state_group_before,
+                events::state_group,
+                events::room_id,
+            ))
+            .load(conn)?;
+        let mut versions: HashMap<String, RoomVersion> = HashMap::new();
+        for row in rows {
+            let version = match versions.get(&row.4) {
+                Some(v) => *v,
+                None => {
+                    let v = version_of(conn, &row.4)?;
+                    versions.insert(row.4.clone(), v);
+                    v
+                }
+            };
+            out.push(to_stored(version, row)?);
+        }
+    }
+    Ok(out)
+}
+
+/// The full auth chain of `ids`: their auth events, recursively, sorted by depth.
+pub fn auth_chain(conn: &mut DbConnection, ids: &[String]) -> Result<Vec<Pdu>, RoomError> {
+    let mut seen: BTreeMap<String, Pdu> = BTreeMap::new();
+    let mut frontier: Vec<String> = Vec::new();
+    for stored in events_by_ids(conn, ids)? {
+        frontier.extend(stored.pdu.auth_events.iter().map(|id| id.to_string()));
+    }
+    while !frontier.is_empty() {
+        frontier.retain(|id| !seen.contains_key(id));
+        frontier.sort();
+        frontier.dedup();
+        if frontier.is_empty() {
+            break;
+        }
+        let batch = std::mem::take(&mut frontier);
+        for stored in events_by_ids(conn, &batch)? {
+            frontier.extend(stored.pdu.auth_events.iter().map(|id| id.to_string()));
+            seen.insert(stored.pdu.event_id.to_string(), stored.pdu);
+        }
+    }
+    let mut chain: Vec<Pdu> = seen.into_values().collect();
+    chain.sort_by_key(|p| p.depth);
+    Ok(chain)
+}
+
+/// The event a client transaction created, if it ran before.
+pub fn client_txn(
+    conn: &mut DbConnection,
+    user_id: &str,
+    device_id: &str,
+    txn_id: &str,
+) -> Result<Option<Appended>, RoomError> {
+    let event_id: Option<String> = client_txns::table
+        .filter(client_txns::user_id.eq(user_id))
+        .filter(client_txns::device_id.eq(device_id))
+        .filter(client_txns::txn_id.eq(txn_id))
+        .select(client_txns::event_id)
+        .first(conn)
+        .optional()?;
+    let Some(event_id) = event_id else {
+        return Ok(None);
+    };
+    let stream_pos: i64 =
+        events::table.filter(events::event_id.eq(&event_id)).select(events::stream_pos).first(conn)?;
+    let event_id = EventId::parse(event_id).map_err(|e| RoomError::Internal(e.to_string()))?;
+    Ok(Some(Appended { event_id, stream_pos }))
+}
+
+pub fn record_client_txn(
+    conn: &mut DbConnection,
+    user_id: &str,
+    device_id: &str,
+    txn_id: &str,
+    event_id: &str,
+) -> Result<(), RoomError> {
+    diesel::insert_into(client_txns::table)
+        .values((
+            client_txns::user_id.eq(user_id),
+            client_txns::device_id.eq(device_id),
+            client_txns::txn_id.eq(txn_id),
+            client_txns::event_id.eq(event_id),
+        ))
+        .execute(conn)?;
+    Ok(())
+}
+
+/// Current member events of users on `server` (usually none: remote servers cannot join yet).
+pub fn current_member_ids_of_server(
+    conn: &mut DbConnection,
+    room_id: &str,
+    server: &str,
+) -> Result<Vec<String>, RoomError> {
+    let rows: Vec<(String, String)> = current_state::table
+        .filter(current_state::room_id.eq(room_id))
+        .filter(current_state::event_type.eq("m.room.member"))
+        .select((current_state::state_key, current_state::event_id))
+        .load(conn)?;
+    let suffix = format!(":{server}");
+    Ok(rows.into_iter().filter(|(k, _)| k.ends_with(&suffix)).map(|(_, id)| id).collect())
+}

@@ -1,0 +1,85 @@
+//! History visibility (WR-2): which events a server with no member in the room may see.
+//! An event is visible to such a server iff the `m.room.history_visibility` in the state before
+//! it is `world_readable`, or the event is itself the visibility change and the new setting is
+//! (the spec's "before or after" rule for the visibility event).
+
+use diesel::prelude::*;
+use diesel::sql_types::Text;
+
+use super::store::StoredEvent;
+use super::RoomError;
+use crate::db::DbConnection;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Visibility {
+    WorldReadable,
+    Shared,
+    Invited,
+    Joined,
+}
+
+impl Visibility {
+    /// Unknown or missing values mean `shared` (the spec's default).
+    pub fn parse(value: Option<&str>) -> Visibility {
+        match value {
+            Some("world_readable") => Visibility::WorldReadable,
+            Some("invited") => Visibility::Invited,
+            Some("joined") => Visibility::Joined,
+            _ => Visibility::Shared,
+        }
+    }
+}
+
+#[derive(QueryableByName)]
+struct EntryRow {
+    #[diesel(sql_type = Text)]
+    event_id: String,
+}
+
+/// The event ID of one state key in a group, walking only as far as the nearest delta holding it.
+pub fn state_entry_at_group(
+    conn: &mut DbConnection,
+    group: i64,
+    kind: &str,
+    state_key: &str,
+) -> Result<Option<String>, RoomError> {
+    // Values are bound as literals only after escaping quotes; `group` is our own integer.
+    let kind = kind.replace('\'', "''");
+    let state_key = state_key.replace('\'', "''");
+    let query = format!(
+        "WITH RECURSIVE chain(id, prev, level) AS ( \
+             SELECT id, prev_group, 0 FROM state_groups WHERE id = {group} \
+             UNION ALL \
+             SELECT g.id, g.prev_group, c.level + 1 FROM state_groups g JOIN chain c ON g.id = c.prev \
+         ) \
+         SELECT e.event_id AS event_id FROM chain c JOIN state_group_entries e ON e.group_id = c.id \
+         WHERE e.event_type = '{kind}' AND e.state_key = '{state_key}' ORDER BY c.level LIMIT 1"
+    );
+    let rows: Vec<EntryRow> = diesel::sql_query(query).load(conn)?;
+    Ok(rows.into_iter().next().map(|r| r.event_id))
+}
+
+fn visibility_at_group(conn: &mut DbConnection, group: Option<i64>) -> Result<Visibility, RoomError> {
+    let Some(group) = group else {
+        return Ok(Visibility::Shared);
+    };
+    let Some(id) = state_entry_at_group(conn, group, "m.room.history_visibility", "")? else {
+        return Ok(Visibility::Shared);
+    };
+    let event = super::store::event_by_id(conn, &id)?.ok_or(RoomError::EventNotFound)?;
+    Ok(Visibility::parse(event.pdu.content_value()["history_visibility"].as_str()))
+}
+
+/// The visibility that applies to `event` for a server with no member in the room: the
+/// setting before it, or `world_readable` when the event itself makes the room world-readable.
+pub fn of_event(conn: &mut DbConnection, event: &StoredEvent) -> Result<Visibility, RoomError> {
+    let before = visibility_at_group(conn, event.state_group_before)?;
+    let is_change = event.pdu.event_type() == "m.room.history_visibility" && event.pdu.state_key.as_deref() == Some("");
+    if is_change && before != Visibility::WorldReadable {
+        let after = Visibility::parse(event.pdu.content_value()["history_visibility"].as_str());
+        if after == Visibility::WorldReadable {
+            return Ok(after);
+        }
+    }
+    Ok(before)
+}

@@ -1,0 +1,434 @@
+//! Rooms of our own (federation-essentials §6-8, peeking.md §4 WR-1..4), over real HTTP on
+//! PostgreSQL and SQLite: the client API, event signing checked independently, the auth rules,
+//! and a second server reading world-readable rooms through every WR endpoint.
+
+mod support;
+
+use std::collections::BTreeSet;
+
+use reqwest::Method;
+use ruma::{RoomId, ServerName, UserId};
+use serde_json::{json, Value};
+use support::client::{enc, request, Client};
+use support::verify::check_event;
+use support::{DbKind, ServerSpec, TestServer};
+
+fn open_registration(c: &mut peekgate::config::Config) {
+    c.client.registration = "open".into();
+}
+
+fn server_name(name: &str) -> &ServerName {
+    <&ServerName>::try_from(name).unwrap()
+}
+
+/// `(key_id, public key)` pairs a server publishes.
+async fn published_keys(server: &TestServer) -> Vec<(String, String)> {
+    let (_, keys) = request(&server.base, None, Method::GET, "/_matrix/key/v2/server", None).await;
+    keys["verify_keys"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(id, k)| (id.clone(), k["key"].as_str().unwrap().to_owned()))
+        .collect()
+}
+
+async fn client_api_round_trip(db: DbKind) {
+    let server = ServerSpec::new("a.test", db).configure(open_registration).start().await;
+    let base = &server.base;
+
+    // Registration is user-interactive: first a 401 with the dummy flow.
+    let body = json!({ "username": "alice", "password": "pw" });
+    let (status, answer) = request(base, None, Method::POST, "/_matrix/client/v3/register", Some(&body)).await;
+    assert_eq!(status, 401);
+    assert_eq!(answer["flows"][0]["stages"][0], "m.login.dummy");
+    let alice = Client::register(base, "alice").await;
+    assert_eq!(alice.user_id, "@alice:a.test");
+    let (status, answer) = request(
+        base,
+        None,
+        Method::POST,
+        "/_matrix/client/v3/register",
+        Some(&json!({ "username": "alice", "password": "x", "auth": { "type": "m.login.dummy" } })),
+    )
+    .await;
+    assert_eq!((status, answer["errcode"].as_str()), (400, Some("M_USER_IN_USE")));
+    let (status, answer) = request(
+        base,
+        None,
+        Method::POST,
+        "/_matrix/client/v3/register",
+        Some(&json!({ "username": "Bad Name", "password": "x", "auth": { "type": "m.login.dummy" } })),
+    )
+    .await;
+    assert_eq!((status, answer["errcode"].as_str()), (400, Some("M_INVALID_USERNAME")));
+
+    // Login with the password, whoami, logout.
+    let (status, login) = request(base, None, Method::POST, "/_matrix/client/v3/login",
+        Some(&json!({ "type": "m.login.password", "identifier": { "type": "m.id.user", "user": "alice" }, "password": "pw-123456" }))).await;
+    assert_eq!(status, 200, "{login}");
+    let token = login["access_token"].as_str().unwrap();
+    let (status, who) = request(base, Some(token), Method::GET, "/_matrix/client/v3/account/whoami", None).await;
+    assert_eq!((status, who["user_id"].as_str()), (200, Some("@alice:a.test")));
+    let (status, answer) = request(
+        base,
+        None,
+        Method::POST,
+        "/_matrix/client/v3/login",
+        Some(&json!({ "type": "m.login.password", "user": "alice", "password": "wrong" })),
+    )
+    .await;
+    assert_eq!((status, answer["errcode"].as_str()), (403, Some("M_FORBIDDEN")));
+    let (status, _) = request(base, Some(token), Method::POST, "/_matrix/client/v3/logout", Some(&json!({}))).await;
+    assert_eq!(status, 200);
+    let (status, answer) = request(base, Some(token), Method::GET, "/_matrix/client/v3/account/whoami", None).await;
+    assert_eq!((status, answer["errcode"].as_str()), (401, Some("M_UNKNOWN_TOKEN")));
+    let (status, answer) = request(base, None, Method::GET, "/_matrix/client/v3/account/whoami", None).await;
+    assert_eq!((status, answer["errcode"].as_str()), (401, Some("M_MISSING_TOKEN")));
+
+    // createRoom with an alias and world-readable history; the alias resolves.
+    let room = alice.create_world_readable_room("lobby", "10").await;
+    let (status, dir) =
+        alice.call(Method::GET, &format!("/_matrix/client/v3/directory/room/{}", enc("#lobby:a.test")), None).await;
+    assert_eq!((status, dir["room_id"].as_str()), (200, Some(room.as_str())));
+    let taken = alice.create_room_raw(json!({ "room_alias_name": "lobby" })).await;
+    assert_eq!((taken.0, taken.1["errcode"].as_str()), (400, Some("M_ROOM_IN_USE")));
+
+    // Sending is idempotent per transaction ID.
+    let (status, first) = alice.send_message(&room, "txn1", "hello").await;
+    assert_eq!(status, 200);
+    let (_, again) = alice.send_message(&room, "txn1", "hello").await;
+    assert_eq!(first["event_id"], again["event_id"]);
+
+    // State: put and get, then the full state.
+    let (status, _) = alice.put_state(&room, "m.room.topic", "", json!({ "topic": "peeking" })).await;
+    assert_eq!(status, 200);
+    let (status, topic) =
+        alice.call(Method::GET, &format!("/_matrix/client/v3/rooms/{}/state/m.room.topic/", enc(&room)), None).await;
+    assert_eq!((status, topic["topic"].as_str()), (200, Some("peeking")));
+    let (status, all) = alice.call(Method::GET, &format!("/_matrix/client/v3/rooms/{}/state", enc(&room)), None).await;
+    assert_eq!(status, 200);
+    let kinds: BTreeSet<&str> = all.as_array().unwrap().iter().map(|e| e["type"].as_str().unwrap()).collect();
+    for kind in [
+        "m.room.create",
+        "m.room.member",
+        "m.room.power_levels",
+        "m.room.join_rules",
+        "m.room.history_visibility",
+        "m.room.canonical_alias",
+        "m.room.topic",
+    ] {
+        assert!(kinds.contains(kind), "{kind} in {kinds:?}");
+    }
+
+    // Messages, newest first; the transaction was stored once.
+    let (status, page) = alice
+        .call(Method::GET, &format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=50", enc(&room)), None)
+        .await;
+    assert_eq!(status, 200);
+    let hellos = page["chunk"].as_array().unwrap().iter().filter(|e| e["content"]["body"] == "hello").count();
+    assert_eq!(hellos, 1);
+    assert_eq!(page["chunk"][0]["type"], "m.room.topic");
+
+    // Bad input: clear errors.
+    let (status, answer) =
+        request(base, alice.token.as_deref(), Method::POST, "/_matrix/client/v3/createRoom", None).await;
+    assert_eq!((status, answer["errcode"].as_str()), (400, Some("M_NOT_JSON")));
+    let (status, answer) =
+        alice.call(Method::PUT, "/_matrix/client/v3/rooms/not-a-room/send/m.room.message/t", Some(&json!({}))).await;
+    assert_eq!((status, answer["errcode"].as_str()), (400, Some("M_INVALID_PARAM")));
+    let (status, answer) = alice.create_room_raw(json!({ "room_version": "1" })).await;
+    assert_eq!((status, answer["errcode"].as_str()), (400, Some("M_UNSUPPORTED_ROOM_VERSION")));
+    let (status, answer) = alice.call(Method::GET, "/_matrix/client/v3/rooms/!nope:a.test/messages", None).await;
+    assert_eq!((status, answer["errcode"].as_str()), (404, Some("M_NOT_FOUND")));
+    server.stop().await;
+}
+both_backends!(client_api_round_trip);
+
+async fn registration_is_off_by_default(db: DbKind) {
+    let server = ServerSpec::new("a.test", db).start().await;
+    let body = json!({ "username": "x", "password": "y", "auth": { "type": "m.login.dummy" } });
+    let (status, answer) = request(&server.base, None, Method::POST, "/_matrix/client/v3/register", Some(&body)).await;
+    assert_eq!((status, answer["errcode"].as_str()), (403, Some("M_FORBIDDEN")));
+    server.stop().await;
+}
+both_backends!(registration_is_off_by_default);
+
+async fn auth_rules_refuse_and_leave_no_trace(db: DbKind) {
+    let server = ServerSpec::new("a.test", db).configure(open_registration).start().await;
+    let alice = Client::register(&server.base, "alice").await;
+    let bob = Client::register(&server.base, "bob").await;
+    let private = alice.create_room(json!({ "preset": "private_chat" })).await;
+    let public = alice.create_room(json!({ "preset": "public_chat" })).await;
+    let rooms = &server.state().rooms;
+    let private_id = RoomId::parse(&private).unwrap();
+    let before = rooms.latest_stream_pos(&private_id).await.unwrap();
+
+    // A non-member cannot send, and cannot join an invite-only room.
+    let (status, answer) = bob.send_message(&private, "t1", "let me in").await;
+    assert_eq!((status, answer["errcode"].as_str()), (403, Some("M_FORBIDDEN")), "{answer}");
+    let (status, _) = bob.join(&private).await;
+    assert_eq!(status, 403);
+    assert_eq!(rooms.latest_stream_pos(&private_id).await.unwrap(), before, "nothing was stored");
+
+    // Joined but below the required power level: cannot change the name (needs 50).
+    let (status, _) = bob.join(&public).await;
+    assert_eq!(status, 200);
+    let (status, answer) = bob.put_state(&public, "m.room.name", "", json!({ "name": "mine" })).await;
+    assert_eq!((status, answer["errcode"].as_str()), (403, Some("M_FORBIDDEN")));
+    let public_id = RoomId::parse(&public).unwrap();
+    assert!(rooms.state_event(&public_id, "m.room.name", "").await.unwrap().is_none());
+    // ... but can talk, and alice (power 100) can rename.
+    bob.say(&public, "hi").await;
+    let (status, _) = alice.put_state(&public, "m.room.name", "", json!({ "name": "ours" })).await;
+    assert_eq!(status, 200);
+    // A state key naming another user is refused.
+    let (status, _) = bob.put_state(&public, "m.room.member", &alice.user_id, json!({ "membership": "leave" })).await;
+    assert_eq!(status, 403);
+    // A remote room cannot be joined yet: a clear error.
+    let (status, answer) = bob.join("!elsewhere:b.test").await;
+    assert_eq!((status, answer["errcode"].as_str()), (404, Some("M_NOT_FOUND")));
+    server.stop().await;
+}
+both_backends!(auth_rules_refuse_and_leave_no_trace);
+
+/// Events peekgate builds pass a check written from the spec, for both room versions; and the
+/// two versions' redaction rules really differ (a create event's signature only verifies under
+/// its own version's rules).
+async fn events_pass_an_independent_check(db: DbKind) {
+    let server = ServerSpec::new("a.test", db).configure(open_registration).start().await;
+    let alice = Client::register(&server.base, "alice").await;
+    let keys = published_keys(&server).await;
+    for version in ["10", "11"] {
+        let room = alice.create_world_readable_room(&format!("v{version}"), version).await;
+        alice.say(&room, "checked").await;
+        let room_id = RoomId::parse(&room).unwrap();
+        let events = server.state().rooms.events_in_range(&room_id, 0, true, 100).await.unwrap();
+        assert!(events.len() >= 6);
+        for stored in &events {
+            let json = stored.pdu.federation_json();
+            check_event(&json, version, "a.test", &keys, Some(stored.pdu.event_id.as_str()))
+                .unwrap_or_else(|e| panic!("v{version} {}: {e}", json["type"]));
+            let other = if version == "10" { "11" } else { "10" };
+            if json["type"] == "m.room.create" {
+                assert!(
+                    check_event(&json, other, "a.test", &keys, None).is_err(),
+                    "v{version} create under v{other} rules"
+                );
+                assert_eq!(json["content"]["room_version"], version);
+                assert_eq!(json["content"].get("creator").is_some(), version == "10");
+            }
+        }
+    }
+    server.stop().await;
+}
+both_backends!(events_pass_an_independent_check);
+
+/// Fetches `path` from `target` with `reader`'s federation client (signed).
+async fn fed_get(reader: &TestServer, path: &str) -> Result<Value, u16> {
+    reader.state().federation.get(server_name("a.test"), path).await.map_err(|e| e.status().unwrap_or(0))
+}
+
+/// Verifies a PDU received over federation with the reader's own code (peekgate's
+/// verify_received fetches the origin's key through the reader's key cache) and the test's
+/// independent check.
+async fn verify_received(reader: &TestServer, pdu: &Value, version: &str, keys: &[(String, String)]) {
+    check_event(pdu, version, "a.test", keys, None).unwrap_or_else(|e| panic!("{}: {e}", pdu["type"]));
+    let object = match ruma::CanonicalJsonValue::try_from(pdu.clone()).unwrap() {
+        ruma::CanonicalJsonValue::Object(o) => o,
+        _ => unreachable!(),
+    };
+    let v = peekgate::events::RoomVersion::parse(version).unwrap();
+    let verified = peekgate::events::verify_received(&reader.state().keys, object.clone(), v).await.unwrap();
+    assert_eq!(verified, object, "hash matched, nothing redacted");
+}
+
+async fn non_member_server_reads_world_readable_room(db: DbKind) {
+    let a_spec = ServerSpec::new("a.test", db).configure(open_registration);
+    let b_spec = ServerSpec::new("b.test", db);
+    let (a_url, b_url) = (a_spec.url(), b_spec.url());
+    let a = a_spec.destination("b.test", &b_url).start().await;
+    let b = b_spec.destination("a.test", &a_url).start().await;
+    let keys = published_keys(&a).await;
+    let alice = Client::register(&a.base, "alice").await;
+    let room = alice.create_world_readable_room("open", "10").await;
+    let mut sent = Vec::new();
+    for i in 0..5 {
+        sent.push(alice.say(&room, &format!("m{i}")).await);
+    }
+    let last = sent.last().unwrap().clone();
+    let r = enc(&room);
+
+    // /query/directory resolves the alias; an unknown alias is 404.
+    let dir = fed_get(&b, &format!("/_matrix/federation/v1/query/directory?room_alias={}", enc("#open:a.test")))
+        .await
+        .unwrap();
+    assert_eq!(dir["room_id"], room.as_str());
+    assert_eq!(
+        fed_get(&b, &format!("/_matrix/federation/v1/query/directory?room_alias={}", enc("#nope:a.test"))).await,
+        Err(404)
+    );
+
+    // /event for every message: verified by B.
+    for id in &sent {
+        let answer = fed_get(&b, &format!("/_matrix/federation/v1/event/{}", enc(id))).await.unwrap();
+        verify_received(&b, &answer["pdus"][0], "10", &keys).await;
+        assert_eq!(support::verify::event_id(&answer["pdus"][0], "10"), *id);
+    }
+    // /state and /state_ids at the last message: state before it, with its auth chain.
+    let state = fed_get(&b, &format!("/_matrix/federation/v1/state/{r}?event_id={}", enc(&last))).await.unwrap();
+    let pdus = state["pdus"].as_array().unwrap();
+    assert!(pdus.iter().any(|p| p["type"] == "m.room.create"));
+    assert!(pdus
+        .iter()
+        .any(|p| p["type"] == "m.room.history_visibility" && p["content"]["history_visibility"] == "world_readable"));
+    for pdu in pdus.iter().chain(state["auth_chain"].as_array().unwrap()) {
+        verify_received(&b, pdu, "10", &keys).await;
+    }
+    let ids = fed_get(&b, &format!("/_matrix/federation/v1/state_ids/{r}?event_id={}", enc(&last))).await.unwrap();
+    assert_eq!(ids["pdu_ids"].as_array().unwrap().len(), pdus.len());
+    // /event_auth, /backfill, /get_missing_events.
+    let auth = fed_get(&b, &format!("/_matrix/federation/v1/event_auth/{r}/{}", enc(&last))).await.unwrap();
+    assert!(auth["auth_chain"].as_array().unwrap().iter().any(|p| p["type"] == "m.room.create"));
+    let backfill = fed_get(&b, &format!("/_matrix/federation/v1/backfill/{r}?v={}&limit=3", enc(&last))).await.unwrap();
+    let got: Vec<&str> =
+        backfill["pdus"].as_array().unwrap().iter().map(|p| p["content"]["body"].as_str().unwrap_or("")).collect();
+    assert_eq!(got, ["m4", "m3", "m2"]);
+    for pdu in backfill["pdus"].as_array().unwrap() {
+        verify_received(&b, pdu, "10", &keys).await;
+    }
+    let body = json!({ "earliest_events": [sent[1]], "latest_events": [last], "limit": 10 });
+    let missing = b
+        .state()
+        .federation
+        .send(peekgate::federation::client::FedRequest {
+            method: Method::POST,
+            destination: server_name("a.test"),
+            path: &format!("/_matrix/federation/v1/get_missing_events/{r}"),
+            body: Some(body),
+            signed: true,
+        })
+        .await
+        .unwrap();
+    let got: Vec<&str> =
+        missing["events"].as_array().unwrap().iter().map(|p| p["content"]["body"].as_str().unwrap_or("")).collect();
+    assert_eq!(got, ["m2", "m3"], "between earliest (excluded) and latest (excluded), oldest first");
+
+    // Unknown room and event: 404.
+    assert_eq!(fed_get(&b, &format!("/_matrix/federation/v1/event/{}", enc("$nope"))).await, Err(404));
+    assert_eq!(
+        fed_get(&b, &format!("/_matrix/federation/v1/state_ids/{}?event_id={}", enc("!nope:a.test"), enc(&last))).await,
+        Err(404)
+    );
+    a.stop().await;
+    b.stop().await;
+}
+both_backends!(non_member_server_reads_world_readable_room);
+
+async fn shared_history_is_refused_and_visibility_is_judged_per_event(db: DbKind) {
+    let a_spec = ServerSpec::new("a.test", db).configure(open_registration);
+    let b_spec = ServerSpec::new("b.test", db);
+    let (a_url, b_url) = (a_spec.url(), b_spec.url());
+    let a = a_spec.destination("b.test", &b_url).start().await;
+    let b = b_spec.destination("a.test", &a_url).start().await;
+    let alice = Client::register(&a.base, "alice").await;
+
+    // A `shared` room: every WR endpoint answers 403.
+    let shared = alice.create_room(json!({ "preset": "public_chat" })).await;
+    let msg = alice.say(&shared, "secret").await;
+    let (r, e) = (enc(&shared), enc(&msg));
+    for path in [
+        format!("/_matrix/federation/v1/event/{e}"),
+        format!("/_matrix/federation/v1/state/{r}?event_id={e}"),
+        format!("/_matrix/federation/v1/state_ids/{r}?event_id={e}"),
+        format!("/_matrix/federation/v1/backfill/{r}?v={e}"),
+        format!("/_matrix/federation/v1/event_auth/{r}/{e}"),
+    ] {
+        assert_eq!(fed_get(&b, &path).await, Err(403), "{path}");
+    }
+    let body = json!({ "earliest_events": [], "latest_events": [msg], "limit": 10 });
+    let err = b
+        .state()
+        .federation
+        .send(peekgate::federation::client::FedRequest {
+            method: Method::POST,
+            destination: server_name("a.test"),
+            path: &format!("/_matrix/federation/v1/get_missing_events/{r}"),
+            body: Some(body),
+            signed: true,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), Some(403));
+
+    // World-readable, then shared: earlier events keep their visibility, later ones do not.
+    let room = alice.create_world_readable_room("flip", "11").await;
+    let early = alice.say(&room, "early").await;
+    let (status, change) =
+        alice.put_state(&room, "m.room.history_visibility", "", json!({ "history_visibility": "shared" })).await;
+    assert_eq!(status, 200);
+    let change = change["event_id"].as_str().unwrap().to_owned();
+    let late = alice.say(&room, "late").await;
+    assert!(fed_get(&b, &format!("/_matrix/federation/v1/event/{}", enc(&early))).await.is_ok());
+    assert!(
+        fed_get(&b, &format!("/_matrix/federation/v1/event/{}", enc(&change))).await.is_ok(),
+        "the change itself is visible (before rule)"
+    );
+    assert_eq!(fed_get(&b, &format!("/_matrix/federation/v1/event/{}", enc(&late))).await, Err(403));
+    let backfill =
+        fed_get(&b, &format!("/_matrix/federation/v1/backfill/{}?v={}&limit=3", enc(&room), enc(&late))).await.unwrap();
+    let ids: Vec<&str> = backfill["pdus"].as_array().unwrap().iter().map(|p| p["type"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["m.room.history_visibility", "m.room.message"], "late is left out");
+    a.stop().await;
+    b.stop().await;
+}
+both_backends!(shared_history_is_refused_and_visibility_is_judged_per_event);
+
+async fn thousand_members_state_stays_correct(db: DbKind) {
+    let a_spec = ServerSpec::new("a.test", db).configure(open_registration);
+    let b_spec = ServerSpec::new("b.test", db);
+    let (a_url, b_url) = (a_spec.url(), b_spec.url());
+    let a = a_spec.destination("b.test", &b_url).start().await;
+    let b = b_spec.destination("a.test", &a_url).start().await;
+    let alice = Client::register(&a.base, "alice").await;
+    let room = alice.create_world_readable_room("big", "10").await;
+    let room_id = RoomId::parse(&room).unwrap();
+    let rooms = &a.state().rooms;
+    // Members join through the same append path the client API uses (no accounts needed).
+    let mut midpoint = String::new();
+    for i in 0..1000 {
+        let user = UserId::parse(format!("@member{i}:a.test")).unwrap();
+        rooms
+            .send(&room_id, &user, "m.room.member", Some(user.as_str()), json!({ "membership": "join" }))
+            .await
+            .unwrap();
+        if i == 499 {
+            midpoint = alice.say(&room, "halfway").await;
+        }
+    }
+    let last = alice.say(&room, "full").await;
+    let ids =
+        fed_get(&b, &format!("/_matrix/federation/v1/state_ids/{}?event_id={}", enc(&room), enc(&last))).await.unwrap();
+    let count = ids["pdu_ids"].as_array().unwrap().len();
+    // create, power_levels, join_rules, history_visibility, canonical_alias + 1001 members.
+    assert_eq!(count, 5 + 1001, "state ids at the last event");
+    let state =
+        fed_get(&b, &format!("/_matrix/federation/v1/state/{}?event_id={}", enc(&room), enc(&last))).await.unwrap();
+    let members: BTreeSet<&str> = state["pdus"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["type"] == "m.room.member")
+        .map(|p| p["state_key"].as_str().unwrap())
+        .collect();
+    assert_eq!(members.len(), 1001);
+    assert!(members.contains("@member999:a.test"));
+    // The state at the midpoint has exactly the first 500 members (state groups across snapshots).
+    let half = fed_get(&b, &format!("/_matrix/federation/v1/state_ids/{}?event_id={}", enc(&room), enc(&midpoint)))
+        .await
+        .unwrap();
+    assert_eq!(half["pdu_ids"].as_array().unwrap().len(), 5 + 501);
+    assert_eq!(rooms.current_state(&room_id).await.unwrap().len(), 5 + 1001);
+    a.stop().await;
+    b.stop().await;
+}
+both_backends!(thousand_members_state_stays_correct);
