@@ -5,6 +5,7 @@
 
 pub mod accounts;
 pub mod app;
+pub mod bench;
 pub mod canonical_json;
 pub mod client_api;
 pub mod config;

@@ -34,10 +34,30 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Print benchmark figures (build with --release).
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
     /// Manage local users.
     User {
         #[command(subcommand)]
         command: UserCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Appends per second, /state of a 1,000-member room, signed GET /event throughput (wrk).
+    Rooms {
+        /// Admin URL of a PostgreSQL server; a scratch database is created and dropped.
+        #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+        postgres: String,
+        #[arg(long, default_value_t = 2000)]
+        appends: usize,
+        /// Seconds of wrk load on GET /event.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
     },
 }
 
@@ -66,6 +86,7 @@ fn main() -> ExitCode {
         Command::Serve { config } => serve(config),
         Command::GenerateKey { path, config } => generate_key(path, config),
         Command::Migrate { config } => migrate(config),
+        Command::Bench { command: BenchCommand::Rooms { postgres, appends, seconds } } => bench_rooms(&postgres, appends, seconds),
         Command::User { command: UserCommand::Create { localpart, password, admin, config } } => {
             create_user(&localpart, &password, admin, config)
         }
@@ -118,4 +139,10 @@ fn create_user(localpart: &str, password: &str, admin: bool, config: Option<Path
     })?;
     println!("created {user_id}{}", if admin { " (admin)" } else { "" });
     Ok(())
+}
+
+fn bench_rooms(postgres: &str, appends: usize, seconds: u64) -> Result<(), String> {
+    peekgate::logging::init(&peekgate::config::LogConfig { format: "plain".into(), filter: "warn".into() });
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
+    runtime.block_on(peekgate::bench::rooms(postgres, appends, seconds)).map_err(|e| format!("{e:#}"))
 }

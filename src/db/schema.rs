@@ -128,6 +128,8 @@ diesel::table! {
     }
 }
 
+diesel::joinable!(events -> rooms (room_id));
+
 diesel::allow_tables_to_appear_in_same_query!(
     server_keys,
     server_key_responses,

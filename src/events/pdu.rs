@@ -67,6 +67,13 @@ impl Pdu {
         Pdu::parse_fields(event_id, json, version)
     }
 
+    /// Rebuilds a PDU we stored ourselves after checking it: the stored event ID is trusted,
+    /// so the reference hash is not recomputed on every read.
+    pub fn from_stored(event_id: &str, json: CanonicalJsonObject, version: RoomVersion) -> Result<Pdu, EventError> {
+        let event_id = EventId::parse(event_id).map_err(|e| EventError::Malformed(e.to_string()))?;
+        Pdu::parse_fields(event_id, json, version)
+    }
+
     fn parse_fields(
         event_id: OwnedEventId,
         json: CanonicalJsonObject,

@@ -50,12 +50,12 @@ async fn visible_event(
     room_id: Option<&OwnedRoomId>,
     event_id: &str,
 ) -> Result<StoredEvent, MatrixError> {
-    let event = state.rooms.event(event_id).await?.ok_or_else(|| MatrixError::not_found("Event not found"))?;
+    let (event, visible) =
+        state.rooms.event_for_server(event_id, origin).await?.ok_or_else(|| MatrixError::not_found("Event not found"))?;
     if room_id.is_some_and(|r| *r != event.pdu.room_id) {
         return Err(MatrixError::not_found("Event not found in this room"));
     }
-    let joined = state.rooms.server_is_joined(&event.pdu.room_id, origin).await?;
-    if !may_see(state, &event, joined).await? {
+    if !visible {
         return Err(MatrixError::forbidden("You may not see this event"));
     }
     Ok(event)

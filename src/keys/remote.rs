@@ -21,6 +21,8 @@ use crate::on_backend;
 const MAX_TRUST_MS: i64 = 7 * 24 * 3600 * 1000;
 /// At most one refetch per server in this window when a key is unknown or stale.
 pub const REFETCH_INTERVAL: Duration = Duration::from_secs(300);
+/// Bound on the in-memory key cache (it is only a copy of the database table).
+const MEMORY_CACHE_MAX: usize = 10_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
@@ -153,6 +155,8 @@ pub struct RemoteKeys {
     own: OwnKeys,
     last_fetch: Mutex<HashMap<OwnedServerName, Instant>>,
     fetch_locks: Mutex<HashMap<OwnedServerName, Arc<tokio::sync::Mutex<()>>>>,
+    /// Keys already read from the database: every authenticated request needs one.
+    memory: Mutex<HashMap<(OwnedServerName, String), VerifyKey>>,
 }
 
 impl RemoteKeys {
@@ -169,6 +173,7 @@ impl RemoteKeys {
             own: OwnKeys { server_name, key, old_keys },
             last_fetch: Mutex::new(HashMap::new()),
             fetch_locks: Mutex::new(HashMap::new()),
+            memory: Mutex::new(HashMap::new()),
         }
     }
 
@@ -197,13 +202,28 @@ impl RemoteKeys {
             .ok_or_else(not_valid)
     }
 
-    async fn cached_valid(
-        &self,
-        server: &ServerName,
-        key_id: &str,
-        valid_at: i64,
-    ) -> Result<Option<[u8; 32]>, KeyError> {
-        Ok(self.cached(server, key_id).await?.filter(|key| key.valid_until_ts >= valid_at).map(|key| key.public_key))
+    /// A cached key valid at `valid_at`: from memory, else from the database (then remembered).
+    async fn cached_valid(&self, server: &ServerName, key_id: &str, valid_at: i64) -> Result<Option<[u8; 32]>, KeyError> {
+        let memory_key = (server.to_owned(), key_id.to_owned());
+        if let Some(key) = self.memory.lock().unwrap().get(&memory_key) {
+            if key.valid_until_ts >= valid_at {
+                return Ok(Some(key.public_key));
+            }
+        }
+        let Some(key) = self.cached(server, key_id).await? else {
+            return Ok(None);
+        };
+        let public_key = (key.valid_until_ts >= valid_at).then_some(key.public_key);
+        self.remember(server, key);
+        Ok(public_key)
+    }
+
+    fn remember(&self, server: &ServerName, key: VerifyKey) {
+        let mut memory = self.memory.lock().unwrap();
+        if memory.len() >= MEMORY_CACHE_MAX {
+            memory.clear();
+        }
+        memory.insert((server.to_owned(), key.key_id.clone()), key);
     }
 
     fn fetch_lock(&self, server: &ServerName) -> Arc<tokio::sync::Mutex<()>> {
@@ -263,6 +283,9 @@ impl RemoteKeys {
         };
         let verified = verify_key_response(server, object, now_ms()).map_err(bad)?;
         self.store(server, &verified).await?;
+        for key in &verified.keys {
+            self.remember(server, key.clone());
+        }
         Ok(verified)
     }
 

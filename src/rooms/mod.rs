@@ -6,7 +6,8 @@ mod create;
 pub mod store;
 pub mod visibility;
 
-use std::sync::Arc;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
 
 use rand::distr::{Alphanumeric, SampleString};
 use ruma::{OwnedRoomId, OwnedServerName, OwnedUserId, RoomId, ServerName, UserId};
@@ -58,11 +59,22 @@ pub struct Rooms {
     server_name: OwnedServerName,
     /// The newest stream position; the sender and `/sync` wait on changes.
     stream: watch::Sender<i64>,
+    visibility: Arc<visibility::VisibilityCache>,
+    /// Servers with joined members per room, valid while the room's current state group is the
+    /// one recorded (every membership change makes a new group, on any instance).
+    joined: Arc<Mutex<HashMap<String, (Option<i64>, Arc<BTreeSet<String>>)>>>,
 }
 
 impl Rooms {
     pub fn new(db: Db, key: Arc<SigningKey>, server_name: OwnedServerName) -> Rooms {
-        Rooms { db, key, server_name, stream: watch::Sender::new(0) }
+        Rooms {
+            db,
+            key,
+            server_name,
+            stream: watch::Sender::new(0),
+            visibility: Arc::default(),
+            joined: Arc::default(),
+        }
     }
 
     pub fn server_name(&self) -> &ServerName {
@@ -251,15 +263,29 @@ impl Rooms {
     /// The history visibility that applies to a stored event (WR-2).
     pub async fn visibility_of(&self, event: &StoredEvent) -> Result<Visibility, RoomError> {
         let event = event.clone();
-        self.read(move |conn| visibility::of_event(conn, &event)).await
+        let cache = self.visibility.clone();
+        self.read(move |conn| visibility::of_event(conn, &event, &cache)).await
     }
 
     /// Does `server` have a joined member in the current state (then membership rules apply)?
     pub async fn server_is_joined(&self, room_id: &RoomId, server: &ServerName) -> Result<bool, RoomError> {
         let (room, server) = (room_id.to_string(), server.to_string());
+        let joined = self.joined.clone();
+        self.read(move |conn| joined_servers(conn, &joined, &room).map(|s| s.contains(&server))).await
+    }
+
+    /// An event and whether `server` may see it (joined servers: always; others: WR-2), in one
+    /// database round trip. `None` when the event is unknown.
+    pub async fn event_for_server(&self, event_id: &str, server: &ServerName) -> Result<Option<(StoredEvent, bool)>, RoomError> {
+        let (id, server) = (event_id.to_owned(), server.to_string());
+        let (joined, cache) = (self.joined.clone(), self.visibility.clone());
         self.read(move |conn| {
-            let members = store::current_member_ids_of_server(conn, &room, &server)?;
-            Ok(store::events_by_ids(conn, &members)?.iter().any(|e| e.pdu.content_value()["membership"] == "join"))
+            let Some(event) = store::event_by_id(conn, &id)? else {
+                return Ok(None);
+            };
+            let visible = joined_servers(conn, &joined, event.pdu.room_id.as_str())?.contains(&server)
+                || visibility::of_event(conn, &event, &cache)? == Visibility::WorldReadable;
+            Ok(Some((event, visible)))
         })
         .await
     }
@@ -289,4 +315,29 @@ impl Rooms {
 /// A user ID of ours with this localpart.
 pub fn local_user(localpart: &str, server_name: &ServerName) -> Result<OwnedUserId, RoomError> {
     UserId::parse(format!("@{localpart}:{server_name}")).map_err(|e| RoomError::InvalidParam(e.to_string()))
+}
+
+type JoinedCache = Mutex<HashMap<String, (Option<i64>, Arc<BTreeSet<String>>)>>;
+
+/// The servers with joined members in the room's current state, cached per state group.
+fn joined_servers(conn: &mut DbConnection, cache: &JoinedCache, room_id: &str) -> Result<Arc<BTreeSet<String>>, RoomError> {
+    let group = store::room(conn, room_id)?.ok_or(RoomError::NotFound)?.current_state_group;
+    if let Some((cached_group, servers)) = cache.lock().unwrap().get(room_id) {
+        if *cached_group == group {
+            return Ok(servers.clone());
+        }
+    }
+    let members: Vec<String> = store::current_state_map(conn, room_id)?
+        .into_iter()
+        .filter(|((kind, _), _)| kind == "m.room.member")
+        .map(|(_, id)| id)
+        .collect();
+    let servers: BTreeSet<String> = store::events_by_ids(conn, &members)?
+        .iter()
+        .filter(|e| e.pdu.content_value()["membership"] == "join")
+        .filter_map(|e| e.pdu.state_key.as_deref().and_then(|k| k.split_once(':')).map(|(_, s)| s.to_owned()))
+        .collect();
+    let servers = Arc::new(servers);
+    cache.lock().unwrap().insert(room_id.to_owned(), (group, servers.clone()));
+    Ok(servers)
 }

@@ -326,14 +326,30 @@ pub fn state_map_at_group(conn: &mut DbConnection, group: i64) -> Result<StateMa
     Ok(best.into_iter().map(|(k, (_, id))| (k, id)).collect())
 }
 
-type EventRow = (i64, String, Option<i64>, i64, String);
+type EventRow = (i64, String, Option<i64>, i64, String, String);
+type EventColumns = (
+    events::stream_pos,
+    events::json,
+    events::state_group_before,
+    events::state_group,
+    events::room_id,
+    events::event_id,
+);
+const EVENT_COLUMNS: EventColumns = (
+    events::stream_pos,
+    events::json,
+    events::state_group_before,
+    events::state_group,
+    events::room_id,
+    events::event_id,
+);
 
 fn to_stored(conn_version: RoomVersion, row: EventRow) -> Result<StoredEvent, RoomError> {
-    let (stream_pos, json, state_group_before, state_group, _) = row;
+    let (stream_pos, json, state_group_before, state_group, _, event_id) = row;
     let json: ruma::CanonicalJsonObject =
         serde_json::from_str(&json).map_err(|e| RoomError::Internal(format!("stored event JSON: {e}")))?;
-    let pdu =
-        Pdu::from_federation(json, conn_version).map_err(|e| RoomError::Internal(format!("stored event: {e}")))?;
+    let pdu = Pdu::from_stored(&event_id, json, conn_version)
+        .map_err(|e| RoomError::Internal(format!("stored event: {e}")))?;
     Ok(StoredEvent { stream_pos, pdu, state_group_before, state_group })
 }
 
@@ -342,18 +358,17 @@ fn version_of(conn: &mut DbConnection, room_id: &str) -> Result<RoomVersion, Roo
 }
 
 pub fn event_by_id(conn: &mut DbConnection, event_id: &str) -> Result<Option<StoredEvent>, RoomError> {
-    let row: Option<EventRow> = events::table
+    let row: Option<(EventRow, String)> = events::table
+        .inner_join(rooms::table)
         .filter(events::event_id.eq(event_id))
-        .select((events::stream_pos, events::json, events::state_group_before, events::state_group, events::room_id))
+        .select((EVENT_COLUMNS, rooms::room_version))
         .first(conn)
         .optional()?;
-    match row {
-        Some(row) => {
-            let version = version_of(conn, &row.4)?;
-            Ok(Some(to_stored(version, row)?))
-        }
-        None => Ok(None),
-    }
+    row.map(|(row, version)| to_stored(parse_version(&version)?, row)).transpose()
+}
+
+fn parse_version(version: &str) -> Result<RoomVersion, RoomError> {
+    RoomVersion::parse(version).ok_or_else(|| RoomError::Internal(format!("unsupported stored room version {version}")))
 }
 
 /// Events of a room by stream position: after `from` going forwards, or before it going back.
@@ -365,7 +380,7 @@ pub fn events_in_range(
     limit: i64,
 ) -> Result<Vec<StoredEvent>, RoomError> {
     let version = version_of(conn, room_id)?;
-    let select = (events::stream_pos, events::json, events::state_group_before, events::state_group, events::room_id);
+    let select = EVENT_COLUMNS;
     let base = events::table.filter(events::room_id.eq(room_id)).filter(events::outlier.eq(false));
     let rows: Vec<EventRow> = if forwards {
         base.filter(events::stream_pos.gt(from))
@@ -394,27 +409,13 @@ pub fn latest_stream_pos(conn: &mut DbConnection, room_id: &str) -> Result<i64, 
 pub fn events_by_ids(conn: &mut DbConnection, ids: &[String]) -> Result<Vec<StoredEvent>, RoomError> {
     let mut out = Vec::with_capacity(ids.len());
     for chunk in ids.chunks(500) {
-        let rows: Vec<EventRow> = events::table
+        let rows: Vec<(EventRow, String)> = events::table
+            .inner_join(rooms::table)
             .filter(events::event_id.eq_any(chunk))
-            .select((
-                events::stream_pos,
-                events::json,
-                events::state_group_before,
-                events::state_group,
-                events::room_id,
-            ))
+            .select((EVENT_COLUMNS, rooms::room_version))
             .load(conn)?;
-        let mut versions: HashMap<String, RoomVersion> = HashMap::new();
-        for row in rows {
-            let version = match versions.get(&row.4) {
-                Some(v) => *v,
-                None => {
-                    let v = version_of(conn, &row.4)?;
-                    versions.insert(row.4.clone(), v);
-                    v
-                }
-            };
-            out.push(to_stored(version, row)?);
+        for (row, version) in rows {
+            out.push(to_stored(parse_version(&version)?, row)?);
         }
     }
     Ok(out)
@@ -484,19 +485,4 @@ pub fn record_client_txn(
         ))
         .execute(conn)?;
     Ok(())
-}
-
-/// Current member events of users on `server` (usually none: remote servers cannot join yet).
-pub fn current_member_ids_of_server(
-    conn: &mut DbConnection,
-    room_id: &str,
-    server: &str,
-) -> Result<Vec<String>, RoomError> {
-    let rows: Vec<(String, String)> = current_state::table
-        .filter(current_state::room_id.eq(room_id))
-        .filter(current_state::event_type.eq("m.room.member"))
-        .select((current_state::state_key, current_state::event_id))
-        .load(conn)?;
-    let suffix = format!(":{server}");
-    Ok(rows.into_iter().filter(|(k, _)| k.ends_with(&suffix)).map(|(_, id)| id).collect())
 }

@@ -3,6 +3,9 @@
 //! it is `world_readable`, or the event is itself the visibility change and the new setting is
 //! (the spec's "before or after" rule for the visibility event).
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+
 use diesel::prelude::*;
 use diesel::sql_types::Text;
 
@@ -59,21 +62,49 @@ pub fn state_entry_at_group(
     Ok(rows.into_iter().next().map(|r| r.event_id))
 }
 
-fn visibility_at_group(conn: &mut DbConnection, group: Option<i64>) -> Result<Visibility, RoomError> {
+/// Visibility per state group. State groups never change once written, so entries never go
+/// stale, on this instance or any other; the map is only bounded in size.
+#[derive(Default)]
+pub struct VisibilityCache(Mutex<HashMap<i64, Visibility>>);
+
+const VISIBILITY_CACHE_MAX: usize = 100_000;
+
+impl VisibilityCache {
+    fn get(&self, group: i64) -> Option<Visibility> {
+        self.0.lock().unwrap().get(&group).copied()
+    }
+
+    fn insert(&self, group: i64, visibility: Visibility) {
+        let mut map = self.0.lock().unwrap();
+        if map.len() >= VISIBILITY_CACHE_MAX {
+            map.clear();
+        }
+        map.insert(group, visibility);
+    }
+}
+
+fn visibility_at_group(conn: &mut DbConnection, group: Option<i64>, cache: &VisibilityCache) -> Result<Visibility, RoomError> {
     let Some(group) = group else {
         return Ok(Visibility::Shared);
     };
-    let Some(id) = state_entry_at_group(conn, group, "m.room.history_visibility", "")? else {
-        return Ok(Visibility::Shared);
+    if let Some(known) = cache.get(group) {
+        return Ok(known);
+    }
+    let visibility = match state_entry_at_group(conn, group, "m.room.history_visibility", "")? {
+        None => Visibility::Shared,
+        Some(id) => {
+            let event = super::store::event_by_id(conn, &id)?.ok_or(RoomError::EventNotFound)?;
+            Visibility::parse(event.pdu.content_value()["history_visibility"].as_str())
+        }
     };
-    let event = super::store::event_by_id(conn, &id)?.ok_or(RoomError::EventNotFound)?;
-    Ok(Visibility::parse(event.pdu.content_value()["history_visibility"].as_str()))
+    cache.insert(group, visibility);
+    Ok(visibility)
 }
 
 /// The visibility that applies to `event` for a server with no member in the room: the
 /// setting before it, or `world_readable` when the event itself makes the room world-readable.
-pub fn of_event(conn: &mut DbConnection, event: &StoredEvent) -> Result<Visibility, RoomError> {
-    let before = visibility_at_group(conn, event.state_group_before)?;
+pub fn of_event(conn: &mut DbConnection, event: &StoredEvent, cache: &VisibilityCache) -> Result<Visibility, RoomError> {
+    let before = visibility_at_group(conn, event.state_group_before, cache)?;
     let is_change = event.pdu.event_type() == "m.room.history_visibility" && event.pdu.state_key.as_deref() == Some("");
     if is_change && before != Visibility::WorldReadable {
         let after = Visibility::parse(event.pdu.content_value()["history_visibility"].as_str());
