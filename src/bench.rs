@@ -53,7 +53,11 @@ impl ScratchDb {
                 let mut conn = PgConnection::establish(postgres_admin).context("connect to PostgreSQL")?;
                 conn.batch_execute(&format!("CREATE DATABASE {name}"))?;
                 let base = postgres_admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(postgres_admin);
-                Ok(ScratchDb { url: format!("{base}/{name}"), admin: Some((postgres_admin.to_owned(), name)), _dir: None })
+                Ok(ScratchDb {
+                    url: format!("{base}/{name}"),
+                    admin: Some((postgres_admin.to_owned(), name)),
+                    _dir: None,
+                })
             }
             Backend::Sqlite => {
                 let dir = tempfile_dir::Dir::new("peekgate-bench")?;
@@ -80,7 +84,13 @@ struct BenchServer {
     _dir: tempfile_dir::Dir,
 }
 
-async fn start(name: &str, backend: Backend, postgres_admin: &str, peer: Option<(&str, String)>, http: TcpListener) -> anyhow::Result<BenchServer> {
+async fn start(
+    name: &str,
+    backend: Backend,
+    postgres_admin: &str,
+    peer: Option<(&str, String)>,
+    http: TcpListener,
+) -> anyhow::Result<BenchServer> {
     let db = ScratchDb::new(backend, postgres_admin)?;
     let dir = tempfile_dir::Dir::new("peekgate-bench-key")?;
     let mut config = Config { server_name: name.to_owned(), ..Config::default() };
@@ -120,7 +130,8 @@ async fn rooms_on(backend: Backend, postgres_admin: &str, appends: usize, wrk_se
     let host_url = format!("http://{}", host_listener.local_addr()?);
     let reader_url = format!("http://{}", reader_listener.local_addr()?);
     let host = start("host.bench", backend, postgres_admin, Some(("reader.bench", reader_url)), host_listener).await?;
-    let reader = start("reader.bench", backend, postgres_admin, Some(("host.bench", host_url.clone())), reader_listener).await?;
+    let reader =
+        start("reader.bench", backend, postgres_admin, Some(("host.bench", host_url.clone())), reader_listener).await?;
     let state = host.running.state.clone();
     let alice = UserId::parse("@alice:host.bench")?;
     let request = CreateRoomRequest {
@@ -137,7 +148,10 @@ async fn rooms_on(backend: Backend, postgres_admin: &str, appends: usize, wrk_se
     // 1. Appends: sequential messages through the append path (sign, authorise, store).
     let started = Instant::now();
     for i in 0..appends {
-        state.rooms.send(&room, &alice, "m.room.message", None, json!({ "msgtype": "m.text", "body": format!("m{i}") })).await?;
+        state
+            .rooms
+            .send(&room, &alice, "m.room.message", None, json!({ "msgtype": "m.text", "body": format!("m{i}") }))
+            .await?;
     }
     let elapsed = started.elapsed();
     println!("appends: {appends} events in {:.2?} = {:.0} events/s", elapsed, appends as f64 / elapsed.as_secs_f64());
@@ -147,7 +161,8 @@ async fn rooms_on(backend: Backend, postgres_admin: &str, appends: usize, wrk_se
         let user = UserId::parse(format!("@m{i}:host.bench"))?;
         state.rooms.send(&room, &user, "m.room.member", Some(user.as_str()), json!({ "membership": "join" })).await?;
     }
-    let last = state.rooms.send(&room, &alice, "m.room.message", None, json!({ "msgtype": "m.text", "body": "x" })).await?;
+    let last =
+        state.rooms.send(&room, &alice, "m.room.message", None, json!({ "msgtype": "m.text", "body": "x" })).await?;
     let client = reader.running.state.federation.clone();
     let host_name = <&ServerName>::try_from("host.bench")?;
     let room_enc = encode(room.as_str());
@@ -178,7 +193,14 @@ async fn rooms_on(backend: Backend, postgres_admin: &str, appends: usize, wrk_se
     // 3. Signed GET /event from the non-member reader, warm key cache, load from wrk.
     let path = format!("/_matrix/federation/v1/event/{event_enc}");
     client.get(host_name, &path).await?;
-    let header = crate::xmatrix::authorization_header(&reader.running.state.key, "reader.bench", "host.bench", "GET", &path, None);
+    let header = crate::xmatrix::authorization_header(
+        &reader.running.state.key,
+        "reader.bench",
+        "host.bench",
+        "GET",
+        &path,
+        None,
+    );
     run_wrk(&format!("{host_url}{path}"), &header, wrk_seconds)?;
 
     reader.running.stop().await;
@@ -200,7 +222,12 @@ fn run_wrk(url: &str, header: &str, seconds: u64) -> anyhow::Result<()> {
             let text = String::from_utf8_lossy(&output.stdout);
             for line in text.lines() {
                 let line = line.trim();
-                if line.starts_with("Requests/sec") || line.starts_with("50%") || line.starts_with("99%") || line.contains("requests in") || line.starts_with("Non-2xx") {
+                if line.starts_with("Requests/sec")
+                    || line.starts_with("50%")
+                    || line.starts_with("99%")
+                    || line.contains("requests in")
+                    || line.starts_with("Non-2xx")
+                {
                     println!("GET /event (wrk -t2 -c64 -d{seconds}s): {line}");
                 }
             }

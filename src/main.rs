@@ -86,7 +86,9 @@ fn main() -> ExitCode {
         Command::Serve { config } => serve(config),
         Command::GenerateKey { path, config } => generate_key(path, config),
         Command::Migrate { config } => migrate(config),
-        Command::Bench { command: BenchCommand::Rooms { postgres, appends, seconds } } => bench_rooms(&postgres, appends, seconds),
+        Command::Bench { command: BenchCommand::Rooms { postgres, appends, seconds } } => {
+            bench_rooms(&postgres, appends, seconds)
+        }
         Command::User { command: UserCommand::Create { localpart, password, admin, config } } => {
             create_user(&localpart, &password, admin, config)
         }

@@ -50,8 +50,11 @@ async fn visible_event(
     room_id: Option<&OwnedRoomId>,
     event_id: &str,
 ) -> Result<StoredEvent, MatrixError> {
-    let (event, visible) =
-        state.rooms.event_for_server(event_id, origin).await?.ok_or_else(|| MatrixError::not_found("Event not found"))?;
+    let (event, visible) = state
+        .rooms
+        .event_for_server(event_id, origin)
+        .await?
+        .ok_or_else(|| MatrixError::not_found("Event not found"))?;
     if room_id.is_some_and(|r| *r != event.pdu.room_id) {
         return Err(MatrixError::not_found("Event not found in this room"));
     }

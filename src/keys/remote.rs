@@ -203,7 +203,12 @@ impl RemoteKeys {
     }
 
     /// A cached key valid at `valid_at`: from memory, else from the database (then remembered).
-    async fn cached_valid(&self, server: &ServerName, key_id: &str, valid_at: i64) -> Result<Option<[u8; 32]>, KeyError> {
+    async fn cached_valid(
+        &self,
+        server: &ServerName,
+        key_id: &str,
+        valid_at: i64,
+    ) -> Result<Option<[u8; 32]>, KeyError> {
         let memory_key = (server.to_owned(), key_id.to_owned());
         if let Some(key) = self.memory.lock().unwrap().get(&memory_key) {
             if key.valid_until_ts >= valid_at {

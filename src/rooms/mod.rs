@@ -62,7 +62,9 @@ pub struct Rooms {
     visibility: Arc<visibility::VisibilityCache>,
     /// Servers with joined members per room, valid while the room's current state group is the
     /// one recorded (every membership change makes a new group, on any instance).
-    joined: Arc<Mutex<HashMap<String, (Option<i64>, Arc<BTreeSet<String>>)>>>,
+    joined: Arc<JoinedCache>,
+    /// Recently read events. Stored events never change, so a hit is always current.
+    events: Arc<EventCache>,
 }
 
 impl Rooms {
@@ -74,6 +76,7 @@ impl Rooms {
             stream: watch::Sender::new(0),
             visibility: Arc::default(),
             joined: Arc::default(),
+            events: Arc::default(),
         }
     }
 
@@ -276,16 +279,20 @@ impl Rooms {
 
     /// An event and whether `server` may see it (joined servers: always; others: WR-2), in one
     /// database round trip. `None` when the event is unknown.
-    pub async fn event_for_server(&self, event_id: &str, server: &ServerName) -> Result<Option<(StoredEvent, bool)>, RoomError> {
+    pub async fn event_for_server(
+        &self,
+        event_id: &str,
+        server: &ServerName,
+    ) -> Result<Option<(StoredEvent, bool)>, RoomError> {
         let (id, server) = (event_id.to_owned(), server.to_string());
-        let (joined, cache) = (self.joined.clone(), self.visibility.clone());
+        let (joined, cache, events) = (self.joined.clone(), self.visibility.clone(), self.events.clone());
         self.read(move |conn| {
-            let Some(event) = store::event_by_id(conn, &id)? else {
+            let Some(event) = events.get_or_load(conn, &id)? else {
                 return Ok(None);
             };
             let visible = joined_servers(conn, &joined, event.pdu.room_id.as_str())?.contains(&server)
                 || visibility::of_event(conn, &event, &cache)? == Visibility::WorldReadable;
-            Ok(Some((event, visible)))
+            Ok(Some(((*event).clone(), visible)))
         })
         .await
     }
@@ -320,7 +327,11 @@ pub fn local_user(localpart: &str, server_name: &ServerName) -> Result<OwnedUser
 type JoinedCache = Mutex<HashMap<String, (Option<i64>, Arc<BTreeSet<String>>)>>;
 
 /// The servers with joined members in the room's current state, cached per state group.
-fn joined_servers(conn: &mut DbConnection, cache: &JoinedCache, room_id: &str) -> Result<Arc<BTreeSet<String>>, RoomError> {
+fn joined_servers(
+    conn: &mut DbConnection,
+    cache: &JoinedCache,
+    room_id: &str,
+) -> Result<Arc<BTreeSet<String>>, RoomError> {
     let group = store::room(conn, room_id)?.ok_or(RoomError::NotFound)?.current_state_group;
     if let Some((cached_group, servers)) = cache.lock().unwrap().get(room_id) {
         if *cached_group == group {
@@ -340,4 +351,29 @@ fn joined_servers(conn: &mut DbConnection, cache: &JoinedCache, room_id: &str) -
     let servers = Arc::new(servers);
     cache.lock().unwrap().insert(room_id.to_owned(), (group, servers.clone()));
     Ok(servers)
+}
+
+/// A bounded map of recently read events (cleared when full: simple, and always correct
+/// because stored events are immutable).
+#[derive(Default)]
+pub struct EventCache(Mutex<HashMap<String, Arc<StoredEvent>>>);
+
+const EVENT_CACHE_MAX: usize = 10_000;
+
+impl EventCache {
+    fn get_or_load(&self, conn: &mut DbConnection, event_id: &str) -> Result<Option<Arc<StoredEvent>>, RoomError> {
+        if let Some(event) = self.0.lock().unwrap().get(event_id) {
+            return Ok(Some(event.clone()));
+        }
+        let Some(event) = store::event_by_id(conn, event_id)? else {
+            return Ok(None);
+        };
+        let event = Arc::new(event);
+        let mut map = self.0.lock().unwrap();
+        if map.len() >= EVENT_CACHE_MAX {
+            map.clear();
+        }
+        map.insert(event_id.to_owned(), event.clone());
+        Ok(Some(event))
+    }
 }

@@ -83,7 +83,11 @@ impl VisibilityCache {
     }
 }
 
-fn visibility_at_group(conn: &mut DbConnection, group: Option<i64>, cache: &VisibilityCache) -> Result<Visibility, RoomError> {
+fn visibility_at_group(
+    conn: &mut DbConnection,
+    group: Option<i64>,
+    cache: &VisibilityCache,
+) -> Result<Visibility, RoomError> {
     let Some(group) = group else {
         return Ok(Visibility::Shared);
     };
@@ -103,7 +107,11 @@ fn visibility_at_group(conn: &mut DbConnection, group: Option<i64>, cache: &Visi
 
 /// The visibility that applies to `event` for a server with no member in the room: the
 /// setting before it, or `world_readable` when the event itself makes the room world-readable.
-pub fn of_event(conn: &mut DbConnection, event: &StoredEvent, cache: &VisibilityCache) -> Result<Visibility, RoomError> {
+pub fn of_event(
+    conn: &mut DbConnection,
+    event: &StoredEvent,
+    cache: &VisibilityCache,
+) -> Result<Visibility, RoomError> {
     let before = visibility_at_group(conn, event.state_group_before, cache)?;
     let is_change = event.pdu.event_type() == "m.room.history_visibility" && event.pdu.state_key.as_deref() == Some("");
     if is_change && before != Visibility::WorldReadable {
