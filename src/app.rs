@@ -17,7 +17,10 @@ use crate::federation::client::FederationClient;
 use crate::federation::resolve::{Dns, HickoryDns};
 use crate::keys::{RemoteKeys, SigningKey};
 use crate::metrics::Metrics;
+use crate::peeks::inbound::InboundPeeks;
 use crate::rooms::Rooms;
+use crate::schedule::{self, ScheduleHandle};
+use crate::sender::{self, SenderHandle};
 use crate::state::AppState;
 use crate::{client_api, federation, http, keys};
 
@@ -60,7 +63,8 @@ pub async fn build_state(settings: Settings, dns: Option<Arc<dyn Dns>>) -> anyho
     );
     let rooms = Rooms::new(db.clone(), key.clone(), settings.server_name.clone());
     let accounts = Accounts::new(db.clone());
-    Ok(AppState { settings, db, key, keys, federation, metrics: Metrics::new(), rooms, accounts })
+    let inbound = InboundPeeks::new(db.clone(), &settings);
+    Ok(AppState { settings, db, key, keys, federation, metrics: Metrics::new(), rooms, accounts, inbound })
 }
 
 /// Sockets bound before the server starts (tests bind port 0 and read the port back).
@@ -91,16 +95,26 @@ pub struct RunningServer {
     pub metrics_addr: Option<SocketAddr>,
     handles: Vec<ServerHandle>,
     tasks: Vec<tokio::task::JoinHandle<std::io::Result<()>>>,
+    sender: Option<SenderHandle>,
+    schedule: Option<ScheduleHandle>,
 }
 
 impl RunningServer {
     /// Stops accepting connections, lets in-flight requests finish, and waits for the listeners.
-    pub async fn stop(self) {
+    /// Then stops the scheduler and the sender: a transaction in flight finishes, and the
+    /// cursors on disk say what was delivered, so nothing queued is lost.
+    pub async fn stop(mut self) {
         for handle in &self.handles {
             handle.stop(true).await;
         }
-        for task in self.tasks {
+        for task in std::mem::take(&mut self.tasks) {
             let _ = task.await;
+        }
+        if let Some(schedule) = self.schedule.take() {
+            schedule.stop().await;
+        }
+        if let Some(sender) = self.sender.take() {
+            sender.stop().await;
         }
     }
 
@@ -158,8 +172,10 @@ pub fn start(state: AppState, listeners: Listeners) -> anyhow::Result<RunningSer
         handles.push(server.handle());
         tasks.push(tokio::spawn(server));
     }
+    let sender = Some(sender::start(state.clone()));
+    let schedule = Some(schedule::start(state.clone()));
     tracing::info!(%http_addr, ?tls_addr, ?metrics_addr, server_name = %state.settings.server_name, "peekgate listening");
-    Ok(RunningServer { state, http_addr, tls_addr, metrics_addr, handles, tasks })
+    Ok(RunningServer { state, http_addr, tls_addr, metrics_addr, handles, tasks, sender, schedule })
 }
 
 fn load_tls_config(tls: &TlsSettings) -> anyhow::Result<rustls::ServerConfig> {

@@ -121,11 +121,29 @@ pub struct FederationConfig {
     pub peek: FederationPeekConfig,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
 pub struct FederationPeekConfig {
     /// FP-4 interop switch: accept any 1..255-byte printable-ASCII peek_id (Dendrite sends room IDs).
     pub lenient_peek_ids: bool,
+    /// FP-12: new peeks per origin per minute, and the burst allowed above that rate.
+    pub new_peeks_per_minute: u32,
+    pub new_peeks_burst: u32,
+    /// FP-12: live peeks one origin may hold in total, and peek_ids per room.
+    pub max_active_per_origin: u32,
+    pub max_ids_per_room: u32,
+}
+
+impl Default for FederationPeekConfig {
+    fn default() -> Self {
+        FederationPeekConfig {
+            lenient_peek_ids: false,
+            new_peeks_per_minute: 10,
+            new_peeks_burst: 20,
+            max_active_per_origin: 1000,
+            max_ids_per_room: 50,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -337,6 +355,11 @@ impl Config {
         positive("federation.max_response_bytes", self.federation.max_response_bytes as u64)?;
         positive("http.max_body_bytes", self.http.max_body_bytes as u64)?;
         positive("peeks.renewal_interval_ms", self.peeks.renewal_interval_ms)?;
+        let peek = &self.federation.peek;
+        positive("federation.peek.new_peeks_per_minute", peek.new_peeks_per_minute.into())?;
+        positive("federation.peek.new_peeks_burst", peek.new_peeks_burst.into())?;
+        positive("federation.peek.max_active_per_origin", peek.max_active_per_origin.into())?;
+        positive("federation.peek.max_ids_per_room", peek.max_ids_per_room.into())?;
         positive("peeks.idle_device_ms", self.peeks.idle_device_ms)?;
         let evict_inbound = parse_cron("schedule.evict_inbound", &self.schedule.evict_inbound)?;
         let renew_outbound = parse_cron("schedule.renew_outbound", &self.schedule.renew_outbound)?;

@@ -8,6 +8,7 @@ use crate::db::Db;
 use crate::federation::client::FederationClient;
 use crate::keys::{RemoteKeys, SigningKey};
 use crate::metrics::Metrics;
+use crate::peeks::inbound::InboundPeeks;
 use crate::rooms::Rooms;
 
 pub struct AppState {
@@ -19,4 +20,5 @@ pub struct AppState {
     pub metrics: Metrics,
     pub rooms: Rooms,
     pub accounts: Accounts,
+    pub inbound: InboundPeeks,
 }

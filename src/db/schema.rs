@@ -128,6 +128,51 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    inbound_peeks (origin, room_id, peek_id) {
+        origin -> Text,
+        room_id -> Text,
+        peek_id -> Text,
+        created_ts -> BigInt,
+        renewed_ts -> BigInt,
+        renewal_interval_ms -> BigInt,
+        expires_ts -> BigInt,
+        start_stream_pos -> BigInt,
+        end_stream_pos -> Nullable<BigInt>,
+        end_reason -> Nullable<Text>,
+    }
+}
+
+diesel::table! {
+    destinations (server_name) {
+        server_name -> Text,
+        last_sent_pos -> BigInt,
+        failure_count -> Integer,
+        retry_at -> Nullable<BigInt>,
+        last_success_ts -> Nullable<BigInt>,
+        lease_owner -> Nullable<Text>,
+        lease_expires -> Nullable<BigInt>,
+    }
+}
+
+diesel::table! {
+    peek_notices (destination, room_id, peek_id) {
+        destination -> Text,
+        room_id -> Text,
+        peek_id -> Text,
+        after_pos -> BigInt,
+    }
+}
+
+diesel::table! {
+    received_txns (origin, txn_id) {
+        origin -> Text,
+        txn_id -> Text,
+        response -> Text,
+        received_ts -> BigInt,
+    }
+}
+
 diesel::joinable!(events -> rooms (room_id));
 
 diesel::allow_tables_to_appear_in_same_query!(
@@ -144,4 +189,8 @@ diesel::allow_tables_to_appear_in_same_query!(
     devices,
     access_tokens,
     client_txns,
+    inbound_peeks,
+    destinations,
+    peek_notices,
+    received_txns,
 );

@@ -1,6 +1,8 @@
 //! Server-server API: the outbound client (with server-name resolution) and our routes.
 
 pub mod client;
+pub mod peek;
 pub mod reads;
 pub mod resolve;
+pub mod send;
 pub mod server;

@@ -4,7 +4,7 @@
 use actix_web::{web, HttpResponse};
 use serde_json::json;
 
-use super::reads;
+use super::{peek, reads, send};
 use crate::http::resource;
 use crate::xmatrix::SignedRequest;
 
@@ -21,6 +21,13 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             resource("/_matrix/federation/v1/get_missing_events/{room_id}")
                 .route(web::post().to(reads::get_missing_events)),
         )
+        .service(
+            resource("/_matrix/federation/v1/peek/{room_id}/{peek_id}")
+                .route(web::put().to(peek::put))
+                .route(web::delete().to(peek::delete)),
+        )
+        .service(resource("/_matrix/federation/v1/peek/{room_id}/{peek_id}/renew").route(web::post().to(peek::renew)))
+        .service(resource("/_matrix/federation/v1/send/{txn_id}").route(web::put().to(send::send)))
         .service(resource("/_matrix/federation/v1/query/directory").route(web::get().to(reads::query_directory)))
         .service(
             resource("/_peekgate/federation/v1/whoami").route(web::get().to(whoami)).route(web::post().to(whoami)),

@@ -182,6 +182,25 @@ impl Rooms {
         Ok(appended)
     }
 
+    /// Stores an event another server sent (signatures already verified): the append path for
+    /// remote events. `None` when we already had it.
+    pub async fn append_remote(&self, room_id: &RoomId, pdu: Pdu) -> Result<Option<Appended>, RoomError> {
+        let (room, server_name) = (room_id.to_string(), self.server_name.to_string());
+        let appended = self
+            .db
+            .run(move |conn| {
+                conn.transaction::<_, RoomError, _>(|conn| {
+                    let row = store::lock_for_append(conn, &room)?;
+                    store::append_remote(conn, &server_name, &row, &pdu)
+                })
+            })
+            .await?;
+        if let Some(appended) = &appended {
+            self.appended(appended.stream_pos);
+        }
+        Ok(appended)
+    }
+
     pub async fn room(&self, room_id: &RoomId) -> Result<Option<store::RoomRow>, RoomError> {
         let room = room_id.to_string();
         self.read(move |conn| store::room(conn, &room)).await
@@ -222,6 +241,15 @@ impl Rooms {
             }
             let ids: Vec<String> = store::state_map_at_group(conn, stored.state_group)?.into_values().collect();
             Ok(store::events_by_ids(conn, &ids)?.into_iter().map(|e| e.pdu).collect())
+        })
+        .await
+    }
+
+    /// Events of `room_id` by ID (others and unknown IDs are left out).
+    pub async fn events_by_ids(&self, room_id: &RoomId, ids: Vec<String>) -> Result<Vec<Pdu>, RoomError> {
+        let room = room_id.to_owned();
+        self.read(move |conn| {
+            Ok(store::events_by_ids(conn, &ids)?.into_iter().map(|e| e.pdu).filter(|p| p.room_id == room).collect())
         })
         .await
     }

@@ -157,7 +157,40 @@ pub fn append_local(
     draft.depth = room.max_depth + 1;
     let pdu = pdus::build(key, server_name, room.version, draft).map_err(|e| RoomError::BadEvent(e.to_string()))?;
     authorise(conn, room, &pdu, &needed)?;
-    store_event(conn, room, &pdu)
+    store_event(conn, server_name, room, &pdu)
+}
+
+/// Authorises and stores an event another server sent (already signature-checked): its
+/// `room_id` must be the room's, its auth events known, and it must pass the auth rules against
+/// them and against the current state. `None` when we already have it.
+pub fn append_remote(
+    conn: &mut DbConnection,
+    server_name: &str,
+    room: &RoomRow,
+    pdu: &Pdu,
+) -> Result<Option<Appended>, RoomError> {
+    if pdu.room_id.as_str() != room.room_id {
+        return Err(RoomError::BadEvent(format!("event is for {}, not {}", pdu.room_id, room.room_id)));
+    }
+    if event_by_id(conn, pdu.event_id.as_str())?.is_some() {
+        return Ok(None);
+    }
+    for prev in &pdu.prev_events {
+        if event_by_id(conn, prev.as_str())?.is_none() {
+            return Err(RoomError::BadEvent(format!("unknown prev event {prev}")));
+        }
+    }
+    let auth_types =
+        pdus::auth_types(room.version, &pdu.event_type(), &pdu.sender, pdu.state_key.as_deref(), &pdu.content_value())
+            .map_err(|e| RoomError::BadEvent(e.to_string()))?;
+    let mut state: HashMap<(String, String), String> = HashMap::new();
+    for (kind, state_key) in auth_types {
+        if let Some(id) = current_state_id(conn, &room.room_id, &kind.to_string(), &state_key)? {
+            state.insert((kind.to_string(), state_key), id);
+        }
+    }
+    authorise(conn, room, pdu, &state)?;
+    store_event(conn, server_name, room, pdu).map(Some)
 }
 
 /// The auth rules, against the event's own auth events and the current state.
@@ -184,7 +217,12 @@ fn authorise(
 
 /// Stores an authorised event: a new state group when it is a state event, the events row,
 /// current state, forward extremities and the room's depth.
-pub fn store_event(conn: &mut DbConnection, room: &RoomRow, pdu: &Pdu) -> Result<Appended, RoomError> {
+pub fn store_event(
+    conn: &mut DbConnection,
+    server_name: &str,
+    room: &RoomRow,
+    pdu: &Pdu,
+) -> Result<Appended, RoomError> {
     let before = room.current_state_group;
     let after = match (&pdu.state_key, before) {
         (Some(state_key), _) => {
@@ -239,6 +277,10 @@ pub fn store_event(conn: &mut DbConnection, room: &RoomRow, pdu: &Pdu) -> Result
     diesel::update(rooms::table.filter(rooms::room_id.eq(&room.room_id)))
         .set((rooms::current_state_group.eq(after), rooms::max_depth.eq(room.max_depth.max(pdu.depth))))
         .execute(conn)?;
+    // In the same transaction: a room that stops being peekable ends its peeks (RE-3, RE-4).
+    if pdu.is_state() {
+        crate::peeks::inbound::after_state_event(conn, server_name, pdu, stream_pos)?;
+    }
     Ok(Appended { event_id: pdu.event_id.clone(), stream_pos })
 }
 

@@ -1,0 +1,529 @@
+//! MSC2444, we are the peeked server: create, renew, delete and evict inbound peeks, and end
+//! them when the room stops being peekable (RE-3, RE-4).
+//!
+//! A peek is recorded at stream position P under the append lock *before* the state at P is
+//! read (PE-3), so every event after P reaches the peeker and none is missed.
+
+use std::collections::BTreeMap;
+use std::num::NonZeroU32;
+
+use diesel::prelude::*;
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use ruma::events::room::server_acl::RoomServerAclEventContent;
+use ruma::{OwnedRoomId, RoomId, ServerName};
+use serde::Serialize;
+use serde_json::Value;
+
+use super::PeekId;
+use crate::config::Settings;
+use crate::db::schema::{destinations, inbound_peeks, peek_notices};
+use crate::db::{Db, DbConnection};
+use crate::events::Pdu;
+use crate::keys::now_ms;
+use crate::on_backend;
+use crate::rooms::store::{self, RoomRow};
+use crate::rooms::{RoomError, Rooms, Visibility};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PeekError {
+    #[error("server ACL denies {0}")]
+    Acl(String),
+    #[error("unknown room")]
+    UnknownRoom,
+    #[error("invalid peek ID")]
+    InvalidPeekId,
+    #[error("room version {0} is not among the peeker's versions")]
+    IncompatibleVersion(String),
+    #[error("room is not peekable: {0}")]
+    NotPeekable(&'static str),
+    #[error("too many peeks")]
+    LimitExceeded { retry_after_ms: u64 },
+    #[error("no such peek")]
+    NoSuchPeek,
+    #[error(transparent)]
+    Room(#[from] RoomError),
+}
+
+impl From<crate::db::DbError> for PeekError {
+    fn from(e: crate::db::DbError) -> Self {
+        PeekError::Room(RoomError::Db(e))
+    }
+}
+
+impl From<diesel::result::Error> for PeekError {
+    fn from(e: diesel::result::Error) -> Self {
+        PeekError::Room(e.into())
+    }
+}
+
+/// The Rev A answer to a new peek (FP-7).
+#[derive(Debug, Serialize)]
+pub struct PeekResponse {
+    pub room_version: String,
+    pub state: Vec<Value>,
+    pub auth_chain: Vec<Value>,
+    pub latest_event: Value,
+    pub latest_event_id: String,
+    pub renewal_interval: u64,
+}
+
+pub enum PutOutcome {
+    /// A live peek was renewed: answer `{}` (FP-9).
+    Renewed,
+    Created(Box<PeekResponse>),
+}
+
+/// Limits of FP-12 and the timings of RE-1/RE-2.
+struct Limits {
+    renewal_interval_ms: i64,
+    grace_ms: i64,
+    max_active_per_origin: i64,
+    max_ids_per_room: i64,
+    lenient_peek_ids: bool,
+}
+
+pub struct InboundPeeks {
+    db: Db,
+    limits: Limits,
+    new_peeks: DefaultKeyedRateLimiter<String>,
+}
+
+/// RE-2: the grace after the interval is min(10 % of the interval, configured grace).
+fn grace_ms(interval_ms: i64, configured: i64) -> i64 {
+    (interval_ms / 10).min(configured)
+}
+
+impl InboundPeeks {
+    pub fn new(db: Db, settings: &Settings) -> InboundPeeks {
+        let raw = &settings.raw;
+        let interval = raw.peeks.renewal_interval_ms as i64;
+        let peek = &raw.federation.peek;
+        let quota = Quota::per_minute(NonZeroU32::new(peek.new_peeks_per_minute).expect("validated > 0"))
+            .allow_burst(NonZeroU32::new(peek.new_peeks_burst).expect("validated > 0"));
+        InboundPeeks {
+            db,
+            limits: Limits {
+                renewal_interval_ms: interval,
+                grace_ms: grace_ms(interval, raw.peeks.eviction_grace_ms as i64),
+                max_active_per_origin: peek.max_active_per_origin.into(),
+                max_ids_per_room: peek.max_ids_per_room.into(),
+                lenient_peek_ids: peek.lenient_peek_ids,
+            },
+            new_peeks: RateLimiter::keyed(quota),
+        }
+    }
+
+    pub fn renewal_interval_ms(&self) -> i64 {
+        self.limits.renewal_interval_ms
+    }
+
+    /// `PUT /peek/{roomId}/{peekId}`: the check order of peeking.md §1, then renew or create.
+    pub async fn put(
+        &self,
+        rooms: &Rooms,
+        origin: &ServerName,
+        room_id: &RoomId,
+        raw_peek_id: &str,
+        versions: &[String],
+    ) -> Result<PutOutcome, PeekError> {
+        let room = self.check_room(rooms, origin, room_id).await?;
+        let peek_id = PeekId::parse(raw_peek_id, self.limits.lenient_peek_ids).ok_or(PeekError::InvalidPeekId)?;
+        // FP-3: no `ver` means ["1"], as for make_join.
+        let version = room.version.as_str();
+        let offered = if versions.is_empty() { vec!["1".to_owned()] } else { versions.to_vec() };
+        if !offered.iter().any(|v| v == version) {
+            return Err(PeekError::IncompatibleVersion(version.to_owned()));
+        }
+        check_peekable(rooms, room_id).await?;
+        if self.renew_live(origin, room_id, &peek_id).await? {
+            return Ok(PutOutcome::Renewed);
+        }
+        self.check_limits(origin, room_id).await?;
+        let response = self.create(rooms, origin, room, &peek_id).await?;
+        Ok(PutOutcome::Created(Box::new(response)))
+    }
+
+    /// Checks 1 and 2: server ACL, then a room we actually hold.
+    async fn check_room(&self, rooms: &Rooms, origin: &ServerName, room_id: &RoomId) -> Result<RoomRow, PeekError> {
+        let room = rooms.room(room_id).await?.ok_or(PeekError::UnknownRoom)?;
+        if room.current_state_group.is_none() {
+            return Err(PeekError::UnknownRoom);
+        }
+        if let Some(acl) = rooms.state_event(room_id, "m.room.server_acl", "").await? {
+            let denied = serde_json::from_str::<RoomServerAclEventContent>(acl.content.get())
+                .map(|acl| !acl.is_allowed(origin))
+                .unwrap_or(false);
+            if denied {
+                return Err(PeekError::Acl(origin.to_string()));
+            }
+        }
+        Ok(room)
+    }
+
+    /// FP-9 / Rev B `/renew`: renews a live peek; `false` when unknown, lapsed or ended.
+    pub async fn renew_live(&self, origin: &ServerName, room_id: &RoomId, peek_id: &PeekId) -> Result<bool, PeekError> {
+        let key = (origin.to_string(), room_id.to_string(), peek_id.as_str().to_owned());
+        let (interval, grace) = (self.limits.renewal_interval_ms, self.limits.grace_ms);
+        let renewed = self
+            .db
+            .run::<_, PeekError, _>(move |conn| {
+                let now = now_ms();
+                Ok(diesel::update(
+                    inbound_peeks::table
+                        .filter(inbound_peeks::origin.eq(&key.0))
+                        .filter(inbound_peeks::room_id.eq(&key.1))
+                        .filter(inbound_peeks::peek_id.eq(&key.2))
+                        .filter(inbound_peeks::expires_ts.ge(now))
+                        .filter(inbound_peeks::end_stream_pos.is_null()),
+                )
+                .set((
+                    inbound_peeks::renewed_ts.eq(now),
+                    inbound_peeks::renewal_interval_ms.eq(interval),
+                    inbound_peeks::expires_ts.eq(now + interval + grace),
+                ))
+                .execute(conn)?)
+            })
+            .await?;
+        Ok(renewed > 0)
+    }
+
+    /// Rev B `POST .../renew` on a live peek, after the same room checks as a PUT.
+    pub async fn renew(
+        &self,
+        rooms: &Rooms,
+        origin: &ServerName,
+        room_id: &RoomId,
+        raw_peek_id: &str,
+    ) -> Result<i64, PeekError> {
+        self.check_room(rooms, origin, room_id).await?;
+        let peek_id = PeekId::parse(raw_peek_id, self.limits.lenient_peek_ids).ok_or(PeekError::InvalidPeekId)?;
+        if self.renew_live(origin, room_id, &peek_id).await? {
+            Ok(self.limits.renewal_interval_ms)
+        } else {
+            Err(PeekError::NoSuchPeek)
+        }
+    }
+
+    /// FP-12: the per-origin rate of new peeks, then the caps on live peeks.
+    async fn check_limits(&self, origin: &ServerName, room_id: &RoomId) -> Result<(), PeekError> {
+        if let Err(not_until) = self.new_peeks.check_key(&origin.to_string()) {
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            return Err(PeekError::LimitExceeded { retry_after_ms: wait.as_millis().max(1) as u64 });
+        }
+        let (o, r) = (origin.to_string(), room_id.to_string());
+        let (total, in_room) = self
+            .db
+            .run::<_, PeekError, _>(move |conn| {
+                let now = now_ms();
+                let live = inbound_peeks::table
+                    .filter(inbound_peeks::origin.eq(&o))
+                    .filter(inbound_peeks::expires_ts.ge(now))
+                    .filter(inbound_peeks::end_stream_pos.is_null());
+                let total: i64 = live.count().get_result(conn)?;
+                let in_room: i64 = live.filter(inbound_peeks::room_id.eq(&r)).count().get_result(conn)?;
+                Ok((total, in_room))
+            })
+            .await?;
+        if total >= self.limits.max_active_per_origin || in_room >= self.limits.max_ids_per_room {
+            return Err(PeekError::LimitExceeded { retry_after_ms: 60_000 });
+        }
+        Ok(())
+    }
+
+    /// Records the peek at the room's stream position P under the append lock, reads the state
+    /// at P in the same transaction, then answers with it and its auth chain (FP-7, PE-3).
+    async fn create(
+        &self,
+        rooms: &Rooms,
+        origin: &ServerName,
+        room: RoomRow,
+        peek_id: &PeekId,
+    ) -> Result<PeekResponse, PeekError> {
+        let (o, r, p) = (origin.to_string(), room.room_id.clone(), peek_id.as_str().to_owned());
+        let (interval, grace) = (self.limits.renewal_interval_ms, self.limits.grace_ms);
+        let (state_ids, latest) = self
+            .db
+            .run::<_, PeekError, _>(move |conn| {
+                conn.transaction::<_, PeekError, _>(|conn| {
+                    let room = store::lock_for_append(conn, &r)?;
+                    let position = store::latest_stream_pos(conn, &r)?;
+                    record_peek(conn, &o, &r, &p, position, interval, grace)?;
+                    let state_ids: Vec<String> = store::current_state_map(conn, &room.room_id)?.into_values().collect();
+                    let latest = store::events_in_range(conn, &r, position + 1, false, 1)?
+                        .into_iter()
+                        .next()
+                        .ok_or(RoomError::EventNotFound)?;
+                    Ok((state_ids, latest))
+                })
+            })
+            .await?;
+        let room_id: OwnedRoomId = RoomId::parse(&room.room_id).map_err(|e| RoomError::Internal(e.to_string()))?;
+        let state = rooms.events_by_ids(&room_id, state_ids.clone()).await?;
+        let auth_chain = rooms.auth_chain(state_ids).await?;
+        Ok(PeekResponse {
+            room_version: room.version.as_str().to_owned(),
+            state: state.iter().map(Pdu::federation_json).collect(),
+            auth_chain: auth_chain.iter().map(Pdu::federation_json).collect(),
+            latest_event: latest.pdu.federation_json(),
+            latest_event_id: latest.pdu.event_id.to_string(),
+            renewal_interval: interval as u64,
+        })
+    }
+
+    /// FP-10: deletes the caller's own peek; `NoSuchPeek` when unknown or already expired.
+    pub async fn delete(&self, origin: &ServerName, room_id: &RoomId, raw_peek_id: &str) -> Result<(), PeekError> {
+        let peek_id = PeekId::parse(raw_peek_id, self.limits.lenient_peek_ids).ok_or(PeekError::NoSuchPeek)?;
+        let key = (origin.to_string(), room_id.to_string(), peek_id.as_str().to_owned());
+        let deleted = self
+            .db
+            .run::<_, PeekError, _>(move |conn| {
+                Ok(diesel::delete(
+                    inbound_peeks::table
+                        .filter(inbound_peeks::origin.eq(&key.0))
+                        .filter(inbound_peeks::room_id.eq(&key.1))
+                        .filter(inbound_peeks::peek_id.eq(&key.2))
+                        .filter(inbound_peeks::expires_ts.ge(now_ms()))
+                        .filter(inbound_peeks::end_stream_pos.is_null()),
+                )
+                .execute(conn)?)
+            })
+            .await?;
+        if deleted == 0 {
+            return Err(PeekError::NoSuchPeek);
+        }
+        Ok(())
+    }
+
+    /// Live peeks right now (the `peekgate_inbound_peeks` gauge).
+    pub async fn live_count(&self) -> Result<i64, PeekError> {
+        self.db
+            .run::<_, PeekError, _>(|conn| {
+                Ok(inbound_peeks::table
+                    .filter(inbound_peeks::expires_ts.ge(now_ms()))
+                    .filter(inbound_peeks::end_stream_pos.is_null())
+                    .count()
+                    .get_result(conn)?)
+            })
+            .await
+    }
+}
+
+/// Inserts the peek (replacing a lapsed or ended one with the same key) and makes sure its
+/// server has a delivery cursor. A destination with no other live peek starts at P.
+fn record_peek(
+    conn: &mut DbConnection,
+    origin: &str,
+    room_id: &str,
+    peek_id: &str,
+    position: i64,
+    interval: i64,
+    grace: i64,
+) -> Result<(), PeekError> {
+    let now = now_ms();
+    diesel::delete(
+        inbound_peeks::table
+            .filter(inbound_peeks::origin.eq(origin))
+            .filter(inbound_peeks::room_id.eq(room_id))
+            .filter(inbound_peeks::peek_id.eq(peek_id)),
+    )
+    .execute(conn)?;
+    diesel::delete(
+        peek_notices::table
+            .filter(peek_notices::destination.eq(origin))
+            .filter(peek_notices::room_id.eq(room_id))
+            .filter(peek_notices::peek_id.eq(peek_id)),
+    )
+    .execute(conn)?;
+    let others: i64 = inbound_peeks::table
+        .filter(inbound_peeks::origin.eq(origin))
+        .filter(inbound_peeks::expires_ts.ge(now))
+        .count()
+        .get_result(conn)?;
+    diesel::insert_into(inbound_peeks::table)
+        .values((
+            inbound_peeks::origin.eq(origin),
+            inbound_peeks::room_id.eq(room_id),
+            inbound_peeks::peek_id.eq(peek_id),
+            inbound_peeks::created_ts.eq(now),
+            inbound_peeks::renewed_ts.eq(now),
+            inbound_peeks::renewal_interval_ms.eq(interval),
+            inbound_peeks::expires_ts.eq(now + interval + grace),
+            inbound_peeks::start_stream_pos.eq(position),
+        ))
+        .execute(conn)?;
+    let row = (destinations::server_name.eq(origin.to_owned()), destinations::last_sent_pos.eq(position));
+    on_backend!(&mut *conn, |c| diesel::insert_into(destinations::table)
+        .values(row.clone())
+        .on_conflict_do_nothing()
+        .execute(c))?;
+    if others == 0 {
+        // Nothing else to deliver to this server before P: skip the scan over unrelated events.
+        diesel::update(destinations::table.filter(destinations::server_name.eq(origin)))
+            .filter(destinations::last_sent_pos.lt(position))
+            .set(destinations::last_sent_pos.eq(position))
+            .execute(conn)?;
+    }
+    Ok(())
+}
+
+/// FP-6: peekable iff the current history visibility is `world_readable` and the room is not
+/// encrypted.
+async fn check_peekable(rooms: &Rooms, room_id: &RoomId) -> Result<(), PeekError> {
+    let visibility = rooms
+        .state_event(room_id, "m.room.history_visibility", "")
+        .await?
+        .map(|e| Visibility::parse(e.content_value()["history_visibility"].as_str()))
+        .unwrap_or(Visibility::Shared);
+    if visibility != Visibility::WorldReadable {
+        return Err(PeekError::NotPeekable("Room is not world_readable"));
+    }
+    if rooms.state_event(room_id, "m.room.encryption", "").await?.is_some() {
+        return Err(PeekError::NotPeekable("Room is encrypted"));
+    }
+    Ok(())
+}
+
+/// Why the room ended its peeks (the `reason` label of the eviction counter).
+pub const REASON_VISIBILITY: &str = "visibility_changed";
+pub const REASON_LEFT: &str = "room_left";
+pub const REASON_LAPSED: &str = "lapsed";
+
+/// Called by the append path inside its transaction after every state event: when the room
+/// stops being peekable (RE-3) or our last member leaves (RE-4), every inbound peek on it ends at
+/// this event. The event itself is still delivered; `expired_peeks` follows (PE-7).
+pub fn after_state_event(
+    conn: &mut DbConnection,
+    server_name: &str,
+    pdu: &Pdu,
+    position: i64,
+) -> Result<(), RoomError> {
+    let kind = pdu.event_type();
+    let content = pdu.content_value();
+    let reason = match kind.as_str() {
+        "m.room.history_visibility" if content["history_visibility"] != "world_readable" => Some(REASON_VISIBILITY),
+        "m.room.encryption" => Some(REASON_VISIBILITY),
+        "m.room.member" => {
+            let local_leave = pdu.state_key.as_deref().is_some_and(|k| k.ends_with(&format!(":{server_name}")))
+                && content["membership"] != "join";
+            (local_leave && !has_local_member(conn, pdu.room_id.as_str(), server_name)?).then_some(REASON_LEFT)
+        }
+        _ => None,
+    };
+    if let Some(reason) = reason {
+        end_room_peeks(conn, pdu.room_id.as_str(), position, reason)?;
+    }
+    Ok(())
+}
+
+fn has_local_member(conn: &mut DbConnection, room_id: &str, server_name: &str) -> Result<bool, RoomError> {
+    let suffix = format!(":{server_name}");
+    let members: Vec<String> = store::current_state_map(conn, room_id)?
+        .into_iter()
+        .filter(|((kind, key), _)| kind == "m.room.member" && key.ends_with(&suffix))
+        .map(|(_, id)| id)
+        .collect();
+    Ok(store::events_by_ids(conn, &members)?.iter().any(|e| e.pdu.content_value()["membership"] == "join"))
+}
+
+/// Ends every open inbound peek on the room at `position` and queues `expired_peeks` notices.
+fn end_room_peeks(conn: &mut DbConnection, room_id: &str, position: i64, reason: &str) -> Result<(), RoomError> {
+    let open: Vec<(String, String)> = inbound_peeks::table
+        .filter(inbound_peeks::room_id.eq(room_id))
+        .filter(inbound_peeks::end_stream_pos.is_null())
+        .select((inbound_peeks::origin, inbound_peeks::peek_id))
+        .load(conn)?;
+    diesel::update(
+        inbound_peeks::table.filter(inbound_peeks::room_id.eq(room_id)).filter(inbound_peeks::end_stream_pos.is_null()),
+    )
+    .set((inbound_peeks::end_stream_pos.eq(position), inbound_peeks::end_reason.eq(reason)))
+    .execute(conn)?;
+    for (origin, peek_id) in open {
+        queue_notice(conn, &origin, room_id, &peek_id, position)?;
+    }
+    Ok(())
+}
+
+fn queue_notice(
+    conn: &mut DbConnection,
+    destination: &str,
+    room_id: &str,
+    peek_id: &str,
+    after_pos: i64,
+) -> Result<(), diesel::result::Error> {
+    let row = (
+        peek_notices::destination.eq(destination.to_owned()),
+        peek_notices::room_id.eq(room_id.to_owned()),
+        peek_notices::peek_id.eq(peek_id.to_owned()),
+        peek_notices::after_pos.eq(after_pos),
+    );
+    on_backend!(&mut *conn, |c| diesel::insert_into(peek_notices::table)
+        .values(row.clone())
+        .on_conflict_do_nothing()
+        .execute(c))?;
+    Ok(())
+}
+
+/// One eviction batch (the `evict_inbound` job): deletes up to `batch` lapsed peeks and peeks
+/// the room ended whose events were all sent, queueing `expired_peeks` for the lapsed ones.
+/// On PostgreSQL the rows are claimed with `FOR UPDATE SKIP LOCKED`, so several instances never
+/// evict the same peek. Returns the number of lapsed peeks and the ended ones by reason.
+pub fn evict_batch(
+    conn: &mut DbConnection,
+    now: i64,
+    batch: i64,
+) -> Result<(usize, BTreeMap<String, usize>), diesel::result::Error> {
+    conn.transaction(|conn| {
+        let lapsed: Vec<(String, String, String)> = match conn {
+            DbConnection::Postgresql(pg) => inbound_peeks::table
+                .filter(inbound_peeks::expires_ts.lt(now))
+                .filter(inbound_peeks::end_stream_pos.is_null())
+                .select((inbound_peeks::origin, inbound_peeks::room_id, inbound_peeks::peek_id))
+                .limit(batch)
+                .for_update()
+                .skip_locked()
+                .load(pg)?,
+            DbConnection::Sqlite(_) => inbound_peeks::table
+                .filter(inbound_peeks::expires_ts.lt(now))
+                .filter(inbound_peeks::end_stream_pos.is_null())
+                .select((inbound_peeks::origin, inbound_peeks::room_id, inbound_peeks::peek_id))
+                .limit(batch)
+                .load(conn)?,
+        };
+        let current = events_max(conn)?;
+        for (origin, room_id, peek_id) in &lapsed {
+            diesel::delete(
+                inbound_peeks::table
+                    .filter(inbound_peeks::origin.eq(origin))
+                    .filter(inbound_peeks::room_id.eq(room_id))
+                    .filter(inbound_peeks::peek_id.eq(peek_id)),
+            )
+            .execute(conn)?;
+            queue_notice(conn, origin, room_id, peek_id, current)?;
+        }
+        // Peeks the room ended are kept until their server's cursor passed the end.
+        let delivered = inbound_peeks::end_stream_pos.le(diesel::dsl::sql::<
+            diesel::sql_types::Nullable<diesel::sql_types::BigInt>,
+        >(
+            "(SELECT d.last_sent_pos FROM destinations d WHERE d.server_name = inbound_peeks.origin)",
+        ));
+        let reasons: Vec<Option<String>> = inbound_peeks::table
+            .filter(inbound_peeks::end_stream_pos.is_not_null())
+            .filter(delivered.clone())
+            .select(inbound_peeks::end_reason)
+            .load(conn)?;
+        diesel::delete(inbound_peeks::table.filter(inbound_peeks::end_stream_pos.is_not_null()).filter(delivered))
+            .execute(conn)?;
+        let mut ended: BTreeMap<String, usize> = BTreeMap::new();
+        for reason in reasons {
+            *ended.entry(reason.unwrap_or_else(|| REASON_VISIBILITY.to_owned())).or_default() += 1;
+        }
+        Ok((lapsed.len(), ended))
+    })
+}
+
+fn events_max(conn: &mut DbConnection) -> Result<i64, diesel::result::Error> {
+    use crate::db::schema::events;
+    let max: Option<i64> = events::table.select(diesel::dsl::max(events::stream_pos)).first(conn)?;
+    Ok(max.unwrap_or(0))
+}
