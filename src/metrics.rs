@@ -106,6 +106,8 @@ impl Metrics {
                 }
             }
             metrics::counter!(SENT_PDUS).absolute(0);
+            // Registering the histogram exposes it with empty buckets until the first send.
+            let _ = metrics::histogram!(SEND_DURATION);
             metrics::gauge!(INBOUND_PEEKS).set(0.0);
             metrics::gauge!(OUTBOUND_PEEKS).set(0.0);
             metrics::gauge!(DEVICE_PEEKS).set(0.0);

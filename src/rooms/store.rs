@@ -176,8 +176,10 @@ pub fn append_remote(
         return Ok(None);
     }
     for prev in &pdu.prev_events {
-        if event_by_id(conn, prev.as_str())?.is_none() {
-            return Err(RoomError::BadEvent(format!("unknown prev event {prev}")));
+        match event_by_id(conn, prev.as_str())? {
+            Some(known) if known.pdu.room_id == pdu.room_id => {}
+            Some(_) => return Err(RoomError::BadEvent(format!("prev event {prev} is in another room"))),
+            None => return Err(RoomError::BadEvent(format!("unknown prev event {prev}"))),
         }
     }
     let auth_types =

@@ -180,24 +180,44 @@ impl ServerSpec {
         for f in self.configure {
             f(&mut config);
         }
-        let settings = config.validate().expect("test config is valid");
-        let metrics = TcpListener::bind("127.0.0.1:0").unwrap();
-        let listeners = Listeners { http: self.http.listener, tls: tls_listener, metrics: Some(metrics) };
-        let state = app::build_state(settings, None).await.expect("server state builds");
-        let running = app::start(state, listeners).expect("server starts");
+        let running = launch(&config, self.http.listener, tls_listener).await;
         TestServer {
             base: format!("http://{}", running.http_addr),
             running: Some(running),
             server_name: self.server_name,
+            config,
             db,
             _dir: dir,
         }
     }
 }
 
+async fn launch(config: &Config, http: TcpListener, tls: Option<TcpListener>) -> RunningServer {
+    let settings = config.clone().validate().expect("test config is valid");
+    let metrics = TcpListener::bind("127.0.0.1:0").unwrap();
+    let listeners = Listeners { http, tls, metrics: Some(metrics) };
+    let state = app::build_state(settings, None).await.expect("server state builds");
+    app::start(state, listeners).expect("server starts")
+}
+
+/// Polls `check` every 50 ms until it holds; panics with `what` after 60 s. A deadline for
+/// progress, not a speed assertion: nothing here measures how fast it happened.
+pub async fn wait_until<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !check().await {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 pub struct TestServer {
     pub base: String,
     pub server_name: String,
+    pub config: Config,
     running: Option<RunningServer>,
     pub db: TestDb,
     _dir: tempfile::TempDir,
@@ -217,6 +237,25 @@ impl TestServer {
         let addr = self.running().metrics_addr.expect("metrics listener");
         let text = reqwest::get(format!("http://{addr}/metrics")).await.unwrap().text().await.unwrap();
         metric_value(&text, series)
+    }
+
+    /// Stops the server and starts it again on the same database and key (a new port).
+    pub async fn restart(mut self) -> TestServer {
+        if let Some(running) = self.running.take() {
+            running.stop().await;
+        }
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let running = launch(&self.config, listener, None).await;
+        self.base = format!("http://{}", running.http_addr);
+        self.running = Some(running);
+        self
+    }
+
+    /// Stops only the HTTP side and background tasks, as a crash would, keeping the database.
+    pub async fn stop_running(&mut self) {
+        if let Some(running) = self.running.take() {
+            running.stop().await;
+        }
     }
 
     pub async fn stop(mut self) {

@@ -1,15 +1,23 @@
 //! A small hostile federation peer: its own ed25519 key (ed25519-dalek, not peekgate's key
-//! code), a `/_matrix/key/v2/server` endpoint that can lie in several ways, and helpers to sign
-//! requests correctly or incorrectly.
+//! code), a `/_matrix/key/v2/server` endpoint that can lie in several ways, helpers to sign
+//! requests correctly or incorrectly and to build signed PDUs, and a `/send` endpoint that
+//! verifies everything it receives (the X-Matrix header and every PDU, with code written from
+//! the spec in `verify.rs`) and records it, or fails on purpose.
 
+use std::collections::HashMap;
 use std::net::TcpListener;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use actix_web::dev::ServerHandle;
-use actix_web::{web, App, HttpResponse, HttpServer};
+use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use base64::engine::general_purpose::STANDARD_NO_PAD;
 use base64::Engine;
 use ed25519_dalek::Signer;
+use reqwest::Method;
 use serde_json::{json, Value};
+
+use super::verify;
 
 /// What the peer's key endpoint answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,6 +36,50 @@ pub enum KeyMode {
     UnknownAlgorithmOnly,
 }
 
+/// One transaction the peer accepted.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub txn_id: String,
+    pub origin: String,
+    pub pdus: Vec<Value>,
+    pub expired_peeks: Vec<Value>,
+}
+
+/// What the `/send` endpoint shares with the test.
+#[derive(Default)]
+pub struct Inbox {
+    pub transactions: Mutex<Vec<Received>>,
+    /// Every `/send` request that reached the handler, failed on purpose or not.
+    pub attempts: AtomicUsize,
+    /// Answer 500 to this many more requests.
+    pub fail_remaining: AtomicUsize,
+    /// Problems found while verifying what arrived (the tests assert this stays empty).
+    pub problems: Mutex<Vec<String>>,
+    /// Servers whose keys the peer may fetch: name -> base URL.
+    pub key_sources: Mutex<HashMap<String, String>>,
+    keys: Mutex<HashMap<String, Vec<(String, String)>>>,
+}
+
+impl Inbox {
+    /// Every PDU received, in arrival order.
+    pub fn pdus(&self) -> Vec<Value> {
+        self.transactions.lock().unwrap().iter().flat_map(|t| t.pdus.clone()).collect()
+    }
+
+    /// Event IDs of received PDUs of `version` (computed by the test's own code).
+    pub fn event_ids(&self, version: &str) -> Vec<String> {
+        self.pdus().iter().map(|p| verify::event_id(p, version)).collect()
+    }
+
+    pub fn expired_peeks(&self) -> Vec<Value> {
+        self.transactions.lock().unwrap().iter().flat_map(|t| t.expired_peeks.clone()).collect()
+    }
+
+    fn problem(&self, text: String) {
+        self.problems.lock().unwrap().push(text);
+    }
+}
+
 pub struct TestPeer {
     pub name: String,
     pub key: ed25519_dalek::SigningKey,
@@ -35,6 +87,7 @@ pub struct TestPeer {
     /// A second key the peer never publishes.
     pub other_key: ed25519_dalek::SigningKey,
     pub url: String,
+    pub inbox: Arc<Inbox>,
     handle: ServerHandle,
 }
 
@@ -55,12 +108,101 @@ pub fn signing_bytes(value: &Value) -> Vec<u8> {
         object.remove("signatures");
         object.remove("unsigned");
     }
-    let canonical = ruma::CanonicalJsonValue::try_from(value).expect("canonical JSON");
-    serde_json::to_vec(&canonical).unwrap()
+    verify::canonical(&value)
 }
 
 pub fn sign_value(key: &ed25519_dalek::SigningKey, value: &Value) -> String {
     b64(&key.sign(&signing_bytes(value)).to_bytes())
+}
+
+/// Parses `X-Matrix origin=..,destination=..,key=..,sig=..` (values quoted or bare).
+fn parse_xmatrix(header: &str) -> Option<HashMap<String, String>> {
+    let rest = header.strip_prefix("X-Matrix ")?;
+    let mut params = HashMap::new();
+    for part in rest.split(',') {
+        let (name, value) = part.trim().split_once('=')?;
+        params.insert(name.to_ascii_lowercase(), value.trim_matches('"').to_owned());
+    }
+    Some(params)
+}
+
+async fn server_keys(inbox: &Inbox, server: &str) -> Vec<(String, String)> {
+    if let Some(keys) = inbox.keys.lock().unwrap().get(server) {
+        return keys.clone();
+    }
+    let Some(base) = inbox.key_sources.lock().unwrap().get(server).cloned() else {
+        return Vec::new();
+    };
+    let Ok(response) = reqwest::get(format!("{base}/_matrix/key/v2/server")).await else {
+        return Vec::new();
+    };
+    let body: Value = response.json().await.unwrap_or(Value::Null);
+    let keys: Vec<(String, String)> = body["verify_keys"]
+        .as_object()
+        .map(|m| m.iter().map(|(id, k)| (id.clone(), k["key"].as_str().unwrap_or("").to_owned())).collect())
+        .unwrap_or_default();
+    inbox.keys.lock().unwrap().insert(server.to_owned(), keys.clone());
+    keys
+}
+
+/// `PUT /_matrix/federation/v1/send/{txnId}`: check the X-Matrix signature and every PDU.
+async fn receive(req: HttpRequest, body: web::Bytes, peer: web::Data<(String, Arc<Inbox>)>) -> HttpResponse {
+    let (name, inbox) = (&peer.0, &peer.1);
+    inbox.attempts.fetch_add(1, Ordering::SeqCst);
+    if inbox.fail_remaining.load(Ordering::SeqCst) > 0 {
+        inbox.fail_remaining.fetch_sub(1, Ordering::SeqCst);
+        return HttpResponse::InternalServerError().json(json!({ "errcode": "M_UNKNOWN", "error": "down on purpose" }));
+    }
+    let header = req.headers().get("Authorization").and_then(|v| v.to_str().ok()).unwrap_or("");
+    let Some(params) = parse_xmatrix(header) else {
+        inbox.problem(format!("no X-Matrix header: {header:?}"));
+        return HttpResponse::Unauthorized().finish();
+    };
+    let origin = params.get("origin").cloned().unwrap_or_default();
+    if params.get("destination") != Some(name) {
+        inbox.problem(format!("destination {:?} is not {name}", params.get("destination")));
+        return HttpResponse::Unauthorized().finish();
+    }
+    let content: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let uri = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("");
+    let object = json!({ "method": "PUT", "uri": uri, "origin": origin, "destination": name, "content": content });
+    let keys = server_keys(inbox, &origin).await;
+    let sig = params.get("sig").and_then(|s| STANDARD_NO_PAD.decode(s).ok()).and_then(|s| <[u8; 64]>::try_from(s).ok());
+    let key = keys.iter().find(|(id, _)| Some(id) == params.get("key"));
+    let verified = match (sig, key) {
+        (Some(sig), Some((_, public))) => {
+            let public: [u8; 32] = STANDARD_NO_PAD.decode(public).unwrap().try_into().unwrap();
+            ed25519_dalek::VerifyingKey::from_bytes(&public)
+                .unwrap()
+                .verify_strict(&signing_bytes(&object), &ed25519_dalek::Signature::from_bytes(&sig))
+                .is_ok()
+        }
+        _ => false,
+    };
+    if !verified {
+        inbox.problem(format!("bad X-Matrix signature from {origin}"));
+        return HttpResponse::Unauthorized().finish();
+    }
+    let pdus = content["pdus"].as_array().cloned().unwrap_or_default();
+    let mut results = serde_json::Map::new();
+    for pdu in &pdus {
+        let sender_server =
+            pdu["sender"].as_str().and_then(|s| s.split_once(':')).map(|(_, s)| s.to_owned()).unwrap_or_default();
+        let sender_keys = server_keys(inbox, &sender_server).await;
+        let version = if pdu.get("origin").is_some() { "10" } else { "11" };
+        if let Err(e) = verify::check_event(pdu, version, &sender_server, &sender_keys, None) {
+            inbox.problem(format!("PDU {} from {sender_server} failed verification: {e}", pdu["type"]));
+        }
+        results.insert(verify::event_id(pdu, version), json!({}));
+    }
+    let txn_id = req.match_info().get("txn").unwrap_or("").to_owned();
+    inbox.transactions.lock().unwrap().push(Received {
+        txn_id,
+        origin,
+        pdus,
+        expired_peeks: content["expired_peeks"].as_array().cloned().unwrap_or_default(),
+    });
+    HttpResponse::Ok().json(json!({ "pdus": results }))
 }
 
 impl TestPeer {
@@ -69,17 +211,23 @@ impl TestPeer {
         let other_key = random_key();
         let key_id = "ed25519:p1".to_owned();
         let response = key_response(name, &key, &key_id, &other_key, mode);
+        let inbox = Arc::new(Inbox::default());
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
+        let data = web::Data::new((name.to_owned(), inbox.clone()));
         let server = HttpServer::new(move || {
             let response = response.clone();
-            App::new().route(
-                "/_matrix/key/v2/server",
-                web::get().to(move || {
-                    let response = response.clone();
-                    async move { HttpResponse::Ok().json(response) }
-                }),
-            )
+            App::new()
+                .app_data(data.clone())
+                .app_data(web::PayloadConfig::new(16 * 1024 * 1024))
+                .route(
+                    "/_matrix/key/v2/server",
+                    web::get().to(move || {
+                        let response = response.clone();
+                        async move { HttpResponse::Ok().json(response) }
+                    }),
+                )
+                .route("/_matrix/federation/v1/send/{txn}", web::put().to(receive))
         })
         .disable_signals()
         .workers(1)
@@ -88,7 +236,17 @@ impl TestPeer {
         .run();
         let handle = server.handle();
         tokio::spawn(server);
-        TestPeer { name: name.to_owned(), key, key_id, other_key, url, handle }
+        TestPeer { name: name.to_owned(), key, key_id, other_key, url, inbox, handle }
+    }
+
+    /// Lets the peer fetch `server`'s keys from `base_url` (to verify what it receives).
+    pub fn trust(&self, server: &str, base_url: &str) {
+        self.inbox.key_sources.lock().unwrap().insert(server.to_owned(), base_url.to_owned());
+    }
+
+    /// The peer's published keys, as `(key_id, public key)`.
+    pub fn public_keys(&self) -> Vec<(String, String)> {
+        vec![(self.key_id.clone(), b64(self.key.verifying_key().as_bytes()))]
     }
 
     /// The object X-Matrix signs, built independently of peekgate's code.
@@ -109,6 +267,64 @@ impl TestPeer {
     pub fn authorization(&self, method: &str, uri: &str, destination: &str, content: Option<&Value>) -> String {
         let sig = sign_value(&self.key, &self.request_object(method, uri, destination, content));
         format!("X-Matrix origin=\"{}\",destination=\"{destination}\",key=\"{}\",sig=\"{sig}\"", self.name, self.key_id)
+    }
+
+    /// Sends a correctly signed request to a gateway and returns `(status, JSON body)`.
+    pub async fn call(
+        &self,
+        base: &str,
+        destination: &str,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> (u16, Value) {
+        peekgate::app::install_crypto_provider();
+        let auth = self.authorization(method.as_str(), path, destination, body);
+        let mut req = reqwest::Client::new().request(method, format!("{base}{path}")).header("Authorization", auth);
+        if let Some(body) = body {
+            req = req.json(body);
+        }
+        let response = req.send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// A PDU authored by `@{localpart}:{peer}`, hashed and signed by the peer (spec algorithm,
+    /// the test's own code). Returns the PDU and its event ID.
+    #[allow(clippy::too_many_arguments)]
+    pub fn build_pdu(
+        &self,
+        version: &str,
+        room_id: &str,
+        localpart: &str,
+        kind: &str,
+        state_key: Option<&str>,
+        content: Value,
+        auth_events: &[String],
+        prev_events: &[String],
+        depth: i64,
+    ) -> (Value, String) {
+        let mut pdu = json!({
+            "room_id": room_id,
+            "sender": format!("@{localpart}:{}", self.name),
+            "type": kind,
+            "content": content,
+            "auth_events": auth_events,
+            "prev_events": prev_events,
+            "depth": depth,
+            "origin_server_ts": chrono::Utc::now().timestamp_millis(),
+        });
+        if let Some(state_key) = state_key {
+            pdu["state_key"] = Value::from(state_key);
+        }
+        if version == "10" {
+            pdu["origin"] = Value::from(self.name.clone());
+        }
+        pdu["hashes"] = json!({ "sha256": verify::content_hash(&pdu) });
+        let redacted = verify::redact(&pdu, version);
+        pdu["signatures"] = json!({ self.name.clone(): { self.key_id.clone(): sign_value(&self.key, &redacted) } });
+        let id = verify::event_id(&pdu, version);
+        (pdu, id)
     }
 
     pub async fn stop(self) {

@@ -1,0 +1,589 @@
+//! Inbound federated peeks (MSC2444, peekgate is the peeked server), peeking.md §1-3 and §8,
+//! over real HTTP on PostgreSQL and SQLite. The peekers are test peers with their own keys that
+//! verify every transaction and PDU they receive.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
+
+use reqwest::Method;
+use ruma::RoomId;
+use serde_json::{json, Value};
+use support::client::{enc, Client};
+use support::peer::{KeyMode, TestPeer};
+use support::verify::check_event;
+use support::{wait_until, DbKind, ServerSpec, TestServer};
+
+const GW: &str = "gw.test";
+
+fn open_registration(c: &mut peekgate::config::Config) {
+    c.client.registration = "open".into();
+}
+
+fn peek_path(room: &str, peek_id: &str) -> String {
+    format!("/_matrix/federation/v1/peek/{}/{}", enc(room), enc(peek_id))
+}
+
+/// A gateway that knows `peers` (by name), an account on it and a world-readable v10 room.
+struct Setup {
+    gw: TestServer,
+    alice: Client,
+    room: String,
+    peers: Vec<TestPeer>,
+}
+
+async fn setup(
+    db: DbKind,
+    peer_names: &[&str],
+    configure: impl FnOnce(&mut peekgate::config::Config) + 'static,
+) -> Setup {
+    let peers: Vec<TestPeer> = peer_names.iter().map(|n| TestPeer::start(n, KeyMode::Good)).collect();
+    let mut spec = ServerSpec::new(GW, db).configure(open_registration).configure(configure);
+    for peer in &peers {
+        spec = spec.destination(&peer.name, &peer.url);
+    }
+    let gw = spec.start().await;
+    for peer in &peers {
+        peer.trust(GW, &gw.base);
+        for other in &peers {
+            peer.trust(&other.name, &other.url);
+        }
+    }
+    let alice = Client::register(&gw.base, "alice").await;
+    let room = alice.create_world_readable_room("lobby", "10").await;
+    Setup { gw, alice, room, peers }
+}
+
+async fn gateway_keys(gw: &TestServer) -> Vec<(String, String)> {
+    let (_, keys) = support::client::request(&gw.base, None, Method::GET, "/_matrix/key/v2/server", None).await;
+    keys["verify_keys"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(id, k)| (id.clone(), k["key"].as_str().unwrap().to_owned()))
+        .collect()
+}
+
+async fn put_peek(peer: &TestPeer, gw: &TestServer, room: &str, peek_id: &str, query: &str) -> (u16, Value) {
+    let path = format!("{}{query}", peek_path(room, peek_id));
+    peer.call(&gw.base, GW, Method::PUT, &path, Some(&json!({}))).await
+}
+
+/// The current state event ID of `kind` (empty state key) in a gateway's room.
+async fn state_id(gw: &TestServer, room: &str, kind: &str) -> String {
+    let room_id = RoomId::parse(room).unwrap();
+    gw.state().rooms.state_event(&room_id, kind, "").await.unwrap().unwrap().event_id.to_string()
+}
+
+/// The newest event of a gateway's room.
+async fn latest(gw: &TestServer, room: &str) -> peekgate::rooms::StoredEvent {
+    let room_id = RoomId::parse(room).unwrap();
+    gw.state().rooms.events_in_range(&room_id, i64::MAX, false, 1).await.unwrap().remove(0)
+}
+
+async fn finish(setup: Setup) {
+    for peer in &setup.peers {
+        assert!(
+            peer.inbox.problems.lock().unwrap().is_empty(),
+            "{}: {:?}",
+            peer.name,
+            peer.inbox.problems.lock().unwrap()
+        );
+    }
+    setup.gw.stop().await;
+    for peer in setup.peers {
+        peer.stop().await;
+    }
+}
+
+/// FP-1, FP-5, FP-7, FP-9: the Rev A body, verified event by event; renewal; two origins.
+async fn fp7_new_peek_returns_verified_state_and_renewal_is_empty(db: DbKind) {
+    let s = setup(db, &["peeker.test", "other.test"], |_| {}).await;
+    let keys = gateway_keys(&s.gw).await;
+    let last = s.alice.say(&s.room, "before the peek").await;
+    let (status, body) = put_peek(&s.peers[0], &s.gw, &s.room, "Ab3xZ9q", "?ver=10&ver=11").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["room_version"], "10");
+    assert_eq!(body["renewal_interval"], 3_600_000);
+    assert_eq!(body["latest_event_id"], last.as_str());
+    assert_eq!(body["latest_event"]["content"]["body"], "before the peek");
+    let state = body["state"].as_array().unwrap();
+    let chain = body["auth_chain"].as_array().unwrap();
+    let mut ids = BTreeSet::new();
+    for pdu in state.iter().chain(chain).chain(std::iter::once(&body["latest_event"])) {
+        check_event(pdu, "10", GW, &keys, None).unwrap_or_else(|e| panic!("{}: {e}", pdu["type"]));
+        ids.insert(support::verify::event_id(pdu, "10"));
+    }
+    // Every state event's auth events are in state ∪ auth_chain (FP-7 test row).
+    for pdu in state {
+        for auth in pdu["auth_events"].as_array().unwrap() {
+            assert!(ids.contains(auth.as_str().unwrap()), "missing auth event {auth}");
+        }
+    }
+    let kinds: BTreeSet<&str> = state.iter().map(|p| p["type"].as_str().unwrap()).collect();
+    assert!(kinds.contains("m.room.create") && kinds.contains("m.room.history_visibility"));
+    // FP-9: the same peek again within the interval renews it: {}.
+    let (status, body) = put_peek(&s.peers[0], &s.gw, &s.room, "Ab3xZ9q", "?ver=10").await;
+    assert_eq!((status, body.clone()), (200, json!({})));
+    // FP-5: the same peek_id from another origin is an independent peek.
+    let (status, body) = put_peek(&s.peers[1], &s.gw, &s.room, "Ab3xZ9q", "?ver=10").await;
+    assert_eq!(status, 200);
+    assert!(body["state"].is_array());
+    // Rev B renew.
+    let (status, body) = s.peers[0]
+        .call(&s.gw.base, GW, Method::POST, &format!("{}/renew", peek_path(&s.room, "Ab3xZ9q")), Some(&json!({})))
+        .await;
+    assert_eq!((status, body["renewal_interval"].as_i64()), (200, Some(3_600_000)));
+    let (status, _) = s.peers[0]
+        .call(&s.gw.base, GW, Method::POST, &format!("{}/renew", peek_path(&s.room, "nope")), Some(&json!({})))
+        .await;
+    assert_eq!(status, 404);
+    assert_eq!(s.gw.metric("peekgate_peek_renewals_total{direction=\"inbound\",result=\"ok\"}").await, 2.0);
+    finish(s).await;
+}
+both_backends!(fp7_new_peek_returns_verified_state_and_renewal_is_empty);
+
+/// The hostile rows: FP-2, FP-3, FP-4, FP-6 and the check order.
+async fn fp_hostile_requests_get_the_right_errors(db: DbKind) {
+    let s = setup(db, &["peeker.test"], |_| {}).await;
+    let peer = &s.peers[0];
+    let expect = |(status, body): (u16, Value), want: (u16, &str)| {
+        assert_eq!((status, body["errcode"].as_str().unwrap_or("")), want, "{body}");
+        body
+    };
+    for bad in ["123456789", "abc!", "ab:c", "é"] {
+        expect(put_peek(peer, &s.gw, &s.room, bad, "?ver=10").await, (400, "M_UNRECOGNIZED"));
+    }
+    expect(put_peek(peer, &s.gw, &s.room, "a.b=c_d-", "?ver=10").await, (200, ""));
+    let body = expect(put_peek(peer, &s.gw, &s.room, "p1", "?ver=9").await, (400, "M_INCOMPATIBLE_ROOM_VERSION"));
+    assert_eq!(body["room_version"], "10");
+    let body = expect(put_peek(peer, &s.gw, &s.room, "p1", "").await, (400, "M_INCOMPATIBLE_ROOM_VERSION"));
+    assert_eq!(body["room_version"], "10");
+    // Unknown room: 404, before the peek_id and version checks.
+    expect(put_peek(peer, &s.gw, "!nope:gw.test", "123456789", "?ver=1").await, (404, "M_NOT_FOUND"));
+    // Not world-readable: 403.
+    let shared = s.alice.create_room(json!({ "preset": "public_chat" })).await;
+    expect(put_peek(peer, &s.gw, &shared, "p1", "?ver=10").await, (403, "M_FORBIDDEN"));
+    // Encrypted, although world-readable: 403.
+    let encrypted = s.alice.create_world_readable_room("enc", "10").await;
+    s.alice.put_state(&encrypted, "m.room.encryption", "", json!({ "algorithm": "m.megolm.v1.aes-sha2" })).await;
+    expect(put_peek(peer, &s.gw, &encrypted, "p1", "?ver=10").await, (403, "M_FORBIDDEN"));
+    // FP-2: no body.
+    let (status, body) =
+        peer.call(&s.gw.base, GW, Method::PUT, &format!("{}?ver=10", peek_path(&s.room, "p2")), None).await;
+    assert_eq!((status, body["errcode"].as_str()), (400, Some("M_NOT_JSON")));
+    // Server ACL first: a denied origin gets 403 even with a bad peek_id.
+    let acl_room = s.alice.create_world_readable_room("acl", "10").await;
+    let (status, _) = s
+        .alice
+        .put_state(
+            &acl_room,
+            "m.room.server_acl",
+            "",
+            json!({ "allow": ["*"], "deny": ["peeker.test"], "allow_ip_literals": false }),
+        )
+        .await;
+    assert_eq!(status, 200);
+    expect(put_peek(peer, &s.gw, &acl_room, "123456789", "?ver=10").await, (403, "M_FORBIDDEN"));
+    // Unsigned: 401.
+    let (status, body) = support::client::request(
+        &s.gw.base,
+        None,
+        Method::PUT,
+        &format!("{}?ver=10", peek_path(&s.room, "p3")),
+        Some(&json!({})),
+    )
+    .await;
+    assert_eq!((status, body["errcode"].as_str()), (401, Some("M_UNAUTHORIZED")));
+    finish(s).await;
+}
+both_backends!(fp_hostile_requests_get_the_right_errors);
+
+/// FP-10: DELETE ends only the caller's own peek.
+async fn fp10_delete_ends_own_peek_only(db: DbKind) {
+    let s = setup(db, &["peeker.test", "other.test"], |_| {}).await;
+    let (a, b) = (&s.peers[0], &s.peers[1]);
+    assert_eq!(put_peek(a, &s.gw, &s.room, "k1", "?ver=10").await.0, 200);
+    assert_eq!(put_peek(b, &s.gw, &s.room, "k1", "?ver=10").await.0, 200);
+    // Another origin's peek: 404, and it stays.
+    let path = peek_path(&s.room, "k1");
+    let (status, _) = b.call(&s.gw.base, GW, Method::DELETE, &peek_path(&s.room, "kb"), None).await;
+    assert_eq!(status, 404);
+    let (status, body) = a.call(&s.gw.base, GW, Method::DELETE, &path, None).await;
+    assert_eq!((status, body), (200, json!({})));
+    let (status, body) = a.call(&s.gw.base, GW, Method::DELETE, &path, None).await;
+    assert_eq!((status, body["errcode"].as_str()), (404, Some("M_NOT_FOUND")));
+    // B's peek with the same id is untouched: renewing it answers {}.
+    assert_eq!(put_peek(b, &s.gw, &s.room, "k1", "?ver=10").await, (200, json!({})));
+    // After the DELETE, A gets no events; B does.
+    let id = s.alice.say(&s.room, "after delete").await;
+    wait_until("B receives the event", || async { b.inbox.event_ids("10").contains(&id) }).await;
+    let later = s.alice.say(&s.room, "later").await;
+    wait_until("B receives the later event", || async { b.inbox.event_ids("10").contains(&later) }).await;
+    assert!(a.inbox.pdus().is_empty(), "A deleted its peek");
+    finish(s).await;
+}
+both_backends!(fp10_delete_ends_own_peek_only);
+
+/// FP-12: new peeks are rate-limited per origin (429 with retry_after_ms); renewals are not.
+async fn fp12_too_many_peeks_get_429(db: DbKind) {
+    let s = setup(db, &["peeker.test"], |c| {
+        c.federation.peek.new_peeks_per_minute = 1;
+        c.federation.peek.new_peeks_burst = 2;
+    })
+    .await;
+    let peer = &s.peers[0];
+    assert_eq!(put_peek(peer, &s.gw, &s.room, "r1", "?ver=10").await.0, 200);
+    assert_eq!(put_peek(peer, &s.gw, &s.room, "r2", "?ver=10").await.0, 200);
+    let (status, body) = put_peek(peer, &s.gw, &s.room, "r3", "?ver=10").await;
+    assert_eq!((status, body["errcode"].as_str()), (429, Some("M_LIMIT_EXCEEDED")));
+    assert!(body["retry_after_ms"].as_u64().unwrap() > 0);
+    assert_eq!(put_peek(peer, &s.gw, &s.room, "r1", "?ver=10").await, (200, json!({})), "renewal is not limited");
+    finish(s).await;
+
+    // The cap on peek_ids per (origin, room).
+    let s = setup(db, &["peeker.test"], |c| c.federation.peek.max_ids_per_room = 2).await;
+    let peer = &s.peers[0];
+    assert_eq!(put_peek(peer, &s.gw, &s.room, "c1", "?ver=10").await.0, 200);
+    assert_eq!(put_peek(peer, &s.gw, &s.room, "c2", "?ver=10").await.0, 200);
+    let (status, body) = put_peek(peer, &s.gw, &s.room, "c3", "?ver=10").await;
+    assert_eq!((status, body["errcode"].as_str()), (429, Some("M_LIMIT_EXCEEDED")));
+    assert_eq!(body["retry_after_ms"], 60_000);
+    finish(s).await;
+}
+both_backends!(fp12_too_many_peeks_get_429);
+
+/// PE-1, PE-2, PE-3: every later event reaches the peeker once, however many peek_ids it holds,
+/// including an event another server sent into the room (the relay Dendrite lacks).
+async fn pe1_every_event_once_including_other_servers(db: DbKind) {
+    let s = setup(db, &["peeker.test", "third.test"], |_| {}).await;
+    let (peeker, third) = (&s.peers[0], &s.peers[1]);
+    let before = s.alice.say(&s.room, "before").await;
+    assert_eq!(put_peek(peeker, &s.gw, &s.room, "one", "?ver=10").await.0, 200);
+    assert_eq!(put_peek(peeker, &s.gw, &s.room, "two", "?ver=10").await.0, 200);
+    let mut expected = vec![s.alice.say(&s.room, "m1").await];
+
+    // third.test joins the public room and talks, over /send.
+    let (create, power, join_rules) = (
+        state_id(&s.gw, &s.room, "m.room.create").await,
+        state_id(&s.gw, &s.room, "m.room.power_levels").await,
+        state_id(&s.gw, &s.room, "m.room.join_rules").await,
+    );
+    let latest = latest(&s.gw, &s.room).await;
+    let (join, join_id) = third.build_pdu(
+        "10",
+        &s.room,
+        "carol",
+        "m.room.member",
+        Some("@carol:third.test"),
+        json!({ "membership": "join" }),
+        &[create.clone(), power.clone(), join_rules],
+        &[latest.pdu.event_id.to_string()],
+        latest.pdu.depth + 1,
+    );
+    let (msg, msg_id) = third.build_pdu(
+        "10",
+        &s.room,
+        "carol",
+        "m.room.message",
+        None,
+        json!({ "msgtype": "m.text", "body": "hello from third" }),
+        &[create, power, join_id.clone()],
+        std::slice::from_ref(&join_id),
+        latest.pdu.depth + 2,
+    );
+    let txn = json!({ "origin": "third.test", "origin_server_ts": 1, "pdus": [join, msg] });
+    let (status, answer) = third.call(&s.gw.base, GW, Method::PUT, "/_matrix/federation/v1/send/t1", Some(&txn)).await;
+    assert_eq!(status, 200);
+    assert_eq!(answer["pdus"][&join_id], json!({}), "{answer}");
+    assert_eq!(answer["pdus"][&msg_id], json!({}), "{answer}");
+    expected.push(join_id);
+    expected.push(msg_id);
+    expected.push(s.alice.say(&s.room, "m2").await);
+
+    wait_until("the peeker has every event", || async {
+        expected.iter().all(|id| peeker.inbox.event_ids("10").contains(id))
+    })
+    .await;
+    let got = peeker.inbox.event_ids("10");
+    assert!(!got.contains(&before), "nothing from before the peek (PE-3 start)");
+    for id in &expected {
+        assert_eq!(got.iter().filter(|g| *g == id).count(), 1, "{id} once per destination (PE-2)");
+    }
+    assert_eq!(got, expected, "in order");
+    // The third server, which does not peek, is not sent anything (and never its own events).
+    assert!(third.inbox.pdus().is_empty());
+    finish(s).await;
+}
+both_backends!(pe1_every_event_once_including_other_servers);
+
+/// RE-2: a peek that is not renewed lapses: no more events, then a full body on re-PUT; the
+/// eviction job deletes it and tells the peeker (PE-7).
+async fn re2_lapsed_peek_stops_and_is_evicted(db: DbKind) {
+    let s = setup(db, &["peeker.test"], |c| c.peeks.renewal_interval_ms = 1000).await;
+    let peer = &s.peers[0];
+    assert_eq!(put_peek(peer, &s.gw, &s.room, "short", "?ver=10").await.0, 200);
+    let first = s.alice.say(&s.room, "while live").await;
+    wait_until("first event delivered", || async { peer.inbox.event_ids("10").contains(&first) }).await;
+    // interval 1 s + grace 100 ms: wait until it has certainly lapsed.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let lapsed = s.alice.say(&s.room, "after lapse").await;
+    // FP-9: a PUT for a lapsed peek is a new peek (full body), starting after `lapsed`.
+    let (status, body) = put_peek(peer, &s.gw, &s.room, "short", "?ver=10").await;
+    assert_eq!(status, 200);
+    assert_eq!(body["latest_event_id"], lapsed.as_str());
+    let fresh = s.alice.say(&s.room, "after re-peek").await;
+    wait_until("the re-peek delivers", || async { peer.inbox.event_ids("10").contains(&fresh) }).await;
+    assert!(!peer.inbox.event_ids("10").contains(&lapsed), "not relayed while lapsed");
+
+    // Let it lapse again; the eviction job removes it and queues expired_peeks.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let (lapsed_count, _) = peekgate::schedule::evict_inbound(s.gw.state()).await.unwrap();
+    assert_eq!(lapsed_count, 1);
+    assert_eq!(s.gw.metric("peekgate_peek_evictions_total{reason=\"lapsed\"}").await, 1.0);
+    wait_until("expired_peeks notice", || async { !peer.inbox.expired_peeks().is_empty() }).await;
+    assert_eq!(peer.inbox.expired_peeks()[0], json!({ "room_id": s.room, "peek_id": "short" }));
+    let (status, _) = peer
+        .call(&s.gw.base, GW, Method::POST, &format!("{}/renew", peek_path(&s.room, "short")), Some(&json!({})))
+        .await;
+    assert_eq!(status, 404);
+    finish(s).await;
+}
+both_backends!(re2_lapsed_peek_stops_and_is_evicted);
+
+/// RE-3, RE-5, PE-7: the visibility change itself is delivered, then nothing more; the peeker
+/// is told the peek expired; re-PUT gets 403 and /renew 404.
+async fn re3_visibility_change_ends_peeks(db: DbKind) {
+    let s = setup(db, &["peeker.test"], |_| {}).await;
+    let peer = &s.peers[0];
+    assert_eq!(put_peek(peer, &s.gw, &s.room, "v1", "?ver=10").await.0, 200);
+    let m1 = s.alice.say(&s.room, "m1").await;
+    let (status, change) =
+        s.alice.put_state(&s.room, "m.room.history_visibility", "", json!({ "history_visibility": "shared" })).await;
+    assert_eq!(status, 200);
+    let change = change["event_id"].as_str().unwrap().to_owned();
+    let m2 = s.alice.say(&s.room, "m2").await;
+    wait_until("expired_peeks after the change", || async { !peer.inbox.expired_peeks().is_empty() }).await;
+    let got = peer.inbox.event_ids("10");
+    assert_eq!(got, vec![m1, change], "the change is delivered; m2 is not");
+    assert!(!got.contains(&m2));
+    assert_eq!(peer.inbox.expired_peeks(), vec![json!({ "room_id": s.room, "peek_id": "v1" })]);
+    let (status, body) = put_peek(peer, &s.gw, &s.room, "v1", "?ver=10").await;
+    assert_eq!((status, body["errcode"].as_str()), (403, Some("M_FORBIDDEN")));
+    let (status, _) =
+        peer.call(&s.gw.base, GW, Method::POST, &format!("{}/renew", peek_path(&s.room, "v1")), Some(&json!({}))).await;
+    assert_eq!(status, 404);
+    // Once delivered, the ended peek is evicted with its reason.
+    peekgate::schedule::evict_inbound(s.gw.state()).await.unwrap();
+    assert_eq!(s.gw.metric("peekgate_peek_evictions_total{reason=\"visibility_changed\"}").await, 1.0);
+    finish(s).await;
+}
+both_backends!(re3_visibility_change_ends_peeks);
+
+/// A peeker that answers 500 for a while is retried with back-off (the same transaction), then
+/// gets everything in order; a healthy peeker meanwhile has everything already.
+async fn failing_peeker_backs_off_and_healthy_one_is_not_held_up(db: DbKind) {
+    let s = setup(db, &["flaky.test", "healthy.test"], |_| {}).await;
+    let (flaky, healthy) = (&s.peers[0], &s.peers[1]);
+    flaky.inbox.fail_remaining.store(3, Ordering::SeqCst);
+    assert_eq!(put_peek(flaky, &s.gw, &s.room, "f", "?ver=10").await.0, 200);
+    assert_eq!(put_peek(healthy, &s.gw, &s.room, "h", "?ver=10").await.0, 200);
+    let mut sent = Vec::new();
+    for i in 0..5 {
+        sent.push(s.alice.say(&s.room, &format!("e{i}")).await);
+    }
+    wait_until("healthy peeker has everything", || async {
+        sent.iter().all(|id| healthy.inbox.event_ids("10").contains(id))
+    })
+    .await;
+    // The flaky one is still inside its back-off (0.5 s, then 2 s, then 4 s) at this point.
+    assert!(flaky.inbox.pdus().len() < sent.len(), "the healthy peeker did not wait for the flaky one");
+    wait_until("flaky peeker catches up", || async { sent.iter().all(|id| flaky.inbox.event_ids("10").contains(id)) })
+        .await;
+    assert_eq!(flaky.inbox.event_ids("10"), sent, "everything, in order, once");
+    let attempts = flaky.inbox.attempts.load(Ordering::SeqCst);
+    assert!(attempts >= 4, "three failures then success: {attempts} attempts");
+    // The retries reused one transaction ID: the first accepted transaction carries events
+    // queued before the first failure.
+    assert!(s.gw.metric("peekgate_federation_sent_transactions_total{result=\"failed\"}").await >= 3.0);
+    finish(s).await;
+}
+both_backends!(failing_peeker_backs_off_and_healthy_one_is_not_held_up);
+
+/// Durable delivery: with 200 events queued for 3 peekers that are down, the gateway stops and
+/// starts again; every peeker ends with all 200 events (duplicates allowed, gaps not).
+async fn restart_with_queued_events_loses_nothing(db: DbKind) {
+    let mut s = setup(db, &["p1.test", "p2.test", "p3.test"], |_| {}).await;
+    for (i, peer) in s.peers.iter().enumerate() {
+        peer.inbox.fail_remaining.store(usize::MAX / 2, Ordering::SeqCst);
+        assert_eq!(put_peek(peer, &s.gw, &s.room, &format!("d{i}"), "?ver=10").await.0, 200);
+    }
+    let room_id = RoomId::parse(&s.room).unwrap();
+    let alice = ruma::UserId::parse(&s.alice.user_id).unwrap();
+    let mut sent = Vec::new();
+    for i in 0..200 {
+        let appended =
+            s.gw.state()
+                .rooms
+                .send(&room_id, &alice, "m.room.message", None, json!({ "msgtype": "m.text", "body": format!("q{i}") }))
+                .await
+                .unwrap();
+        sent.push(appended.event_id.to_string());
+    }
+    for peer in &s.peers {
+        wait_until("a delivery attempt", || async { peer.inbox.attempts.load(Ordering::SeqCst) > 0 }).await;
+    }
+    let gw = s.gw.restart().await;
+    for peer in &s.peers {
+        // The restarted gateway listens on a new port; its key is the same.
+        peer.trust(GW, &gw.base);
+        peer.inbox.fail_remaining.store(0, Ordering::SeqCst);
+    }
+    s.gw = gw;
+    for peer in &s.peers {
+        wait_until("all 200 events after the restart", || async {
+            let got: BTreeSet<String> = peer.inbox.event_ids("10").into_iter().collect();
+            sent.iter().all(|id| got.contains(id))
+        })
+        .await;
+        // At most 50 PDUs per transaction.
+        assert!(peer.inbox.transactions.lock().unwrap().iter().all(|t| t.pdus.len() <= 50));
+    }
+    finish(s).await;
+}
+both_backends!(restart_with_queued_events_loses_nothing);
+
+/// Inbound /send: at most 50 PDUs; origin must match; a repeated txn ID gets the same answer.
+async fn send_transaction_limits_and_dedup(db: DbKind) {
+    let s = setup(db, &["third.test"], |_| {}).await;
+    let third = &s.peers[0];
+    let pdus: Vec<Value> = (0..51).map(|_| json!({})).collect();
+    let big = json!({ "origin": "third.test", "origin_server_ts": 1, "pdus": pdus });
+    let (status, body) = third.call(&s.gw.base, GW, Method::PUT, "/_matrix/federation/v1/send/big", Some(&big)).await;
+    assert_eq!((status, body["errcode"].as_str()), (400, Some("M_BAD_JSON")));
+    let spoof = json!({ "origin": "someone.else", "origin_server_ts": 1, "pdus": [] });
+    let (status, _) = third.call(&s.gw.base, GW, Method::PUT, "/_matrix/federation/v1/send/spoof", Some(&spoof)).await;
+    assert_eq!(status, 400);
+    // A PDU for a room we do not know: a per-PDU error, the transaction itself succeeds.
+    let (pdu, id) =
+        third.build_pdu("10", "!unknown:gw.test", "carol", "m.room.message", None, json!({ "body": "x" }), &[], &[], 1);
+    let txn = json!({ "origin": "third.test", "origin_server_ts": 1, "pdus": [pdu] });
+    let (status, first) = third.call(&s.gw.base, GW, Method::PUT, "/_matrix/federation/v1/send/once", Some(&txn)).await;
+    assert_eq!(status, 200);
+    assert!(first["pdus"][&id]["error"].is_string(), "{first}");
+    let (_, again) = third.call(&s.gw.base, GW, Method::PUT, "/_matrix/federation/v1/send/once", Some(&txn)).await;
+    assert_eq!(first, again);
+    finish(s).await;
+}
+both_backends!(send_transaction_limits_and_dedup);
+
+/// Forged PDUs sent into a room are refused and leave no trace: a bad signature, a room_id that
+/// is not the room's, a sender from another server; a bad content hash is stored redacted.
+async fn forged_pdus_are_refused(db: DbKind) {
+    let s = setup(db, &["third.test"], |_| {}).await;
+    let third = &s.peers[0];
+    let rooms = &s.gw.state().rooms;
+    let room_id = RoomId::parse(&s.room).unwrap();
+    let (create, power, join_rules) = (
+        state_id(&s.gw, &s.room, "m.room.create").await,
+        state_id(&s.gw, &s.room, "m.room.power_levels").await,
+        state_id(&s.gw, &s.room, "m.room.join_rules").await,
+    );
+    let latest = latest(&s.gw, &s.room).await;
+    let before = rooms.latest_stream_pos(&room_id).await.unwrap();
+    let prev = [latest.pdu.event_id.to_string()];
+    let auth = [create.clone(), power.clone(), join_rules.clone()];
+    let depth = latest.pdu.depth + 1;
+
+    // 1. Bad signature: signed, then the content changed and the hash recomputed.
+    let (mut forged, _) = third.build_pdu(
+        "10",
+        &s.room,
+        "carol",
+        "m.room.member",
+        Some("@carol:third.test"),
+        json!({ "membership": "join" }),
+        &auth,
+        &prev,
+        depth,
+    );
+    forged["content"]["displayname"] = json!("mallory");
+    forged["hashes"]["sha256"] = json!(support::verify::content_hash(&forged));
+    // 2. room_id of another of our rooms, with this room's auth and prev events.
+    let second = s.alice.create_world_readable_room("second", "10").await;
+    let (other_room, _) = third.build_pdu(
+        "10",
+        &second,
+        "carol",
+        "m.room.member",
+        Some("@carol:third.test"),
+        json!({ "membership": "join" }),
+        &auth,
+        &prev,
+        depth,
+    );
+    // 3. A sender on a server other than the signer.
+    let (mut impostor, _) = third.build_pdu(
+        "10",
+        &s.room,
+        "carol",
+        "m.room.member",
+        Some("@carol:third.test"),
+        json!({ "membership": "join" }),
+        &auth,
+        &prev,
+        depth,
+    );
+    impostor["sender"] = json!("@alice:gw.test");
+    let txn = json!({ "origin": "third.test", "origin_server_ts": 1, "pdus": [forged, other_room, impostor] });
+    let (status, answer) =
+        third.call(&s.gw.base, GW, Method::PUT, "/_matrix/federation/v1/send/forged", Some(&txn)).await;
+    assert_eq!(status, 200);
+    let results = answer["pdus"].as_object().unwrap();
+    assert_eq!(results.len(), 3, "{answer}");
+    assert!(results.values().all(|r| r["error"].is_string()), "{answer}");
+    assert_eq!(rooms.latest_stream_pos(&room_id).await.unwrap(), before, "nothing stored");
+    assert_eq!(s.gw.metric("peekgate_federation_received_pdus_total{result=\"rejected\"}").await, 3.0);
+
+    // 4. A bad content hash with a valid signature: stored only in its redacted form.
+    let (mut tampered, tampered_id) = third.build_pdu(
+        "10",
+        &s.room,
+        "carol",
+        "m.room.member",
+        Some("@carol:third.test"),
+        json!({ "membership": "join", "displayname": "Carol" }),
+        &auth,
+        &prev,
+        depth,
+    );
+    tampered["content"]["displayname"] = json!("Mallory"); // not covered by the redacted signature
+    let txn = json!({ "origin": "third.test", "origin_server_ts": 1, "pdus": [tampered] });
+    let (status, answer) =
+        third.call(&s.gw.base, GW, Method::PUT, "/_matrix/federation/v1/send/hash", Some(&txn)).await;
+    assert_eq!(status, 200);
+    assert_eq!(answer["pdus"][&tampered_id], json!({}), "{answer}");
+    let stored = rooms.event(&tampered_id).await.unwrap().unwrap();
+    assert_eq!(stored.pdu.content_value(), json!({ "membership": "join" }), "redacted, no displayname");
+    finish(s).await;
+}
+both_backends!(forged_pdus_are_refused);
+
+/// Every contract metric name is exposed, and the exposition parses as Prometheus text.
+async fn metrics_expose_every_contract_name(db: DbKind) {
+    let server = ServerSpec::new(GW, db).start().await;
+    let addr = server.running().metrics_addr.unwrap();
+    let text = reqwest::get(format!("http://{addr}/metrics")).await.unwrap().text().await.unwrap();
+    for name in peekgate::metrics::CONTRACT {
+        assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing");
+    }
+    for line in text.lines().filter(|l| !l.is_empty() && !l.starts_with('#')) {
+        let (series, value) = line.rsplit_once(' ').unwrap();
+        assert!(value.parse::<f64>().is_ok(), "{line}");
+        let name = series.split('{').next().unwrap();
+        assert!(name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'), "{line}");
+    }
+    server.stop().await;
+}
+both_backends!(metrics_expose_every_contract_name);
