@@ -12,8 +12,8 @@ use crate::keys::now_ms;
 use crate::peeks::inbound::{self, REASON_LAPSED};
 use crate::state::AppState;
 
-/// Peeks evicted per claimed batch.
-const EVICTION_BATCH: i64 = 1000;
+/// Peeks evicted per claimed batch on PostgreSQL (SQLite sweeps in one transaction).
+const EVICTION_BATCH: i64 = 10_000;
 
 pub struct ScheduleHandle {
     shutdown: watch::Sender<bool>,
@@ -78,7 +78,7 @@ pub async fn evict_inbound(state: &AppState) -> Result<(usize, usize), DbError> 
         }
         lapsed_total += lapsed;
         ended_total += ended.values().sum::<usize>();
-        if (lapsed as i64) < EVICTION_BATCH {
+        if (lapsed as i64) < EVICTION_BATCH || state.db.backend() == crate::db::Backend::Sqlite {
             break;
         }
     }

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix_web::web;
@@ -35,6 +35,12 @@ const BACKOFF_CAP: Duration = Duration::from_secs(3600);
 const LEASE_MS: i64 = 30_000;
 /// How often the manager looks for destinations with work, besides wake-ups.
 const MANAGER_TICK: Duration = Duration::from_millis(500);
+/// A full scan for destinations with work (start-up, and a safety net).
+const FULL_SCAN_EVERY: Duration = Duration::from_secs(30);
+/// How often the gauges are recomputed.
+const GAUGE_EVERY: Duration = Duration::from_secs(5);
+/// An idle worker exits after this long without work (the manager starts it again).
+const WORKER_IDLE: Duration = Duration::from_secs(2);
 
 /// Delay before retry number `failures` (1 = first failure), with ±20 % jitter.
 pub fn backoff(failures: i32) -> Duration {
@@ -88,60 +94,95 @@ pub fn start(state: web::Data<AppState>) -> SenderHandle {
     SenderHandle { shutdown, manager }
 }
 
-/// Starts a worker for every destination with work and wakes the running ones on new events.
+/// Starts a worker for every destination with work and wakes the running ones. Work is found
+/// from what changed: the rooms of events appended since the last look, pending notices and
+/// back-offs; a full scan runs at start and every [`FULL_SCAN_EVERY`] as a safety net.
 async fn manage(shared: Arc<Shared>) {
     let mut stream = shared.state.rooms.subscribe();
     let mut shutdown = shared.shutdown.clone();
-    let workers: Mutex<HashMap<String, Worker>> = Mutex::new(HashMap::new());
+    let mut workers: HashMap<String, Worker> = HashMap::new();
+    let mut seen_head: Option<i64> = None;
+    let mut last_full_scan = Instant::now();
+    let mut last_gauges = Instant::now() - GAUGE_EVERY;
     loop {
-        match destinations_with_work(&shared).await {
-            Ok(list) => {
-                let mut running = workers.lock().unwrap();
-                running.retain(|_, w| !w.task.is_finished());
+        let full = seen_head.is_none() || last_full_scan.elapsed() >= FULL_SCAN_EVERY;
+        match destinations_with_work(&shared, if full { None } else { seen_head }).await {
+            Ok((head, list)) => {
+                seen_head = Some(head);
+                if full {
+                    last_full_scan = Instant::now();
+                }
+                workers.retain(|_, w| !w.task.is_finished());
                 for destination in list {
-                    match running.get(&destination) {
+                    match workers.get(&destination) {
                         Some(worker) => worker.wake.notify_one(),
                         None => {
                             let wake = Arc::new(Notify::new());
                             let task = tokio::spawn(run_worker(shared.clone(), destination.clone(), wake.clone()));
-                            running.insert(destination, Worker { wake, task });
+                            workers.insert(destination, Worker { wake, task });
                         }
                     }
                 }
             }
             Err(e) => tracing::warn!(error = %e, "sender: cannot list destinations"),
         }
-        update_gauges(&shared).await;
+        if last_gauges.elapsed() >= GAUGE_EVERY {
+            update_gauges(&shared).await;
+            last_gauges = Instant::now();
+        }
         tokio::select! {
             _ = stream.changed() => {}
             _ = tokio::time::sleep(MANAGER_TICK) => {}
             _ = shutdown.changed() => break,
         }
     }
-    let tasks: Vec<Worker> = workers.lock().unwrap().drain().map(|(_, w)| w).collect();
-    for worker in tasks {
+    for (_, worker) in workers.drain() {
         worker.wake.notify_one();
         let _ = worker.task.await;
     }
 }
 
-/// Servers with a live peek, an ended peek not yet fully delivered, or a pending notice.
-async fn destinations_with_work(shared: &Shared) -> Result<Vec<String>, DbError> {
+/// The head of the stream and the destinations with work. With `since`, only servers peeking a
+/// room that has events after `since`; without, every server with a live or not fully
+/// delivered peek. Both add servers with pending notices or a back-off in progress.
+async fn destinations_with_work(shared: &Shared, since: Option<i64>) -> Result<(i64, Vec<String>), DbError> {
     shared
         .state
         .db
-        .run(|conn| {
+        .run(move |conn| {
             let now = now_ms();
-            let mut list: Vec<String> = inbound_peeks::table
-                .filter(inbound_peeks::expires_ts.ge(now).or(inbound_peeks::end_stream_pos.is_not_null()))
-                .select(inbound_peeks::origin)
-                .distinct()
-                .load(conn)?;
+            let head: Option<i64> = events::table.select(diesel::dsl::max(events::stream_pos)).first(conn)?;
+            let head = head.unwrap_or(0);
+            let mut list: Vec<String> = match since {
+                Some(since) if since >= head => Vec::new(),
+                Some(since) => {
+                    let changed_rooms = events::table
+                        .filter(events::stream_pos.gt(since))
+                        .filter(events::stream_pos.le(head))
+                        .select(events::room_id);
+                    inbound_peeks::table
+                        .filter(inbound_peeks::room_id.eq_any(changed_rooms))
+                        .filter(inbound_peeks::end_stream_pos.is_null().or(inbound_peeks::end_stream_pos.gt(since)))
+                        .select(inbound_peeks::origin)
+                        .distinct()
+                        .load(conn)?
+                }
+                None => inbound_peeks::table
+                    .filter(inbound_peeks::expires_ts.ge(now).or(inbound_peeks::end_stream_pos.is_not_null()))
+                    .select(inbound_peeks::origin)
+                    .distinct()
+                    .load(conn)?,
+            };
             let noticed: Vec<String> = peek_notices::table.select(peek_notices::destination).distinct().load(conn)?;
+            let retrying: Vec<String> = destinations::table
+                .filter(destinations::retry_at.is_not_null())
+                .select(destinations::server_name)
+                .load(conn)?;
             list.extend(noticed);
+            list.extend(retrying);
             list.sort();
             list.dedup();
-            Ok(list)
+            Ok((head, list))
         })
         .await
 }
@@ -185,19 +226,27 @@ async fn run_worker(shared: Arc<Shared>, destination: String, wake: Arc<Notify>)
         return;
     };
     let mut shutdown = shared.shutdown.clone();
-    let mut idle_rounds = 0;
+    // The lease makes this instance the only one moving the destination's cursor, so the row
+    // read here stays true while we hold it.
+    let mut row = match take_lease(&shared, &destination).await {
+        Ok(Some(row)) => row,
+        Ok(None) => return, // another instance owns this destination
+        Err(e) => {
+            tracing::warn!(destination, error = %e, "sender: cannot read destination");
+            return;
+        }
+    };
+    let mut lease_taken = Instant::now();
     loop {
         if *shutdown.borrow() {
             break;
         }
-        let row = match take_lease(&shared, &destination).await {
-            Ok(Some(row)) => row,
-            Ok(None) => break, // another instance owns this destination
-            Err(e) => {
-                tracing::warn!(destination, error = %e, "sender: cannot read destination");
-                break;
+        if lease_taken.elapsed() > Duration::from_millis(LEASE_MS as u64 / 3) {
+            match take_lease(&shared, &destination).await {
+                Ok(Some(_)) => lease_taken = Instant::now(),
+                _ => return,
             }
-        };
+        }
         if let Some(retry_at) = row.retry_at {
             let wait = retry_at - now_ms();
             if wait > 0 {
@@ -205,7 +254,6 @@ async fn run_worker(shared: Arc<Shared>, destination: String, wake: Arc<Notify>)
                     _ = tokio::time::sleep(Duration::from_millis(wait as u64)) => {}
                     _ = shutdown.changed() => break,
                 }
-                continue;
             }
         }
         let batch = match next_batch(&shared, &destination, row.cursor).await {
@@ -218,23 +266,20 @@ async fn run_worker(shared: Arc<Shared>, destination: String, wake: Arc<Notify>)
         if batch.pdus.is_empty() && batch.notices.is_empty() {
             if batch.next_cursor != row.cursor {
                 let _ = save_progress(&shared, &destination, batch.next_cursor, &[]).await;
+                row = DestinationRow { cursor: batch.next_cursor, failures: 0, retry_at: None };
             }
-            idle_rounds += 1;
-            // Nothing to do: wait for new events, or exit after a while (the manager restarts us).
-            if idle_rounds > 20 {
-                break;
-            }
+            // Caught up: wait for the manager's wake-up, or exit (it starts us again).
             tokio::select! {
-                _ = wake.notified() => {}
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = wake.notified() => continue,
+                _ = tokio::time::sleep(WORKER_IDLE) => break,
                 _ = shutdown.changed() => break,
             }
-            continue;
         }
-        idle_rounds = 0;
+        let next_cursor = batch.next_cursor;
         if !deliver(&shared, &server, &destination, row.failures, batch, &mut shutdown).await {
             break;
         }
+        row = DestinationRow { cursor: next_cursor, failures: 0, retry_at: None };
     }
     release_lease(&shared, &destination).await;
 }

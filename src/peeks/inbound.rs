@@ -474,33 +474,38 @@ pub fn evict_batch(
     batch: i64,
 ) -> Result<(usize, BTreeMap<String, usize>), diesel::result::Error> {
     conn.transaction(|conn| {
-        let lapsed: Vec<(String, String, String)> = match conn {
-            DbConnection::Postgresql(pg) => inbound_peeks::table
-                .filter(inbound_peeks::expires_ts.lt(now))
-                .filter(inbound_peeks::end_stream_pos.is_null())
-                .select((inbound_peeks::origin, inbound_peeks::room_id, inbound_peeks::peek_id))
-                .limit(batch)
-                .for_update()
-                .skip_locked()
-                .load(pg)?,
-            DbConnection::Sqlite(_) => inbound_peeks::table
-                .filter(inbound_peeks::expires_ts.lt(now))
-                .filter(inbound_peeks::end_stream_pos.is_null())
-                .select((inbound_peeks::origin, inbound_peeks::room_id, inbound_peeks::peek_id))
-                .limit(batch)
-                .load(conn)?,
+        let head = events_max(conn)?;
+        // Set-based: one statement moves a whole batch of lapsed peeks into notices.
+        let lapsed = match conn {
+            DbConnection::Postgresql(_) => {
+                let query = format!(
+                    "WITH gone AS ( \
+                         DELETE FROM inbound_peeks WHERE (origin, room_id, peek_id) IN ( \
+                             SELECT origin, room_id, peek_id FROM inbound_peeks \
+                             WHERE expires_ts < {now} AND end_stream_pos IS NULL \
+                             LIMIT {batch} FOR UPDATE SKIP LOCKED) \
+                         RETURNING origin, room_id, peek_id), \
+                     noted AS ( \
+                         INSERT INTO peek_notices (destination, room_id, peek_id, after_pos) \
+                         SELECT origin, room_id, peek_id, {head} FROM gone ON CONFLICT DO NOTHING) \
+                     SELECT COUNT(*) AS n FROM gone"
+                );
+                let counted: Vec<Counted> = diesel::sql_query(query).load(conn)?;
+                counted.first().map(|c| c.n as usize).unwrap_or(0)
+            }
+            DbConnection::Sqlite(_) => {
+                // Single instance: the whole sweep in one transaction, so both statements see
+                // the same rows.
+                let lapsed = format!("expires_ts < {now} AND end_stream_pos IS NULL");
+                diesel::sql_query(format!(
+                    "INSERT INTO peek_notices (destination, room_id, peek_id, after_pos) \
+                     SELECT origin, room_id, peek_id, {head} FROM inbound_peeks WHERE {lapsed} \
+                     ON CONFLICT DO NOTHING"
+                ))
+                .execute(conn)?;
+                diesel::sql_query(format!("DELETE FROM inbound_peeks WHERE {lapsed}")).execute(conn)?
+            }
         };
-        let current = events_max(conn)?;
-        for (origin, room_id, peek_id) in &lapsed {
-            diesel::delete(
-                inbound_peeks::table
-                    .filter(inbound_peeks::origin.eq(origin))
-                    .filter(inbound_peeks::room_id.eq(room_id))
-                    .filter(inbound_peeks::peek_id.eq(peek_id)),
-            )
-            .execute(conn)?;
-            queue_notice(conn, origin, room_id, peek_id, current)?;
-        }
         // Peeks the room ended are kept until their server's cursor passed the end.
         let delivered = inbound_peeks::end_stream_pos.le(diesel::dsl::sql::<
             diesel::sql_types::Nullable<diesel::sql_types::BigInt>,
@@ -518,8 +523,14 @@ pub fn evict_batch(
         for reason in reasons {
             *ended.entry(reason.unwrap_or_else(|| REASON_VISIBILITY.to_owned())).or_default() += 1;
         }
-        Ok((lapsed.len(), ended))
+        Ok((lapsed, ended))
     })
+}
+
+#[derive(diesel::QueryableByName)]
+struct Counted {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    n: i64,
 }
 
 fn events_max(conn: &mut DbConnection) -> Result<i64, diesel::result::Error> {
