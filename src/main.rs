@@ -59,6 +59,26 @@ enum BenchCommand {
         #[arg(long, default_value_t = 10)]
         seconds: u64,
     },
+    /// One event to N peeking destinations, sustained delivery, renewal PUTs/s (wrk),
+    /// eviction of 100,000 lapsed peeks, memory with 100,000 peeks (PostgreSQL).
+    Peeks {
+        #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+        postgres: String,
+        #[arg(long, default_value_t = 1000)]
+        destinations: usize,
+        /// Events in the sustained run.
+        #[arg(long, default_value_t = 200)]
+        sustained: usize,
+        /// Seconds of wrk load on renewal PUTs.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
+    /// The lightweight receiver `bench peeks` runs as a child process.
+    #[command(hide = true)]
+    Receiver {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        bind: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -86,9 +106,7 @@ fn main() -> ExitCode {
         Command::Serve { config } => serve(config),
         Command::GenerateKey { path, config } => generate_key(path, config),
         Command::Migrate { config } => migrate(config),
-        Command::Bench { command: BenchCommand::Rooms { postgres, appends, seconds } } => {
-            bench_rooms(&postgres, appends, seconds)
-        }
+        Command::Bench { command } => bench(command),
         Command::User { command: UserCommand::Create { localpart, password, admin, config } } => {
             create_user(&localpart, &password, admin, config)
         }
@@ -143,8 +161,19 @@ fn create_user(localpart: &str, password: &str, admin: bool, config: Option<Path
     Ok(())
 }
 
-fn bench_rooms(postgres: &str, appends: usize, seconds: u64) -> Result<(), String> {
-    peekgate::logging::init(&peekgate::config::LogConfig { format: "plain".into(), filter: "warn".into() });
+fn bench(command: BenchCommand) -> Result<(), String> {
+    peekgate::logging::init(&peekgate::config::LogConfig { format: "plain".into(), filter: "error".into() });
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
-    runtime.block_on(peekgate::bench::rooms(postgres, appends, seconds)).map_err(|e| format!("{e:#}"))
+    let result = runtime.block_on(async {
+        match command {
+            BenchCommand::Rooms { postgres, appends, seconds } => {
+                peekgate::bench::rooms(&postgres, appends, seconds).await
+            }
+            BenchCommand::Peeks { postgres, destinations, sustained, seconds } => {
+                peekgate::bench::peeks(&postgres, destinations, sustained, seconds).await
+            }
+            BenchCommand::Receiver { bind } => peekgate::bench::receiver(&bind).await,
+        }
+    });
+    result.map_err(|e| format!("{e:#}"))
 }

@@ -143,8 +143,8 @@ async fn manage(shared: Arc<Shared>) {
 }
 
 /// The head of the stream and the destinations with work. With `since`, only servers peeking a
-/// room that has events after `since`; without, every server with a live or not fully
-/// delivered peek. Both add servers with pending notices or a back-off in progress.
+/// room that has events after `since`; without, every server behind the head with a live or not
+/// fully delivered peek. Both add servers with pending notices or a back-off in progress.
 async fn destinations_with_work(shared: &Shared, since: Option<i64>) -> Result<(i64, Vec<String>), DbError> {
     shared
         .state
@@ -167,10 +167,16 @@ async fn destinations_with_work(shared: &Shared, since: Option<i64>) -> Result<(
                         .distinct()
                         .load(conn)?
                 }
-                None => inbound_peeks::table
-                    .filter(inbound_peeks::expires_ts.ge(now).or(inbound_peeks::end_stream_pos.is_not_null()))
-                    .select(inbound_peeks::origin)
-                    .distinct()
+                // Only destinations behind the head: a peeker that is caught up has no work,
+                // however many peeks it holds.
+                None => destinations::table
+                    .filter(destinations::last_sent_pos.lt(head))
+                    .filter(diesel::dsl::exists(
+                        inbound_peeks::table
+                            .filter(inbound_peeks::origin.eq(destinations::server_name))
+                            .filter(inbound_peeks::expires_ts.ge(now).or(inbound_peeks::end_stream_pos.is_not_null())),
+                    ))
+                    .select(destinations::server_name)
                     .load(conn)?,
             };
             let noticed: Vec<String> = peek_notices::table.select(peek_notices::destination).distinct().load(conn)?;

@@ -1,0 +1,183 @@
+//! `peekgate bench ...`: printed figures for BENCHMARKS.md (build with `--release`). Each
+//! benchmark runs in-process servers on 127.0.0.1 on throwaway databases.
+
+mod peeks;
+mod receiver;
+mod rooms;
+
+use std::net::TcpListener;
+use std::time::Duration;
+
+use anyhow::Context;
+use diesel::connection::SimpleConnection;
+use diesel::{Connection, PgConnection};
+
+pub use peeks::peeks;
+pub use receiver::receiver;
+pub use rooms::rooms;
+
+use crate::app::{self, Listeners, RunningServer};
+use crate::config::Config;
+use crate::db::Backend;
+
+/// CPU time used by this process so far (all threads), from /proc, in nanoseconds.
+pub(super) fn process_cpu_ns() -> u64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    tasks
+        .filter_map(Result::ok)
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next().and_then(|n| n.parse::<u64>().ok()))
+        .sum()
+}
+
+/// Resident memory of this process, in MiB, from /proc.
+pub(super) fn rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).map(str::to_owned))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<f64>().ok()))
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+/// A database that exists for one benchmark run.
+pub(super) struct ScratchDb {
+    pub(super) url: String,
+    admin: Option<(String, String)>,
+    _dir: Option<tempfile_dir::Dir>,
+}
+
+/// A tiny temp-dir helper (the bench is part of the binary; no dev-dependencies here).
+mod tempfile_dir {
+    pub struct Dir(pub std::path::PathBuf);
+    impl Dir {
+        pub fn new(prefix: &str) -> std::io::Result<Dir> {
+            let path = std::env::temp_dir().join(format!("{prefix}-{}", super::random_suffix()));
+            std::fs::create_dir_all(&path)?;
+            Ok(Dir(path))
+        }
+    }
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+fn random_suffix() -> String {
+    use rand::distr::{Alphanumeric, SampleString};
+    Alphanumeric.sample_string(&mut rand::rng(), 10).to_lowercase()
+}
+
+impl ScratchDb {
+    pub(super) fn new(backend: Backend, postgres_admin: &str) -> anyhow::Result<ScratchDb> {
+        match backend {
+            Backend::Postgres => {
+                let name = format!("peekgate_bench_{}", random_suffix());
+                let mut conn = PgConnection::establish(postgres_admin).context("connect to PostgreSQL")?;
+                conn.batch_execute(&format!("CREATE DATABASE {name}"))?;
+                let base = postgres_admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(postgres_admin);
+                Ok(ScratchDb {
+                    url: format!("{base}/{name}"),
+                    admin: Some((postgres_admin.to_owned(), name)),
+                    _dir: None,
+                })
+            }
+            Backend::Sqlite => {
+                let dir = tempfile_dir::Dir::new("peekgate-bench")?;
+                let url = format!("sqlite://{}", dir.0.join("bench.sqlite").display());
+                Ok(ScratchDb { url, admin: None, _dir: Some(dir) })
+            }
+        }
+    }
+}
+
+impl Drop for ScratchDb {
+    fn drop(&mut self) {
+        if let Some((admin, name)) = &self.admin {
+            if let Ok(mut conn) = PgConnection::establish(admin) {
+                let _ = conn.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"));
+            }
+        }
+    }
+}
+
+pub(super) struct BenchServer {
+    pub(super) running: RunningServer,
+    _db: ScratchDb,
+    _dir: tempfile_dir::Dir,
+}
+
+pub(super) async fn start(
+    name: &str,
+    backend: Backend,
+    postgres_admin: &str,
+    destinations: &[(String, String)],
+    http: TcpListener,
+) -> anyhow::Result<BenchServer> {
+    let db = ScratchDb::new(backend, postgres_admin)?;
+    let dir = tempfile_dir::Dir::new("peekgate-bench-key")?;
+    let mut config = Config { server_name: name.to_owned(), ..Config::default() };
+    config.database.url = db.url.clone();
+    config.database.pool_size = 8;
+    config.signing.key_path = dir.0.join("signing.key");
+    config.http.bind = "127.0.0.1:0".into();
+    config.metrics.bind = String::new();
+    config.log.filter = "warn".into();
+    for (server, url) in destinations {
+        config.federation.destinations.insert(server.clone(), url.clone());
+    }
+    let settings = config.validate()?;
+    let state = app::build_state(settings, None).await?;
+    let running = app::start(state, Listeners { http, tls: None, metrics: None })?;
+    Ok(BenchServer { running, _db: db, _dir: dir })
+}
+
+pub(super) fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index]
+}
+
+pub(super) fn encode(segment: &str) -> String {
+    url::form_urlencoded::byte_serialize(segment.as_bytes()).collect()
+}
+
+/// Runs wrk (when installed) with the pre-signed header and prints its throughput line.
+pub(super) fn run_wrk(
+    label: &str,
+    url: &str,
+    header: &str,
+    seconds: u64,
+    script: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    let mut command = std::process::Command::new("wrk");
+    command.args(["-t2", "-c64", &format!("-d{seconds}s"), "--latency", "-H", &format!("Authorization: {header}")]);
+    if let Some(script) = script {
+        command.arg("-s").arg(script);
+    }
+    let output = command.arg(url).output();
+    match output {
+        Ok(output) if output.status.success() => {
+            let text = String::from_utf8_lossy(&output.stdout);
+            for line in text.lines() {
+                let line = line.trim();
+                if line.starts_with("Requests/sec")
+                    || line.starts_with("50%")
+                    || line.starts_with("99%")
+                    || line.contains("requests in")
+                    || line.starts_with("Non-2xx")
+                {
+                    println!("{label} (wrk -t2 -c64 -d{seconds}s): {line}");
+                }
+            }
+            Ok(())
+        }
+        Ok(output) => anyhow::bail!("wrk failed: {}", String::from_utf8_lossy(&output.stderr)),
+        Err(e) => {
+            println!("{label}: wrk not found ({e}); install it (apt-get install wrk) to measure throughput");
+            Ok(())
+        }
+    }
+}

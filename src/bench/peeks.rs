@@ -1,0 +1,267 @@
+//! `peekgate bench peeks` (PostgreSQL): fan-out of one event to N peeking destinations, the
+//! sustained delivery rate, authenticated renewal PUTs per second, the eviction sweep of 100,000
+//! lapsed peeks and resident memory with 100,000 inbound peeks.
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use diesel::prelude::*;
+use ruma::{RoomId, ServerName, UserId};
+use serde_json::{json, Value};
+
+use super::{encode, process_cpu_ns, rss_mib, run_wrk, start};
+use crate::db::{Backend, DbError};
+use crate::federation::client::FedRequest;
+use crate::keys::now_ms;
+use crate::rooms::{CreateRoomRequest, InitialStateEvent};
+
+/// The receiver child process; killed on drop.
+struct Receiver {
+    child: Child,
+    url: String,
+}
+
+impl Receiver {
+    fn spawn() -> anyhow::Result<Receiver> {
+        let mut child = Command::new(std::env::current_exe()?)
+            .args(["bench", "receiver", "--bind", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("start the receiver process")?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().context("receiver stdout")?).read_line(&mut line)?;
+        let url = line.trim().strip_prefix("listening on ").context("receiver did not start")?.to_owned();
+        Ok(Receiver { child, url })
+    }
+
+    async fn count(&self, marker: &str) -> anyhow::Result<(u64, i64)> {
+        let stats: Value = reqwest::get(format!("{}/stats/{marker}", self.url)).await?.json().await?;
+        Ok((stats["count"].as_u64().unwrap_or(0), stats["last_ms"].as_i64().unwrap_or(0)))
+    }
+
+    /// Waits until `expected` PDUs with `marker` arrived; returns the arrival time of the last.
+    async fn wait_for(&self, marker: &str, expected: u64) -> anyhow::Result<i64> {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            let (count, last) = self.count(marker).await?;
+            if count >= expected {
+                return Ok(last);
+            }
+            if Instant::now() > deadline {
+                bail!("only {count} of {expected} deliveries of {marker}");
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn sql_str(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+pub async fn peeks(
+    postgres_admin: &str,
+    destinations: usize,
+    sustained: usize,
+    wrk_seconds: u64,
+) -> anyhow::Result<()> {
+    println!("peekgate bench peeks (release build: {}), PostgreSQL", !cfg!(debug_assertions));
+    let receiver = Receiver::spawn()?;
+    let host_listener = TcpListener::bind("127.0.0.1:0")?;
+    let reader_listener = TcpListener::bind("127.0.0.1:0")?;
+    let host_url = format!("http://{}", host_listener.local_addr()?);
+    let reader_url = format!("http://{}", reader_listener.local_addr()?);
+    let mut routes: Vec<(String, String)> =
+        (0..destinations).map(|i| (format!("d{i}.bench"), receiver.url.clone())).collect();
+    routes.push(("reader.bench".into(), reader_url));
+    let host = start("host.bench", Backend::Postgres, postgres_admin, &routes, host_listener).await?;
+    let reader = start(
+        "reader.bench",
+        Backend::Postgres,
+        postgres_admin,
+        &[("host.bench".into(), host_url.clone())],
+        reader_listener,
+    )
+    .await?;
+    let state = host.running.state.clone();
+    let alice = UserId::parse("@alice:host.bench")?;
+    let request = CreateRoomRequest {
+        preset: Some("public_chat".into()),
+        initial_state: vec![InitialStateEvent {
+            kind: "m.room.history_visibility".into(),
+            state_key: String::new(),
+            content: json!({ "history_visibility": "world_readable" }),
+        }],
+        ..CreateRoomRequest::default()
+    };
+    let room = state.rooms.create_room(&alice, request).await?;
+    let head = state.rooms.latest_stream_pos(&room).await?;
+    insert_peeks(&state.db, &room, "d", 0, destinations, head, false).await?;
+    let say = |body: String| {
+        let (state, room, alice) = (state.clone(), room.clone(), alice.clone());
+        async move {
+            state.rooms.send(&room, &alice, "m.room.message", None, json!({ "msgtype": "m.text", "body": body })).await
+        }
+    };
+    let n = destinations as u64;
+
+    // Warm-up: connections and workers.
+    say("warm".into()).await?;
+    receiver.wait_for("warm", n).await?;
+
+    // 1. One event to N destinations: time to the last 200 and CPU used by this process.
+    let mut times = Vec::new();
+    let mut cpus = Vec::new();
+    for round in 0..5 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let marker = format!("one-{round}");
+        let cpu_before = process_cpu_ns();
+        let sent_at = now_ms();
+        say(marker.clone()).await?;
+        let last = receiver.wait_for(&marker, n).await?;
+        cpus.push((process_cpu_ns() - cpu_before) as f64 / 1e6);
+        times.push((last - sent_at) as f64);
+    }
+    times.sort_by(f64::total_cmp);
+    cpus.sort_by(f64::total_cmp);
+    println!(
+        "one event to {destinations} destinations: time to the last 200 median {:.0} ms (min {:.0}, max {:.0}); CPU of the gateway process median {:.0} ms (min {:.0}, max {:.0}) over 5 rounds",
+        times[2], times[0], times[4], cpus[2], cpus[0], cpus[4]
+    );
+
+    // 2. Sustained: `sustained` events appended back to back, all delivered to every destination.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = now_ms();
+    for i in 0..sustained {
+        say(format!("s{i}")).await?;
+    }
+    let appended = now_ms();
+    let mut last = 0;
+    for i in 0..sustained {
+        last = last.max(receiver.wait_for(&format!("s{i}"), n).await?);
+    }
+    let secs = (last - started) as f64 / 1000.0;
+    println!(
+        "sustained: {sustained} events to {destinations} destinations ({} PDUs) in {secs:.2} s = {:.0} events/s delivered ({:.0} PDUs/s); appending took {:.2} s",
+        sustained as u64 * n,
+        sustained as f64 / secs,
+        sustained as f64 * n as f64 / secs,
+        (appended - started) as f64 / 1000.0
+    );
+
+    // 3. Authenticated renewal PUTs: the reader holds a live peek; wrk repeats its signed PUT.
+    let host_name = <&ServerName>::try_from("host.bench")?;
+    let path = format!("/_matrix/federation/v1/peek/{}/renew1?ver=10", encode(room.as_str()));
+    let first = reader
+        .running
+        .state
+        .federation
+        .send(FedRequest {
+            method: reqwest::Method::PUT,
+            destination: host_name,
+            path: &path,
+            body: Some(json!({})),
+            signed: true,
+        })
+        .await?;
+    anyhow::ensure!(first.get("state").is_some(), "the first PUT creates the peek");
+    let header = crate::xmatrix::authorization_header(
+        &reader.running.state.key,
+        "reader.bench",
+        "host.bench",
+        "PUT",
+        &path,
+        Some(ruma::CanonicalJsonValue::Object(Default::default())),
+    );
+    let script = std::env::temp_dir().join(format!("peekgate-renew-{}.lua", std::process::id()));
+    std::fs::write(
+        &script,
+        "wrk.method = \"PUT\"\nwrk.body = \"{}\"\nwrk.headers[\"Content-Type\"] = \"application/json\"\n",
+    )?;
+    run_wrk("renewal PUT", &format!("{host_url}{path}"), &header, wrk_seconds, Some(&script))?;
+    let _ = std::fs::remove_file(&script);
+    let renewals = state.metrics.render();
+    let ok_line = renewals
+        .lines()
+        .find(|l| l.starts_with("peekgate_peek_renewals_total") && l.contains("inbound") && l.contains("\"ok\""));
+    println!("renewal PUT: server-side counter {}", ok_line.unwrap_or("(missing)"));
+
+    // 4 and 5. 100,000 inbound peeks: memory while serving, then the eviction sweep once lapsed.
+    let big = 100_000;
+    let head = state.rooms.latest_stream_pos(&room).await?;
+    let rss_before = rss_mib();
+    let t = Instant::now();
+    insert_peeks(&state.db, &room, "x", 0, big, head, false).await?;
+    let inserted = t.elapsed();
+    let live = state.inbound.live_count().await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    println!(
+        "memory: RSS of the bench process {rss_before:.0} MiB before and {:.0} MiB with {live} live inbound peeks (inserted in {:.1?}; the process also runs the reader server)",
+        rss_mib(),
+        inserted
+    );
+    let prefix = "x";
+    let db = state.db.clone();
+    db.run::<_, DbError, _>(move |conn| {
+        diesel::sql_query(format!("UPDATE inbound_peeks SET expires_ts = 0 WHERE origin LIKE '{prefix}%'"))
+            .execute(conn)?;
+        Ok(())
+    })
+    .await?;
+    let t = Instant::now();
+    let (lapsed, _) = crate::schedule::evict_inbound(&state).await?;
+    println!("eviction sweep: {lapsed} lapsed peeks evicted (and expired_peeks queued) in {:.0?}", t.elapsed());
+    // Nobody is at these names: drop their notices and cursors so the sender does not chase them.
+    state
+        .db
+        .run::<_, DbError, _>(move |conn| {
+            diesel::sql_query(format!("DELETE FROM peek_notices WHERE destination LIKE '{prefix}%'")).execute(conn)?;
+            diesel::sql_query(format!("DELETE FROM destinations WHERE server_name LIKE '{prefix}%'")).execute(conn)?;
+            Ok(())
+        })
+        .await?;
+    reader.running.stop().await;
+    host.running.stop().await;
+    Ok(())
+}
+
+/// Inserts `count` peeks on `room` from origins `{prefix}{i}.bench`, with their cursors at `head`.
+async fn insert_peeks(
+    db: &crate::db::Db,
+    room: &RoomId,
+    prefix: &'static str,
+    from: usize,
+    count: usize,
+    head: i64,
+    lapsed: bool,
+) -> anyhow::Result<()> {
+    let room = sql_str(room.as_str());
+    let now = now_ms();
+    let expires = if lapsed { 0 } else { now + 3_900_000 };
+    let (first, last) = (from, from + count - 1);
+    db.run::<_, DbError, _>(move |conn| {
+        diesel::sql_query(format!(
+            "INSERT INTO inbound_peeks (origin, room_id, peek_id, created_ts, renewed_ts, renewal_interval_ms, expires_ts, start_stream_pos) \
+             SELECT '{prefix}' || g || '.bench', {room}, 'p', {now}, {now}, 3600000, {expires}, {head} FROM generate_series({first}, {last}) g"
+        ))
+        .execute(conn)?;
+        diesel::sql_query(format!(
+            "INSERT INTO destinations (server_name, last_sent_pos) SELECT '{prefix}' || g || '.bench', {head} FROM generate_series({first}, {last}) g"
+        ))
+        .execute(conn)?;
+        Ok(())
+    })
+    .await?;
+    Ok(())
+}
