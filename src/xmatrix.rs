@@ -55,6 +55,29 @@ pub fn authorization_header(
     format!("X-Matrix origin=\"{origin}\",destination=\"{destination}\",key=\"{}\",sig=\"{sig}\"", key.key_id())
 }
 
+/// The `Authorization` header for a request whose body is already canonical JSON
+/// (`canonical_content`). The signed object is assembled as text in canonical key order, so a
+/// body serialised once can be signed for many destinations (the sender's fan-out).
+pub fn authorization_header_for_canonical(
+    key: &SigningKey,
+    origin: &str,
+    destination: &str,
+    method: &str,
+    uri: &str,
+    canonical_content: &str,
+) -> String {
+    let quote = |s: &str| serde_json::to_string(s).expect("strings serialise");
+    let signed = format!(
+        "{{\"content\":{canonical_content},\"destination\":{},\"method\":{},\"origin\":{},\"uri\":{}}}",
+        quote(destination),
+        quote(method),
+        quote(origin),
+        quote(uri)
+    );
+    let sig = key.sign_bytes(signed.as_bytes());
+    format!("X-Matrix origin=\"{origin}\",destination=\"{destination}\",key=\"{}\",sig=\"{sig}\"", key.key_id())
+}
+
 /// Why an inbound request failed authentication; the label of
 /// `peekgate_xmatrix_auth_failures_total{reason}` (a closed set, so bounded cardinality).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -255,4 +278,34 @@ async fn read_limited(req: &HttpRequest, mut payload: Payload, limit: usize) -> 
         body.extend_from_slice(&chunk);
     }
     Ok(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prepared_signing_matches_the_generic_path() {
+        let key = SigningKey::generate();
+        let body = serde_json::json!({ "origin": "a.test", "pdus": [{ "b": "x\"y", "a": 1 }], "edus": [] });
+        let canonical = CanonicalJsonValue::try_from(body).unwrap();
+        let text = crate::canonical_json::encode(&canonical);
+        let generic = authorization_header(
+            &key,
+            "a.test",
+            "b.test:8448",
+            "PUT",
+            "/_matrix/federation/v1/send/1-2",
+            Some(canonical),
+        );
+        let prepared = authorization_header_for_canonical(
+            &key,
+            "a.test",
+            "b.test:8448",
+            "PUT",
+            "/_matrix/federation/v1/send/1-2",
+            &text,
+        );
+        assert_eq!(generic, prepared);
+    }
 }

@@ -208,6 +208,45 @@ impl FederationClient {
         }
     }
 
+    /// Sends a body serialised once (`body` as bytes, `canonical` its canonical JSON text) with a
+    /// signature for this destination; the fan-out path of the sender.
+    pub async fn send_prepared(
+        &self,
+        method: Method,
+        destination: &ServerName,
+        path: &str,
+        body: bytes::Bytes,
+        canonical: &str,
+    ) -> Result<Value, FederationError> {
+        let server = destination.as_str();
+        let (client, url, host_header) = self.target(destination, path).await?;
+        let header = xmatrix::authorization_header_for_canonical(
+            &self.key,
+            self.origin.as_str(),
+            server,
+            method.as_str(),
+            path,
+            canonical,
+        );
+        let mut builder = client
+            .request(method, url)
+            .header(AUTHORIZATION, header)
+            .header(CONTENT_TYPE, "application/json")
+            .body(body);
+        if let Some(host) = host_header {
+            builder = builder.header(HOST, HeaderValue::from_str(&host).map_err(|e| transport(server, e))?);
+        }
+        let response = builder.send().await.map_err(|e| transport(server, e))?;
+        let status = response.status().as_u16();
+        let body = self.read_json(server, response).await?;
+        if (200..300).contains(&status) {
+            Ok(body)
+        } else {
+            let errcode = body.get("errcode").and_then(Value::as_str).unwrap_or("").to_owned();
+            Err(FederationError::Status { server: server.to_owned(), status, errcode, body })
+        }
+    }
+
     /// Chooses client, URL and `Host` header: a configured override, or spec resolution.
     async fn target(
         &self,

@@ -1,0 +1,325 @@
+//! The sender's storage side: the queue query (events after a destination's cursor that it
+//! should get), cursor and failure bookkeeping, and destination leases.
+
+use std::time::Duration;
+
+use diesel::prelude::*;
+use rand::RngExt;
+use serde_json::Value;
+
+use super::Shared;
+use crate::db::schema::{destinations, events, inbound_peeks, peek_notices};
+use crate::db::{DbConnection, DbError};
+use crate::keys::now_ms;
+
+/// Spec limit of PDUs per transaction.
+pub const MAX_PDUS_PER_TXN: i64 = 50;
+/// Back-off: a short grace after the first failure, then 2 s doubling, capped.
+const FIRST_RETRY: Duration = Duration::from_millis(500);
+const BACKOFF_BASE: Duration = Duration::from_secs(2);
+const BACKOFF_CAP: Duration = Duration::from_secs(3600);
+/// A destination's lease; its worker renews it well before it runs out.
+pub const LEASE_MS: i64 = 30_000;
+
+/// Delay before retry number `failures` (1 = first failure), with ±20 % jitter.
+pub fn backoff(failures: i32) -> Duration {
+    let base = if failures <= 1 {
+        FIRST_RETRY
+    } else {
+        let exp = (failures - 2).min(20) as u32;
+        BACKOFF_BASE.saturating_mul(2u32.saturating_pow(exp)).min(BACKOFF_CAP)
+    };
+    base.mul_f64(rand::rng().random_range(0.8..1.2))
+}
+
+/// What one transaction carries.
+pub struct Batch {
+    pub pdus: Vec<Value>,
+    pub notices: Vec<(String, String)>,
+    /// The cursor after this batch is delivered.
+    pub next_cursor: i64,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct DestinationRow {
+    pub cursor: i64,
+    pub failures: i32,
+    pub retry_at: Option<i64>,
+}
+
+/// Events after `cursor` that the destination should get: those of rooms it peeks, after its
+/// peek started, while the peek is live (or up to where the room ended it); never its own
+/// events back (PE-2). Then the `expired_peeks` notices whose peek's last event is delivered.
+pub(super) async fn next_batch(shared: &Shared, destination: &str, cursor: i64) -> Result<Batch, DbError> {
+    let destination = destination.to_owned();
+    shared.state.db.run(move |conn| next_batch_blocking(conn, &destination, cursor)).await
+}
+
+fn next_batch_blocking(conn: &mut DbConnection, destination: &str, cursor: i64) -> Result<Batch, DbError> {
+    let now = now_ms();
+    // Read the head first: every event up to it has committed (appends commit in order), so
+    // what the query below does not return up to the head is not for this destination.
+    let head: Option<i64> = events::table.select(diesel::dsl::max(events::stream_pos)).first(conn)?;
+    let head = head.unwrap_or(0);
+    let own_events = format!("%:{}", destination.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_"));
+    let peeked = inbound_peeks::table
+        .filter(inbound_peeks::origin.eq(destination))
+        .filter(inbound_peeks::room_id.eq(events::room_id))
+        .filter(inbound_peeks::start_stream_pos.lt(events::stream_pos))
+        .filter(
+            inbound_peeks::end_stream_pos
+                .is_null()
+                .and(inbound_peeks::expires_ts.ge(now))
+                .or(inbound_peeks::end_stream_pos.ge(events::stream_pos.nullable())),
+        );
+    let rows: Vec<(i64, String)> = events::table
+        .filter(events::stream_pos.gt(cursor))
+        .filter(events::stream_pos.le(head))
+        .filter(events::outlier.eq(false))
+        .filter(events::rejected.eq(false))
+        .filter(events::sender.not_like(own_events).escape('\\'))
+        .filter(diesel::dsl::exists(peeked))
+        .order(events::stream_pos.asc())
+        .limit(MAX_PDUS_PER_TXN)
+        .select((events::stream_pos, events::json))
+        .load(conn)?;
+    let next_cursor =
+        if rows.len() as i64 == MAX_PDUS_PER_TXN { rows.last().map(|r| r.0).unwrap_or(head) } else { head };
+    let pdus = rows.into_iter().filter_map(|(_, json)| serde_json::from_str(&json).ok()).collect();
+    let notices: Vec<(String, String)> = peek_notices::table
+        .filter(peek_notices::destination.eq(destination))
+        .filter(peek_notices::after_pos.le(next_cursor))
+        .select((peek_notices::room_id, peek_notices::peek_id))
+        .limit(100)
+        .load(conn)?;
+    Ok(Batch { pdus, notices, next_cursor })
+}
+
+/// A 200: move the cursor, clear the failure state, drop the notices that went out.
+pub(super) async fn save_progress(
+    shared: &Shared,
+    destination: &str,
+    cursor: i64,
+    notices: &[(String, String)],
+) -> Result<(), DbError> {
+    let destination = destination.to_owned();
+    let notices = notices.to_vec();
+    shared
+        .state
+        .db
+        .run(move |conn| {
+            conn.transaction::<_, DbError, _>(|conn| {
+                diesel::update(destinations::table.filter(destinations::server_name.eq(&destination)))
+                    .set((
+                        destinations::last_sent_pos.eq(cursor),
+                        destinations::failure_count.eq(0),
+                        destinations::retry_at.eq(None::<i64>),
+                        destinations::last_success_ts.eq(now_ms()),
+                    ))
+                    .execute(conn)?;
+                for (room, peek) in &notices {
+                    diesel::delete(
+                        peek_notices::table
+                            .filter(peek_notices::destination.eq(&destination))
+                            .filter(peek_notices::room_id.eq(room))
+                            .filter(peek_notices::peek_id.eq(peek)),
+                    )
+                    .execute(conn)?;
+                }
+                Ok(())
+            })
+        })
+        .await
+}
+
+pub(super) async fn save_failure(
+    shared: &Shared,
+    destination: &str,
+    failures: i32,
+    retry_at: i64,
+) -> Result<(), DbError> {
+    let destination = destination.to_owned();
+    shared
+        .state
+        .db
+        .run(move |conn| {
+            diesel::update(destinations::table.filter(destinations::server_name.eq(&destination)))
+                .set((destinations::failure_count.eq(failures), destinations::retry_at.eq(retry_at)))
+                .execute(conn)?;
+            Ok(())
+        })
+        .await
+}
+
+/// Takes (or renews) this instance's lease on the destination and reads its row; `None` when
+/// another live instance holds it.
+pub(super) async fn take_lease(shared: &Shared, destination: &str) -> Result<Option<DestinationRow>, DbError> {
+    let (destination, me) = (destination.to_owned(), shared.instance.clone());
+    shared
+        .state
+        .db
+        .run(move |conn| {
+            let now = now_ms();
+            let taken = diesel::update(
+                destinations::table.filter(destinations::server_name.eq(&destination)).filter(
+                    destinations::lease_owner
+                        .is_null()
+                        .or(destinations::lease_owner.eq(&me))
+                        .or(destinations::lease_expires.lt(now)),
+                ),
+            )
+            .set((destinations::lease_owner.eq(&me), destinations::lease_expires.eq(now + LEASE_MS)))
+            .execute(conn)?;
+            if taken == 0 {
+                return Ok(None);
+            }
+            let (cursor, failures, retry_at) = destinations::table
+                .filter(destinations::server_name.eq(&destination))
+                .select((destinations::last_sent_pos, destinations::failure_count, destinations::retry_at))
+                .first(conn)?;
+            Ok(Some(DestinationRow { cursor, failures, retry_at }))
+        })
+        .await
+}
+
+pub(super) async fn release_lease(shared: &Shared, destination: &str) {
+    let (destination, me) = (destination.to_owned(), shared.instance.clone());
+    let _ = shared
+        .state
+        .db
+        .run::<_, DbError, _>(move |conn| {
+            diesel::update(
+                destinations::table
+                    .filter(destinations::server_name.eq(&destination))
+                    .filter(destinations::lease_owner.eq(&me)),
+            )
+            .set((destinations::lease_owner.eq(None::<String>), destinations::lease_expires.eq(None::<i64>)))
+            .execute(conn)?;
+            Ok(())
+        })
+        .await;
+}
+
+/// Cursor moves of the fan-out path, persisted together: one statement per distinct cursor.
+pub(super) async fn save_many(shared: &Shared, moves: Vec<(String, i64)>) -> Result<(), DbError> {
+    let mut by_cursor: std::collections::BTreeMap<i64, Vec<String>> = std::collections::BTreeMap::new();
+    for (destination, cursor) in moves {
+        by_cursor.entry(cursor).or_default().push(destination);
+    }
+    shared
+        .state
+        .db
+        .run(move |conn| {
+            let now = now_ms();
+            for (cursor, names) in by_cursor {
+                for chunk in names.chunks(1000) {
+                    diesel::update(
+                        destinations::table
+                            .filter(destinations::server_name.eq_any(chunk))
+                            .filter(destinations::last_sent_pos.lt(cursor)),
+                    )
+                    .set((
+                        destinations::last_sent_pos.eq(cursor),
+                        destinations::failure_count.eq(0),
+                        destinations::retry_at.eq(None::<i64>),
+                        destinations::last_success_ts.eq(now),
+                    ))
+                    .execute(conn)?;
+                }
+            }
+            Ok(())
+        })
+        .await
+}
+
+/// New events after `since` (up to `head`, at most `limit`) and the peeks on their rooms, for
+/// the fan-out path: `(events, peeks)`.
+pub(super) async fn fan_out_inputs(
+    shared: &Shared,
+    since: i64,
+    head: i64,
+    limit: i64,
+) -> Result<(Vec<NewEvent>, Vec<PeekRow>), DbError> {
+    shared
+        .state
+        .db
+        .run(move |conn| {
+            let rows: Vec<(i64, String, String, String)> = events::table
+                .filter(events::stream_pos.gt(since))
+                .filter(events::stream_pos.le(head))
+                .filter(events::outlier.eq(false))
+                .filter(events::rejected.eq(false))
+                .order(events::stream_pos.asc())
+                .limit(limit)
+                .select((events::stream_pos, events::room_id, events::sender, events::json))
+                .load(conn)?;
+            let rooms: Vec<String> = rows.iter().map(|r| r.1.clone()).collect();
+            let peeks: Vec<(String, String, i64, Option<i64>, i64)> = inbound_peeks::table
+                .filter(inbound_peeks::room_id.eq_any(&rooms))
+                .filter(inbound_peeks::end_stream_pos.is_null().or(inbound_peeks::end_stream_pos.gt(since)))
+                .select((
+                    inbound_peeks::origin,
+                    inbound_peeks::room_id,
+                    inbound_peeks::start_stream_pos,
+                    inbound_peeks::end_stream_pos,
+                    inbound_peeks::expires_ts,
+                ))
+                .load(conn)?;
+            let events =
+                rows.into_iter().map(|(pos, room_id, sender, json)| NewEvent { pos, room_id, sender, json }).collect();
+            let peeks = peeks
+                .into_iter()
+                .map(|(origin, room_id, start, end, expires_ts)| PeekRow { origin, room_id, start, end, expires_ts })
+                .collect();
+            Ok((events, peeks))
+        })
+        .await
+}
+
+pub struct NewEvent {
+    pub pos: i64,
+    pub room_id: String,
+    pub sender: String,
+    pub json: String,
+}
+
+pub struct PeekRow {
+    pub origin: String,
+    pub room_id: String,
+    pub start: i64,
+    pub end: Option<i64>,
+    pub expires_ts: i64,
+}
+
+impl PeekRow {
+    /// The same rule as the queue query: after the peek started, while live or up to its end,
+    /// and never the peeker's own events (PE-2, PE-3, RE-2, RE-3).
+    pub fn wants(&self, event: &NewEvent, now: i64) -> bool {
+        let live = match self.end {
+            Some(end) => event.pos <= end,
+            None => self.expires_ts >= now,
+        };
+        self.room_id == event.room_id
+            && self.start < event.pos
+            && live
+            && !event.sender.ends_with(&format!(":{}", self.origin))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_with_jitter_and_is_capped() {
+        for _ in 0..50 {
+            let first = backoff(1);
+            assert!(first >= Duration::from_millis(400) && first <= Duration::from_millis(600), "{first:?}");
+            let second = backoff(2);
+            assert!(second >= Duration::from_millis(1600) && second <= Duration::from_millis(2400), "{second:?}");
+            let fourth = backoff(4);
+            assert!(fourth >= Duration::from_millis(6400) && fourth <= Duration::from_millis(9600), "{fourth:?}");
+            assert!(backoff(100) <= BACKOFF_CAP.mul_f64(1.2));
+        }
+    }
+}
