@@ -77,7 +77,7 @@ pub async fn renew(
     path: web::Path<(String, String)>,
 ) -> Result<HttpResponse, MatrixError> {
     let (room_id, peek_id) = room_and_peek(&path)?;
-    match state.inbound.renew(&state.rooms, &request.origin, &room_id, peek_id).await {
+    match state.inbound.renew(&request.origin, &room_id, peek_id).await {
         Ok(interval) => {
             state.metrics.peek_renewal("inbound", "ok");
             Ok(HttpResponse::Ok().json(json!({ "renewal_interval": interval })))

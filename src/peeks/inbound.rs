@@ -4,8 +4,9 @@
 //! A peek is recorded at stream position P under the append lock *before* the state at P is
 //! read (PE-3), so every event after P reaches the peeker and none is missed.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
 
 use diesel::prelude::*;
 use governor::clock::{Clock, DefaultClock};
@@ -87,6 +88,80 @@ pub struct InboundPeeks {
     db: Db,
     limits: Limits,
     new_peeks: DefaultKeyedRateLimiter<String>,
+    facts: Arc<FactsCache>,
+}
+
+/// What the PUT checks need to know about a room's current state.
+struct RoomFacts {
+    acl: Option<RoomServerAclEventContent>,
+    /// FP-6: world-readable and not encrypted, or why not.
+    peekable: Result<(), &'static str>,
+}
+
+/// Room facts per room, valid while the room's current state group is the recorded one (state
+/// groups never change, so this is correct across instances).
+type FactsCache = Mutex<HashMap<String, (i64, Arc<RoomFacts>)>>;
+
+/// The room row and its facts; `UnknownRoom` for rooms we do not hold (or only as a stub).
+fn room_facts(
+    conn: &mut DbConnection,
+    cache: &FactsCache,
+    room_id: &str,
+) -> Result<(RoomRow, Arc<RoomFacts>), PeekError> {
+    let room = store::room(conn, room_id)?.ok_or(PeekError::UnknownRoom)?;
+    let group = room.current_state_group.ok_or(PeekError::UnknownRoom)?;
+    if let Some((cached, facts)) = cache.lock().unwrap().get(room_id) {
+        if *cached == group {
+            return Ok((room, facts.clone()));
+        }
+    }
+    let content = |conn: &mut DbConnection, kind: &str| -> Result<Option<Value>, PeekError> {
+        Ok(match store::current_state_id(conn, room_id, kind, "")? {
+            Some(id) => store::event_by_id(conn, &id)?.map(|e| e.pdu.content_value()),
+            None => None,
+        })
+    };
+    let acl = content(conn, "m.room.server_acl")?.and_then(|c| serde_json::from_value(c).ok());
+    let visibility = content(conn, "m.room.history_visibility")?
+        .map(|c| Visibility::parse(c["history_visibility"].as_str()))
+        .unwrap_or(Visibility::Shared);
+    let peekable = if visibility != Visibility::WorldReadable {
+        Err("Room is not world_readable")
+    } else if store::current_state_id(conn, room_id, "m.room.encryption", "")?.is_some() {
+        Err("Room is encrypted")
+    } else {
+        Ok(())
+    };
+    let facts = Arc::new(RoomFacts { acl, peekable });
+    cache.lock().unwrap().insert(room_id.to_owned(), (group, facts.clone()));
+    Ok((room, facts))
+}
+
+/// Renews a live peek (not lapsed, not ended by the room); `false` otherwise.
+fn renew_live_blocking(
+    conn: &mut DbConnection,
+    origin: &str,
+    room_id: &str,
+    peek_id: &str,
+    interval: i64,
+    grace: i64,
+) -> Result<bool, PeekError> {
+    let now = now_ms();
+    let renewed = diesel::update(
+        inbound_peeks::table
+            .filter(inbound_peeks::origin.eq(origin))
+            .filter(inbound_peeks::room_id.eq(room_id))
+            .filter(inbound_peeks::peek_id.eq(peek_id))
+            .filter(inbound_peeks::expires_ts.ge(now))
+            .filter(inbound_peeks::end_stream_pos.is_null()),
+    )
+    .set((
+        inbound_peeks::renewed_ts.eq(now),
+        inbound_peeks::renewal_interval_ms.eq(interval),
+        inbound_peeks::expires_ts.eq(now + interval + grace),
+    ))
+    .execute(conn)?;
+    Ok(renewed > 0)
 }
 
 /// RE-2: the grace after the interval is min(10 % of the interval, configured grace).
@@ -111,6 +186,7 @@ impl InboundPeeks {
                 lenient_peek_ids: peek.lenient_peek_ids,
             },
             new_peeks: RateLimiter::keyed(quota),
+            facts: Arc::default(),
         }
     }
 
@@ -119,6 +195,8 @@ impl InboundPeeks {
     }
 
     /// `PUT /peek/{roomId}/{peekId}`: the check order of peeking.md §1, then renew or create.
+    /// The checks and a renewal take one database round trip (room facts are cached per state
+    /// group); only a new peek does more.
     pub async fn put(
         &self,
         rooms: &Rooms,
@@ -127,76 +205,61 @@ impl InboundPeeks {
         raw_peek_id: &str,
         versions: &[String],
     ) -> Result<PutOutcome, PeekError> {
-        let room = self.check_room(rooms, origin, room_id).await?;
-        let peek_id = PeekId::parse(raw_peek_id, self.limits.lenient_peek_ids).ok_or(PeekError::InvalidPeekId)?;
+        let peek_id = PeekId::parse(raw_peek_id, self.limits.lenient_peek_ids);
         // FP-3: no `ver` means ["1"], as for make_join.
-        let version = room.version.as_str();
         let offered = if versions.is_empty() { vec!["1".to_owned()] } else { versions.to_vec() };
-        if !offered.iter().any(|v| v == version) {
-            return Err(PeekError::IncompatibleVersion(version.to_owned()));
-        }
-        check_peekable(rooms, room_id).await?;
-        if self.renew_live(origin, room_id, &peek_id).await? {
+        let (o, r) = (origin.to_owned(), room_id.to_string());
+        let (cache, interval, grace) = (self.facts.clone(), self.limits.renewal_interval_ms, self.limits.grace_ms);
+        let step = self
+            .db
+            .run::<_, PeekError, _>(move |conn| {
+                let (room, facts) = room_facts(conn, &cache, &r)?;
+                if facts.acl.as_ref().is_some_and(|acl| !acl.is_allowed(&o)) {
+                    return Err(PeekError::Acl(o.to_string()));
+                }
+                let peek_id = peek_id.ok_or(PeekError::InvalidPeekId)?;
+                if !offered.iter().any(|v| v == room.version.as_str()) {
+                    return Err(PeekError::IncompatibleVersion(room.version.as_str().to_owned()));
+                }
+                facts.peekable.map_err(PeekError::NotPeekable)?;
+                if renew_live_blocking(conn, o.as_str(), &r, peek_id.as_str(), interval, grace)? {
+                    return Ok(None);
+                }
+                Ok(Some((room, peek_id)))
+            })
+            .await?;
+        let Some((room, peek_id)) = step else {
             return Ok(PutOutcome::Renewed);
-        }
+        };
         self.check_limits(origin, room_id).await?;
         let response = self.create(rooms, origin, room, &peek_id).await?;
         Ok(PutOutcome::Created(Box::new(response)))
     }
 
     /// Checks 1 and 2: server ACL, then a room we actually hold.
-    async fn check_room(&self, rooms: &Rooms, origin: &ServerName, room_id: &RoomId) -> Result<RoomRow, PeekError> {
-        let room = rooms.room(room_id).await?.ok_or(PeekError::UnknownRoom)?;
-        if room.current_state_group.is_none() {
-            return Err(PeekError::UnknownRoom);
-        }
-        if let Some(acl) = rooms.state_event(room_id, "m.room.server_acl", "").await? {
-            let denied = serde_json::from_str::<RoomServerAclEventContent>(acl.content.get())
-                .map(|acl| !acl.is_allowed(origin))
-                .unwrap_or(false);
-            if denied {
-                return Err(PeekError::Acl(origin.to_string()));
-            }
-        }
-        Ok(room)
+    async fn check_room(&self, origin: &ServerName, room_id: &RoomId) -> Result<RoomRow, PeekError> {
+        let (o, r, cache) = (origin.to_owned(), room_id.to_string(), self.facts.clone());
+        self.db
+            .run::<_, PeekError, _>(move |conn| {
+                let (room, facts) = room_facts(conn, &cache, &r)?;
+                if facts.acl.as_ref().is_some_and(|acl| !acl.is_allowed(&o)) {
+                    return Err(PeekError::Acl(o.to_string()));
+                }
+                Ok(room)
+            })
+            .await
     }
 
     /// FP-9 / Rev B `/renew`: renews a live peek; `false` when unknown, lapsed or ended.
     pub async fn renew_live(&self, origin: &ServerName, room_id: &RoomId, peek_id: &PeekId) -> Result<bool, PeekError> {
         let key = (origin.to_string(), room_id.to_string(), peek_id.as_str().to_owned());
         let (interval, grace) = (self.limits.renewal_interval_ms, self.limits.grace_ms);
-        let renewed = self
-            .db
-            .run::<_, PeekError, _>(move |conn| {
-                let now = now_ms();
-                Ok(diesel::update(
-                    inbound_peeks::table
-                        .filter(inbound_peeks::origin.eq(&key.0))
-                        .filter(inbound_peeks::room_id.eq(&key.1))
-                        .filter(inbound_peeks::peek_id.eq(&key.2))
-                        .filter(inbound_peeks::expires_ts.ge(now))
-                        .filter(inbound_peeks::end_stream_pos.is_null()),
-                )
-                .set((
-                    inbound_peeks::renewed_ts.eq(now),
-                    inbound_peeks::renewal_interval_ms.eq(interval),
-                    inbound_peeks::expires_ts.eq(now + interval + grace),
-                ))
-                .execute(conn)?)
-            })
-            .await?;
-        Ok(renewed > 0)
+        self.db.run(move |conn| renew_live_blocking(conn, &key.0, &key.1, &key.2, interval, grace)).await
     }
 
     /// Rev B `POST .../renew` on a live peek, after the same room checks as a PUT.
-    pub async fn renew(
-        &self,
-        rooms: &Rooms,
-        origin: &ServerName,
-        room_id: &RoomId,
-        raw_peek_id: &str,
-    ) -> Result<i64, PeekError> {
-        self.check_room(rooms, origin, room_id).await?;
+    pub async fn renew(&self, origin: &ServerName, room_id: &RoomId, raw_peek_id: &str) -> Result<i64, PeekError> {
+        self.check_room(origin, room_id).await?;
         let peek_id = PeekId::parse(raw_peek_id, self.limits.lenient_peek_ids).ok_or(PeekError::InvalidPeekId)?;
         if self.renew_live(origin, room_id, &peek_id).await? {
             Ok(self.limits.renewal_interval_ms)
@@ -363,23 +426,6 @@ fn record_peek(
             .filter(destinations::last_sent_pos.lt(position))
             .set(destinations::last_sent_pos.eq(position))
             .execute(conn)?;
-    }
-    Ok(())
-}
-
-/// FP-6: peekable iff the current history visibility is `world_readable` and the room is not
-/// encrypted.
-async fn check_peekable(rooms: &Rooms, room_id: &RoomId) -> Result<(), PeekError> {
-    let visibility = rooms
-        .state_event(room_id, "m.room.history_visibility", "")
-        .await?
-        .map(|e| Visibility::parse(e.content_value()["history_visibility"].as_str()))
-        .unwrap_or(Visibility::Shared);
-    if visibility != Visibility::WorldReadable {
-        return Err(PeekError::NotPeekable("Room is not world_readable"));
-    }
-    if rooms.state_event(room_id, "m.room.encryption", "").await?.is_some() {
-        return Err(PeekError::NotPeekable("Room is encrypted"));
     }
     Ok(())
 }

@@ -16,7 +16,7 @@ mod queue;
 mod worker;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -42,6 +42,8 @@ const FULL_SCAN_EVERY: Duration = Duration::from_secs(30);
 const GAUGE_EVERY: Duration = Duration::from_secs(5);
 /// The fan-out path handles at most this many new events at once; more go through the queue.
 const FAN_OUT_MAX_EVENTS: i64 = 50;
+/// Longest wait for the previous fan-out round before starting the next.
+const COALESCE_WAIT: Duration = Duration::from_millis(100);
 /// Cursor moves of the fan-out path are written at least this often.
 const FLUSH_EVERY: Duration = Duration::from_millis(20);
 
@@ -82,6 +84,8 @@ struct WorkerHandle {
     prepared: mpsc::UnboundedSender<Prepared>,
     /// The worker's cursor in memory (ahead of the database by at most one flush).
     cursor: Arc<AtomicI64>,
+    /// The cursor the worker will have once it has handled what it was handed (manager side).
+    promised: i64,
     task: JoinHandle<()>,
 }
 
@@ -93,6 +97,9 @@ pub(crate) struct Shared {
     pub shutdown: watch::Receiver<bool>,
     /// Cursor moves to persist in bulk.
     pub progress: mpsc::UnboundedSender<(String, i64)>,
+    /// Bodies handed to workers and not yet handled: under load the manager lets new events
+    /// pile up into bigger transactions instead of fanning out many small ones.
+    pub in_flight: AtomicUsize,
 }
 
 impl Shared {
@@ -111,6 +118,7 @@ pub fn start(state: web::Data<AppState>) -> SenderHandle {
         state,
         shutdown: shutdown_rx,
         progress,
+        in_flight: AtomicUsize::new(0),
     });
     let manager = tokio::spawn(manage(shared, progress_rx));
     SenderHandle { shutdown, manager }
@@ -156,6 +164,12 @@ async fn manage(shared: Arc<Shared>, progress: mpsc::UnboundedReceiver<(String, 
             _ = tokio::time::sleep(MANAGER_TICK) => {}
             _ = shutdown.changed() => break,
         }
+        // Let the previous round drain (at most COALESCE_WAIT) so that events arriving
+        // meanwhile travel together.
+        let waiting = Instant::now();
+        while shared.in_flight.load(Ordering::Acquire) > 0 && waiting.elapsed() < COALESCE_WAIT {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
     }
     for (_, worker) in workers.drain() {
         worker.wake.notify_one();
@@ -176,7 +190,7 @@ fn ensure_worker<'a>(
         let (tx, rx) = mpsc::unbounded_channel();
         let cursor = Arc::new(AtomicI64::new(-1));
         let task = tokio::spawn(worker::run(shared.clone(), destination.to_owned(), wake.clone(), rx, cursor.clone()));
-        WorkerHandle { wake, prepared: tx, cursor, task }
+        WorkerHandle { wake, prepared: tx, cursor, promised: -1, task }
     })
 }
 
@@ -211,11 +225,14 @@ async fn fan_out(
     for (destination, mut indices) in wanted {
         indices.sort_unstable();
         indices.dedup();
-        let Some(worker) = workers.get(&destination) else {
+        let Some(worker) = workers.get_mut(&destination) else {
             continue; // not running: the work list starts it on the queue path
         };
-        if worker.cursor.load(Ordering::Acquire) != since {
-            continue; // behind or busy: the queue path
+        // Bodies queue up in order behind the ones the worker is still sending, as long as they
+        // follow on exactly; anything else goes through the queue path.
+        let expected = worker.promised.max(worker.cursor.load(Ordering::Acquire));
+        if expected != since {
+            continue;
         }
         let body = if indices.is_empty() {
             None
@@ -227,8 +244,12 @@ async fn fan_out(
                     .clone(),
             )
         };
+        shared.in_flight.fetch_add(1, Ordering::AcqRel);
         if worker.prepared.send(Prepared { from: since, to: head, body }).is_ok() {
+            worker.promised = head;
             served.insert(destination);
+        } else {
+            shared.in_flight.fetch_sub(1, Ordering::AcqRel);
         }
     }
     served

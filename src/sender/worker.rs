@@ -23,6 +23,15 @@ const WORKER_IDLE: Duration = Duration::from_secs(60);
 /// Why a worker stops before finishing.
 struct Stop;
 
+/// Marks one handed-over body as handled when dropped (also when the worker stops mid-way).
+struct InFlight<'a>(&'a Shared);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 pub(super) async fn run(
     shared: Arc<Shared>,
     destination: String,
@@ -67,6 +76,7 @@ pub(super) async fn run(
         tokio::select! {
             message = prepared.recv() => match message {
                 Some(p) if p.from == cursor.load(Ordering::Acquire) => {
+                    let _done = InFlight(&shared);
                     if let Some(body) = &p.body {
                         let path = format!("/_matrix/federation/v1/send/{}", body.txn_id);
                         let attempt = || {
@@ -80,13 +90,22 @@ pub(super) async fn run(
                     row.cursor = p.to;
                     let _ = shared.progress.send((destination.clone(), p.to));
                 }
-                Some(_) => needs_queue = true,
+                Some(_) => {
+                    let _done = InFlight(&shared);
+                    needs_queue = true;
+                }
                 None => break,
             },
             _ = wake.notified() => needs_queue = true,
             _ = tokio::time::sleep(WORKER_IDLE) => break,
             _ = shutdown.changed() => break,
         }
+    }
+    // Bodies still queued were not sent: the cursor did not move past them, so the next worker
+    // resends them from the queue. Only the count needs settling.
+    prepared.close();
+    while prepared.try_recv().is_ok() {
+        drop(InFlight(&shared));
     }
     queue::release_lease(&shared, &destination).await;
 }
