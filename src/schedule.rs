@@ -13,7 +13,7 @@ use crate::peeks::inbound::{self, REASON_LAPSED};
 use crate::state::AppState;
 
 /// Peeks evicted per claimed batch on PostgreSQL (SQLite sweeps in one transaction).
-const EVICTION_BATCH: i64 = 10_000;
+const EVICTION_BATCH: i64 = 50_000;
 
 pub struct ScheduleHandle {
     shutdown: watch::Sender<bool>,
@@ -66,22 +66,25 @@ async fn run_job(
 /// RE-2: deletes lapsed inbound peeks (queueing `expired_peeks`), and peeks the room ended once
 /// everything up to their end was delivered. Runs batch after batch until none is left.
 pub async fn evict_inbound(state: &AppState) -> Result<(usize, usize), DbError> {
-    let (mut lapsed_total, mut ended_total) = (0, 0);
+    let mut lapsed_total = 0;
     loop {
-        let (lapsed, ended) =
-            state.db.run::<_, DbError, _>(|conn| Ok(inbound::evict_batch(conn, now_ms(), EVICTION_BATCH)?)).await?;
+        let lapsed = state
+            .db
+            .run::<_, DbError, _>(|conn| Ok(inbound::evict_lapsed_batch(conn, now_ms(), EVICTION_BATCH)?))
+            .await?;
         if lapsed > 0 {
             state.metrics.peek_evictions(REASON_LAPSED, lapsed);
         }
-        for (reason, count) in &ended {
-            state.metrics.peek_evictions(reason, *count);
-        }
         lapsed_total += lapsed;
-        ended_total += ended.values().sum::<usize>();
         if (lapsed as i64) < EVICTION_BATCH || state.db.backend() == crate::db::Backend::Sqlite {
             break;
         }
     }
+    let ended = state.db.run::<_, DbError, _>(|conn| Ok(inbound::evict_ended(conn)?)).await?;
+    for (reason, count) in &ended {
+        state.metrics.peek_evictions(reason, *count);
+    }
+    let ended_total: usize = ended.values().sum();
     if lapsed_total + ended_total > 0 {
         tracing::info!(lapsed = lapsed_total, ended = ended_total, "evicted inbound peeks");
     }

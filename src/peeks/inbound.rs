@@ -147,6 +147,26 @@ fn renew_live_blocking(
     grace: i64,
 ) -> Result<bool, PeekError> {
     let now = now_ms();
+    conn.transaction(|conn| {
+        if matches!(conn, DbConnection::Postgresql(_)) {
+            // A renewal is soft state: if the last few milliseconds of renewals are lost in a
+            // crash, the peers renew again. Not waiting for the WAL flush is what lets one
+            // instance take thousands of renewals a second.
+            diesel::sql_query("SET LOCAL synchronous_commit TO OFF").execute(conn)?;
+        }
+        renew_update(conn, origin, room_id, peek_id, interval, grace, now)
+    })
+}
+
+fn renew_update(
+    conn: &mut DbConnection,
+    origin: &str,
+    room_id: &str,
+    peek_id: &str,
+    interval: i64,
+    grace: i64,
+    now: i64,
+) -> Result<bool, PeekError> {
     let renewed = diesel::update(
         inbound_peeks::table
             .filter(inbound_peeks::origin.eq(origin))
@@ -510,15 +530,10 @@ fn queue_notice(
     Ok(())
 }
 
-/// One eviction batch (the `evict_inbound` job): deletes up to `batch` lapsed peeks and peeks
-/// the room ended whose events were all sent, queueing `expired_peeks` for the lapsed ones.
-/// On PostgreSQL the rows are claimed with `FOR UPDATE SKIP LOCKED`, so several instances never
-/// evict the same peek. Returns the number of lapsed peeks and the ended ones by reason.
-pub fn evict_batch(
-    conn: &mut DbConnection,
-    now: i64,
-    batch: i64,
-) -> Result<(usize, BTreeMap<String, usize>), diesel::result::Error> {
+/// One eviction batch of the `evict_inbound` job: deletes up to `batch` lapsed peeks, queueing
+/// `expired_peeks` for them. On PostgreSQL the rows are claimed with `FOR UPDATE SKIP LOCKED`,
+/// so several instances never evict the same peek. Returns how many were evicted.
+pub fn evict_lapsed_batch(conn: &mut DbConnection, now: i64, batch: i64) -> Result<usize, diesel::result::Error> {
     conn.transaction(|conn| {
         let head = events_max(conn)?;
         // Set-based: one statement moves a whole batch of lapsed peeks into notices.
@@ -552,7 +567,14 @@ pub fn evict_batch(
                 diesel::sql_query(format!("DELETE FROM inbound_peeks WHERE {lapsed}")).execute(conn)?
             }
         };
-        // Peeks the room ended are kept until their server's cursor passed the end.
+        Ok(lapsed)
+    })
+}
+
+/// Deletes the peeks a room ended (RE-3, RE-4) once their server's cursor passed the end.
+/// Returns how many, by reason.
+pub fn evict_ended(conn: &mut DbConnection) -> Result<BTreeMap<String, usize>, diesel::result::Error> {
+    conn.transaction(|conn| {
         let delivered = inbound_peeks::end_stream_pos.le(diesel::dsl::sql::<
             diesel::sql_types::Nullable<diesel::sql_types::BigInt>,
         >(
@@ -569,7 +591,7 @@ pub fn evict_batch(
         for reason in reasons {
             *ended.entry(reason.unwrap_or_else(|| REASON_VISIBILITY.to_owned())).or_default() += 1;
         }
-        Ok((lapsed, ended))
+        Ok(ended)
     })
 }
 

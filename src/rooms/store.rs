@@ -63,13 +63,22 @@ pub fn lock_for_append(conn: &mut DbConnection, room_id: &str) -> Result<RoomRow
     if matches!(conn, DbConnection::Postgresql(_)) {
         diesel::sql_query(format!("SELECT pg_advisory_xact_lock({APPEND_LOCK_KEY})")).execute(conn)?;
     }
-    let updated = diesel::update(rooms::table.filter(rooms::room_id.eq(room_id)))
-        .set(rooms::max_depth.eq(rooms::max_depth))
-        .execute(conn)?;
-    if updated == 0 {
-        return Err(RoomError::NotFound);
-    }
-    room(conn, room_id)?.ok_or(RoomError::NotFound)
+    let row: Option<(String, String, bool, Option<i64>, i64)> =
+        diesel::update(rooms::table.filter(rooms::room_id.eq(room_id)))
+            .set(rooms::max_depth.eq(rooms::max_depth))
+            .returning((
+                rooms::room_id,
+                rooms::room_version,
+                rooms::is_local,
+                rooms::current_state_group,
+                rooms::max_depth,
+            ))
+            .get_result(conn)
+            .optional()?;
+    let (room_id, version, is_local, current_state_group, max_depth) = row.ok_or(RoomError::NotFound)?;
+    let version = RoomVersion::parse(&version)
+        .ok_or_else(|| RoomError::Internal(format!("room {room_id} has unsupported version {version}")))?;
+    Ok(RoomRow { room_id, version, is_local, current_state_group, max_depth })
 }
 
 pub fn room(conn: &mut DbConnection, room_id: &str) -> Result<Option<RoomRow>, RoomError> {
@@ -140,12 +149,7 @@ pub fn append_local(
     let auth_types =
         pdus::auth_types(room.version, &draft.kind, &draft.sender, draft.state_key.as_deref(), &draft.content)
             .map_err(|e| RoomError::BadEvent(e.to_string()))?;
-    let mut needed: HashMap<(String, String), String> = HashMap::new();
-    for (kind, state_key) in auth_types {
-        if let Some(id) = current_state_id(conn, &room.room_id, &kind.to_string(), &state_key)? {
-            needed.insert((kind.to_string(), state_key), id);
-        }
-    }
+    let needed = current_state_for(conn, &room.room_id, &auth_types)?;
     draft.auth_events = needed.values().map(|id| EventId::parse(id).expect("stored IDs are valid")).collect();
     draft.auth_events.sort();
     let prev: Vec<String> = forward_extremities::table
@@ -185,14 +189,30 @@ pub fn append_remote(
     let auth_types =
         pdus::auth_types(room.version, &pdu.event_type(), &pdu.sender, pdu.state_key.as_deref(), &pdu.content_value())
             .map_err(|e| RoomError::BadEvent(e.to_string()))?;
-    let mut state: HashMap<(String, String), String> = HashMap::new();
-    for (kind, state_key) in auth_types {
-        if let Some(id) = current_state_id(conn, &room.room_id, &kind.to_string(), &state_key)? {
-            state.insert((kind.to_string(), state_key), id);
-        }
-    }
+    let state = current_state_for(conn, &room.room_id, &auth_types)?;
     authorise(conn, room, pdu, &state)?;
     store_event(conn, server_name, room, pdu).map(Some)
+}
+
+/// The current state event IDs of the given keys, in one query.
+fn current_state_for(
+    conn: &mut DbConnection,
+    room_id: &str,
+    keys: &[(StateEventType, String)],
+) -> Result<HashMap<(String, String), String>, RoomError> {
+    let wanted: std::collections::HashSet<(String, String)> =
+        keys.iter().map(|(t, k)| (t.to_string(), k.clone())).collect();
+    let types: Vec<String> = wanted.iter().map(|(t, _)| t.clone()).collect();
+    let rows: Vec<(String, String, String)> = current_state::table
+        .filter(current_state::room_id.eq(room_id))
+        .filter(current_state::event_type.eq_any(types))
+        .select((current_state::event_type, current_state::state_key, current_state::event_id))
+        .load(conn)?;
+    Ok(rows
+        .into_iter()
+        .filter(|(t, k, _)| wanted.contains(&(t.clone(), k.clone())))
+        .map(|(t, k, id)| ((t, k), id))
+        .collect())
 }
 
 /// The auth rules, against the event's own auth events and the current state.
@@ -202,14 +222,11 @@ fn authorise(
     pdu: &Pdu,
     state: &HashMap<(String, String), String>,
 ) -> Result<(), RoomError> {
-    let mut loaded: HashMap<String, Pdu> = HashMap::new();
-    for id in pdu.auth_events.iter().map(|id| id.to_string()).chain(state.values().cloned()) {
-        if let std::collections::hash_map::Entry::Vacant(slot) = loaded.entry(id) {
-            if let Some(stored) = event_by_id(conn, slot.key())? {
-                slot.insert(stored.pdu);
-            }
-        }
-    }
+    let mut ids: Vec<String> = pdu.auth_events.iter().map(|id| id.to_string()).chain(state.values().cloned()).collect();
+    ids.sort();
+    ids.dedup();
+    let loaded: HashMap<String, Pdu> =
+        events_by_ids(conn, &ids)?.into_iter().map(|e| (e.pdu.event_id.to_string(), e.pdu)).collect();
     let fetch_event = |id: &EventId| loaded.get(id.as_str()).cloned();
     let fetch_state = |kind: &StateEventType, state_key: &str| {
         state.get(&(kind.to_string(), state_key.to_owned())).and_then(|id| loaded.get(id)).cloned()
