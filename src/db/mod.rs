@@ -119,6 +119,8 @@ impl Target {
 /// `establish` tries both and hides the real error).
 pub struct ConnectionManager {
     target: Target,
+    /// Connections of the soft-state pool commit without waiting for the WAL flush.
+    soft: bool,
 }
 
 #[derive(Debug)]
@@ -137,7 +139,11 @@ impl ManageConnection for ConnectionManager {
     type Error = ManagerError;
 
     fn connect(&self) -> Result<DbConnection, ManagerError> {
-        self.target.connect().map_err(|e| ManagerError(e.to_string()))
+        let mut conn = self.target.connect().map_err(|e| ManagerError(e.to_string()))?;
+        if self.soft && matches!(conn, DbConnection::Postgresql(_)) {
+            conn.batch_execute("SET synchronous_commit = off").map_err(|e| ManagerError(e.to_string()))?;
+        }
+        Ok(conn)
     }
 
     fn is_valid(&self, conn: &mut DbConnection) -> Result<(), ManagerError> {
@@ -153,6 +159,9 @@ impl ManageConnection for ConnectionManager {
 #[derive(Clone)]
 pub struct Db {
     pool: Pool<ConnectionManager>,
+    /// A small second pool for writes of soft state (peek renewals) on PostgreSQL: losing the
+    /// last milliseconds of them in a crash is harmless, waiting for each WAL flush is not.
+    soft: Option<Pool<ConnectionManager>>,
     backend: Backend,
 }
 
@@ -165,13 +174,36 @@ impl Db {
         let target = Target::from_url(url)?;
         drop(target.connect()?);
         let backend = target.backend;
-        let pool = r2d2::Pool::builder()
-            .max_size(pool_size)
-            .min_idle(Some(1))
-            .connection_timeout(Duration::from_secs(10))
-            .build(ConnectionManager { target })
-            .map_err(|e| DbError::Pool(e.to_string()))?;
-        Ok(Db { pool, backend })
+        let build = |target: Target, soft: bool, size: u32| {
+            r2d2::Pool::builder()
+                .max_size(size)
+                .min_idle(Some(1))
+                .connection_timeout(Duration::from_secs(10))
+                .build(ConnectionManager { target, soft })
+                .map_err(|e| DbError::Pool(e.to_string()))
+        };
+        let soft = match backend {
+            Backend::Postgres => Some(build(target.clone(), true, pool_size.div_ceil(2))?),
+            Backend::Sqlite => None,
+        };
+        let pool = build(target, false, pool_size)?;
+        Ok(Db { pool, soft, backend })
+    }
+
+    /// Like [`Db::run`], on the soft-state pool (the main pool on SQLite).
+    pub async fn run_soft<T, E, F>(&self, work: F) -> Result<T, E>
+    where
+        F: FnOnce(&mut DbConnection) -> Result<T, E> + Send + 'static,
+        T: Send + 'static,
+        E: From<DbError> + Send + 'static,
+    {
+        let pool = self.soft.clone().unwrap_or_else(|| self.pool.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut conn = pool.get().map_err(|e| DbError::Pool(e.to_string()))?;
+            work(&mut conn)
+        })
+        .await
+        .map_err(|_| E::from(DbError::Cancelled))?
     }
 
     pub fn backend(&self) -> Backend {

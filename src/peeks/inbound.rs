@@ -146,16 +146,8 @@ fn renew_live_blocking(
     interval: i64,
     grace: i64,
 ) -> Result<bool, PeekError> {
-    let now = now_ms();
-    conn.transaction(|conn| {
-        if matches!(conn, DbConnection::Postgresql(_)) {
-            // A renewal is soft state: if the last few milliseconds of renewals are lost in a
-            // crash, the peers renew again. Not waiting for the WAL flush is what lets one
-            // instance take thousands of renewals a second.
-            diesel::sql_query("SET LOCAL synchronous_commit TO OFF").execute(conn)?;
-        }
-        renew_update(conn, origin, room_id, peek_id, interval, grace, now)
-    })
+    // Callers run this on the soft-state pool: a renewal lost in a crash is simply sent again.
+    renew_update(conn, origin, room_id, peek_id, interval, grace, now_ms())
 }
 
 fn renew_update(
@@ -232,7 +224,7 @@ impl InboundPeeks {
         let (cache, interval, grace) = (self.facts.clone(), self.limits.renewal_interval_ms, self.limits.grace_ms);
         let step = self
             .db
-            .run::<_, PeekError, _>(move |conn| {
+            .run_soft::<_, PeekError, _>(move |conn| {
                 let (room, facts) = room_facts(conn, &cache, &r)?;
                 if facts.acl.as_ref().is_some_and(|acl| !acl.is_allowed(&o)) {
                     return Err(PeekError::Acl(o.to_string()));
@@ -274,7 +266,7 @@ impl InboundPeeks {
     pub async fn renew_live(&self, origin: &ServerName, room_id: &RoomId, peek_id: &PeekId) -> Result<bool, PeekError> {
         let key = (origin.to_string(), room_id.to_string(), peek_id.as_str().to_owned());
         let (interval, grace) = (self.limits.renewal_interval_ms, self.limits.grace_ms);
-        self.db.run(move |conn| renew_live_blocking(conn, &key.0, &key.1, &key.2, interval, grace)).await
+        self.db.run_soft(move |conn| renew_live_blocking(conn, &key.0, &key.1, &key.2, interval, grace)).await
     }
 
     /// Rev B `POST .../renew` on a live peek, after the same room checks as a PUT.
