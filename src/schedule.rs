@@ -68,9 +68,11 @@ async fn run_job(
 pub async fn evict_inbound(state: &AppState) -> Result<(usize, usize), DbError> {
     let mut lapsed_total = 0;
     loop {
+        // Soft state: an eviction lost in a crash is redone by the next run, so it need not wait
+        // for the WAL flush.
         let lapsed = state
             .db
-            .run::<_, DbError, _>(|conn| Ok(inbound::evict_lapsed_batch(conn, now_ms(), EVICTION_BATCH)?))
+            .run_soft::<_, DbError, _>(|conn| Ok(inbound::evict_lapsed_batch(conn, now_ms(), EVICTION_BATCH)?))
             .await?;
         if lapsed > 0 {
             state.metrics.peek_evictions(REASON_LAPSED, lapsed);

@@ -225,7 +225,10 @@ pub async fn peeks(
         .await?;
     let t = Instant::now();
     let (lapsed, _) = crate::schedule::evict_inbound(&bare).await?;
-    println!("eviction sweep: {lapsed} lapsed peeks evicted (and expired_peeks queued) in {:.0?}", t.elapsed());
+    println!(
+        "eviction sweep: {lapsed} lapsed peeks evicted (and expired_peeks queued) in {} ms",
+        t.elapsed().as_millis()
+    );
     drop(bare);
     Ok(())
 }
