@@ -179,3 +179,29 @@ fn migrate_applies_once_on_postgres_and_reports_real_connection_errors() {
     assert!(stderr_lines(&output).join("\n").contains("no_such_role_pg"), "{:?}", stderr_lines(&output));
     assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none(), "no stray files");
 }
+
+#[test]
+fn user_create_makes_a_user_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("db.sqlite").display());
+    let create = || {
+        peekgate(dir.path())
+            .args(["user", "create", "bob", "--password", "s3cret", "--admin"])
+            .env("PEEKGATE_DATABASE__URL", &url)
+            .output()
+            .unwrap()
+    };
+    let first = create();
+    assert!(first.status.success(), "{:?}", stderr_lines(&first));
+    assert!(String::from_utf8_lossy(&first.stdout).contains("created @bob:localhost:8008 (admin)"));
+    let again = create();
+    assert!(!again.status.success());
+    assert!(stderr_lines(&again)[0].contains("taken"), "{:?}", stderr_lines(&again));
+    let bad = peekgate(dir.path())
+        .args(["user", "create", "Not Valid", "--password", "x"])
+        .env("PEEKGATE_DATABASE__URL", &url)
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(stderr_lines(&bad)[0].contains("invalid username"), "{:?}", stderr_lines(&bad));
+}

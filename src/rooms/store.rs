@@ -468,15 +468,23 @@ pub fn latest_stream_pos(conn: &mut DbConnection, room_id: &str) -> Result<i64, 
 
 /// Loads several events by ID; unknown IDs are skipped.
 pub fn events_by_ids(conn: &mut DbConnection, ids: &[String]) -> Result<Vec<StoredEvent>, RoomError> {
+    // Events first, then each distinct room's version: a join here makes PostgreSQL plan
+    // worse for long ID lists.
     let mut out = Vec::with_capacity(ids.len());
+    let mut versions: HashMap<String, RoomVersion> = HashMap::new();
     for chunk in ids.chunks(500) {
-        let rows: Vec<(EventRow, String)> = events::table
-            .inner_join(rooms::table)
-            .filter(events::event_id.eq_any(chunk))
-            .select((EVENT_COLUMNS, rooms::room_version))
-            .load(conn)?;
-        for (row, version) in rows {
-            out.push(to_stored(parse_version(&version)?, row)?);
+        let rows: Vec<EventRow> =
+            events::table.filter(events::event_id.eq_any(chunk)).select(EVENT_COLUMNS).load(conn)?;
+        for row in rows {
+            let version = match versions.get(&row.4) {
+                Some(version) => *version,
+                None => {
+                    let version = room(conn, &row.4)?.ok_or(RoomError::NotFound)?.version;
+                    versions.insert(row.4.clone(), version);
+                    version
+                }
+            };
+            out.push(to_stored(version, row)?);
         }
     }
     Ok(out)
