@@ -268,12 +268,15 @@ pub async fn messages(
 
 pub async fn directory_lookup(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, MatrixError> {
     let alias = req.match_info().get("alias").unwrap_or_default();
+    Ok(HttpResponse::Ok().json(directory_answer(&state, alias).await?))
+}
+
+/// `{room_id, servers}` for one of our aliases: the answer of both the client and the federation
+/// directory lookups.
+pub async fn directory_answer(state: &AppState, alias: &str) -> Result<Value, MatrixError> {
     let alias = RoomAliasId::parse(alias).map_err(|_| MatrixError::invalid_param("Invalid room alias"))?;
     match state.rooms.resolve_alias(alias.as_str()).await? {
-        Some(room_id) => Ok(HttpResponse::Ok().json(json!({
-            "room_id": room_id,
-            "servers": [state.settings.server_name.as_str()],
-        }))),
+        Some(room_id) => Ok(json!({ "room_id": room_id, "servers": [state.settings.server_name.as_str()] })),
         None => Err(MatrixError::not_found("Room alias not found")),
     }
 }

@@ -197,15 +197,7 @@ impl FederationClient {
         if let Some(bytes) = body_bytes {
             builder = builder.header(CONTENT_TYPE, "application/json").body(bytes);
         }
-        let response = builder.send().await.map_err(|e| transport(server, e))?;
-        let status = response.status().as_u16();
-        let body = self.read_json(server, response).await?;
-        if (200..300).contains(&status) {
-            Ok(body)
-        } else {
-            let errcode = body.get("errcode").and_then(Value::as_str).unwrap_or("").to_owned();
-            Err(FederationError::Status { server: server.to_owned(), status, errcode, body })
-        }
+        self.execute(server, builder).await
     }
 
     /// Sends a body serialised once (`body` as bytes, `canonical` its canonical JSON text) with a
@@ -236,6 +228,11 @@ impl FederationClient {
         if let Some(host) = host_header {
             builder = builder.header(HOST, HeaderValue::from_str(&host).map_err(|e| transport(server, e))?);
         }
+        self.execute(server, builder).await
+    }
+
+    /// Sends a built request: the JSON object of a 2xx answer, or [`FederationError::Status`].
+    async fn execute(&self, server: &str, builder: reqwest::RequestBuilder) -> Result<Value, FederationError> {
         let response = builder.send().await.map_err(|e| transport(server, e))?;
         let status = response.status().as_u16();
         let body = self.read_json(server, response).await?;

@@ -5,11 +5,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use actix_web::{web, HttpRequest, HttpResponse};
-use ruma::{OwnedRoomId, RoomAliasId, ServerName};
+use ruma::{OwnedRoomId, ServerName};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::client_api::rooms::parse_room_id;
+use crate::client_api::rooms::{directory_answer, parse_room_id};
 use crate::error::MatrixError;
 use crate::keys::now_ms;
 use crate::rooms::{StoredEvent, Visibility};
@@ -268,12 +268,5 @@ pub async fn query_directory(
     query: web::Query<DirectoryQuery>,
 ) -> Result<HttpResponse, MatrixError> {
     let alias = query.room_alias.as_deref().ok_or_else(|| missing_param("room_alias"))?;
-    let alias = RoomAliasId::parse(alias).map_err(|_| MatrixError::invalid_param("Invalid room alias"))?;
-    match state.rooms.resolve_alias(alias.as_str()).await? {
-        Some(room_id) => Ok(HttpResponse::Ok().json(json!({
-            "room_id": room_id,
-            "servers": [state.settings.server_name.as_str()],
-        }))),
-        None => Err(MatrixError::not_found("Room alias not found")),
-    }
+    Ok(HttpResponse::Ok().json(directory_answer(&state, alias).await?))
 }
