@@ -335,15 +335,20 @@ fn new_state_group(
         StateMap::new()
     };
     entries.insert((kind.to_owned(), state_key.to_owned()), event_id.to_owned());
-    for ((t, k), e) in entries {
-        diesel::insert_into(state_group_entries::table)
-            .values((
+    let rows: Vec<_> = entries
+        .into_iter()
+        .map(|((t, k), e)| {
+            (
                 state_group_entries::group_id.eq(id),
                 state_group_entries::event_type.eq(t),
                 state_group_entries::state_key.eq(k),
                 state_group_entries::event_id.eq(e),
-            ))
-            .execute(conn)?;
+            )
+        })
+        .collect();
+    // A snapshot holds the whole state: one multi-row insert per chunk, not one per entry.
+    for chunk in rows.chunks(500) {
+        on_backend!(&mut *conn, |c| diesel::insert_into(state_group_entries::table).values(chunk).execute(c))?;
     }
     Ok(id)
 }
