@@ -13,7 +13,7 @@ use crate::peeks::inbound::{self, REASON_LAPSED};
 use crate::state::AppState;
 
 /// Peeks evicted per claimed batch on PostgreSQL (SQLite sweeps in one transaction).
-const EVICTION_BATCH: i64 = 50_000;
+const EVICTION_BATCH: i64 = 100_000;
 
 pub struct ScheduleHandle {
     shutdown: watch::Sender<bool>,

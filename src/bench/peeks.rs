@@ -220,6 +220,7 @@ pub async fn peeks(
     bare.db
         .run::<_, DbError, _>(|conn| {
             diesel::sql_query("UPDATE inbound_peeks SET expires_ts = 0 WHERE origin LIKE 'x%'").execute(conn)?;
+            diesel::sql_query("ANALYZE").execute(conn)?;
             Ok(())
         })
         .await?;
@@ -256,6 +257,8 @@ async fn insert_peeks(
             "INSERT INTO destinations (server_name, last_sent_pos) SELECT '{prefix}' || g || '.bench', {head} FROM generate_series({first}, {last}) g"
         ))
         .execute(conn)?;
+        // Planner statistics as autovacuum keeps them on a running server.
+        diesel::sql_query("ANALYZE").execute(conn)?;
         Ok(())
     })
     .await?;

@@ -63,6 +63,17 @@ async fn rooms_on(backend: Backend, postgres_admin: &str, appends: usize, wrk_se
     }
     let last =
         state.rooms.send(&room, &alice, "m.room.message", None, json!({ "msgtype": "m.text", "body": "x" })).await?;
+    if backend == Backend::Postgres {
+        // Steady-state planner statistics, as autovacuum would have them on a running server;
+        // without this the figures depend on whether autoanalyze happened to run yet.
+        state
+            .db
+            .run::<_, crate::db::DbError, _>(|conn| {
+                diesel::connection::SimpleConnection::batch_execute(conn, "ANALYZE")?;
+                Ok(())
+            })
+            .await?;
+    }
     let client = reader.running.state.federation.clone();
     let host_name = <&ServerName>::try_from("host.bench")?;
     let room_enc = encode(room.as_str());

@@ -7,6 +7,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use diesel::prelude::*;
 use governor::clock::{Clock, DefaultClock};
@@ -100,19 +101,43 @@ struct RoomFacts {
 
 /// Room facts per room, valid while the room's current state group is the recorded one (state
 /// groups never change, so this is correct across instances).
-type FactsCache = Mutex<HashMap<String, (i64, Arc<RoomFacts>)>>;
+type FactsCache = Mutex<HashMap<String, FactsEntry>>;
+
+struct FactsEntry {
+    group: i64,
+    facts: Arc<RoomFacts>,
+    room: RoomRow,
+    /// When the room row was last read. Renewals trust an entry this recent without reading the
+    /// row again: a renewal cannot revive a peek the room ended (the update checks that), so the
+    /// only staleness is an ACL change made on another instance, bounded by [`RENEWAL_FACTS_TTL`].
+    checked: Instant,
+}
+
+/// How long a renewal may rely on cached room facts.
+const RENEWAL_FACTS_TTL: Duration = Duration::from_secs(1);
 
 /// The room row and its facts; `UnknownRoom` for rooms we do not hold (or only as a stub).
+/// With `fresh_within`, a cached entry younger than that is used without reading the room row.
 fn room_facts(
     conn: &mut DbConnection,
     cache: &FactsCache,
     room_id: &str,
+    fresh_within: Option<Duration>,
 ) -> Result<(RoomRow, Arc<RoomFacts>), PeekError> {
+    if let Some(ttl) = fresh_within {
+        if let Some(entry) = cache.lock().unwrap().get(room_id) {
+            if entry.checked.elapsed() < ttl {
+                return Ok((entry.room.clone(), entry.facts.clone()));
+            }
+        }
+    }
     let room = store::room(conn, room_id)?.ok_or(PeekError::UnknownRoom)?;
     let group = room.current_state_group.ok_or(PeekError::UnknownRoom)?;
-    if let Some((cached, facts)) = cache.lock().unwrap().get(room_id) {
-        if *cached == group {
-            return Ok((room, facts.clone()));
+    if let Some(entry) = cache.lock().unwrap().get_mut(room_id) {
+        if entry.group == group {
+            entry.checked = Instant::now();
+            entry.room = room.clone();
+            return Ok((room, entry.facts.clone()));
         }
     }
     let content = |conn: &mut DbConnection, kind: &str| -> Result<Option<Value>, PeekError> {
@@ -133,8 +158,28 @@ fn room_facts(
         Ok(())
     };
     let facts = Arc::new(RoomFacts { acl, peekable });
-    cache.lock().unwrap().insert(room_id.to_owned(), (group, facts.clone()));
+    let entry = FactsEntry { group, facts: facts.clone(), room: room.clone(), checked: Instant::now() };
+    cache.lock().unwrap().insert(room_id.to_owned(), entry);
     Ok((room, facts))
+}
+
+/// FP check steps 1 and 3-5 on known room facts (step 2, the room itself, is `room_facts`).
+fn apply_checks(
+    origin: &ServerName,
+    room: &RoomRow,
+    facts: &RoomFacts,
+    peek_id: Option<PeekId>,
+    offered: &[String],
+) -> Result<PeekId, PeekError> {
+    if facts.acl.as_ref().is_some_and(|acl| !acl.is_allowed(origin)) {
+        return Err(PeekError::Acl(origin.to_string()));
+    }
+    let peek_id = peek_id.ok_or(PeekError::InvalidPeekId)?;
+    if !offered.iter().any(|v| v == room.version.as_str()) {
+        return Err(PeekError::IncompatibleVersion(room.version.as_str().to_owned()));
+    }
+    facts.peekable.map_err(PeekError::NotPeekable)?;
+    Ok(peek_id)
 }
 
 /// Renews a live peek (not lapsed, not ended by the room); `false` otherwise.
@@ -225,18 +270,14 @@ impl InboundPeeks {
         let step = self
             .db
             .run_soft::<_, PeekError, _>(move |conn| {
-                let (room, facts) = room_facts(conn, &cache, &r)?;
-                if facts.acl.as_ref().is_some_and(|acl| !acl.is_allowed(&o)) {
-                    return Err(PeekError::Acl(o.to_string()));
-                }
-                let peek_id = peek_id.ok_or(PeekError::InvalidPeekId)?;
-                if !offered.iter().any(|v| v == room.version.as_str()) {
-                    return Err(PeekError::IncompatibleVersion(room.version.as_str().to_owned()));
-                }
-                facts.peekable.map_err(PeekError::NotPeekable)?;
-                if renew_live_blocking(conn, o.as_str(), &r, peek_id.as_str(), interval, grace)? {
+                let (room, facts) = room_facts(conn, &cache, &r, Some(RENEWAL_FACTS_TTL))?;
+                let checked = apply_checks(&o, &room, &facts, peek_id.clone(), &offered)?;
+                if renew_live_blocking(conn, o.as_str(), &r, checked.as_str(), interval, grace)? {
                     return Ok(None);
                 }
+                // A new peek: check again on the room as it is now.
+                let (room, facts) = room_facts(conn, &cache, &r, None)?;
+                let peek_id = apply_checks(&o, &room, &facts, peek_id, &offered)?;
                 Ok(Some((room, peek_id)))
             })
             .await?;
@@ -253,7 +294,7 @@ impl InboundPeeks {
         let (o, r, cache) = (origin.to_owned(), room_id.to_string(), self.facts.clone());
         self.db
             .run::<_, PeekError, _>(move |conn| {
-                let (room, facts) = room_facts(conn, &cache, &r)?;
+                let (room, facts) = room_facts(conn, &cache, &r, None)?;
                 if facts.acl.as_ref().is_some_and(|acl| !acl.is_allowed(&o)) {
                     return Err(PeekError::Acl(o.to_string()));
                 }
