@@ -228,6 +228,19 @@ async fn fed_get(reader: &TestServer, path: &str) -> Result<Value, u16> {
     reader.state().federation.get(server_name("a.test"), path).await.map_err(|e| e.status().unwrap_or(0))
 }
 
+/// POSTs `get_missing_events` for the (encoded) room `r` to a.test with `reader`'s client.
+async fn get_missing_events(reader: &TestServer, r: &str, body: Value) -> Result<Value, u16> {
+    let path = format!("/_matrix/federation/v1/get_missing_events/{r}");
+    let request = peekgate::federation::client::FedRequest {
+        method: Method::POST,
+        destination: server_name("a.test"),
+        path: &path,
+        body: Some(body),
+        signed: true,
+    };
+    reader.state().federation.send(request).await.map_err(|e| e.status().unwrap_or(0))
+}
+
 /// Verifies a PDU received over federation with the reader's own code (peekgate's
 /// verify_received fetches the origin's key through the reader's key cache) and the test's
 /// independent check.
@@ -297,18 +310,7 @@ async fn non_member_server_reads_world_readable_room(db: DbKind) {
         verify_received(&b, pdu, "10", &keys).await;
     }
     let body = json!({ "earliest_events": [sent[1]], "latest_events": [last], "limit": 10 });
-    let missing = b
-        .state()
-        .federation
-        .send(peekgate::federation::client::FedRequest {
-            method: Method::POST,
-            destination: server_name("a.test"),
-            path: &format!("/_matrix/federation/v1/get_missing_events/{r}"),
-            body: Some(body),
-            signed: true,
-        })
-        .await
-        .unwrap();
+    let missing = get_missing_events(&b, &r, body).await.unwrap();
     let got: Vec<&str> =
         missing["events"].as_array().unwrap().iter().map(|p| p["content"]["body"].as_str().unwrap_or("")).collect();
     assert_eq!(got, ["m2", "m3"], "between earliest (excluded) and latest (excluded), oldest first");
@@ -346,19 +348,7 @@ async fn shared_history_is_refused_and_visibility_is_judged_per_event(db: DbKind
         assert_eq!(fed_get(&b, &path).await, Err(403), "{path}");
     }
     let body = json!({ "earliest_events": [], "latest_events": [msg], "limit": 10 });
-    let err = b
-        .state()
-        .federation
-        .send(peekgate::federation::client::FedRequest {
-            method: Method::POST,
-            destination: server_name("a.test"),
-            path: &format!("/_matrix/federation/v1/get_missing_events/{r}"),
-            body: Some(body),
-            signed: true,
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(err.status(), Some(403));
+    assert_eq!(get_missing_events(&b, &r, body).await, Err(403));
 
     // World-readable, then shared: earlier events keep their visibility, later ones do not.
     let room = alice.create_world_readable_room("flip", "11").await;

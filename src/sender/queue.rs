@@ -244,18 +244,13 @@ pub(super) async fn fan_out_inputs(
         .state
         .db
         .run(move |conn| {
-            let rows: Vec<(i64, String, String, String)> = events::table
+            // Peeks first: most appends are in rooms nobody peeks, and then no event JSON is read.
+            let changed_rooms = events::table
                 .filter(events::stream_pos.gt(since))
                 .filter(events::stream_pos.le(head))
-                .filter(events::outlier.eq(false))
-                .filter(events::rejected.eq(false))
-                .order(events::stream_pos.asc())
-                .limit(limit)
-                .select((events::stream_pos, events::room_id, events::sender, events::json))
-                .load(conn)?;
-            let rooms: Vec<String> = rows.iter().map(|r| r.1.clone()).collect();
+                .select(events::room_id);
             let peeks: Vec<(String, String, i64, Option<i64>, i64)> = inbound_peeks::table
-                .filter(inbound_peeks::room_id.eq_any(&rooms))
+                .filter(inbound_peeks::room_id.eq_any(changed_rooms))
                 .filter(inbound_peeks::end_stream_pos.is_null().or(inbound_peeks::end_stream_pos.gt(since)))
                 .select((
                     inbound_peeks::origin,
@@ -264,6 +259,22 @@ pub(super) async fn fan_out_inputs(
                     inbound_peeks::end_stream_pos,
                     inbound_peeks::expires_ts,
                 ))
+                .load(conn)?;
+            if peeks.is_empty() {
+                return Ok((Vec::new(), Vec::new()));
+            }
+            let mut peeked_rooms: Vec<&String> = peeks.iter().map(|p| &p.1).collect();
+            peeked_rooms.sort();
+            peeked_rooms.dedup();
+            let rows: Vec<(i64, String, String, String)> = events::table
+                .filter(events::stream_pos.gt(since))
+                .filter(events::stream_pos.le(head))
+                .filter(events::outlier.eq(false))
+                .filter(events::rejected.eq(false))
+                .filter(events::room_id.eq_any(peeked_rooms))
+                .order(events::stream_pos.asc())
+                .limit(limit)
+                .select((events::stream_pos, events::room_id, events::sender, events::json))
                 .load(conn)?;
             let events =
                 rows.into_iter().map(|(pos, room_id, sender, json)| NewEvent { pos, room_id, sender, json }).collect();
