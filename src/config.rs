@@ -152,6 +152,9 @@ pub struct PeeksConfig {
     pub renewal_interval_ms: u64,
     pub eviction_grace_ms: u64,
     pub idle_device_ms: u64,
+    /// After we DELETE an outbound peek: how long PDUs from its target are still accepted
+    /// (transactions in flight, OP-9) and our copy of the room is kept before it is forgotten.
+    pub outbound_linger_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -166,6 +169,26 @@ pub struct ScheduleConfig {
 pub struct ClientConfig {
     /// `disabled` or `open` (`m.login.dummy`).
     pub registration: String,
+    pub peek: ClientPeekConfig,
+}
+
+/// Local devices' peeks (MSC2753).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ClientPeekConfig {
+    /// CP-8: a `/sync` without `since` ends that device's peeks.
+    pub clear_on_initial_sync: bool,
+    /// CP-14: live peeks one device may hold (429 beyond).
+    pub max_per_device: u32,
+    /// CP-14: `/peek` and `/unpeek` calls per device per minute, and the burst above that rate.
+    pub per_minute: u32,
+    pub burst: u32,
+}
+
+impl Default for ClientPeekConfig {
+    fn default() -> Self {
+        ClientPeekConfig { clear_on_initial_sync: true, max_per_device: 100, per_minute: 30, burst: 10 }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -247,7 +270,12 @@ impl Default for FederationConfig {
 
 impl Default for PeeksConfig {
     fn default() -> Self {
-        PeeksConfig { renewal_interval_ms: 3_600_000, eviction_grace_ms: 300_000, idle_device_ms: 900_000 }
+        PeeksConfig {
+            renewal_interval_ms: 3_600_000,
+            eviction_grace_ms: 300_000,
+            idle_device_ms: 900_000,
+            outbound_linger_ms: 60_000,
+        }
     }
 }
 
@@ -259,7 +287,7 @@ impl Default for ScheduleConfig {
 
 impl Default for ClientConfig {
     fn default() -> Self {
-        ClientConfig { registration: "disabled".to_owned() }
+        ClientConfig { registration: "disabled".to_owned(), peek: ClientPeekConfig::default() }
     }
 }
 
@@ -361,6 +389,9 @@ impl Config {
         positive("federation.peek.max_active_per_origin", peek.max_active_per_origin.into())?;
         positive("federation.peek.max_ids_per_room", peek.max_ids_per_room.into())?;
         positive("peeks.idle_device_ms", self.peeks.idle_device_ms)?;
+        positive("client.peek.max_per_device", self.client.peek.max_per_device.into())?;
+        positive("client.peek.per_minute", self.client.peek.per_minute.into())?;
+        positive("client.peek.burst", self.client.peek.burst.into())?;
         let evict_inbound = parse_cron("schedule.evict_inbound", &self.schedule.evict_inbound)?;
         let renew_outbound = parse_cron("schedule.renew_outbound", &self.schedule.renew_outbound)?;
         if !matches!(self.client.registration.as_str(), "disabled" | "open") {

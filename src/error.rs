@@ -124,6 +124,7 @@ impl From<crate::rooms::RoomError> for MatrixError {
             E::EventNotFound => MatrixError::not_found("Event not found"),
             E::Forbidden(reason) => MatrixError::forbidden(reason),
             E::BadEvent(reason) => MatrixError::bad_json(reason),
+            E::MissingPrevEvents(ids) => MatrixError::bad_json(format!("Unknown prev events {ids:?}")),
             E::AliasInUse => MatrixError::new(StatusCode::BAD_REQUEST, "M_ROOM_IN_USE", "Room alias already taken"),
             E::InvalidParam(reason) => MatrixError::invalid_param(reason),
             E::UnsupportedVersion(v) => MatrixError::new(

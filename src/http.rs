@@ -16,6 +16,19 @@ async fn method_not_allowed() -> Result<HttpResponse, MatrixError> {
     Err(MatrixError::unrecognized(actix_web::http::StatusCode::METHOD_NOT_ALLOWED, "Unsupported method"))
 }
 
+/// Query strings that do not fit a handler's parameters answer 400 `M_INVALID_PARAM` (actix
+/// would answer plain text).
+pub fn query_config() -> web::QueryConfig {
+    web::QueryConfig::default()
+        .error_handler(|err, _| MatrixError::invalid_param(format!("Invalid query parameter: {err}")).into())
+}
+
+/// Path segments that do not fit a handler's parameters answer 400 `M_INVALID_PARAM`.
+pub fn path_config() -> web::PathConfig {
+    web::PathConfig::default()
+        .error_handler(|err, _| MatrixError::invalid_param(format!("Invalid path parameter: {err}")).into())
+}
+
 /// Unknown endpoints answer 404 `M_UNRECOGNIZED`.
 pub async fn not_found() -> Result<HttpResponse, MatrixError> {
     Err(MatrixError::unrecognized(actix_web::http::StatusCode::NOT_FOUND, "Unrecognized request"))
@@ -32,13 +45,23 @@ async fn health() -> HttpResponse {
     HttpResponse::Ok().json(json!({ "status": "ok" }))
 }
 
-/// Readiness: the database answers a query (the key is loaded before we listen at all).
+/// Readiness: the database answers a query and every scheduled job is running (the key is
+/// loaded before we listen at all).
 async fn ready(state: web::Data<AppState>) -> HttpResponse {
+    let jobs = state.scheduler_jobs.load(std::sync::atomic::Ordering::Acquire);
+    let scheduler = if jobs >= crate::schedule::JOBS { "running" } else { "stopped" };
     match state.db.ping().await {
-        Ok(()) => HttpResponse::Ok().json(json!({ "status": "ready", "database": "ok", "signing_key": "loaded" })),
+        Ok(()) if scheduler == "running" => HttpResponse::Ok()
+            .json(json!({ "status": "ready", "database": "ok", "signing_key": "loaded", "scheduler": scheduler })),
+        Ok(()) => {
+            tracing::warn!(jobs, "readiness check failed: the scheduler is not running");
+            HttpResponse::ServiceUnavailable()
+                .json(json!({ "status": "not ready", "database": "ok", "scheduler": scheduler }))
+        }
         Err(e) => {
             tracing::warn!(error = %e, "readiness check failed");
-            HttpResponse::ServiceUnavailable().json(json!({ "status": "not ready", "database": "unreachable" }))
+            HttpResponse::ServiceUnavailable()
+                .json(json!({ "status": "not ready", "database": "unreachable", "scheduler": scheduler }))
         }
     }
 }

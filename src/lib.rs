@@ -4,6 +4,7 @@
 //! authentication) → `federation` (client and routes) → `db` (storage); `app` wires them together.
 
 pub mod accounts;
+pub mod admin;
 pub mod app;
 pub mod bench;
 pub mod canonical_json;
@@ -22,4 +23,5 @@ pub mod rooms;
 pub mod schedule;
 pub mod sender;
 pub mod state;
+pub mod sync;
 pub mod xmatrix;

@@ -44,6 +44,51 @@ enum Command {
         #[command(subcommand)]
         command: UserCommand,
     },
+    /// Inbound, outbound and device peeks.
+    Peeks {
+        #[command(subcommand)]
+        command: PeeksCommand,
+    },
+    /// Federation destinations of the sender and their back-off.
+    Destinations {
+        #[command(subcommand)]
+        command: DestinationsCommand,
+    },
+    /// Check federation with a server: resolution, keys, clock skew, a signed request.
+    /// Exits 0 only when every step passes.
+    CheckFederation {
+        server_name: String,
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum PeeksCommand {
+    /// List open peeks of every kind.
+    List {
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum DestinationsCommand {
+    /// List destinations with their cursor and back-off.
+    List {
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Clear a destination's back-off; a running sender retries within seconds.
+    Reset {
+        server_name: String,
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -72,6 +117,13 @@ enum BenchCommand {
         /// Seconds of wrk load on renewal PUTs.
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+    },
+    /// Event accepted at gateway A -> seen in a long-polling /sync on gateway B that peeks it.
+    Sync {
+        #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+        postgres: String,
+        #[arg(long, default_value_t = 1000)]
+        events: usize,
     },
     /// The lightweight receiver `bench peeks` runs as a child process.
     #[command(hide = true)]
@@ -110,6 +162,14 @@ fn main() -> ExitCode {
         Command::User { command: UserCommand::Create { localpart, password, admin, config } } => {
             create_user(&localpart, &password, admin, config)
         }
+        Command::Peeks { command: PeeksCommand::List { json, config } } => list_peeks(json, config),
+        Command::Destinations { command: DestinationsCommand::List { json, config } } => {
+            list_destinations(json, config)
+        }
+        Command::Destinations { command: DestinationsCommand::Reset { server_name, config } } => {
+            reset_destination(&server_name, config)
+        }
+        Command::CheckFederation { server_name, config } => return check_federation(&server_name, config),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -172,8 +232,92 @@ fn bench(command: BenchCommand) -> Result<(), String> {
             BenchCommand::Peeks { postgres, destinations, sustained, seconds } => {
                 peekgate::bench::peeks(&postgres, destinations, sustained, seconds).await
             }
+            BenchCommand::Sync { postgres, events } => peekgate::bench::sync(&postgres, events).await,
             BenchCommand::Receiver { bind } => peekgate::bench::receiver(&bind).await,
         }
     });
     result.map_err(|e| format!("{e:#}"))
+}
+
+/// Runs `work` on a database connection of the configured database (migrated first).
+fn with_db<T>(
+    config: Option<PathBuf>,
+    work: impl AsyncFnOnce(peekgate::db::Db) -> Result<T, String>,
+) -> Result<T, String> {
+    let settings = load_settings(config)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
+    runtime.block_on(async {
+        let db = peekgate::db::Db::connect(&settings.raw.database.url, 2).map_err(|e| e.to_string())?;
+        db.migrate().map_err(|e| e.to_string())?;
+        work(db).await
+    })
+}
+
+fn list_peeks(json: bool, config: Option<PathBuf>) -> Result<(), String> {
+    let report = with_db(config, async |db| peekgate::admin::peeks(&db).await.map_err(|e| e.to_string()))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?);
+    } else {
+        print!("{}", peekgate::admin::render_peeks(&report));
+    }
+    Ok(())
+}
+
+fn list_destinations(json: bool, config: Option<PathBuf>) -> Result<(), String> {
+    let list = with_db(config, async |db| peekgate::admin::destinations(&db).await.map_err(|e| e.to_string()))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&list).map_err(|e| e.to_string())?);
+    } else {
+        print!("{}", peekgate::admin::render_destinations(&list, peekgate::keys::now_ms()));
+    }
+    Ok(())
+}
+
+fn reset_destination(server: &str, config: Option<PathBuf>) -> Result<(), String> {
+    let server = server.to_owned();
+    let found =
+        with_db(config, async |db| peekgate::admin::reset_destination(&db, &server).await.map_err(|e| e.to_string()))?;
+    if !found {
+        return Err(format!("{server} is not a destination"));
+    }
+    println!("reset {server}: back-off cleared; a running sender retries within seconds");
+    Ok(())
+}
+
+fn check_federation(server: &str, config: Option<PathBuf>) -> ExitCode {
+    let run = || -> Result<bool, String> {
+        let settings = load_settings(config)?;
+        let server = ruma::ServerName::parse(server).map_err(|e| format!("{server:?} is not a server name: {e}"))?;
+        peekgate::app::install_crypto_provider();
+        // Our own key signs the last step; without one, that step fails with the reason.
+        let key = peekgate::keys::SigningKey::load(&settings.raw.signing.key_path);
+        let key_problem = key.as_ref().err().map(|e| e.to_string());
+        let key = std::sync::Arc::new(key.unwrap_or_else(|_| SigningKey::generate()));
+        let dns = std::sync::Arc::new(peekgate::federation::resolve::HickoryDns::from_system());
+        let client =
+            peekgate::federation::client::FederationClient::new(&settings, key, dns).map_err(|e| e.to_string())?;
+        let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
+        let steps = runtime.block_on(peekgate::federation::check::check(&client, &server));
+        println!("check-federation {server} (as {})", settings.server_name);
+        let mut all_ok = true;
+        for step in steps {
+            let mut detail = step.detail;
+            if step.name == "signed request" {
+                if let Some(problem) = &key_problem {
+                    detail = format!("{detail} (our signing key: {problem})");
+                }
+            }
+            println!("{:<18} {}  {detail}", step.name, if step.ok { "pass" } else { "FAIL" });
+            all_ok &= step.ok;
+        }
+        Ok(all_ok)
+    };
+    match run() {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::from(2)
+        }
+    }
 }

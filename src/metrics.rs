@@ -137,6 +137,18 @@ impl Metrics {
         self.with(|| metrics::gauge!(INBOUND_PEEKS).set(live as f64));
     }
 
+    pub fn outbound_peeks(&self, live: i64) {
+        self.with(|| metrics::gauge!(OUTBOUND_PEEKS).set(live as f64));
+    }
+
+    pub fn device_peeks(&self, live: i64) {
+        self.with(|| metrics::gauge!(DEVICE_PEEKS).set(live as f64));
+    }
+
+    pub fn renewal_lag(&self, seconds: f64) {
+        self.with(|| metrics::gauge!(RENEWAL_LAG).set(seconds));
+    }
+
     pub fn sent_transaction(&self, ok: bool, pdus: usize, took: Duration) {
         self.with(|| {
             metrics::counter!(SENT_TRANSACTIONS, "result" => if ok { "ok" } else { "failed" }).increment(1);

@@ -1,6 +1,7 @@
-//! Jobs on the cron expressions of `[schedule]` (with seconds). Each run takes its work from
-//! the database in claimed batches (`FOR UPDATE SKIP LOCKED` on PostgreSQL), so several
-//! instances on one database never process the same rows.
+//! Jobs on the cron expressions of `[schedule]` (with seconds): `evict_inbound` and
+//! `renew_outbound`. Each run takes its work from the database in claimed batches (`FOR UPDATE
+//! SKIP LOCKED`, or a conditional update that only one instance wins), so several instances on
+//! one database never process the same rows.
 
 use actix_web::web;
 use chrono::Utc;
@@ -10,7 +11,27 @@ use tokio::task::JoinHandle;
 use crate::db::DbError;
 use crate::keys::now_ms;
 use crate::peeks::inbound::{self, REASON_LAPSED};
+use crate::peeks::outbound;
 use crate::state::AppState;
+
+/// The scheduled jobs `/ready` expects to be running.
+pub const JOBS: usize = 2;
+
+/// Counts a job loop as running for as long as it lives (also when it ends by a panic).
+struct JobAlive(web::Data<AppState>);
+
+impl JobAlive {
+    fn new(state: &web::Data<AppState>) -> JobAlive {
+        state.scheduler_jobs.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        JobAlive(state.clone())
+    }
+}
+
+impl Drop for JobAlive {
+    fn drop(&mut self) {
+        self.0.scheduler_jobs.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
 
 /// Peeks evicted per claimed batch on PostgreSQL (SQLite sweeps in one transaction).
 const EVICTION_BATCH: i64 = 100_000;
@@ -32,7 +53,11 @@ impl ScheduleHandle {
 pub fn start(state: web::Data<AppState>) -> ScheduleHandle {
     let (shutdown, rx) = watch::channel(false);
     let evict = state.settings.evict_inbound.clone();
-    let tasks = vec![tokio::spawn(run_job(state, "evict_inbound", evict, rx))];
+    let renew = state.settings.renew_outbound.clone();
+    let tasks = vec![
+        tokio::spawn(run_job(state.clone(), "evict_inbound", evict, rx.clone())),
+        tokio::spawn(run_job(state, "renew_outbound", renew, rx)),
+    ];
     ScheduleHandle { shutdown, tasks }
 }
 
@@ -42,6 +67,7 @@ async fn run_job(
     schedule: cron::Schedule,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let _alive = JobAlive::new(&state);
     loop {
         let Some(next) = schedule.upcoming(Utc).next() else {
             tracing::warn!(job, "schedule has no future run");
@@ -53,7 +79,8 @@ async fn run_job(
             _ = shutdown.changed() => return,
         }
         let result = match job {
-            "evict_inbound" => evict_inbound(&state).await.map(|_| ()),
+            "evict_inbound" => evict_inbound(&state).await.map(|_| ()).map_err(|e| e.to_string()),
+            "renew_outbound" => renew_outbound(&state).await.map_err(|e| e.to_string()),
             _ => Ok(()),
         };
         if let Err(e) = &result {
@@ -61,6 +88,69 @@ async fn run_job(
         }
         state.metrics.schedule_run(job, result.is_ok());
     }
+}
+
+/// How long an inbound transaction's answer is kept for de-duplication: a peer retrying the same
+/// transaction a day later gets it processed again, which per-PDU de-duplication makes harmless.
+const RECEIVED_TXN_TTL_MS: i64 = 24 * 3_600_000;
+
+/// Forgets the answers to transactions received over a day ago.
+async fn forget_received_txns(state: &AppState) -> Result<(), DbError> {
+    use crate::db::schema::received_txns;
+    use diesel::prelude::*;
+    let before = now_ms() - RECEIVED_TXN_TTL_MS;
+    state
+        .db
+        .run::<_, DbError, _>(move |conn| {
+            diesel::delete(received_txns::table.filter(received_txns::received_ts.lt(before))).execute(conn)?;
+            Ok(())
+        })
+        .await
+}
+
+/// A destination that has not accepted a transaction for this long, and no longer has peeks,
+/// is forgotten with its undelivered `expired_peeks` notices.
+const DEAD_DESTINATION_MS: i64 = 7 * 24 * 3_600_000;
+
+/// Forgets destinations that only hold notices nobody will receive: no inbound peek from the
+/// server remains, it is failing, and it never accepted a transaction or not for a week. (A
+/// peeker that comes back learns that its peek is gone from its next renewal.)
+async fn forget_dead_destinations(state: &AppState) -> Result<(), DbError> {
+    use crate::db::schema::{destinations, inbound_peeks, peek_notices};
+    use diesel::prelude::*;
+    let before = now_ms() - DEAD_DESTINATION_MS;
+    let forgotten = state
+        .db
+        .run::<_, DbError, _>(move |conn| {
+            let dead: Vec<String> = destinations::table
+                .filter(destinations::failure_count.gt(0))
+                .filter(destinations::last_success_ts.is_null().or(destinations::last_success_ts.lt(before)))
+                .filter(diesel::dsl::not(diesel::dsl::exists(
+                    inbound_peeks::table.filter(inbound_peeks::origin.eq(destinations::server_name)),
+                )))
+                .select(destinations::server_name)
+                .load(conn)?;
+            for chunk in dead.chunks(500) {
+                diesel::delete(peek_notices::table.filter(peek_notices::destination.eq_any(chunk))).execute(conn)?;
+                diesel::delete(destinations::table.filter(destinations::server_name.eq_any(chunk))).execute(conn)?;
+            }
+            Ok(dead.len())
+        })
+        .await?;
+    if forgotten > 0 {
+        tracing::info!(forgotten, "forgot destinations that stopped answering and have no peeks left");
+    }
+    Ok(())
+}
+
+/// OP-6..8 and TBD-1: renews outbound peeks a live device still watches, fails over the ones
+/// whose target is gone, and deletes the ones nobody watches.
+pub async fn renew_outbound(state: &AppState) -> Result<(), crate::rooms::RoomError> {
+    let run = outbound::run_renewals(state).await?;
+    if run.renewed + run.failed + run.cancelled > 0 {
+        tracing::debug!(?run, "outbound peek renewals");
+    }
+    Ok(())
 }
 
 /// RE-2: deletes lapsed inbound peeks (queueing `expired_peeks`), and peeks the room ended once
@@ -83,6 +173,8 @@ pub async fn evict_inbound(state: &AppState) -> Result<(usize, usize), DbError> 
         }
     }
     let ended = state.db.run::<_, DbError, _>(|conn| Ok(inbound::evict_ended(conn)?)).await?;
+    forget_received_txns(state).await?;
+    forget_dead_destinations(state).await?;
     for (reason, count) in &ended {
         state.metrics.peek_evictions(reason, *count);
     }

@@ -8,6 +8,7 @@ use crate::db::Db;
 use crate::federation::client::FederationClient;
 use crate::keys::{RemoteKeys, SigningKey};
 use crate::metrics::Metrics;
+use crate::peeks::devices::DevicePeeks;
 use crate::peeks::inbound::InboundPeeks;
 use crate::rooms::Rooms;
 
@@ -21,4 +22,10 @@ pub struct AppState {
     pub rooms: Rooms,
     pub accounts: Accounts,
     pub inbound: InboundPeeks,
+    pub device_peeks: DevicePeeks,
+    pub outbound_locks: crate::peeks::outbound::RoomLocks,
+    /// Bumped when an admin resets a destination: backing-off sender workers re-check at once.
+    pub destination_resets: tokio::sync::watch::Sender<u64>,
+    /// Scheduled jobs whose loop is running (`/ready` wants all of them).
+    pub scheduler_jobs: std::sync::atomic::AtomicUsize,
 }

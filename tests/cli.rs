@@ -205,3 +205,79 @@ fn user_create_makes_a_user_once() {
     assert!(!bad.status.success());
     assert!(stderr_lines(&bad)[0].contains("invalid username"), "{:?}", stderr_lines(&bad));
 }
+
+/// Issue #6: with debug logs in JSON, no password, access token or signing key appears in any
+/// log line, even when the token travels in the deprecated `?access_token=` query parameter.
+#[tokio::test]
+async fn logs_never_contain_passwords_tokens_or_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let http_port = free_port();
+    let child = peekgate(dir.path())
+        .arg("serve")
+        .env("PEEKGATE_HTTP__BIND", format!("127.0.0.1:{http_port}"))
+        .env("PEEKGATE_METRICS__BIND", "")
+        .env("PEEKGATE_CLIENT__REGISTRATION", "open")
+        .env("PEEKGATE_LOG__FORMAT", "json")
+        .env("PEEKGATE_LOG__FILTER", "debug")
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{http_port}");
+    let mut up = false;
+    for _ in 0..200 {
+        if get_json(&format!("{base}/health")).await.is_some() {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(up, "serve did not start");
+    let password = "correct-horse-battery-staple-42";
+    let http = reqwest::Client::new();
+    let register =
+        serde_json::json!({ "username": "carol", "password": password, "auth": { "type": "m.login.dummy" } });
+    let answer: Value = http
+        .post(format!("{base}/_matrix/client/v3/register"))
+        .json(&register)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = answer["access_token"].as_str().unwrap().to_owned();
+    let login = serde_json::json!({ "type": "m.login.password", "user": "carol", "password": password });
+    let answer: Value =
+        http.post(format!("{base}/_matrix/client/v3/login")).json(&login).send().await.unwrap().json().await.unwrap();
+    let second_token = answer["access_token"].as_str().unwrap().to_owned();
+    let whoami =
+        http.get(format!("{base}/_matrix/client/v3/account/whoami?access_token={token}")).send().await.unwrap();
+    assert_eq!(whoami.status().as_u16(), 200);
+    let wrong =
+        http.get(format!("{base}/_matrix/client/v3/account/whoami")).bearer_auth("pgt_not-a-real-token-123").send();
+    assert_eq!(wrong.await.unwrap().status().as_u16(), 401);
+    let wrong_in_query = format!("{base}/_matrix/client/v3/account/whoami?access_token=pgt_wrong-in-the-query-42");
+    assert_eq!(http.get(wrong_in_query).send().await.unwrap().status().as_u16(), 401);
+    let sync = format!("{base}/_matrix/client/v3/sync?access_token={second_token}");
+    assert_eq!(http.get(sync).send().await.unwrap().status().as_u16(), 200);
+
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let output = tokio::task::spawn_blocking(move || child.wait_with_output()).await.unwrap().unwrap();
+    let logs = String::from_utf8_lossy(&output.stderr);
+    assert!(logs.lines().count() > 5, "expected debug logs, got: {logs}");
+    assert!(logs.contains("/_matrix/client/v3/account/whoami"), "requests are logged: {logs}");
+    let seed = std::fs::read_to_string(dir.path().join("keys/signing.key")).unwrap();
+    let seed = seed.split_whitespace().nth(2).unwrap().to_owned();
+    for (what, secret) in [
+        ("password", password),
+        ("access token", token.as_str()),
+        ("second access token", second_token.as_str()),
+        ("a wrong token", "pgt_not-a-real-token-123"),
+        ("a wrong token in the query", "pgt_wrong-in-the-query-42"),
+        ("signing key seed", seed.as_str()),
+    ] {
+        assert!(!logs.contains(secret), "the {what} appears in the logs");
+    }
+}

@@ -351,6 +351,7 @@ async fn matrix_errors_for_unknown_routes_and_methods(db: DbKind) {
     assert_eq!((status, answer["server"]["name"].as_str()), (200, Some("peekgate")));
     let (status, answer) = call(&server.base, Method::GET, "/ready", None, &[]).await;
     assert_eq!((status, answer["database"].as_str()), (200, Some("ok")));
+    assert_eq!(answer["scheduler"], "running");
     let (status, _) = call(&server.base, Method::GET, "/health", None, &[]).await;
     assert_eq!(status, 200);
     server.stop().await;

@@ -594,3 +594,111 @@ async fn metrics_expose_every_contract_name(db: DbKind) {
     server.stop().await;
 }
 both_backends!(metrics_expose_every_contract_name);
+
+/// The eviction job also forgets answers to transactions received over a day ago (the
+/// `(origin, txn_id)` de-duplication window), keeping recent ones.
+async fn old_transaction_answers_are_forgotten(db: DbKind) {
+    use diesel::prelude::*;
+    use peekgate::db::schema::received_txns;
+    let gw = ServerSpec::new(GW, db).start().await;
+    let now = chrono::Utc::now().timestamp_millis();
+    let rows = vec![
+        (
+            received_txns::origin.eq("p.test"),
+            received_txns::txn_id.eq("old"),
+            received_txns::response.eq("{}"),
+            received_txns::received_ts.eq(now - 2 * 86_400_000),
+        ),
+        (
+            received_txns::origin.eq("p.test"),
+            received_txns::txn_id.eq("new"),
+            received_txns::response.eq("{}"),
+            received_txns::received_ts.eq(now),
+        ),
+    ];
+    let state = gw.state();
+    state
+        .db
+        .run::<_, peekgate::db::DbError, _>(move |conn| {
+            for row in rows {
+                diesel::insert_into(received_txns::table).values(row).execute(conn)?;
+            }
+            Ok(())
+        })
+        .await
+        .unwrap();
+    peekgate::schedule::evict_inbound(state).await.unwrap();
+    let left: Vec<String> = state
+        .db
+        .run::<_, peekgate::db::DbError, _>(|conn| Ok(received_txns::table.select(received_txns::txn_id).load(conn)?))
+        .await
+        .unwrap();
+    assert_eq!(left, ["new"]);
+}
+both_backends!(old_transaction_answers_are_forgotten);
+
+/// FP-4 interop switch: with `federation.peek.lenient_peek_ids`, a Dendrite-style peek_id (the
+/// room ID itself) is accepted, renewed and deleted; without it the same request is refused.
+async fn fp4_lenient_peek_ids_for_dendrite(db: DbKind) {
+    let s = setup(db, &["dendrite.test"], |c| c.federation.peek.lenient_peek_ids = true).await;
+    let peer = &s.peers[0];
+    let (status, answer) = put_peek(peer, &s.gw, &s.room, &s.room, "?ver=10").await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(answer["state"].is_array(), "{answer}");
+    let (status, answer) = put_peek(peer, &s.gw, &s.room, &s.room, "?ver=10").await;
+    assert_eq!((status, answer), (200, json!({})));
+    let (status, _) = peer.call(&s.gw.base, GW, Method::DELETE, &peek_path(&s.room, &s.room), None).await;
+    assert_eq!(status, 200);
+    finish(s).await;
+
+    let strict = setup(db, &["dendrite.test"], |_| {}).await;
+    let (status, answer) = put_peek(&strict.peers[0], &strict.gw, &strict.room, &strict.room, "?ver=10").await;
+    assert_eq!((status, answer["errcode"].as_str()), (400, Some("M_UNRECOGNIZED")), "{answer}");
+    finish(strict).await;
+}
+both_backends!(fp4_lenient_peek_ids_for_dendrite);
+
+/// The eviction job forgets a destination that keeps failing, never answered (or not for a
+/// week) and has no peek left, with its undelivered notices; failing destinations that still
+/// have a peek, and healthy ones, stay.
+async fn dead_destinations_are_forgotten(db: DbKind) {
+    let gw = ServerSpec::new(GW, db).start().await;
+    let now = chrono::Utc::now().timestamp_millis();
+    let statements = vec![
+        "INSERT INTO destinations (server_name, last_sent_pos, failure_count) VALUES ('dead.test', 0, 5)".to_owned(),
+        format!("INSERT INTO destinations (server_name, last_sent_pos, failure_count, last_success_ts) VALUES ('stale.test', 0, 5, {})", now - 8 * 86_400_000),
+        "INSERT INTO destinations (server_name, last_sent_pos, failure_count) VALUES ('peeking.test', 0, 5)".to_owned(),
+        format!("INSERT INTO destinations (server_name, last_sent_pos, failure_count, last_success_ts) VALUES ('healthy.test', 0, 0, {now})"),
+        "INSERT INTO peek_notices (destination, room_id, peek_id, after_pos) VALUES ('dead.test', '!r:gw.test', 'p', 0)".to_owned(),
+        format!(
+            "INSERT INTO inbound_peeks (origin, room_id, peek_id, created_ts, renewed_ts, renewal_interval_ms, expires_ts, start_stream_pos) \
+             VALUES ('peeking.test', '!r:gw.test', 'p', {now}, {now}, 3600000, {}, 0)",
+            now + 3_600_000
+        ),
+    ];
+    let state = gw.state();
+    state
+        .db
+        .run::<_, peekgate::db::DbError, _>(move |conn| {
+            for statement in statements {
+                diesel::RunQueryDsl::execute(diesel::sql_query(statement), conn)?;
+            }
+            Ok(())
+        })
+        .await
+        .unwrap();
+    peekgate::schedule::evict_inbound(state).await.unwrap();
+    let left: Vec<String> =
+        peekgate::admin::destinations(&state.db).await.unwrap().into_iter().map(|d| d.server_name).collect();
+    assert_eq!(left, ["healthy.test", "peeking.test"]);
+    let notices = state
+        .db
+        .run::<_, peekgate::db::DbError, _>(|conn| {
+            use diesel::prelude::*;
+            Ok(peekgate::db::schema::peek_notices::table.count().get_result::<i64>(conn)?)
+        })
+        .await
+        .unwrap();
+    assert_eq!(notices, 0);
+}
+both_backends!(dead_destinations_are_forgotten);

@@ -4,6 +4,7 @@
 mod peeks;
 mod receiver;
 mod rooms;
+mod sync;
 
 use std::net::TcpListener;
 use std::time::Duration;
@@ -15,6 +16,7 @@ use diesel::{Connection, PgConnection};
 pub use peeks::peeks;
 pub use receiver::receiver;
 pub use rooms::rooms;
+pub use sync::sync;
 
 use crate::app::{self, Listeners, RunningServer};
 use crate::config::Config;
@@ -133,6 +135,23 @@ pub(super) async fn start(
     let state = app::build_state(settings, None).await?;
     let running = app::start(state, Listeners { http, tls: None, metrics: None })?;
     Ok(BenchServer { running, _db: db, _dir: dir })
+}
+
+/// A world-readable public room created by `creator` on `state`'s server.
+pub(super) async fn world_readable_room(
+    state: &crate::state::AppState,
+    creator: &ruma::UserId,
+) -> anyhow::Result<ruma::OwnedRoomId> {
+    let request = crate::rooms::CreateRoomRequest {
+        preset: Some("public_chat".into()),
+        initial_state: vec![crate::rooms::InitialStateEvent {
+            kind: "m.room.history_visibility".into(),
+            state_key: String::new(),
+            content: serde_json::json!({ "history_visibility": "world_readable" }),
+        }],
+        ..crate::rooms::CreateRoomRequest::default()
+    };
+    Ok(state.rooms.create_room(creator, request).await?)
 }
 
 pub(super) fn percentile(sorted: &[Duration], p: f64) -> Duration {

@@ -12,11 +12,10 @@ use diesel::prelude::*;
 use ruma::{RoomId, ServerName, UserId};
 use serde_json::{json, Value};
 
-use super::{encode, process_cpu_ns, rss_mib, run_wrk, start};
+use super::{encode, process_cpu_ns, rss_mib, run_wrk, start, world_readable_room};
 use crate::db::{Backend, DbError};
 use crate::federation::client::FedRequest;
 use crate::keys::now_ms;
-use crate::rooms::{CreateRoomRequest, InitialStateEvent};
 
 /// The receiver child process; killed on drop.
 struct Receiver {
@@ -96,16 +95,7 @@ pub async fn peeks(
     .await?;
     let state = host.running.state.clone();
     let alice = UserId::parse("@alice:host.bench")?;
-    let request = CreateRoomRequest {
-        preset: Some("public_chat".into()),
-        initial_state: vec![InitialStateEvent {
-            kind: "m.room.history_visibility".into(),
-            state_key: String::new(),
-            content: json!({ "history_visibility": "world_readable" }),
-        }],
-        ..CreateRoomRequest::default()
-    };
-    let room = state.rooms.create_room(&alice, request).await?;
+    let room = world_readable_room(&state, &alice).await?;
     let head = state.rooms.latest_stream_pos(&room).await?;
     insert_peeks(&state.db, &room, "d", 0, destinations, head, false).await?;
     let say = |body: String| {
@@ -176,20 +166,52 @@ pub async fn peeks(
         })
         .await?;
     anyhow::ensure!(first.get("state").is_some(), "the first PUT creates the peek");
-    let header = crate::xmatrix::authorization_header(
-        &reader.running.state.key,
-        "reader.bench",
-        "host.bench",
-        "PUT",
-        &path,
-        Some(ruma::CanonicalJsonValue::Object(Default::default())),
-    );
+    let header = signed_put(&reader.running.state.key, &path);
     let script = std::env::temp_dir().join(format!("peekgate-renew-{}.lua", std::process::id()));
     std::fs::write(
         &script,
         "wrk.method = \"PUT\"\nwrk.body = \"{}\"\nwrk.headers[\"Content-Type\"] = \"application/json\"\n",
     )?;
     run_wrk("renewal PUT", &format!("{host_url}{path}"), &header, wrk_seconds, Some(&script))?;
+    let _ = std::fs::remove_file(&script);
+
+    // 3b. The same over 1,000 distinct live peeks of the reader (inserted directly; each request
+    // signed for its own path), so that batched renewals cannot fold repeats of one peek.
+    let distinct = 1000;
+    let now = now_ms();
+    let room_sql = sql_str(room.as_str());
+    state
+        .db
+        .run::<_, DbError, _>(move |conn| {
+            diesel::sql_query(format!(
+                "INSERT INTO inbound_peeks (origin, room_id, peek_id, created_ts, renewed_ts, renewal_interval_ms, expires_ts, start_stream_pos) \
+                 SELECT 'reader.bench', {room_sql}, 'r' || g, {now}, {now}, 3600000, {}, 0 FROM generate_series(0, {}) g",
+                now + 3_900_000,
+                distinct - 1
+            ))
+            .execute(conn)?;
+            Ok(())
+        })
+        .await?;
+    // Formatted in init(), once wrk has set the host for the thread.
+    let mut lua = String::from("wrk.method = \"PUT\"\nwrk.body = \"{}\"\nsigned = {}\n");
+    for i in 0..distinct {
+        let path = format!("/_matrix/federation/v1/peek/{}/r{i}?ver=10", encode(room.as_str()));
+        let header = signed_put(&reader.running.state.key, &path);
+        lua += &format!("signed[{}] = {{ \"{path}\", '{header}' }}\n", i + 1);
+    }
+    lua += "requests = {}\ncounter = 0\n\
+            function init(args)\n\
+              for i, r in ipairs(signed) do\n\
+                requests[i] = wrk.format(\"PUT\", r[1], { [\"Authorization\"] = r[2], [\"Content-Type\"] = \"application/json\" }, \"{}\")\n\
+              end\n\
+            end\n\
+            function request()\n\
+              counter = counter % #requests + 1\n\
+              return requests[counter]\n\
+            end\n";
+    std::fs::write(&script, lua)?;
+    run_wrk("renewal PUT, 1,000 distinct peeks", &format!("{host_url}{path}"), &header, wrk_seconds, Some(&script))?;
     let _ = std::fs::remove_file(&script);
     let renewals = state.metrics.render();
     let ok_line = renewals
@@ -263,4 +285,10 @@ async fn insert_peeks(
     })
     .await?;
     Ok(())
+}
+
+/// The X-Matrix header of the reader's `PUT {path}` with body `{}` to the host.
+fn signed_put(key: &crate::keys::SigningKey, path: &str) -> String {
+    let empty = ruma::CanonicalJsonValue::Object(Default::default());
+    crate::xmatrix::authorization_header(key, "reader.bench", "host.bench", "PUT", path, Some(empty))
 }

@@ -5,12 +5,11 @@
 use std::net::TcpListener;
 use std::time::Instant;
 
-use ruma::{OwnedRoomId, ServerName, UserId};
+use ruma::{ServerName, UserId};
 use serde_json::json;
 
-use super::{encode, percentile, run_wrk, start};
+use super::{encode, percentile, run_wrk, start, world_readable_room};
 use crate::db::Backend;
-use crate::rooms::CreateRoomRequest;
 
 /// Runs every room benchmark on both backends and prints the figures.
 pub async fn rooms(postgres_admin: &str, appends: usize, wrk_seconds: u64) -> anyhow::Result<()> {
@@ -34,16 +33,7 @@ async fn rooms_on(backend: Backend, postgres_admin: &str, appends: usize, wrk_se
             .await?;
     let state = host.running.state.clone();
     let alice = UserId::parse("@alice:host.bench")?;
-    let request = CreateRoomRequest {
-        preset: Some("public_chat".into()),
-        initial_state: vec![crate::rooms::InitialStateEvent {
-            kind: "m.room.history_visibility".into(),
-            state_key: String::new(),
-            content: json!({ "history_visibility": "world_readable" }),
-        }],
-        ..CreateRoomRequest::default()
-    };
-    let room: OwnedRoomId = state.rooms.create_room(&alice, request).await?;
+    let room = world_readable_room(&state, &alice).await?;
 
     // 1. Appends: sequential messages through the append path (sign, authorise, store).
     let started = Instant::now();

@@ -107,5 +107,15 @@ pub async fn whoami(Authed(session): Authed) -> HttpResponse {
 
 pub async fn logout(state: web::Data<AppState>, Authed(session): Authed) -> Result<HttpResponse, MatrixError> {
     state.accounts.logout(&session).await?;
+    // CP-13: the device's peeks end with it (and federation peeks nobody else watches).
+    let rooms = state
+        .device_peeks
+        .end_device(session.user_id.as_str(), &session.device_id, crate::peeks::devices::END_LOGOUT)
+        .await?;
+    for room in rooms {
+        if let Ok(room_id) = ruma::RoomId::parse(&room) {
+            crate::peeks::outbound::release_if_unwatched(&state, &room_id).await?;
+        }
+    }
     Ok(HttpResponse::Ok().json(json!({})))
 }

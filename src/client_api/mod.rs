@@ -2,6 +2,7 @@
 
 mod account;
 pub mod auth;
+mod peek;
 pub mod rooms;
 
 use actix_web::{web, HttpResponse};
@@ -11,9 +12,16 @@ use crate::http::resource;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(resource("/_matrix/client/versions").route(web::get().to(versions)));
+    // MSC2753's unstable prefix carries only the peek routes.
+    cfg.service(web::scope("/_matrix/client/unstable/org.matrix.msc2753").configure(peek_routes));
     for prefix in ["/_matrix/client/v3", "/_matrix/client/r0"] {
-        cfg.service(web::scope(prefix).configure(scoped_routes));
+        cfg.service(web::scope(prefix).configure(scoped_routes).configure(peek_routes));
     }
+}
+
+fn peek_routes(cfg: &mut web::ServiceConfig) {
+    cfg.service(resource("/peek/{room_id_or_alias}").route(web::post().to(peek::peek)))
+        .service(resource("/rooms/{room_id}/unpeek").route(web::post().to(peek::unpeek)));
 }
 
 fn scoped_routes(cfg: &mut web::ServiceConfig) {
@@ -38,7 +46,8 @@ fn scoped_routes(cfg: &mut web::ServiceConfig) {
         .service(resource("/rooms/{room_id}/join").route(web::post().to(rooms::join_by_id)))
         .service(resource("/rooms/{room_id}/leave").route(web::post().to(rooms::leave)))
         .service(resource("/rooms/{room_id}/messages").route(web::get().to(rooms::messages)))
-        .service(resource("/directory/room/{alias}").route(web::get().to(rooms::directory_lookup)));
+        .service(resource("/directory/room/{alias}").route(web::get().to(rooms::directory_lookup)))
+        .service(resource("/sync").route(web::get().to(peek::sync)));
 }
 
 async fn versions() -> HttpResponse {

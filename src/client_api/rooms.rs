@@ -199,6 +199,7 @@ async fn join(
     }
     let member = session.user_id.as_str();
     state.rooms.send(room_id, &session.user_id, "m.room.member", Some(member), json!({ "membership": "join" })).await?;
+    // CP-10: the append path ended the user's peeks on the room in the same transaction.
     Ok(HttpResponse::Ok().json(json!({ "room_id": room_id })))
 }
 

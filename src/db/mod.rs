@@ -4,6 +4,7 @@
 //! diesel is synchronous: callers go through [`Db::run`], which moves the work onto tokio's
 //! blocking pool, never onto an actix worker thread.
 
+pub mod notify;
 pub mod schema;
 
 use std::path::Path;
@@ -159,6 +160,8 @@ impl ManageConnection for ConnectionManager {
 #[derive(Clone)]
 pub struct Db {
     pool: Pool<ConnectionManager>,
+    /// Where the pools connect (for connections of their own, like the NOTIFY listener).
+    target: Target,
     /// A small second pool for writes of soft state (peek renewals) on PostgreSQL: losing the
     /// last milliseconds of them in a crash is harmless, waiting for each WAL flush is not.
     soft: Option<Pool<ConnectionManager>>,
@@ -186,8 +189,8 @@ impl Db {
             Backend::Postgres => Some(build(target.clone(), true, pool_size.div_ceil(2))?),
             Backend::Sqlite => None,
         };
-        let pool = build(target, false, pool_size)?;
-        Ok(Db { pool, soft, backend })
+        let pool = build(target.clone(), false, pool_size)?;
+        Ok(Db { pool, target, soft, backend })
     }
 
     /// Like [`Db::run`], on the soft-state pool (the main pool on SQLite).
@@ -208,6 +211,11 @@ impl Db {
 
     pub fn backend(&self) -> Backend {
         self.backend
+    }
+
+    /// The PostgreSQL URL, for connections outside the pools; `None` on SQLite.
+    pub fn postgres_url(&self) -> Option<String> {
+        (self.backend == Backend::Postgres).then(|| self.target.connect_string.clone())
     }
 
     /// Applies every pending migration of this backend; returns how many ran.

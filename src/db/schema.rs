@@ -173,6 +173,46 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    outbound_peeks (room_id) {
+        room_id -> Text,
+        target -> Text,
+        peek_id -> Text,
+        candidates -> Text,
+        created_ts -> BigInt,
+        renewed_ts -> BigInt,
+        renewal_interval_ms -> BigInt,
+        next_renewal_ts -> BigInt,
+        failures -> Integer,
+        ended_ts -> Nullable<BigInt>,
+    }
+}
+
+diesel::table! {
+    device_peek_log (id) {
+        id -> BigInt,
+        user_id -> Text,
+        device_id -> Text,
+        room_id -> Text,
+        change -> Text,
+        ts -> BigInt,
+    }
+}
+
+diesel::table! {
+    device_peeks (user_id, device_id, room_id) {
+        user_id -> Text,
+        device_id -> Text,
+        room_id -> Text,
+        created_ts -> BigInt,
+        start_seq -> BigInt,
+        end_seq -> Nullable<BigInt>,
+        end_pos -> Nullable<BigInt>,
+        end_reason -> Nullable<Text>,
+        gappy -> Bool,
+    }
+}
+
 diesel::joinable!(events -> rooms (room_id));
 
 diesel::allow_tables_to_appear_in_same_query!(
@@ -193,4 +233,7 @@ diesel::allow_tables_to_appear_in_same_query!(
     destinations,
     peek_notices,
     received_txns,
+    outbound_peeks,
+    device_peek_log,
+    device_peeks,
 );

@@ -163,6 +163,33 @@ impl FederationClient {
         self.send(FedRequest { method: Method::GET, destination, path, body: None, signed: false }).await
     }
 
+    /// An unsigned GET that also returns the answer's `Date` header (clock-skew diagnostics).
+    pub async fn get_unsigned_dated(
+        &self,
+        destination: &ServerName,
+        path: &str,
+    ) -> Result<(Value, Option<String>), FederationError> {
+        let server = destination.as_str();
+        let (client, url, host_header) = self.target(destination, path).await?;
+        let mut builder = client.get(url);
+        if let Some(host) = host_header {
+            builder = builder.header(HOST, HeaderValue::from_str(&host).map_err(|e| transport(server, e))?);
+        }
+        self.execute_dated(server, builder).await
+    }
+
+    /// Where requests for `destination` go: the base URL, the `Host` header, and whether a
+    /// `federation.destinations` override or server-name resolution chose it.
+    pub async fn route(&self, destination: &ServerName) -> Result<String, FederationError> {
+        let (_, url, host) = self.target(destination, "/").await?;
+        let how = if self.destinations.contains_key(destination) {
+            "federation.destinations override"
+        } else {
+            "server-name resolution"
+        };
+        Ok(format!("{url} (Host: {}; {how})", host.unwrap_or_default()))
+    }
+
     /// Sends the request and returns the JSON object of a 2xx answer; any other status is
     /// [`FederationError::Status`] with the remote `errcode`.
     pub async fn send(&self, request: FedRequest<'_>) -> Result<Value, FederationError> {
@@ -233,11 +260,21 @@ impl FederationClient {
 
     /// Sends a built request: the JSON object of a 2xx answer, or [`FederationError::Status`].
     async fn execute(&self, server: &str, builder: reqwest::RequestBuilder) -> Result<Value, FederationError> {
+        self.execute_dated(server, builder).await.map(|(body, _)| body)
+    }
+
+    /// Like [`FederationClient::execute`], also returning the answer's `Date` header.
+    async fn execute_dated(
+        &self,
+        server: &str,
+        builder: reqwest::RequestBuilder,
+    ) -> Result<(Value, Option<String>), FederationError> {
         let response = builder.send().await.map_err(|e| transport(server, e))?;
         let status = response.status().as_u16();
+        let date = response.headers().get(reqwest::header::DATE).and_then(|v| v.to_str().ok()).map(str::to_owned);
         let body = self.read_json(server, response).await?;
         if (200..300).contains(&status) {
-            Ok(body)
+            Ok((body, date))
         } else {
             let errcode = body.get("errcode").and_then(Value::as_str).unwrap_or("").to_owned();
             Err(FederationError::Status { server: server.to_owned(), status, errcode, body })

@@ -37,7 +37,8 @@ async fn may_see(state: &AppState, event: &StoredEvent, joined: bool) -> Result<
 
 async fn known_room(state: &AppState, raw: &str) -> Result<OwnedRoomId, MatrixError> {
     let room_id = parse_room_id(raw)?;
-    if state.rooms.room(&room_id).await?.is_none() {
+    // Rooms we only peek are other servers' to serve: we hold a partial copy at best.
+    if !state.rooms.room(&room_id).await?.is_some_and(|r| r.is_local) {
         return Err(MatrixError::not_found("Room not found"));
     }
     Ok(room_id)

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use actix_web::{web, HttpResponse};
 use diesel::prelude::*;
-use ruma::{CanonicalJsonObject, CanonicalJsonValue, RoomId};
+use ruma::{CanonicalJsonObject, CanonicalJsonValue, RoomId, ServerName};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -16,6 +16,8 @@ use crate::error::{internal_error, MatrixError};
 use crate::events::{self, Pdu, RoomVersion};
 use crate::keys::now_ms;
 use crate::on_backend;
+use crate::peeks::outbound;
+use crate::rooms::RoomError;
 use crate::state::AppState;
 use crate::xmatrix::SignedRequest;
 
@@ -55,7 +57,7 @@ pub async fn send(
     }
     let mut results = BTreeMap::new();
     for pdu in txn.pdus {
-        let (event_id, result) = receive_pdu(&state, pdu).await;
+        let (event_id, result) = receive_pdu(&state, &request.origin, pdu).await;
         state.metrics.received_pdu(match &result {
             Ok(true) => "accepted",
             Ok(false) => "duplicate",
@@ -74,7 +76,7 @@ pub async fn send(
 
 /// Checks and stores one PDU. Returns its event ID and `Ok(true)` when stored, `Ok(false)` for
 /// a duplicate, or the per-PDU error text.
-async fn receive_pdu(state: &AppState, pdu: Value) -> (String, Result<bool, String>) {
+async fn receive_pdu(state: &AppState, origin: &ServerName, pdu: Value) -> (String, Result<bool, String>) {
     let object: CanonicalJsonObject = match CanonicalJsonValue::try_from(pdu) {
         Ok(CanonicalJsonValue::Object(object)) => object,
         _ => return ("".into(), Err("PDU is not a canonical JSON object".into())),
@@ -91,9 +93,13 @@ async fn receive_pdu(state: &AppState, pdu: Value) -> (String, Result<bool, Stri
     let version = row.as_ref().map(|r| r.version).unwrap_or(RoomVersion::V10);
     let event_id =
         ruma::signatures::reference_hash(&object, &version.rules()).map(|h| format!("${h}")).unwrap_or_default();
-    let (Some(room_id), Some(_)) = (room, row) else {
+    let (Some(room_id), Some(row)) = (room, row) else {
         return (event_id, Err("Unknown room".into()));
     };
+    // OP-9: a room of another server is accepted only from the target we peek it through.
+    if !row.is_local && !outbound::accepts_from(state, &room_id, origin).await.unwrap_or(false) {
+        return (event_id, Err("This server does not peek the room through you".into()));
+    }
     let verified = match events::verify_received(&state.keys, object, version).await {
         Ok(verified) => verified,
         Err(e) => return (event_id, Err(e.to_string())),
@@ -102,8 +108,18 @@ async fn receive_pdu(state: &AppState, pdu: Value) -> (String, Result<bool, Stri
         Ok(pdu) => pdu,
         Err(e) => return (event_id, Err(e.to_string())),
     };
-    match state.rooms.append_remote(&room_id, pdu).await {
+    match state.rooms.append_remote(&room_id, pdu.clone()).await {
         Ok(appended) => (event_id, Ok(appended.is_some())),
+        // OP-9: fill the gap from the target (WR-1 lets a peeker ask), then try once more.
+        Err(RoomError::MissingPrevEvents(_)) if !row.is_local => {
+            if let Err(e) = outbound::fill_gap(state, origin, &room_id, vec![event_id.clone()]).await {
+                return (event_id, Err(format!("prev events unknown and not fetched: {e}")));
+            }
+            match state.rooms.append_remote(&room_id, pdu).await {
+                Ok(appended) => (event_id, Ok(appended.is_some())),
+                Err(e) => (event_id, Err(e.to_string())),
+            }
+        }
         Err(e) => (event_id, Err(e.to_string())),
     }
 }

@@ -9,29 +9,27 @@ use crate::http::resource;
 use crate::xmatrix::SignedRequest;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.service(resource("/_matrix/federation/v1/version").route(web::get().to(version)))
-        .service(resource("/_matrix/federation/v1/event/{event_id}").route(web::get().to(reads::event)))
-        .service(resource("/_matrix/federation/v1/state/{room_id}").route(web::get().to(reads::room_state)))
-        .service(resource("/_matrix/federation/v1/state_ids/{room_id}").route(web::get().to(reads::room_state_ids)))
-        .service(resource("/_matrix/federation/v1/backfill/{room_id}").route(web::get().to(reads::backfill)))
-        .service(
-            resource("/_matrix/federation/v1/event_auth/{room_id}/{event_id}").route(web::get().to(reads::event_auth)),
-        )
-        .service(
-            resource("/_matrix/federation/v1/get_missing_events/{room_id}")
-                .route(web::post().to(reads::get_missing_events)),
-        )
-        .service(
-            resource("/_matrix/federation/v1/peek/{room_id}/{peek_id}")
-                .route(web::put().to(peek::put))
-                .route(web::delete().to(peek::delete)),
-        )
-        .service(resource("/_matrix/federation/v1/peek/{room_id}/{peek_id}/renew").route(web::post().to(peek::renew)))
-        .service(resource("/_matrix/federation/v1/send/{txn_id}").route(web::put().to(send::send)))
-        .service(resource("/_matrix/federation/v1/query/directory").route(web::get().to(reads::query_directory)))
-        .service(
-            resource("/_peekgate/federation/v1/whoami").route(web::get().to(whoami)).route(web::post().to(whoami)),
-        );
+    // One scope, so other requests skip these routes after a prefix check; inside it the hot
+    // routes (peek renewals, transactions) come first, as actix tries them in order.
+    cfg.service(
+        web::scope("/_matrix/federation/v1")
+            .service(
+                resource("/peek/{room_id}/{peek_id}")
+                    .route(web::put().to(peek::put))
+                    .route(web::delete().to(peek::delete)),
+            )
+            .service(resource("/send/{txn_id}").route(web::put().to(send::send)))
+            .service(resource("/event/{event_id}").route(web::get().to(reads::event)))
+            .service(resource("/peek/{room_id}/{peek_id}/renew").route(web::post().to(peek::renew)))
+            .service(resource("/version").route(web::get().to(version)))
+            .service(resource("/state/{room_id}").route(web::get().to(reads::room_state)))
+            .service(resource("/state_ids/{room_id}").route(web::get().to(reads::room_state_ids)))
+            .service(resource("/backfill/{room_id}").route(web::get().to(reads::backfill)))
+            .service(resource("/event_auth/{room_id}/{event_id}").route(web::get().to(reads::event_auth)))
+            .service(resource("/get_missing_events/{room_id}").route(web::post().to(reads::get_missing_events)))
+            .service(resource("/query/directory").route(web::get().to(reads::query_directory))),
+    )
+    .service(resource("/_peekgate/federation/v1/whoami").route(web::get().to(whoami)).route(web::post().to(whoami)));
 }
 
 /// Unauthenticated, as the spec says.
@@ -41,8 +39,8 @@ async fn version() -> HttpResponse {
     }))
 }
 
-/// Diagnostic: tells an authenticated caller who we think it is. `check-federation` uses it
-/// to prove that a remote server can fetch our keys and verify our signatures.
+/// Diagnostic: tells an authenticated caller who we think it is (another peekgate's operator can
+/// use it to see that we fetch their keys and accept their signatures).
 async fn whoami(request: SignedRequest) -> HttpResponse {
     HttpResponse::Ok().json(json!({
         "origin": request.origin.as_str(),

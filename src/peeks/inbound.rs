@@ -25,7 +25,7 @@ use crate::events::Pdu;
 use crate::keys::now_ms;
 use crate::on_backend;
 use crate::rooms::store::{self, RoomRow};
-use crate::rooms::{RoomError, Rooms, Visibility};
+use crate::rooms::{RoomError, Rooms};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PeekError {
@@ -90,6 +90,8 @@ pub struct InboundPeeks {
     limits: Limits,
     new_peeks: DefaultKeyedRateLimiter<String>,
     facts: Arc<FactsCache>,
+    /// PostgreSQL: renewals of live peeks share database round trips.
+    batcher: Option<super::renewals::RenewalBatcher>,
 }
 
 /// What the PUT checks need to know about a room's current state.
@@ -132,6 +134,10 @@ fn room_facts(
         }
     }
     let room = store::room(conn, room_id)?.ok_or(PeekError::UnknownRoom)?;
+    // Rooms we only peek ourselves are not ours to offer to other servers.
+    if !room.is_local {
+        return Err(PeekError::UnknownRoom);
+    }
     let group = room.current_state_group.ok_or(PeekError::UnknownRoom)?;
     if let Some(entry) = cache.lock().unwrap().get_mut(room_id) {
         if entry.group == group {
@@ -147,20 +153,18 @@ fn room_facts(
         })
     };
     let acl = content(conn, "m.room.server_acl")?.and_then(|c| serde_json::from_value(c).ok());
-    let visibility = content(conn, "m.room.history_visibility")?
-        .map(|c| Visibility::parse(c["history_visibility"].as_str()))
-        .unwrap_or(Visibility::Shared);
-    let peekable = if visibility != Visibility::WorldReadable {
-        Err("Room is not world_readable")
-    } else if store::current_state_id(conn, room_id, "m.room.encryption", "")?.is_some() {
-        Err("Room is encrypted")
-    } else {
-        Ok(())
-    };
+    let peekable = crate::rooms::visibility::peekability(conn, room_id)?;
     let facts = Arc::new(RoomFacts { acl, peekable });
     let entry = FactsEntry { group, facts: facts.clone(), room: room.clone(), checked: Instant::now() };
     cache.lock().unwrap().insert(room_id.to_owned(), entry);
     Ok((room, facts))
+}
+
+/// The cached room facts, when read within [`RENEWAL_FACTS_TTL`] (no database access).
+fn cached_facts(cache: &FactsCache, room_id: &str) -> Option<(RoomRow, Arc<RoomFacts>)> {
+    let cache = cache.lock().unwrap();
+    let entry = cache.get(room_id).filter(|entry| entry.checked.elapsed() < RENEWAL_FACTS_TTL)?;
+    Some((entry.room.clone(), entry.facts.clone()))
 }
 
 /// FP check steps 1 and 3-5 on known room facts (step 2, the room itself, is `room_facts`).
@@ -233,11 +237,15 @@ impl InboundPeeks {
         let peek = &raw.federation.peek;
         let quota = Quota::per_minute(NonZeroU32::new(peek.new_peeks_per_minute).expect("validated > 0"))
             .allow_burst(NonZeroU32::new(peek.new_peeks_burst).expect("validated > 0"));
+        let grace = grace_ms(interval, raw.peeks.eviction_grace_ms as i64);
+        let batcher = (db.backend() == crate::db::Backend::Postgres)
+            .then(|| super::renewals::RenewalBatcher::start(db.clone(), interval, grace));
         InboundPeeks {
             db,
+            batcher,
             limits: Limits {
                 renewal_interval_ms: interval,
-                grace_ms: grace_ms(interval, raw.peeks.eviction_grace_ms as i64),
+                grace_ms: grace,
                 max_active_per_origin: peek.max_active_per_origin.into(),
                 max_ids_per_room: peek.max_ids_per_room.into(),
                 lenient_peek_ids: peek.lenient_peek_ids,
@@ -265,6 +273,15 @@ impl InboundPeeks {
         let peek_id = PeekId::parse(raw_peek_id, self.limits.lenient_peek_ids);
         // FP-3: no `ver` means ["1"], as for make_join.
         let offered = if versions.is_empty() { vec!["1".to_owned()] } else { versions.to_vec() };
+        // The common case, a renewal with fresh room facts in memory: checked here, renewed in a
+        // shared round trip. Anything else takes the full path below.
+        if let (Some(batcher), Some((room, facts))) = (&self.batcher, cached_facts(&self.facts, room_id.as_str())) {
+            let checked = apply_checks(origin, &room, &facts, peek_id.clone(), &offered)?;
+            let key = (origin.to_string(), room_id.to_string(), checked.as_str().to_owned());
+            if batcher.renew(key).await.map_err(|e| PeekError::Room(RoomError::Internal(e)))? {
+                return Ok(PutOutcome::Renewed);
+            }
+        }
         let (o, r) = (origin.to_owned(), room_id.to_string());
         let (cache, interval, grace) = (self.facts.clone(), self.limits.renewal_interval_ms, self.limits.grace_ms);
         let step = self
@@ -488,7 +505,8 @@ pub const REASON_VISIBILITY: &str = "visibility_changed";
 pub const REASON_LEFT: &str = "room_left";
 pub const REASON_LAPSED: &str = "lapsed";
 
-/// Called by the append path inside its transaction after every state event: when the room
+/// Called by the append path inside its transaction after every state event (through
+/// [`super::after_state_event`]): when the room
 /// stops being peekable (RE-3) or our last member leaves (RE-4), every inbound peek on it ends at
 /// this event. The event itself is still delivered; `expired_peeks` follows (PE-7).
 pub fn after_state_event(
@@ -569,15 +587,17 @@ fn queue_notice(
 pub fn evict_lapsed_batch(conn: &mut DbConnection, now: i64, batch: i64) -> Result<usize, diesel::result::Error> {
     conn.transaction(|conn| {
         let head = events_max(conn)?;
-        // Set-based: one statement moves a whole batch of lapsed peeks into notices.
+        // Set-based: one statement moves a whole batch of lapsed peeks into notices. The rows
+        // are claimed and deleted by their physical address (ctid; stable while they are locked
+        // FOR UPDATE): about a quarter faster than matching the three key columns again.
         let lapsed = match conn {
             DbConnection::Postgresql(_) => {
                 let query = format!(
                     "WITH gone AS ( \
-                         DELETE FROM inbound_peeks WHERE (origin, room_id, peek_id) IN ( \
-                             SELECT origin, room_id, peek_id FROM inbound_peeks \
+                         DELETE FROM inbound_peeks WHERE ctid = ANY(ARRAY( \
+                             SELECT ctid FROM inbound_peeks \
                              WHERE expires_ts < {now} AND end_stream_pos IS NULL \
-                             LIMIT {batch} FOR UPDATE SKIP LOCKED) \
+                             LIMIT {batch} FOR UPDATE SKIP LOCKED)) \
                          RETURNING origin, room_id, peek_id), \
                      noted AS ( \
                          INSERT INTO peek_notices (destination, room_id, peek_id, after_pos) \

@@ -1,7 +1,24 @@
-//! Peeks: inbound (MSC2444, other servers peek our rooms). Outbound peeks and the client side
-//! (MSC2753) come next.
+//! Peeks: inbound (MSC2444, other servers peek our rooms), outbound (we peek rooms of other
+//! servers), and the peeks of local devices (MSC2753) that outbound peeks serve.
 
+pub mod devices;
 pub mod inbound;
+pub mod outbound;
+pub mod renewals;
+pub mod validate;
+
+/// The append path's hook, inside its transaction, after every state event: inbound peeks and
+/// local devices' peeks end when the room stops being peekable (and on the other occasions their
+/// modules name).
+pub fn after_state_event(
+    conn: &mut crate::db::DbConnection,
+    server_name: &str,
+    pdu: &crate::events::Pdu,
+    position: i64,
+) -> Result<(), crate::rooms::RoomError> {
+    inbound::after_state_event(conn, server_name, pdu, position)?;
+    devices::after_state_event(conn, server_name, pdu, position)
+}
 
 /// A validated peek ID (FP-4): 1-8 characters of `[0-9a-zA-Z.=_-]`, or, with the lenient
 /// interop switch on, any 1-255 bytes of printable ASCII (Dendrite sends room IDs).

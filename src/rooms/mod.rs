@@ -34,6 +34,8 @@ pub enum RoomError {
     Forbidden(String),
     #[error("bad event: {0}")]
     BadEvent(String),
+    #[error("prev events unknown: {0:?}")]
+    MissingPrevEvents(Vec<String>),
     #[error("alias already in use")]
     AliasInUse,
     #[error("invalid parameter: {0}")]
@@ -59,6 +61,8 @@ pub struct Rooms {
     server_name: OwnedServerName,
     /// The newest stream position; the sender and `/sync` wait on changes.
     stream: watch::Sender<i64>,
+    /// The newest position appended by this instance (other instances are told of it).
+    local: watch::Sender<i64>,
     visibility: Arc<visibility::VisibilityCache>,
     /// Servers with joined members per room, valid while the room's current state group is the
     /// one recorded (every membership change makes a new group, on any instance).
@@ -74,6 +78,7 @@ impl Rooms {
             key,
             server_name,
             stream: watch::Sender::new(0),
+            local: watch::Sender::new(0),
             visibility: Arc::default(),
             joined: Arc::default(),
             events: Arc::default(),
@@ -89,15 +94,19 @@ impl Rooms {
         self.stream.subscribe()
     }
 
+    /// Subscribe to "this instance appended events" (for telling other instances).
+    pub fn subscribe_local(&self) -> watch::Receiver<i64> {
+        self.local.subscribe()
+    }
+
+    /// Another instance stored events up to `stream_pos` (a PostgreSQL notification).
+    pub fn note_appended(&self, stream_pos: i64) {
+        advance(&self.stream, stream_pos);
+    }
+
     fn appended(&self, stream_pos: i64) {
-        self.stream.send_if_modified(|current| {
-            if stream_pos > *current {
-                *current = stream_pos;
-                true
-            } else {
-                false
-            }
-        });
+        advance(&self.stream, stream_pos);
+        advance(&self.local, stream_pos);
     }
 
     /// Creates a room of ours with the events of `request`, all or nothing.
@@ -201,6 +210,41 @@ impl Rooms {
         Ok(appended)
     }
 
+    /// Stores a validated peek answer as the starting point of a room of another server (see
+    /// [`store::store_snapshot`]), all or nothing.
+    pub async fn store_snapshot(
+        &self,
+        room_id: &RoomId,
+        version: crate::events::RoomVersion,
+        state: StateMap,
+        outliers: Vec<Pdu>,
+        latest: Pdu,
+    ) -> Result<i64, RoomError> {
+        let room = room_id.to_string();
+        let (pos, newest) = self
+            .db
+            .run(move |conn| {
+                conn.transaction::<_, RoomError, _>(|conn| {
+                    let snapshot = store::Snapshot { state: &state, outliers: &outliers, latest: &latest };
+                    let pos = store::store_snapshot(conn, &room, version, now_ms(), snapshot)?;
+                    Ok((pos, store::max_stream_pos(conn)?))
+                })
+            })
+            .await?;
+        self.appended(newest);
+        Ok(pos)
+    }
+
+    /// The newest stream position over all rooms.
+    pub async fn max_stream_pos(&self) -> Result<i64, RoomError> {
+        self.read(store::max_stream_pos).await
+    }
+
+    pub async fn forward_extremities(&self, room_id: &RoomId) -> Result<Vec<String>, RoomError> {
+        let room = room_id.to_string();
+        self.read(move |conn| store::forward_extremities(conn, &room)).await
+    }
+
     pub async fn room(&self, room_id: &RoomId) -> Result<Option<store::RoomRow>, RoomError> {
         let room = room_id.to_string();
         self.read(move |conn| store::room(conn, &room)).await
@@ -285,6 +329,34 @@ impl Rooms {
         self.read(move |conn| store::latest_stream_pos(conn, &room)).await
     }
 
+    /// Every room where `user_id` has a membership now: `(room, membership, stream position of
+    /// that membership event)`.
+    pub async fn memberships(&self, user_id: &UserId) -> Result<Vec<(String, String, i64)>, RoomError> {
+        let user = user_id.to_string();
+        self.read(move |conn| {
+            use crate::db::schema::current_state;
+            let ids: Vec<String> = current_state::table
+                .filter(current_state::event_type.eq("m.room.member"))
+                .filter(current_state::state_key.eq(&user))
+                .select(current_state::event_id)
+                .load(conn)?;
+            Ok(store::events_by_ids(conn, &ids)?
+                .into_iter()
+                .map(|e| {
+                    let membership = e.pdu.content_value()["membership"].as_str().unwrap_or_default().to_owned();
+                    (e.pdu.room_id.to_string(), membership, e.stream_pos)
+                })
+                .collect())
+        })
+        .await
+    }
+
+    /// Whether the room can be peeked now (see [`visibility::peekability`]).
+    pub async fn peekability(&self, room_id: &RoomId) -> Result<Result<(), &'static str>, RoomError> {
+        let room = room_id.to_string();
+        self.read(move |conn| visibility::peekability(conn, &room)).await
+    }
+
     /// The membership of `user_id` in the current state (`None` when never a member).
     pub async fn membership(&self, room_id: &RoomId, user_id: &UserId) -> Result<Option<String>, RoomError> {
         let event = self.state_event(room_id, "m.room.member", user_id.as_str()).await?;
@@ -300,9 +372,14 @@ impl Rooms {
 
     /// Does `server` have a joined member in the current state (then membership rules apply)?
     pub async fn server_is_joined(&self, room_id: &RoomId, server: &ServerName) -> Result<bool, RoomError> {
-        let (room, server) = (room_id.to_string(), server.to_string());
+        Ok(self.joined_servers(room_id).await?.contains(server.as_str()))
+    }
+
+    /// The servers with joined members in the room's current state.
+    pub async fn joined_servers(&self, room_id: &RoomId) -> Result<Arc<BTreeSet<String>>, RoomError> {
+        let room = room_id.to_string();
         let joined = self.joined.clone();
-        self.read(move |conn| joined_servers(conn, &joined, &room).map(|s| s.contains(&server))).await
+        self.read(move |conn| joined_servers(conn, &joined, &room)).await
     }
 
     /// An event and whether `server` may see it (joined servers: always; others: WR-2), in one
@@ -345,6 +422,17 @@ impl Rooms {
     {
         self.db.run(work).await
     }
+}
+
+/// Moves a position watch forward (never back), waking its receivers.
+fn advance(watch: &watch::Sender<i64>, stream_pos: i64) {
+    watch.send_if_modified(|current| {
+        let newer = stream_pos > *current;
+        if newer {
+            *current = stream_pos;
+        }
+        newer
+    });
 }
 
 /// A user ID of ours with this localpart.

@@ -179,12 +179,16 @@ pub fn append_remote(
     if event_by_id(conn, pdu.event_id.as_str())?.is_some() {
         return Ok(None);
     }
+    let mut missing = Vec::new();
     for prev in &pdu.prev_events {
         match event_by_id(conn, prev.as_str())? {
             Some(known) if known.pdu.room_id == pdu.room_id => {}
             Some(_) => return Err(RoomError::BadEvent(format!("prev event {prev} is in another room"))),
-            None => return Err(RoomError::BadEvent(format!("unknown prev event {prev}"))),
+            None => missing.push(prev.to_string()),
         }
+    }
+    if !missing.is_empty() {
+        return Err(RoomError::MissingPrevEvents(missing));
     }
     let auth_types =
         pdus::auth_types(room.version, &pdu.event_type(), &pdu.sender, pdu.state_key.as_deref(), &pdu.content_value())
@@ -250,22 +254,7 @@ pub fn store_event(
         (None, Some(group)) => group,
         (None, None) => return Err(RoomError::BadEvent("the first event of a room must be its create event".into())),
     };
-    let json = serde_json::to_string(&pdu.json).expect("canonical JSON serialises");
-    let stream_pos: i64 = diesel::insert_into(events::table)
-        .values((
-            events::event_id.eq(pdu.event_id.as_str()),
-            events::room_id.eq(&room.room_id),
-            events::event_type.eq(pdu.event_type()),
-            events::state_key.eq(pdu.state_key.clone()),
-            events::sender.eq(pdu.sender.as_str()),
-            events::depth.eq(pdu.depth),
-            events::origin_server_ts.eq(i64::from(pdu.origin_server_ts.0)),
-            events::json.eq(json),
-            events::state_group_before.eq(before),
-            events::state_group.eq(after),
-        ))
-        .returning(events::stream_pos)
-        .get_result(conn)?;
+    let stream_pos = insert_event_row(conn, &room.room_id, pdu, before, after, false)?;
     if let Some(state_key) = &pdu.state_key {
         let row = (
             current_state::room_id.eq(room.room_id.clone()),
@@ -296,9 +285,10 @@ pub fn store_event(
     diesel::update(rooms::table.filter(rooms::room_id.eq(&room.room_id)))
         .set((rooms::current_state_group.eq(after), rooms::max_depth.eq(room.max_depth.max(pdu.depth))))
         .execute(conn)?;
-    // In the same transaction: a room that stops being peekable ends its peeks (RE-3, RE-4).
+    // In the same transaction: peeks end when the room stops being peekable (RE-3, RE-4, CP-11)
+    // and a local user's peeks end when they join (CP-10).
     if pdu.is_state() {
-        crate::peeks::inbound::after_state_event(conn, server_name, pdu, stream_pos)?;
+        crate::peeks::after_state_event(conn, server_name, pdu, stream_pos)?;
     }
     Ok(Appended { event_id: pdu.event_id.clone(), stream_pos })
 }
@@ -321,6 +311,23 @@ fn new_state_group(
         (Some(group), Some(depth)) if !snapshot => (Some(group), depth + 1),
         _ => (None, 0),
     };
+    let mut entries = if snapshot {
+        state_map_at_group(conn, prev.expect("snapshot has a previous group"))?
+    } else {
+        StateMap::new()
+    };
+    entries.insert((kind.to_owned(), state_key.to_owned()), event_id.to_owned());
+    insert_group(conn, room_id, prev_group, delta_depth, &entries)
+}
+
+/// Stores a state group: `entries` on top of `prev_group` (or, without one, the whole state).
+fn insert_group(
+    conn: &mut DbConnection,
+    room_id: &str,
+    prev_group: Option<i64>,
+    delta_depth: i32,
+    entries: &StateMap,
+) -> Result<i64, RoomError> {
     let id: i64 = diesel::insert_into(state_groups::table)
         .values((
             state_groups::room_id.eq(room_id),
@@ -329,20 +336,14 @@ fn new_state_group(
         ))
         .returning(state_groups::id)
         .get_result(conn)?;
-    let mut entries = if snapshot {
-        state_map_at_group(conn, prev.expect("snapshot has a previous group"))?
-    } else {
-        StateMap::new()
-    };
-    entries.insert((kind.to_owned(), state_key.to_owned()), event_id.to_owned());
     let rows: Vec<_> = entries
-        .into_iter()
+        .iter()
         .map(|((t, k), e)| {
             (
                 state_group_entries::group_id.eq(id),
-                state_group_entries::event_type.eq(t),
-                state_group_entries::state_key.eq(k),
-                state_group_entries::event_id.eq(e),
+                state_group_entries::event_type.eq(t.clone()),
+                state_group_entries::state_key.eq(k.clone()),
+                state_group_entries::event_id.eq(e.clone()),
             )
         })
         .collect();
@@ -559,4 +560,131 @@ pub fn record_client_txn(
         ))
         .execute(conn)?;
     Ok(())
+}
+
+/// A remote room's starting point, from a validated peek answer (OP-4).
+pub struct Snapshot<'a> {
+    pub state: &'a StateMap,
+    /// Every event of the state and the auth chain, stored as outliers (outside the timeline).
+    pub outliers: &'a [Pdu],
+    /// The event the state is at: it becomes the room's only forward extremity.
+    pub latest: &'a Pdu,
+}
+
+/// Stores a snapshot for a room of another server, creating the room row when it is new:
+/// one full state group, outliers for the state and auth chain, `latest` in the timeline, and
+/// current state and forward extremities reset to the snapshot. Returns the stream position
+/// of `latest` (already stored events keep theirs).
+pub fn store_snapshot(
+    conn: &mut DbConnection,
+    room_id: &str,
+    version: RoomVersion,
+    now: i64,
+    snapshot: Snapshot<'_>,
+) -> Result<i64, RoomError> {
+    if room(conn, room_id)?.is_none() {
+        insert_room(conn, room_id, version, false, now)?;
+    }
+    let row = lock_for_append(conn, room_id)?;
+    if row.is_local {
+        return Err(RoomError::Forbidden("this server hosts the room; it is not peeked".into()));
+    }
+    let group = insert_group(conn, room_id, None, 0, snapshot.state)?;
+    let mut max_depth = row.max_depth.max(snapshot.latest.depth);
+    for pdu in snapshot.outliers.iter().filter(|p| p.event_id != snapshot.latest.event_id) {
+        max_depth = max_depth.max(pdu.depth);
+        if event_by_id(conn, pdu.event_id.as_str())?.is_none() {
+            insert_event_row(conn, room_id, pdu, None, group, true)?;
+        }
+    }
+    let latest_pos = match event_by_id(conn, snapshot.latest.event_id.as_str())? {
+        Some(stored) => stored.stream_pos,
+        None => insert_event_row(conn, room_id, snapshot.latest, Some(group), group, false)?,
+    };
+    diesel::delete(current_state::table.filter(current_state::room_id.eq(room_id))).execute(conn)?;
+    let rows: Vec<_> = snapshot
+        .state
+        .iter()
+        .map(|((t, k), id)| {
+            (
+                current_state::room_id.eq(room_id.to_owned()),
+                current_state::event_type.eq(t.clone()),
+                current_state::state_key.eq(k.clone()),
+                current_state::event_id.eq(id.clone()),
+            )
+        })
+        .collect();
+    for chunk in rows.chunks(500) {
+        on_backend!(&mut *conn, |c| diesel::insert_into(current_state::table).values(chunk).execute(c))?;
+    }
+    diesel::delete(forward_extremities::table.filter(forward_extremities::room_id.eq(room_id))).execute(conn)?;
+    diesel::insert_into(forward_extremities::table)
+        .values((
+            forward_extremities::room_id.eq(room_id),
+            forward_extremities::event_id.eq(snapshot.latest.event_id.as_str()),
+        ))
+        .execute(conn)?;
+    diesel::update(rooms::table.filter(rooms::room_id.eq(room_id)))
+        .set((rooms::current_state_group.eq(group), rooms::max_depth.eq(max_depth)))
+        .execute(conn)?;
+    Ok(latest_pos)
+}
+
+fn insert_event_row(
+    conn: &mut DbConnection,
+    room_id: &str,
+    pdu: &Pdu,
+    before: Option<i64>,
+    group: i64,
+    outlier: bool,
+) -> Result<i64, RoomError> {
+    let json = serde_json::to_string(&pdu.json).expect("canonical JSON serialises");
+    Ok(diesel::insert_into(events::table)
+        .values((
+            events::event_id.eq(pdu.event_id.as_str()),
+            events::room_id.eq(room_id),
+            events::event_type.eq(pdu.event_type()),
+            events::state_key.eq(pdu.state_key.clone()),
+            events::sender.eq(pdu.sender.as_str()),
+            events::depth.eq(pdu.depth),
+            events::origin_server_ts.eq(i64::from(pdu.origin_server_ts.0)),
+            events::json.eq(json),
+            events::state_group_before.eq(before),
+            events::state_group.eq(group),
+            events::outlier.eq(outlier),
+        ))
+        .returning(events::stream_pos)
+        .get_result(conn)?)
+}
+
+/// The newest stream position of all rooms (0 when there is no event yet).
+pub fn max_stream_pos(conn: &mut DbConnection) -> Result<i64, RoomError> {
+    let pos: Option<i64> = events::table.select(diesel::dsl::max(events::stream_pos)).first(conn)?;
+    Ok(pos.unwrap_or(0))
+}
+
+/// The room's forward extremities.
+pub fn forward_extremities(conn: &mut DbConnection, room_id: &str) -> Result<Vec<String>, RoomError> {
+    Ok(forward_extremities::table
+        .filter(forward_extremities::room_id.eq(room_id))
+        .select(forward_extremities::event_id)
+        .load(conn)?)
+}
+
+/// Deletes everything stored about a room of another server (its events, state and
+/// extremities): what a peek left behind once nobody peeks the room. Our own rooms are never
+/// purged. Returns whether the room was there.
+pub fn purge_remote_room(conn: &mut DbConnection, room_id: &str) -> Result<bool, RoomError> {
+    match room(conn, room_id)? {
+        Some(row) if !row.is_local => {}
+        _ => return Ok(false),
+    }
+    let groups = state_groups::table.filter(state_groups::room_id.eq(room_id)).select(state_groups::id);
+    diesel::delete(state_group_entries::table.filter(state_group_entries::group_id.eq_any(groups))).execute(conn)?;
+    diesel::delete(state_groups::table.filter(state_groups::room_id.eq(room_id))).execute(conn)?;
+    diesel::delete(events::table.filter(events::room_id.eq(room_id))).execute(conn)?;
+    diesel::delete(current_state::table.filter(current_state::room_id.eq(room_id))).execute(conn)?;
+    diesel::delete(forward_extremities::table.filter(forward_extremities::room_id.eq(room_id))).execute(conn)?;
+    diesel::delete(rooms::table.filter(rooms::room_id.eq(room_id))).execute(conn)?;
+    Ok(true)
 }

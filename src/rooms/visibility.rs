@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use diesel::prelude::*;
 use diesel::sql_types::Text;
 
-use super::store::StoredEvent;
+use super::store::{self, StoredEvent};
 use super::RoomError;
 use crate::db::DbConnection;
 
@@ -121,4 +121,22 @@ pub fn of_event(
         }
     }
     Ok(before)
+}
+
+/// FP-6 / CP-3, one rule for remote servers and local devices: a room can be peeked while its
+/// current history visibility is `world_readable` and it is not encrypted. `Err` says why not.
+pub fn peekability(conn: &mut DbConnection, room_id: &str) -> Result<Result<(), &'static str>, RoomError> {
+    let visibility = match store::current_state_id(conn, room_id, "m.room.history_visibility", "")? {
+        Some(id) => store::event_by_id(conn, &id)?
+            .map(|e| Visibility::parse(e.pdu.content_value()["history_visibility"].as_str()))
+            .unwrap_or(Visibility::Shared),
+        None => Visibility::Shared,
+    };
+    if visibility != Visibility::WorldReadable {
+        return Ok(Err("Room is not world_readable"));
+    }
+    if store::current_state_id(conn, room_id, "m.room.encryption", "")?.is_some() {
+        return Ok(Err("Room is encrypted"));
+    }
+    Ok(Ok(()))
 }

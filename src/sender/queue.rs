@@ -151,6 +151,23 @@ pub(super) async fn save_failure(
         .await
 }
 
+/// The destination's `retry_at` as stored (an operator's reset clears it).
+pub(super) async fn stored_retry_at(shared: &Shared, destination: &str) -> Result<Option<i64>, DbError> {
+    let destination = destination.to_owned();
+    shared
+        .state
+        .db
+        .run(move |conn| {
+            Ok(destinations::table
+                .filter(destinations::server_name.eq(&destination))
+                .select(destinations::retry_at)
+                .first::<Option<i64>>(conn)
+                .optional()?
+                .flatten())
+        })
+        .await
+}
+
 /// Takes (or renews) this instance's lease on the destination and reads its row; `None` when
 /// another live instance holds it.
 pub(super) async fn take_lease(shared: &Shared, destination: &str) -> Result<Option<DestinationRow>, DbError> {

@@ -122,11 +122,8 @@ async fn catch_up(
     loop {
         if let Some(retry_at) = row.retry_at.take() {
             let wait = retry_at - now_ms();
-            if wait > 0 {
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis(wait as u64)) => {}
-                    _ = shutdown.changed() => return Err(Stop),
-                }
+            if wait > 0 && wait_out_backoff(shared, destination, Duration::from_millis(wait as u64), shutdown).await? {
+                row.failures = 0;
             }
         }
         let batch = queue::next_batch(shared, destination, row.cursor).await.map_err(|e| {
@@ -201,11 +198,42 @@ where
                 let delay = backoff(*failures);
                 tracing::info!(destination, failures = *failures, delay_ms = delay.as_millis() as u64, %error, "sender: transaction failed; retrying");
                 let _ = queue::save_failure(shared, destination, *failures, now_ms() + delay.as_millis() as i64).await;
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = shutdown.changed() => return Err(Stop),
+                if wait_out_backoff(shared, destination, delay, shutdown).await? {
+                    *failures = 0;
                 }
             }
+        }
+    }
+}
+
+/// How often a backing-off worker looks whether an operator cleared its back-off from another
+/// process (`peekgate destinations reset`).
+const RESET_POLL: Duration = Duration::from_secs(2);
+
+/// Sleeps out a back-off, or less when an operator resets the destination (the HTTP admin API
+/// wakes us at once; the CLI clears `retry_at`, seen within [`RESET_POLL`]). `Ok(true)` after a
+/// reset.
+async fn wait_out_backoff(
+    shared: &Shared,
+    destination: &str,
+    delay: Duration,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<bool, Stop> {
+    let until = Instant::now() + delay;
+    let mut resets = shared.state.destination_resets.subscribe();
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(false);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(left.min(RESET_POLL)) => {}
+            _ = resets.changed() => {}
+            _ = shutdown.changed() => return Err(Stop),
+        }
+        if let Ok(None) = queue::stored_retry_at(shared, destination).await {
+            tracing::info!(destination, "sender: back-off cleared by an operator; retrying now");
+            return Ok(true);
         }
     }
 }

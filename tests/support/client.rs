@@ -47,6 +47,11 @@ impl Client {
         let body = json!({ "username": localpart, "password": "pw-123456", "auth": { "type": "m.login.dummy" } });
         let (status, answer) = request(base, None, Method::POST, "/_matrix/client/v3/register", Some(&body)).await;
         assert_eq!(status, 200, "register {localpart}: {answer}");
+        Client::from_session(base, &answer)
+    }
+
+    /// A client for the session a register or login answer opened.
+    fn from_session(base: &str, answer: &Value) -> Client {
         Client {
             base: base.to_owned(),
             token: answer["access_token"].as_str().map(str::to_owned),
@@ -112,5 +117,46 @@ impl Client {
 
     pub async fn join(&self, room_id_or_alias: &str) -> (u16, Value) {
         self.call(Method::POST, &format!("/_matrix/client/v3/join/{}", enc(room_id_or_alias)), Some(&json!({}))).await
+    }
+
+    /// Logs in as the same user again: a second device.
+    pub async fn login_device(&self) -> Client {
+        let localpart = self.user_id.trim_start_matches('@').split(':').next().unwrap().to_owned();
+        Client::login(&self.base, &localpart).await
+    }
+
+    /// Logs in with the password every test user has (`pw-123456`).
+    pub async fn login(base: &str, localpart: &str) -> Client {
+        let body = json!({
+            "type": "m.login.password",
+            "identifier": { "type": "m.id.user", "user": localpart },
+            "password": "pw-123456",
+        });
+        let (status, answer) = request(base, None, Method::POST, "/_matrix/client/v3/login", Some(&body)).await;
+        assert_eq!(status, 200, "login: {answer}");
+        Client::from_session(base, &answer)
+    }
+
+    /// `POST /peek/{roomIdOrAlias}` with `server_name` query parameters.
+    pub async fn peek(&self, target: &str, servers: &[&str]) -> (u16, Value) {
+        let query: Vec<String> = servers.iter().map(|s| format!("server_name={}", enc(s))).collect();
+        let path = format!("/_matrix/client/v3/peek/{}?{}", enc(target), query.join("&"));
+        self.call(Method::POST, &path, Some(&json!({}))).await
+    }
+
+    pub async fn unpeek(&self, room_id: &str) -> (u16, Value) {
+        self.call(Method::POST, &format!("/_matrix/client/v3/rooms/{}/unpeek", enc(room_id)), Some(&json!({}))).await
+    }
+
+    /// `GET /sync`; panics unless it answers 200. Timelines hold up to 100 events.
+    pub async fn sync(&self, since: Option<&str>, timeout_ms: u64) -> Value {
+        let filter = enc(r#"{"room":{"timeline":{"limit":100}}}"#);
+        let mut path = format!("/_matrix/client/v3/sync?timeout={timeout_ms}&filter={filter}");
+        if let Some(since) = since {
+            path = format!("{path}&since={}", enc(since));
+        }
+        let (status, answer) = self.call(Method::GET, &path, None).await;
+        assert_eq!(status, 200, "sync: {answer}");
+        answer
     }
 }

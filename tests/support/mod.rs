@@ -8,7 +8,9 @@
 #![allow(dead_code)]
 
 pub mod client;
+pub mod gateways;
 pub mod peer;
+pub mod peer_room;
 pub mod verify;
 
 use std::collections::BTreeMap;

@@ -17,6 +17,7 @@ use ed25519_dalek::Signer;
 use reqwest::Method;
 use serde_json::{json, Value};
 
+use super::peer_room::PeerRoom;
 use super::verify;
 
 /// What the peer's key endpoint answers.
@@ -58,9 +59,24 @@ pub struct Inbox {
     /// Servers whose keys the peer may fetch: name -> base URL.
     pub key_sources: Mutex<HashMap<String, String>>,
     keys: Mutex<HashMap<String, Vec<(String, String)>>>,
+    /// What `PUT /peek` answers: `(status, body)`; `None` answers 404 `M_UNRECOGNIZED`, as a
+    /// server without MSC2444 (Synapse today) does.
+    pub peek_answer: Mutex<Option<(u16, Value)>>,
+    /// Every peek request that reached the peer: `(method, path)`.
+    pub peek_requests: Mutex<Vec<(String, String)>>,
+    /// A room the peer serves as a peek target (answers built from it; renewals of a peek_id
+    /// it answered before get `{}`), and whose missing events it hands out.
+    pub hosted: Mutex<Option<Arc<Mutex<PeerRoom>>>>,
+    /// Answer 503 to every federation request (the server "disappeared").
+    pub down: std::sync::atomic::AtomicBool,
 }
 
 impl Inbox {
+    /// The paths of the peek requests that used `method`.
+    pub fn peek_requests(&self, method: &str) -> Vec<String> {
+        self.peek_requests.lock().unwrap().iter().filter(|(m, _)| m == method).map(|(_, p)| p.clone()).collect()
+    }
+
     /// Every PDU received, in arrival order.
     pub fn pdus(&self) -> Vec<Value> {
         self.transactions.lock().unwrap().iter().flat_map(|t| t.pdus.clone()).collect()
@@ -205,6 +221,54 @@ async fn receive(req: HttpRequest, body: web::Bytes, peer: web::Data<(String, Ar
     HttpResponse::Ok().json(json!({ "pdus": results }))
 }
 
+/// The renewal interval a peer advertises for its hosted room: short, so failover is quick.
+pub const HOSTED_RENEWAL_INTERVAL_MS: u64 = 2_000;
+
+/// `POST /_matrix/federation/v1/get_missing_events/{roomId}` for the hosted room.
+async fn missing_events(body: web::Json<Value>, peer: web::Data<(String, Arc<Inbox>)>) -> HttpResponse {
+    let inbox = &peer.1;
+    if inbox.down.load(Ordering::SeqCst) {
+        return HttpResponse::ServiceUnavailable().finish();
+    }
+    let Some(room) = inbox.hosted.lock().unwrap().clone() else {
+        return HttpResponse::NotFound().json(json!({ "errcode": "M_NOT_FOUND", "error": "no such room" }));
+    };
+    let ids = |name: &str| -> Vec<String> {
+        body[name]
+            .as_array()
+            .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
+            .unwrap_or_default()
+    };
+    let limit = body["limit"].as_u64().unwrap_or(10) as usize;
+    let events = room.lock().unwrap().missing(&ids("earliest_events"), &ids("latest_events"), limit);
+    HttpResponse::Ok().json(json!({ "events": events }))
+}
+
+/// `PUT` and `DELETE /_matrix/federation/v1/peek/{roomId}/{peekId}`: the peer as a peek target
+/// that answers whatever the test set (a hostile or a non-implementing server).
+async fn peek_target(req: HttpRequest, peer: web::Data<(String, Arc<Inbox>)>) -> HttpResponse {
+    let inbox = &peer.1;
+    if inbox.down.load(Ordering::SeqCst) {
+        return HttpResponse::ServiceUnavailable().finish();
+    }
+    let path = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("").to_owned();
+    let bare = path.split('?').next().unwrap_or("").to_owned();
+    let seen =
+        inbox.peek_requests.lock().unwrap().iter().any(|(m, p)| m == "PUT" && p.split('?').next() == Some(&bare));
+    inbox.peek_requests.lock().unwrap().push((req.method().to_string(), path));
+    if req.method() == actix_web::http::Method::DELETE {
+        return HttpResponse::Ok().json(json!({}));
+    }
+    if let Some(room) = inbox.hosted.lock().unwrap().clone() {
+        let answer = if seen { json!({}) } else { room.lock().unwrap().peek_answer(HOSTED_RENEWAL_INTERVAL_MS) };
+        return HttpResponse::Ok().json(answer);
+    }
+    match inbox.peek_answer.lock().unwrap().clone() {
+        Some((status, body)) => HttpResponse::build(actix_web::http::StatusCode::from_u16(status).unwrap()).json(body),
+        None => HttpResponse::NotFound().json(json!({ "errcode": "M_UNRECOGNIZED", "error": "Unrecognized request" })),
+    }
+}
+
 impl TestPeer {
     pub fn start(name: &str, mode: KeyMode) -> TestPeer {
         let key = random_key();
@@ -228,6 +292,9 @@ impl TestPeer {
                     }),
                 )
                 .route("/_matrix/federation/v1/send/{txn}", web::put().to(receive))
+                .route("/_matrix/federation/v1/peek/{room}/{peek_id}", web::put().to(peek_target))
+                .route("/_matrix/federation/v1/peek/{room}/{peek_id}", web::delete().to(peek_target))
+                .route("/_matrix/federation/v1/get_missing_events/{room}", web::post().to(missing_events))
         })
         .disable_signals()
         .workers(1)
@@ -287,6 +354,14 @@ impl TestPeer {
         let response = req.send().await.unwrap();
         let status = response.status().as_u16();
         (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Sends `pdus` to a gateway in one signed transaction, as a peek target relays them.
+    pub async fn send_transaction(&self, base: &str, destination: &str, pdus: Vec<Value>) -> (u16, Value) {
+        let txn = uuid::Uuid::new_v4().simple().to_string();
+        let body =
+            json!({ "origin": self.name, "origin_server_ts": chrono::Utc::now().timestamp_millis(), "pdus": pdus });
+        self.call(base, destination, Method::PUT, &format!("/_matrix/federation/v1/send/{txn}"), Some(&body)).await
     }
 
     /// A PDU authored by `@{localpart}:{peer}`, hashed and signed by the peer (spec algorithm,

@@ -1,0 +1,234 @@
+//! OP-4: a peek answer from another server is checked like a `send_join` answer before any of
+//! it is stored: every PDU's signatures (by its sender's server) and hash, its `room_id`, the
+//! auth rules against its own auth events, exactly one create event, one event per state key,
+//! and a room that is world-readable and not encrypted.
+
+use std::collections::{BTreeMap, HashMap};
+
+use ruma::events::StateEventType;
+use ruma::{CanonicalJsonObject, CanonicalJsonValue, EventId, RoomId};
+use serde_json::Value;
+
+use crate::events::{self, Pdu, RoomVersion};
+use crate::keys::RemoteKeys;
+use crate::rooms::StateMap;
+
+/// Why a peek answer was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum InvalidPeek {
+    #[error("room version {0:?} is not supported")]
+    UnsupportedVersion(String),
+    #[error("malformed answer: {0}")]
+    Malformed(String),
+    #[error("event {event_id}: {reason}")]
+    BadEvent { event_id: String, reason: String },
+    /// Valid, but the room may not be peeked (treated like a 403, OP-4.5).
+    #[error("room is not peekable: {0}")]
+    NotPeekable(&'static str),
+}
+
+/// A peek answer that passed every check.
+#[derive(Debug)]
+pub struct ValidPeek {
+    pub version: RoomVersion,
+    pub state: StateMap,
+    /// Every event of the state and the auth chain.
+    pub events: Vec<Pdu>,
+    pub latest: Pdu,
+    pub renewal_interval_ms: i64,
+}
+
+fn bad(event_id: &str, reason: impl Into<String>) -> InvalidPeek {
+    InvalidPeek::BadEvent { event_id: event_id.to_owned(), reason: reason.into() }
+}
+
+/// How a content hash mismatch is treated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hashes {
+    /// The event is refused: a peek answer is the room's starting point, and a target that
+    /// serves altered events is not trusted for any of it.
+    Strict,
+    /// The redacted form is kept, as for any received PDU (events that fill a gap).
+    Redact,
+}
+
+/// Checks one PDU: its room, signatures and content hash.
+pub async fn check_pdu(
+    keys: &RemoteKeys,
+    room_id: &RoomId,
+    version: RoomVersion,
+    raw: &Value,
+    hashes: Hashes,
+) -> Result<Pdu, InvalidPeek> {
+    let object: CanonicalJsonObject = match CanonicalJsonValue::try_from(raw.clone()) {
+        Ok(CanonicalJsonValue::Object(object)) => object,
+        _ => return Err(InvalidPeek::Malformed("a PDU is not a canonical JSON object".into())),
+    };
+    let claimed = raw.get("room_id").and_then(Value::as_str).unwrap_or_default();
+    let id_hint =
+        ruma::signatures::reference_hash(&object, &version.rules()).map(|h| format!("${h}")).unwrap_or_default();
+    if claimed != room_id.as_str() {
+        return Err(bad(&id_hint, format!("room_id {claimed:?} is not the peeked room")));
+    }
+    if hashes == Hashes::Strict {
+        let expected = raw.pointer("/hashes/sha256").and_then(Value::as_str);
+        let actual = events::content_hash(&object).map_err(|e| bad(&id_hint, e.to_string()))?;
+        if expected != Some(actual.as_str()) {
+            return Err(bad(&id_hint, "content hash mismatch"));
+        }
+    }
+    let verified = events::verify_received(keys, object, version).await.map_err(|e| bad(&id_hint, e.to_string()))?;
+    Pdu::from_federation(verified, version).map_err(|e| bad(&id_hint, e.to_string()))
+}
+
+/// Validates a full peek answer for `room_id` (OP-4, steps 1-6).
+pub async fn validate(keys: &RemoteKeys, room_id: &RoomId, body: &Value) -> Result<ValidPeek, InvalidPeek> {
+    // 1. A missing version means "1", which we do not support.
+    let raw_version = body.get("room_version").and_then(Value::as_str).unwrap_or("1");
+    let version =
+        RoomVersion::parse(raw_version).ok_or_else(|| InvalidPeek::UnsupportedVersion(raw_version.to_owned()))?;
+    let list = |name: &str| -> Result<Vec<Value>, InvalidPeek> {
+        match body.get(name) {
+            Some(Value::Array(items)) => Ok(items.clone()),
+            None if name == "auth_chain" => Ok(Vec::new()),
+            _ => Err(InvalidPeek::Malformed(format!("`{name}` is not a list"))),
+        }
+    };
+    // 2. Every PDU on its own.
+    let mut state_events = Vec::new();
+    for raw in list("state")? {
+        state_events.push(check_pdu(keys, room_id, version, &raw, Hashes::Strict).await?);
+    }
+    let mut all: BTreeMap<String, Pdu> = state_events.iter().map(|p| (p.event_id.to_string(), p.clone())).collect();
+    for raw in list("auth_chain")? {
+        let pdu = check_pdu(keys, room_id, version, &raw, Hashes::Strict).await?;
+        all.entry(pdu.event_id.to_string()).or_insert(pdu);
+    }
+    // 3. Exactly one create event, from the room ID's server.
+    let creates: Vec<&Pdu> = all.values().filter(|p| p.event_type() == "m.room.create").collect();
+    let [create] = creates.as_slice() else {
+        return Err(InvalidPeek::Malformed(format!("{} create events instead of one", creates.len())));
+    };
+    if room_id.server_name().is_some_and(|server| create.sender.server_name() != server) {
+        return Err(bad(create.event_id.as_str(), "the create event's sender is not from the room ID's server"));
+    }
+    // 4. The auth rules, each event against its own auth events.
+    let accepted = authorise_all(version, &all)?;
+    // 5. One event per state key, the create event among them, and a peekable room.
+    let mut state = StateMap::new();
+    for pdu in &state_events {
+        let key = (pdu.event_type(), pdu.state_key.clone().unwrap_or_default());
+        if pdu.state_key.is_none() {
+            return Err(bad(pdu.event_id.as_str(), "a non-state event in `state`"));
+        }
+        if state.insert(key, pdu.event_id.to_string()).is_some() {
+            return Err(bad(pdu.event_id.as_str(), "two state events for the same type and state key"));
+        }
+    }
+    if !state.contains_key(&("m.room.create".to_owned(), String::new())) {
+        return Err(InvalidPeek::Malformed("the state has no create event".into()));
+    }
+    check_peekable(&state, &all)?;
+    // 6. The latest event, in whichever shape the target sent it.
+    let latest = latest_event(keys, room_id, version, body, &accepted, &state_events).await?;
+    let renewal_interval_ms = body.get("renewal_interval").and_then(Value::as_i64).unwrap_or(3_600_000).max(1);
+    Ok(ValidPeek { version, state, events: all.into_values().collect(), latest, renewal_interval_ms })
+}
+
+/// Checks events in dependency order, each once all its auth events passed. Any failure makes
+/// the whole answer invalid: the state and its auth chain are the room's starting point, and a
+/// starting point with a rejected event in it cannot be trusted.
+fn authorise_all(version: RoomVersion, all: &BTreeMap<String, Pdu>) -> Result<HashMap<String, Pdu>, InvalidPeek> {
+    let mut accepted: HashMap<String, Pdu> = HashMap::new();
+    let mut pending: Vec<&Pdu> = all.values().collect();
+    pending.sort_by_key(|p| p.depth);
+    while !pending.is_empty() {
+        let before = pending.len();
+        let mut waiting = Vec::new();
+        for pdu in pending {
+            let auth_ids: Vec<String> = pdu.auth_events.iter().map(|id| id.to_string()).collect();
+            if let Some(missing) = auth_ids.iter().find(|id| !all.contains_key(*id)) {
+                return Err(bad(pdu.event_id.as_str(), format!("auth event {missing} is not in the answer")));
+            }
+            if auth_ids.iter().all(|id| accepted.contains_key(id)) {
+                check_against_auth_events(version, pdu, &accepted)?;
+                accepted.insert(pdu.event_id.to_string(), pdu.clone());
+            } else {
+                waiting.push(pdu);
+            }
+        }
+        if waiting.len() == before {
+            let first = waiting[0].event_id.to_string();
+            return Err(bad(&first, "auth events form a cycle"));
+        }
+        pending = waiting;
+    }
+    Ok(accepted)
+}
+
+fn check_against_auth_events(
+    version: RoomVersion,
+    pdu: &Pdu,
+    accepted: &HashMap<String, Pdu>,
+) -> Result<(), InvalidPeek> {
+    let by_key: HashMap<(String, String), &Pdu> = pdu
+        .auth_events
+        .iter()
+        .filter_map(|id| accepted.get(id.as_str()))
+        .map(|p| ((p.event_type(), p.state_key.clone().unwrap_or_default()), p))
+        .collect();
+    let fetch_event = |id: &EventId| accepted.get(id.as_str()).cloned();
+    let fetch_state = |kind: &StateEventType, state_key: &str| {
+        by_key.get(&(kind.to_string(), state_key.to_owned())).map(|p| (*p).clone())
+    };
+    events::check_auth(version, pdu, fetch_event, fetch_state).map_err(|e| bad(pdu.event_id.as_str(), e.to_string()))
+}
+
+/// OP-4.5: world-readable history and no encryption, or the answer is treated as a 403.
+fn check_peekable(state: &StateMap, all: &BTreeMap<String, Pdu>) -> Result<(), InvalidPeek> {
+    let content =
+        |kind: &str| state.get(&(kind.to_owned(), String::new())).and_then(|id| all.get(id)).map(|p| p.content_value());
+    if content("m.room.history_visibility").and_then(|c| c["history_visibility"].as_str().map(str::to_owned))
+        != Some("world_readable".to_owned())
+    {
+        return Err(InvalidPeek::NotPeekable("history is not world-readable"));
+    }
+    if content("m.room.encryption").is_some() {
+        return Err(InvalidPeek::NotPeekable("the room is encrypted"));
+    }
+    Ok(())
+}
+
+/// The answer's forward extremity: `latest_event`, else `latest_event_id` naming a state event,
+/// else the newest state event (OP-4.6). A `latest_event` must pass the same checks; its
+/// `prev_events` may be unknown (they are fetched later, never fatal).
+async fn latest_event(
+    keys: &RemoteKeys,
+    room_id: &RoomId,
+    version: RoomVersion,
+    body: &Value,
+    accepted: &HashMap<String, Pdu>,
+    state_events: &[Pdu],
+) -> Result<Pdu, InvalidPeek> {
+    if let Some(raw) = body.get("latest_event").filter(|v| v.is_object()) {
+        let pdu = check_pdu(keys, room_id, version, raw, Hashes::Strict).await?;
+        if let Some(known) = accepted.get(pdu.event_id.as_str()) {
+            return Ok(known.clone());
+        }
+        if let Some(missing) = pdu.auth_events.iter().find(|id| !accepted.contains_key(id.as_str())) {
+            return Err(bad(pdu.event_id.as_str(), format!("auth event {missing} is not in the answer")));
+        }
+        check_against_auth_events(version, &pdu, accepted)?;
+        return Ok(pdu);
+    }
+    if let Some(id) = body.get("latest_event_id").and_then(Value::as_str) {
+        if let Some(pdu) = accepted.get(id) {
+            return Ok(pdu.clone());
+        }
+    }
+    state_events
+        .iter()
+        .max_by_key(|p| p.depth)
+        .cloned()
+        .ok_or_else(|| InvalidPeek::Malformed("no latest event and no state".into()))
+}
