@@ -153,7 +153,13 @@ fn load_settings(explicit: Option<PathBuf>) -> Result<Settings, String> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let code = run(Cli::parse());
+    // Every pool is gone by now; see `settle_connects` for why exiting at once can crash.
+    peekgate::db::settle_connects(std::time::Duration::from_secs(15));
+    code
+}
+
+fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::Serve { config } => serve(config),
         Command::GenerateKey { path, config } => generate_key(path, config),
@@ -200,7 +206,7 @@ fn generate_key(path: Option<PathBuf>, config: Option<PathBuf>) -> Result<(), St
 fn migrate(config: Option<PathBuf>) -> Result<(), String> {
     let settings = load_settings(config)?;
     peekgate::logging::init(&settings.raw.log);
-    let db = peekgate::db::Db::connect(&settings.raw.database.url, 1).map_err(|e| e.to_string())?;
+    let db = peekgate::db::Db::connect_for_command(&settings.raw.database.url).map_err(|e| e.to_string())?;
     let applied = db.migrate().map_err(|e| e.to_string())?;
     println!("{applied} migration(s) applied");
     Ok(())
@@ -212,7 +218,7 @@ fn create_user(localpart: &str, password: &str, admin: bool, config: Option<Path
         peekgate::accounts::validate_localpart(localpart, &settings.server_name).map_err(|e| e.to_string())?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
     runtime.block_on(async {
-        let db = peekgate::db::Db::connect(&settings.raw.database.url, 2).map_err(|e| e.to_string())?;
+        let db = peekgate::db::Db::connect_for_command(&settings.raw.database.url).map_err(|e| e.to_string())?;
         db.migrate().map_err(|e| e.to_string())?;
         let accounts = peekgate::accounts::Accounts::new(db);
         accounts.create_user(&user_id, password, admin).await.map_err(|e| e.to_string())
@@ -247,7 +253,7 @@ fn with_db<T>(
     let settings = load_settings(config)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
     runtime.block_on(async {
-        let db = peekgate::db::Db::connect(&settings.raw.database.url, 2).map_err(|e| e.to_string())?;
+        let db = peekgate::db::Db::connect_for_command(&settings.raw.database.url).map_err(|e| e.to_string())?;
         db.migrate().map_err(|e| e.to_string())?;
         work(db).await
     })

@@ -8,8 +8,12 @@ use support::client::Client;
 use support::gateways::open_registration;
 use support::{wait_until, DbKind, ServerSpec};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn instances_on_one_postgres_wake_each_other() {
+#[test]
+fn instances_on_one_postgres_wake_each_other() {
+    support::run_async(wake_each_other());
+}
+
+async fn wake_each_other() {
     let one = ServerSpec::new("gw.test", DbKind::Postgres).configure(open_registration).start().await;
     let (url, key) = (one.config.database.url.clone(), one.config.signing.key_path.clone());
     let two = ServerSpec::new("gw.test", DbKind::Postgres)

@@ -8,6 +8,7 @@ pub mod notify;
 pub mod schema;
 
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use diesel::connection::SimpleConnection;
@@ -61,6 +62,39 @@ pub enum DbError {
     Cancelled,
 }
 
+/// Connections being opened right now, on any thread of the process.
+static CONNECTS_IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+
+/// Counts one connect in [`CONNECTS_IN_FLIGHT`] for as long as it lives.
+struct ConnectInFlight;
+
+impl ConnectInFlight {
+    fn begin() -> ConnectInFlight {
+        CONNECTS_IN_FLIGHT.fetch_add(1, Ordering::AcqRel);
+        ConnectInFlight
+    }
+}
+
+impl Drop for ConnectInFlight {
+    fn drop(&mut self) {
+        CONNECTS_IN_FLIGHT.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Waits, at most `limit`, until no connection is being opened. The binary calls it last,
+/// after every pool is dropped.
+///
+/// Why: r2d2 tops a pool up on a background thread whenever a checkout leaves it below
+/// `min_idle`, and dropping the pool does not wait for that thread. A process that exits while
+/// such a connect is inside libpq runs OpenSSL's exit-time cleanup under it, and that thread
+/// crashes (SIGSEGV; about 1 run in 100 of a short command on PostgreSQL, before this).
+pub fn settle_connects(limit: Duration) {
+    let deadline = std::time::Instant::now() + limit;
+    while CONNECTS_IN_FLIGHT.load(Ordering::Acquire) > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Where to connect, parsed from the configured URL.
 #[derive(Debug, Clone)]
 pub struct Target {
@@ -84,6 +118,7 @@ impl Target {
 
     /// Opens one connection, returning the backend's own error text on failure.
     pub fn connect(&self) -> Result<DbConnection, DbError> {
+        let _counted = ConnectInFlight::begin();
         match self.backend {
             Backend::Postgres => PgConnection::establish(&self.connect_string)
                 .map(DbConnection::Postgresql)
@@ -191,6 +226,13 @@ impl Db {
         };
         let pool = build(target.clone(), false, pool_size)?;
         Ok(Db { pool, target, soft, backend })
+    }
+
+    /// A database for a one-shot command (`migrate`, `user create`, `peeks list`, ...): one
+    /// connection per pool, opened before this returns, is all such a command needs, and a pool
+    /// at its maximum never opens more on a background thread (see [`settle_connects`]).
+    pub fn connect_for_command(url: &str) -> Result<Db, DbError> {
+        Db::connect(url, 1)
     }
 
     /// Like [`Db::run`], on the soft-state pool (the main pool on SQLite).

@@ -34,16 +34,26 @@ pub enum DbKind {
 macro_rules! both_backends {
     ($body:ident) => {
         mod $body {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn postgres() {
-                super::$body($crate::support::DbKind::Postgres).await
+            #[test]
+            fn postgres() {
+                $crate::support::run_async(super::$body($crate::support::DbKind::Postgres))
             }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn sqlite() {
-                super::$body($crate::support::DbKind::Sqlite).await
+            #[test]
+            fn sqlite() {
+                $crate::support::run_async(super::$body($crate::support::DbKind::Sqlite))
             }
         }
     };
+}
+
+/// Runs a test body on a runtime of its own like `#[tokio::test]`, then drops the runtime (and
+/// with it every pool the test's servers made) and waits for connects still under way, so the
+/// test binary never exits under one (see `peekgate::db::settle_connects`).
+pub fn run_async(test: impl std::future::Future<Output = ()>) {
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    runtime.block_on(test);
+    drop(runtime);
+    peekgate::db::settle_connects(std::time::Duration::from_secs(15));
 }
 
 pub fn postgres_admin_url() -> String {
@@ -162,6 +172,10 @@ impl ServerSpec {
     }
 
     pub async fn start(self) -> TestServer {
+        // Server logs while debugging a test: RUST_LOG=peekgate=debug cargo test ...
+        if std::env::var_os("RUST_LOG").is_some() {
+            peekgate::logging::init(&peekgate::config::LogConfig { format: "plain".into(), filter: "warn".into() });
+        }
         let dir = tempfile::tempdir().expect("temp dir");
         let db = TestDb::new(self.db);
         let mut config = Config { server_name: self.server_name.clone(), ..Config::default() };
