@@ -62,6 +62,39 @@ pub enum DbError {
     Cancelled,
 }
 
+/// Runs `work` in a transaction meant to write.
+///
+/// On SQLite the transaction starts with `BEGIN IMMEDIATE`, taking the write lock up front. A
+/// plain (deferred) transaction that reads and then writes cannot wait for a concurrent writer:
+/// SQLite refuses the upgrade at once with "database is locked", busy timeout or not, because
+/// the snapshot it read may be stale. Nested calls become savepoints as usual.
+pub fn write_transaction<T, E, F>(conn: &mut DbConnection, work: F) -> Result<T, E>
+where
+    F: FnOnce(&mut DbConnection) -> Result<T, E>,
+    E: From<diesel::result::Error>,
+{
+    use diesel::connection::{AnsiTransactionManager, TransactionManager};
+    type Manager = <DbConnection as Connection>::TransactionManager;
+    let DbConnection::Sqlite(sqlite) = conn else {
+        return conn.transaction(work);
+    };
+    match AnsiTransactionManager::begin_transaction_sql(sqlite, "BEGIN IMMEDIATE") {
+        Ok(()) => {}
+        Err(diesel::result::Error::AlreadyInTransaction) => return conn.transaction(work),
+        Err(e) => return Err(e.into()),
+    }
+    match work(conn) {
+        Ok(value) => {
+            Manager::commit_transaction(conn)?;
+            Ok(value)
+        }
+        Err(e) => {
+            Manager::rollback_transaction(conn)?;
+            Err(e)
+        }
+    }
+}
+
 /// Connections being opened right now, on any thread of the process.
 static CONNECTS_IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
 

@@ -13,6 +13,7 @@ use ruma::{CanonicalJsonObject, CanonicalJsonValue, OwnedServerName, ServerName,
 use super::{decode_base64, now_ms, SigningKey};
 use crate::config::OldKeyConfig;
 use crate::db::schema::{server_key_responses, server_keys};
+use crate::db::write_transaction;
 use crate::db::{Db, DbError};
 use crate::federation::client::{FederationClient, FederationError};
 use crate::on_backend;
@@ -326,7 +327,7 @@ impl RemoteKeys {
         let valid_until_ts = verified.valid_until_ts;
         self.db
             .run::<_, DbError, _>(move |conn| {
-                conn.transaction(|conn| {
+                write_transaction(conn, |conn| {
                     for row in rows {
                         let (_, _, public_key, valid_until, is_old, fetched) = row.clone();
                         on_backend!(&mut *conn, |c| diesel::insert_into(server_keys::table)

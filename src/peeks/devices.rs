@@ -12,6 +12,7 @@ use tokio::sync::watch;
 
 use crate::config::ClientPeekConfig;
 use crate::db::schema::{device_peek_log, device_peeks, devices};
+use crate::db::write_transaction;
 use crate::db::{Db, DbConnection};
 use crate::events::Pdu;
 use crate::keys::now_ms;
@@ -120,7 +121,7 @@ impl DevicePeeks {
         let (user, device, room) = (user_id.to_owned(), device_id.to_owned(), room_id.to_owned());
         let (started, seq) = self
             .db
-            .run(move |conn| conn.transaction::<_, RoomError, _>(|conn| start(conn, &user, &device, &room, cap)))
+            .run(move |conn| write_transaction::<_, RoomError, _>(conn, |conn| start(conn, &user, &device, &room, cap)))
             .await?;
         self.notify(seq);
         Ok(started)
@@ -144,7 +145,7 @@ impl DevicePeeks {
         let (rooms, seq) = self
             .db
             .run(move |conn| {
-                conn.transaction::<_, RoomError, _>(|conn| {
+                write_transaction::<_, RoomError, _>(conn, |conn| {
                     let mut open = device_peeks::table
                         .filter(device_peeks::user_id.eq(scope.user))
                         .filter(device_peeks::end_seq.is_null())

@@ -20,6 +20,7 @@ use serde_json::Value;
 use super::PeekId;
 use crate::config::Settings;
 use crate::db::schema::{destinations, inbound_peeks, peek_notices};
+use crate::db::write_transaction;
 use crate::db::{Db, DbConnection};
 use crate::events::Pdu;
 use crate::keys::now_ms;
@@ -378,7 +379,7 @@ impl InboundPeeks {
         let (state_ids, latest) = self
             .db
             .run::<_, PeekError, _>(move |conn| {
-                conn.transaction::<_, PeekError, _>(|conn| {
+                write_transaction::<_, PeekError, _>(conn, |conn| {
                     let room = store::lock_for_append(conn, &r)?;
                     let position = store::latest_stream_pos(conn, &r)?;
                     record_peek(conn, &o, &r, &p, position, interval, grace)?;
@@ -585,7 +586,7 @@ fn queue_notice(
 /// `expired_peeks` for them. On PostgreSQL the rows are claimed with `FOR UPDATE SKIP LOCKED`,
 /// so several instances never evict the same peek. Returns how many were evicted.
 pub fn evict_lapsed_batch(conn: &mut DbConnection, now: i64, batch: i64) -> Result<usize, diesel::result::Error> {
-    conn.transaction(|conn| {
+    write_transaction(conn, |conn| {
         let head = events_max(conn)?;
         // Set-based: one statement moves a whole batch of lapsed peeks into notices. The rows
         // are claimed and deleted by their physical address (ctid; stable while they are locked
@@ -627,7 +628,7 @@ pub fn evict_lapsed_batch(conn: &mut DbConnection, now: i64, batch: i64) -> Resu
 /// Deletes the peeks a room ended (RE-3, RE-4) once their server's cursor passed the end.
 /// Returns how many, by reason.
 pub fn evict_ended(conn: &mut DbConnection) -> Result<BTreeMap<String, usize>, diesel::result::Error> {
-    conn.transaction(|conn| {
+    write_transaction(conn, |conn| {
         let delivered = inbound_peeks::end_stream_pos.le(diesel::dsl::sql::<
             diesel::sql_types::Nullable<diesel::sql_types::BigInt>,
         >(

@@ -18,6 +18,7 @@ use serde_json::{json, Value};
 use super::devices;
 use super::validate::{self, InvalidPeek, ValidPeek};
 use crate::db::schema::outbound_peeks;
+use crate::db::write_transaction;
 use crate::db::DbConnection;
 use crate::events::RoomVersion;
 use crate::federation::client::{FedRequest, FederationError};
@@ -300,7 +301,7 @@ async fn record(
     state
         .db
         .run::<_, RoomError, _>(move |conn| {
-            conn.transaction::<_, RoomError, _>(|conn| {
+            write_transaction::<_, RoomError, _>(conn, |conn| {
                 diesel::delete(outbound_peeks::table.find(&room)).execute(conn)?;
                 diesel::insert_into(outbound_peeks::table).values(row.clone()).execute(conn)?;
                 Ok(())
@@ -600,7 +601,7 @@ async fn forget_ended(state: &AppState, now: i64) -> Result<(), RoomError> {
                 .load(conn)?;
             let mut purged = Vec::new();
             for room in ended {
-                conn.transaction::<_, RoomError, _>(|conn| {
+                write_transaction::<_, RoomError, _>(conn, |conn| {
                     if devices::open_count(conn, &room)? == 0 {
                         diesel::delete(outbound_peeks::table.find(&room)).execute(conn)?;
                         if crate::rooms::store::purge_remote_room(conn, &room)? {

@@ -19,6 +19,7 @@ pub use store::{Appended, StateMap, StoredEvent};
 pub use visibility::Visibility;
 
 use crate::db::schema::room_aliases;
+use crate::db::write_transaction;
 use crate::db::{Db, DbConnection, DbError};
 use crate::events::{EventDraft, Pdu};
 use crate::keys::{now_ms, SigningKey};
@@ -122,7 +123,7 @@ impl Rooms {
         let last = self
             .db
             .run(move |conn| {
-                conn.transaction::<_, RoomError, _>(|conn| {
+                write_transaction::<_, RoomError, _>(conn, |conn| {
                     create::execute(conn, &key, &server_name, &rid, &creator, plan)
                 })
             })
@@ -171,7 +172,7 @@ impl Rooms {
         let appended = self
             .db
             .run(move |conn| {
-                conn.transaction::<_, RoomError, _>(|conn| {
+                write_transaction::<_, RoomError, _>(conn, |conn| {
                     let row = store::lock_for_append(conn, &room)?;
                     if let Some((device_id, txn_id)) = &txn {
                         if let Some(done) = store::client_txn(conn, draft.sender.as_str(), device_id, txn_id)? {
@@ -198,7 +199,7 @@ impl Rooms {
         let appended = self
             .db
             .run(move |conn| {
-                conn.transaction::<_, RoomError, _>(|conn| {
+                write_transaction::<_, RoomError, _>(conn, |conn| {
                     let row = store::lock_for_append(conn, &room)?;
                     store::append_remote(conn, &server_name, &row, &pdu)
                 })
@@ -224,7 +225,7 @@ impl Rooms {
         let (pos, newest) = self
             .db
             .run(move |conn| {
-                conn.transaction::<_, RoomError, _>(|conn| {
+                write_transaction::<_, RoomError, _>(conn, |conn| {
                     let snapshot = store::Snapshot { state: &state, outliers: &outliers, latest: &latest };
                     let pos = store::store_snapshot(conn, &room, version, now_ms(), snapshot)?;
                     Ok((pos, store::max_stream_pos(conn)?))

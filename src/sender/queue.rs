@@ -9,6 +9,7 @@ use serde_json::Value;
 
 use super::Shared;
 use crate::db::schema::{destinations, events, inbound_peeks, peek_notices};
+use crate::db::write_transaction;
 use crate::db::{DbConnection, DbError};
 use crate::keys::now_ms;
 
@@ -108,7 +109,7 @@ pub(super) async fn save_progress(
         .state
         .db
         .run(move |conn| {
-            conn.transaction::<_, DbError, _>(|conn| {
+            write_transaction::<_, DbError, _>(conn, |conn| {
                 diesel::update(destinations::table.filter(destinations::server_name.eq(&destination)))
                     .set((
                         destinations::last_sent_pos.eq(cursor),
