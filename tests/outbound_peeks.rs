@@ -521,6 +521,33 @@ async fn failover_to_the_next_target_misses_no_event(db: DbKind) {
 }
 both_backends!(failover_to_the_next_target_misses_no_event);
 
+/// OP-9 with a long gap: a pushed PDU 250 events ahead of B is linked up through several
+/// `get_missing_events` pages of 100, and B ends up holding every event of the room.
+async fn a_long_gap_is_filled_page_by_page(db: DbKind) {
+    let one = TestPeer::start("one.test", KeyMode::Good);
+    let hosted = Arc::new(Mutex::new(PeerRoom::create(&one, "host")));
+    let room_id = hosted.lock().unwrap().room_id.clone();
+    *one.inbox.hosted.lock().unwrap() = Some(hosted.clone());
+    let b = ServerSpec::new(B, db).configure(open_registration).destination("one.test", &one.url).start().await;
+    let bob = Client::register(&b.base, "bob").await;
+    bob.sync(None, 0).await;
+    let (status, answer) = bob.peek(&room_id, &["one.test"]).await;
+    assert_eq!(status, 200, "{answer}");
+    for i in 0..250 {
+        hosted.lock().unwrap().say(&one, "host", &format!("unseen {i}"));
+    }
+    let pushed = hosted.lock().unwrap().say(&one, "host", "pushed");
+    let (status, answer) = one.send_transaction(&b.base, B, vec![pushed]).await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(answer["pdus"].as_object().unwrap().values().all(|r| r.get("error").is_none()), "{answer}");
+    let ids: Vec<String> = hosted.lock().unwrap().events.iter().map(|(id, _)| id.clone()).collect();
+    for id in &ids {
+        assert!(b.state().rooms.event(id).await.unwrap().is_some(), "B lacks {id}");
+    }
+    assert!(one.inbox.missing_requests.load(Ordering::SeqCst) >= 3, "one page cannot hold 250 events");
+}
+both_backends!(a_long_gap_is_filled_page_by_page);
+
 /// CP-14 and CP-3: a device's live peeks are capped, `/peek` calls are rate limited (429 with
 /// `retry_after_ms`), and an encrypted room cannot be peeked.
 async fn peek_limits_and_encrypted_rooms(db: DbKind) {

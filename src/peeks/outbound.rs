@@ -18,9 +18,8 @@ use serde_json::{json, Value};
 use super::devices;
 use super::validate::{self, InvalidPeek, ValidPeek};
 use crate::db::schema::outbound_peeks;
-use crate::db::write_transaction;
-use crate::db::DbConnection;
-use crate::events::RoomVersion;
+use crate::db::{write_transaction, DbConnection};
+use crate::events::{Pdu, RoomVersion};
 use crate::federation::client::{FedRequest, FederationError};
 use crate::keys::now_ms;
 use crate::rooms::{RoomError, StateMap};
@@ -33,6 +32,9 @@ const MAX_RENEWAL_SPACING_MS: i64 = 3_600_000;
 const MIN_RENEWAL_SPACING_MS: i64 = 500;
 /// Events asked for in one `get_missing_events`.
 const MISSING_EVENTS_LIMIT: usize = 100;
+/// `get_missing_events` calls for one gap: up to 1,000 events. A longer gap is not filled
+/// (the caller re-syncs from a state snapshot instead, or refuses the PDU).
+const MISSING_EVENTS_ROUNDS: usize = 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OutboundError {
@@ -380,7 +382,9 @@ fn linger_ms(state: &AppState) -> i64 {
 }
 
 /// Fetches the events between our forward extremities and `latest` from `origin` and appends
-/// them oldest first (OP-6, OP-9). Fails when the gap could not be closed.
+/// them oldest first (OP-6, OP-9). A gap longer than one answer is walked back page by page:
+/// each further call asks for the history behind the oldest fetched events whose
+/// `prev_events` we still lack. Fails when the gap could not be closed.
 pub async fn fill_gap(
     state: &AppState,
     origin: &ServerName,
@@ -389,6 +393,43 @@ pub async fn fill_gap(
 ) -> Result<usize, OutboundError> {
     let row = state.rooms.room(room_id).await?.ok_or(RoomError::NotFound)?;
     let earliest = state.rooms.forward_extremities(room_id).await?;
+    let mut fetched: HashMap<String, Pdu> = HashMap::new();
+    let mut frontier = latest.clone();
+    for _ in 0..MISSING_EVENTS_ROUNDS {
+        let page = missing_events(state, origin, room_id, row.version, &earliest, &frontier).await?;
+        let before = fetched.len();
+        for pdu in page {
+            fetched.entry(pdu.event_id.to_string()).or_insert(pdu);
+        }
+        if fetched.len() == before {
+            break; // nothing new: the origin cannot take us further back
+        }
+        frontier = unlinked(state, &fetched, &latest).await?;
+        if frontier.is_empty() {
+            break;
+        }
+    }
+    let mut events: Vec<Pdu> = fetched.into_values().filter(|p| !latest.contains(&p.event_id.to_string())).collect();
+    events.sort_by_key(|p| p.depth);
+    let mut appended = 0;
+    for pdu in events {
+        if state.rooms.append_remote(room_id, pdu).await?.is_some() {
+            appended += 1;
+        }
+    }
+    Ok(appended)
+}
+
+/// One `get_missing_events` call; the events that pass their checks (others are logged and
+/// dropped, so the gap stays open behind them).
+async fn missing_events(
+    state: &AppState,
+    origin: &ServerName,
+    room_id: &RoomId,
+    version: RoomVersion,
+    earliest: &[String],
+    latest: &[String],
+) -> Result<Vec<Pdu>, OutboundError> {
     let path = format!("/_matrix/federation/v1/get_missing_events/{}", enc(room_id.as_str()));
     let body =
         json!({ "earliest_events": earliest, "latest_events": latest, "limit": MISSING_EVENTS_LIMIT, "min_depth": 0 });
@@ -400,22 +441,35 @@ pub async fn fill_gap(
         .map_err(|e| OutboundError::NotFound(format!("get_missing_events: {e}")))?;
     let mut events = Vec::new();
     for raw in answer["events"].as_array().cloned().unwrap_or_default() {
-        match validate::check_pdu(&state.keys, room_id, row.version, &raw, validate::Hashes::Redact).await {
+        match validate::check_pdu(&state.keys, room_id, version, &raw, validate::Hashes::Redact).await {
             Ok(pdu) => events.push(pdu),
             Err(e) => tracing::info!(room = %room_id, %origin, error = %e, "a missing event failed its checks"),
         }
     }
-    events.sort_by_key(|p| p.depth);
-    let mut appended = 0;
-    for pdu in events {
-        if latest.iter().any(|id| id == pdu.event_id.as_str()) {
-            continue;
-        }
-        if state.rooms.append_remote(room_id, pdu).await?.is_some() {
-            appended += 1;
+    Ok(events)
+}
+
+/// The fetched events with a `prev_event` that is neither fetched, nor in `latest`, nor stored:
+/// where the next page of history has to start.
+async fn unlinked(
+    state: &AppState,
+    fetched: &HashMap<String, Pdu>,
+    latest: &[String],
+) -> Result<Vec<String>, OutboundError> {
+    let mut open = Vec::new();
+    for (id, pdu) in fetched {
+        for prev in &pdu.prev_events {
+            let prev = prev.as_str();
+            if fetched.contains_key(prev) || latest.iter().any(|l| l == prev) {
+                continue;
+            }
+            if state.rooms.event(prev).await?.is_none() {
+                open.push(id.clone());
+                break;
+            }
         }
     }
-    Ok(appended)
+    Ok(open)
 }
 
 /// What one run of the `renew_outbound` job did.

@@ -69,6 +69,8 @@ pub struct Inbox {
     pub hosted: Mutex<Option<Arc<Mutex<PeerRoom>>>>,
     /// Answer 503 to every federation request (the server "disappeared").
     pub down: std::sync::atomic::AtomicBool,
+    /// `get_missing_events` requests answered.
+    pub missing_requests: AtomicUsize,
 }
 
 impl Inbox {
@@ -240,6 +242,7 @@ async fn missing_events(body: web::Json<Value>, peer: web::Data<(String, Arc<Inb
             .unwrap_or_default()
     };
     let limit = body["limit"].as_u64().unwrap_or(10) as usize;
+    inbox.missing_requests.fetch_add(1, Ordering::SeqCst);
     let events = room.lock().unwrap().missing(&ids("earliest_events"), &ids("latest_events"), limit);
     HttpResponse::Ok().json(json!({ "events": events }))
 }
