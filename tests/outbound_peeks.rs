@@ -548,6 +548,40 @@ async fn a_long_gap_is_filled_page_by_page(db: DbKind) {
 }
 both_backends!(a_long_gap_is_filled_page_by_page);
 
+/// CP-1, CP-6 under the other prefixes: `/peek` under `unstable/org.matrix.msc2753` with the
+/// revision-B body `servers` (the room ID's own server is down, so only the body's candidate
+/// can answer), `/unpeek` under `r0`, which ends the federation peek with a DELETE.
+async fn unstable_and_r0_prefixes_with_body_servers(db: DbKind) {
+    let one = TestPeer::start("one.test", KeyMode::Good);
+    let two = TestPeer::start("two.test", KeyMode::Good);
+    let mut hosted = PeerRoom::create(&one, "host");
+    hosted.join(&two, "relay");
+    let room_id = hosted.room_id.clone();
+    let hosted = Arc::new(Mutex::new(hosted));
+    *two.inbox.hosted.lock().unwrap() = Some(hosted.clone());
+    one.inbox.down.store(true, Ordering::SeqCst);
+    let b = ServerSpec::new(B, db)
+        .configure(open_registration)
+        .destination("one.test", &one.url)
+        .destination("two.test", &two.url)
+        .start()
+        .await;
+    let bob = Client::register(&b.base, "bob").await;
+    bob.sync(None, 0).await;
+    let peek = format!("/_matrix/client/unstable/org.matrix.msc2753/peek/{}", enc(&room_id));
+    let (status, answer) = bob.call(Method::POST, &peek, Some(&json!({ "servers": ["two.test"] }))).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["room_id"], room_id.as_str());
+    assert!(answer["peek_expiry_ts"].as_i64().unwrap() > chrono::Utc::now().timestamp_millis(), "{answer}");
+    assert_eq!(two.inbox.peek_requests("PUT").len(), 1);
+
+    let unpeek = format!("/_matrix/client/r0/rooms/{}/unpeek", enc(&room_id));
+    let (status, answer) = bob.call(Method::POST, &unpeek, Some(&json!({}))).await;
+    assert_eq!((status, answer), (200, json!({})));
+    wait_until("two.test receives the DELETE", || async { two.inbox.peek_requests("DELETE").len() == 1 }).await;
+}
+both_backends!(unstable_and_r0_prefixes_with_body_servers);
+
 /// CP-14 and CP-3: a device's live peeks are capped, `/peek` calls are rate limited (429 with
 /// `retry_after_ms`), and an encrypted room cannot be peeked.
 async fn peek_limits_and_encrypted_rooms(db: DbKind) {
