@@ -548,6 +548,50 @@ async fn a_long_gap_is_filled_page_by_page(db: DbKind) {
 }
 both_backends!(a_long_gap_is_filled_page_by_page);
 
+/// A gap longer than `get_missing_events` may walk (1,000 events): the pushed PDU is refused,
+/// and B re-peeks the room through the same target for a new starting point instead of
+/// refusing every later PDU too; bob's next sync marks the timeline `limited`.
+async fn a_gap_too_long_to_fill_resyncs_the_room(db: DbKind) {
+    let one = TestPeer::start("one.test", KeyMode::Good);
+    let hosted = Arc::new(Mutex::new(PeerRoom::create(&one, "host")));
+    let room_id = hosted.lock().unwrap().room_id.clone();
+    *one.inbox.hosted.lock().unwrap() = Some(hosted.clone());
+    let b = ServerSpec::new(B, db).configure(open_registration).destination("one.test", &one.url).start().await;
+    let bob = Client::register(&b.base, "bob").await;
+    let since = token(&bob.sync(None, 0).await);
+    let (status, answer) = bob.peek(&room_id, &["one.test"]).await;
+    assert_eq!(status, 200, "{answer}");
+    let since = token(&bob.sync(Some(&since), 0).await);
+    for i in 0..1_050 {
+        hosted.lock().unwrap().say(&one, "host", &format!("unseen {i}"));
+    }
+    let pushed = hosted.lock().unwrap().say(&one, "host", "pushed");
+    let (status, answer) = one.send_transaction(&b.base, B, vec![pushed]).await;
+    assert_eq!(status, 200, "{answer}");
+    let results: Vec<&Value> = answer["pdus"].as_object().unwrap().values().collect();
+    assert!(results[0]["error"].as_str().unwrap().contains("prev events"), "{answer}");
+
+    let pushed_id = hosted.lock().unwrap().events.last().unwrap().0.clone();
+    wait_until("B re-syncs the room from a new peek", || async {
+        b.state().rooms.event(&pushed_id).await.unwrap().is_some()
+    })
+    .await;
+    // Renewals PUT the same peek_id again; count peek_ids.
+    let peek_ids: BTreeSet<String> = one
+        .inbox
+        .peek_requests("PUT")
+        .iter()
+        .map(|path| path.split('?').next().unwrap().rsplit('/').next().unwrap().to_owned())
+        .collect();
+    assert_eq!(peek_ids.len(), 2, "exactly one re-peek: {peek_ids:?}");
+    wait_until("B DELETEs the old peek", || async { one.inbox.peek_requests("DELETE").len() == 1 }).await;
+    let answer = bob.sync(Some(&since), 0).await;
+    let timeline = &answer["rooms"]["peek"][&room_id]["timeline"];
+    assert_eq!(timeline["limited"], true, "{answer}");
+    assert_eq!(bodies(timeline).last().map(String::as_str), Some("pushed"), "{answer}");
+}
+both_backends!(a_gap_too_long_to_fill_resyncs_the_room);
+
 /// CP-1, CP-6 under the other prefixes: `/peek` under `unstable/org.matrix.msc2753` with the
 /// revision-B body `servers` (the room ID's own server is down, so only the body's candidate
 /// can answer), `/unpeek` under `r0`, which ends the federation peek with a DELETE.

@@ -76,7 +76,7 @@ pub async fn send(
 
 /// Checks and stores one PDU. Returns its event ID and `Ok(true)` when stored, `Ok(false)` for
 /// a duplicate, or the per-PDU error text.
-async fn receive_pdu(state: &AppState, origin: &ServerName, pdu: Value) -> (String, Result<bool, String>) {
+async fn receive_pdu(state: &web::Data<AppState>, origin: &ServerName, pdu: Value) -> (String, Result<bool, String>) {
     let object: CanonicalJsonObject = match CanonicalJsonValue::try_from(pdu) {
         Ok(CanonicalJsonValue::Object(object)) => object,
         _ => return ("".into(), Err("PDU is not a canonical JSON object".into())),
@@ -113,6 +113,7 @@ async fn receive_pdu(state: &AppState, origin: &ServerName, pdu: Value) -> (Stri
         // OP-9: fill the gap from the target (WR-1 lets a peeker ask), then try once more.
         Err(RoomError::MissingPrevEvents(_)) if !row.is_local => {
             if let Err(e) = outbound::fill_gap(state, origin, &room_id, vec![event_id.clone()]).await {
+                resync_in_background(state, &room_id);
                 return (event_id, Err(format!("prev events unknown and not fetched: {e}")));
             }
             match state.rooms.append_remote(&room_id, pdu).await {
@@ -122,6 +123,17 @@ async fn receive_pdu(state: &AppState, origin: &ServerName, pdu: Value) -> (Stri
         }
         Err(e) => (event_id, Err(e.to_string())),
     }
+}
+
+/// A peeked room whose gap could not be filled would refuse every later PDU too: re-peek it
+/// for a new starting point, without holding up the transaction's answer.
+fn resync_in_background(state: &web::Data<AppState>, room_id: &RoomId) {
+    let (state, room_id, refused_at) = (state.clone(), room_id.to_owned(), crate::keys::now_ms());
+    tokio::spawn(async move {
+        if let Err(e) = outbound::resync(&state, &room_id, refused_at).await {
+            tracing::warn!(room = %room_id, error = %e, "re-sync of a peeked room failed");
+        }
+    });
 }
 
 async fn cached_response(state: &AppState, origin: &str, txn_id: &str) -> Result<Option<Value>, MatrixError> {

@@ -616,11 +616,42 @@ async fn renew(state: &AppState, room_id: &RoomId, peek: &OutboundPeek, run: &mu
 /// the servers with joined members in our copy of the room; the gap is filled from the new
 /// target. `false` when no candidate answered.
 async fn failover(state: &AppState, room_id: &RoomId, peek: &OutboundPeek) -> Result<bool, RoomError> {
+    let _room = state.outbound_locks.lock(room_id).await;
+    if !get(state, room_id).await?.is_some_and(|p| p.ended_ts.is_none() && p.peek_id == peek.peek_id) {
+        return Ok(true); // cancelled or replaced while we waited for the lock
+    }
     let known = peek.candidates();
     let joined = state.rooms.joined_servers(room_id).await.unwrap_or_default();
     let others = known.iter().chain(joined.iter()).map(String::as_str).filter(|s| *s != peek.target);
     let order = candidates(&state.settings.server_name, others.chain([peek.target.as_str()]));
-    match establish(state, room_id, &order).await {
+    repeek(state, room_id, peek, &order, "failed over").await
+}
+
+/// A gap in a peeked room that `get_missing_events` could not close (a PDU pushed at
+/// `refused_at` had prev events we could not fetch): a new peek, through the same target
+/// first, gives the room a new starting point, and its devices a `limited` timeline. Nothing
+/// to do when the peek ended or was re-established since (several refused PDUs ask at once).
+pub async fn resync(state: &AppState, room_id: &RoomId, refused_at: i64) -> Result<bool, RoomError> {
+    let _room = state.outbound_locks.lock(room_id).await;
+    let Some(peek) = get(state, room_id).await?.filter(|p| p.ended_ts.is_none() && p.created_ts < refused_at) else {
+        return Ok(false);
+    };
+    let known = peek.candidates();
+    let others = known.iter().map(String::as_str).filter(|s| *s != peek.target);
+    let order = candidates(&state.settings.server_name, [peek.target.as_str()].into_iter().chain(others));
+    repeek(state, room_id, &peek, &order, "re-synced after a gap it could not fill").await
+}
+
+/// Replaces `peek` by a new one through the first of `order` that answers, then DELETEs the
+/// old one. `false` when no candidate answered.
+async fn repeek(
+    state: &AppState,
+    room_id: &RoomId,
+    peek: &OutboundPeek,
+    order: &[String],
+    what: &str,
+) -> Result<bool, RoomError> {
+    match establish(state, room_id, order).await {
         Ok(gappy) => {
             if gappy {
                 state.device_peeks.mark_gappy(room_id.as_str()).await?;
@@ -629,12 +660,12 @@ async fn failover(state: &AppState, room_id: &RoomId, peek: &OutboundPeek) -> Re
             if let Ok(old) = server(&peek.target) {
                 delete_remote(state, &old, room_id, &peek.peek_id).await;
             }
-            tracing::info!(room = %room_id, from = %peek.target, "outbound peek failed over");
+            tracing::info!(room = %room_id, from = %peek.target, "outbound peek {what}");
             Ok(true)
         }
         Err(OutboundError::Room(e)) => Err(e),
         Err(e) => {
-            tracing::warn!(room = %room_id, error = %e, "no candidate took over the outbound peek");
+            tracing::warn!(room = %room_id, error = %e, "no candidate answered a new outbound peek");
             Ok(false)
         }
     }
