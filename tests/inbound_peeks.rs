@@ -318,6 +318,43 @@ async fn pe1_every_event_once_including_other_servers(db: DbKind) {
 }
 both_backends!(pe1_every_event_once_including_other_servers);
 
+/// PE-1, PE-2 under a burst: 150 events appended at once (more than one transaction's 50, so
+/// the sender delivers them in several chunks) reach the peeker each exactly once, in order, in
+/// transactions of at most 50 PDUs.
+async fn a_burst_arrives_complete_in_order_and_in_chunks(db: DbKind) {
+    let s = setup(db, &["peeker.test"], |_| {}).await;
+    let peeker = &s.peers[0];
+    assert_eq!(put_peek(peeker, &s.gw, &s.room, "burst", "?ver=10").await.0, 200);
+    let state = s.gw.state();
+    let room = RoomId::parse(&s.room).unwrap();
+    let alice = ruma::UserId::parse(format!("@alice:{GW}")).unwrap();
+    let sends = (0..150).map(|i| {
+        let (room, alice) = (room.clone(), alice.clone());
+        async move {
+            let content = json!({ "msgtype": "m.text", "body": format!("burst {i}") });
+            state.rooms.send(&room, &alice, "m.room.message", None, content).await.unwrap();
+        }
+    });
+    futures_util::future::join_all(sends).await;
+    wait_until("the peeker has the whole burst", || async { peeker.inbox.pdus().len() >= 150 }).await;
+    let stored: Vec<String> = {
+        let (_, answer) = s
+            .alice
+            .call(Method::GET, &format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=150", enc(&s.room)), None)
+            .await;
+        let mut ids: Vec<String> =
+            answer["chunk"].as_array().unwrap().iter().map(|e| e["event_id"].as_str().unwrap().to_owned()).collect();
+        ids.reverse();
+        ids
+    };
+    assert_eq!(peeker.inbox.event_ids("10"), stored, "every event once, in the room's order");
+    for txn in peeker.inbox.transactions.lock().unwrap().iter() {
+        assert!(txn.pdus.len() <= 50, "a transaction of {} PDUs", txn.pdus.len());
+    }
+    finish(s).await;
+}
+both_backends!(a_burst_arrives_complete_in_order_and_in_chunks);
+
 /// RE-2: a peek that is not renewed lapses: no more events, then a full body on re-PUT; the
 /// eviction job deletes it and tells the peeker (PE-7).
 async fn re2_lapsed_peek_stops_and_is_evicted(db: DbKind) {
