@@ -1,5 +1,5 @@
 //! The `peekgate` binary as an operator uses it: `serve` on built-in defaults, one-line config
-//! errors, `generate-key`, `migrate`, and a graceful exit on SIGTERM.
+//! errors, `generate-key`, `migrate`, and a graceful exit on SIGTERM (also in the middle of a delivery).
 
 mod support;
 
@@ -8,8 +8,10 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use serde_json::Value;
-use support::peer::signing_bytes;
+use serde_json::{json, Value};
+use support::client::{enc, Client};
+use support::peer::{signing_bytes, KeyMode, TestPeer};
+use support::{wait_until, DbKind, TestDb};
 
 fn peekgate(dir: &Path) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_peekgate"));
@@ -280,4 +282,79 @@ async fn logs_never_contain_passwords_tokens_or_keys() {
     ] {
         assert!(!logs.contains(secret), "the {what} appears in the logs");
     }
+}
+
+/// #6: SIGTERM while transactions to a slow peeker are in flight. `serve` exits 0, and the server
+/// started again on the same database delivers what the first one did not: the peeker ends with
+/// every event (at-least-once: repeats allowed, losses not). On PostgreSQL, the production store.
+#[test]
+fn sigterm_during_delivery_loses_nothing() {
+    support::run_async(sigterm_during_delivery());
+}
+
+async fn sigterm_during_delivery() {
+    const GW: &str = "gw.test";
+    let db = TestDb::new(DbKind::Postgres);
+    let peer = TestPeer::start("peeker.test", KeyMode::Good);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("peekgate.toml");
+    let key = dir.path().join("signing.key");
+    let text = format!(
+        "server_name = \"{GW}\"\n[database]\nurl = \"{}\"\n[signing]\nkey_path = \"{}\"\n[client]\nregistration = \"open\"\n\
+         [federation.destinations]\n\"peeker.test\" = \"{}\"\n",
+        db.url,
+        key.display(),
+        peer.url
+    );
+    std::fs::write(&config, text).unwrap();
+    let start = || async {
+        let (http_port, metrics_port) = (free_port(), free_port());
+        let child = peekgate(dir.path())
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("PEEKGATE_HTTP__BIND", format!("127.0.0.1:{http_port}"))
+            .env("PEEKGATE_METRICS__BIND", format!("127.0.0.1:{metrics_port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let base = format!("http://127.0.0.1:{http_port}");
+        let url = format!("{base}/_matrix/key/v2/server");
+        wait_until("serve answers", || async { get_json(&url).await.is_some() }).await;
+        peer.trust(GW, &base);
+        (child, base)
+    };
+
+    let (mut first, base) = start().await;
+    let alice = Client::register(&base, "alice").await;
+    let room = alice.create_world_readable_room("lobby", "10").await;
+    let path = format!("/_matrix/federation/v1/peek/{}/p1?ver=10", enc(&room));
+    let (status, answer) = peer.call(&base, GW, reqwest::Method::PUT, &path, Some(&json!({}))).await;
+    assert_eq!(status, 200, "{answer}");
+    peer.inbox.send_delay_ms.store(400, std::sync::atomic::Ordering::SeqCst);
+    let mut sent = Vec::new();
+    for i in 0..20 {
+        sent.push(alice.say(&room, &format!("m{i}")).await);
+    }
+    wait_until("a transaction in flight", || async {
+        peer.inbox.attempts.load(std::sync::atomic::Ordering::SeqCst) > 0
+    })
+    .await;
+    let status = Command::new("kill").args(["-TERM", &first.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let exit = tokio::task::spawn_blocking(move || first.wait().unwrap()).await.unwrap();
+    assert_eq!(exit.code(), Some(0), "serve exits 0 on SIGTERM");
+    let delivered_before_restart = peer.inbox.event_ids("10");
+    assert!(delivered_before_restart.len() < sent.len(), "the stop came before everything was delivered");
+
+    peer.inbox.send_delay_ms.store(0, std::sync::atomic::Ordering::SeqCst);
+    let (mut second, _) = start().await;
+    wait_until("every event after the restart", || async {
+        let got = peer.inbox.event_ids("10");
+        sent.iter().all(|id| got.contains(id))
+    })
+    .await;
+    assert!(peer.inbox.problems.lock().unwrap().is_empty(), "{:?}", peer.inbox.problems.lock().unwrap());
+    let _ = second.kill();
+    let _ = second.wait();
 }

@@ -71,6 +71,8 @@ pub struct Inbox {
     pub down: std::sync::atomic::AtomicBool,
     /// `get_missing_events` requests answered.
     pub missing_requests: AtomicUsize,
+    /// `/send` answers only after this many milliseconds (a slow peer: transactions in flight).
+    pub send_delay_ms: AtomicUsize,
 }
 
 impl Inbox {
@@ -167,6 +169,10 @@ async fn server_keys(inbox: &Inbox, server: &str) -> Vec<(String, String)> {
 async fn receive(req: HttpRequest, body: web::Bytes, peer: web::Data<(String, Arc<Inbox>)>) -> HttpResponse {
     let (name, inbox) = (&peer.0, &peer.1);
     inbox.attempts.fetch_add(1, Ordering::SeqCst);
+    let delay = inbox.send_delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(delay as u64)).await;
+    }
     if inbox.fail_remaining.load(Ordering::SeqCst) > 0 {
         inbox.fail_remaining.fetch_sub(1, Ordering::SeqCst);
         return HttpResponse::InternalServerError().json(json!({ "errcode": "M_UNKNOWN", "error": "down on purpose" }));
