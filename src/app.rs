@@ -8,6 +8,7 @@ use std::sync::Arc;
 use actix_web::dev::ServerHandle;
 use actix_web::{web, App, HttpServer};
 use anyhow::Context;
+use rand::distr::{Alphanumeric, SampleString};
 use tracing_actix_web::TracingLogger;
 
 use crate::accounts::Accounts;
@@ -67,6 +68,7 @@ pub async fn build_state(settings: Settings, dns: Option<Arc<dyn Dns>>) -> anyho
     let inbound = InboundPeeks::new(db.clone(), &settings);
     let device_peeks = DevicePeeks::new(db.clone(), &settings.raw.client.peek);
     Ok(AppState {
+        instance_id: format!("{}-{}", std::process::id(), Alphanumeric.sample_string(&mut rand::rng(), 12)),
         settings,
         db,
         key,

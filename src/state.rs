@@ -13,6 +13,8 @@ use crate::peeks::inbound::InboundPeeks;
 use crate::rooms::Rooms;
 
 pub struct AppState {
+    /// This process among the instances sharing the database (leases and claims name it).
+    pub instance_id: String,
     pub settings: Settings,
     pub db: Db,
     pub key: Arc<SigningKey>,

@@ -4,9 +4,14 @@
 
 mod support;
 
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+
 use support::client::Client;
 use support::gateways::open_registration;
-use support::{wait_until, DbKind, ServerSpec};
+use support::peer::{KeyMode, TestPeer};
+use support::peer_room::PeerRoom;
+use support::{wait_until, DbKind, ServerSpec, TestServer};
 
 #[test]
 fn instances_on_one_postgres_wake_each_other() {
@@ -62,4 +67,52 @@ async fn wake_each_other() {
         async move { seen > before }
     })
     .await;
+}
+
+/// A second instance of the gateway that `first` is: same server name, database and key.
+async fn second_instance(first: &TestServer, peer: &TestPeer) -> TestServer {
+    let (url, key) = (first.config.database.url.clone(), first.config.signing.key_path.clone());
+    ServerSpec::new(&first.server_name, DbKind::Postgres)
+        .configure(open_registration)
+        .configure(move |c| {
+            c.database.url = url;
+            c.signing.key_path = key;
+        })
+        .destination(&peer.name, &peer.url)
+        .start()
+        .await
+}
+
+/// OP-2 across instances: devices on two instances peeking the same remote room at the same
+/// moment make one federation peek, not one per instance.
+#[test]
+fn instances_share_one_federation_peek() {
+    support::run_async(share_one_federation_peek());
+}
+
+async fn share_one_federation_peek() {
+    let peer = TestPeer::start("one.test", KeyMode::Good);
+    let hosted = Arc::new(Mutex::new(PeerRoom::create(&peer, "host")));
+    let room_id = hosted.lock().unwrap().room_id.clone();
+    *peer.inbox.hosted.lock().unwrap() = Some(hosted);
+    let one = ServerSpec::new("gw.test", DbKind::Postgres)
+        .configure(open_registration)
+        .destination(&peer.name, &peer.url)
+        .start()
+        .await;
+    let two = second_instance(&one, &peer).await;
+    let on_one = Client::register(&one.base, "bob").await;
+    let on_two = Client::login(&two.base, "bob").await;
+    on_one.sync(None, 0).await;
+    on_two.sync(None, 0).await;
+    let (first, second) = tokio::join!(on_one.peek(&room_id, &["one.test"]), on_two.peek(&room_id, &["one.test"]));
+    assert_eq!(first.0, 200, "{}", first.1);
+    assert_eq!(second.0, 200, "{}", second.1);
+    let peek_ids: BTreeSet<String> = peer
+        .inbox
+        .peek_requests("PUT")
+        .iter()
+        .map(|path| path.split('?').next().unwrap().rsplit('/').next().unwrap().to_owned())
+        .collect();
+    assert_eq!(peek_ids.len(), 1, "one federation peek for both instances: {peek_ids:?}");
 }

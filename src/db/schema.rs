@@ -189,6 +189,14 @@ diesel::table! {
 }
 
 diesel::table! {
+    outbound_claims (room_id) {
+        room_id -> Text,
+        owner -> Text,
+        expires_ts -> BigInt,
+    }
+}
+
+diesel::table! {
     device_peek_log (id) {
         id -> BigInt,
         user_id -> Text,
@@ -217,6 +225,7 @@ diesel::joinable!(events -> rooms (room_id));
 
 diesel::allow_tables_to_appear_in_same_query!(
     server_keys,
+    outbound_claims,
     server_key_responses,
     rooms,
     events,

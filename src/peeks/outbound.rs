@@ -17,11 +17,12 @@ use serde_json::{json, Value};
 
 use super::devices;
 use super::validate::{self, InvalidPeek, ValidPeek};
-use crate::db::schema::outbound_peeks;
+use crate::db::schema::{outbound_claims, outbound_peeks};
 use crate::db::{write_transaction, DbConnection};
 use crate::events::{Pdu, RoomVersion};
 use crate::federation::client::{FedRequest, FederationError};
 use crate::keys::now_ms;
+use crate::on_backend;
 use crate::rooms::{RoomError, StateMap};
 use crate::state::AppState;
 
@@ -143,7 +144,8 @@ fn row(conn: &mut DbConnection, room_id: &str) -> Result<Option<OutboundPeek>, R
 }
 
 /// One lock per room for establishing and cancelling its federation peek, so that two devices
-/// peeking the same room at once make one `PUT`, not two (within one instance).
+/// peeking the same room at once make one `PUT`, not two (within one instance; see
+/// [`lock_room`] for instances sharing a database).
 #[derive(Default)]
 pub struct RoomLocks(std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
 
@@ -159,10 +161,88 @@ impl RoomLocks {
     }
 }
 
+/// How long an instance may hold a room's claim before another takes it over: far longer than
+/// establishing a peek takes (candidates times the request timeout), short enough that a dead
+/// instance's claim does not block the room for long.
+const CLAIM_TTL_MS: i64 = 120_000;
+/// How often an instance waiting for a room's claim looks again.
+const CLAIM_POLL: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Held while a room's federation peek is established, failed over, re-synced or cancelled:
+/// the in-process [`RoomLocks`] lock and a claim row in `outbound_claims`, so that instances
+/// on one database take turns too (design.md §6). Without the claim, two instances peeking a
+/// new room at once both stored its state, and one of them failed. Dropping the guard releases
+/// both; a claim left by a dead instance expires after [`CLAIM_TTL_MS`].
+pub struct RoomGuard {
+    _local: tokio::sync::OwnedMutexGuard<()>,
+    claim: Option<(crate::db::Db, String, String)>,
+}
+
+impl Drop for RoomGuard {
+    fn drop(&mut self) {
+        let Some((db, room, owner)) = self.claim.take() else { return };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        runtime.spawn(async move {
+            let released = db
+                .run::<_, RoomError, _>(move |conn| {
+                    diesel::delete(outbound_claims::table.find(&room).filter(outbound_claims::owner.eq(&owner)))
+                        .execute(conn)?;
+                    Ok(())
+                })
+                .await;
+            if let Err(e) = released {
+                tracing::warn!(error = %e, "cannot release a room's claim; it expires on its own");
+            }
+        });
+    }
+}
+
+/// Takes the room's lock in this process, then its claim in the database, waiting for another
+/// instance to finish with it.
+pub async fn lock_room(state: &AppState, room_id: &RoomId) -> Result<RoomGuard, RoomError> {
+    let local = state.outbound_locks.lock(room_id).await;
+    while !try_claim(state, room_id).await? {
+        tokio::time::sleep(CLAIM_POLL).await;
+    }
+    let claim = Some((state.db.clone(), room_id.to_string(), state.instance_id.clone()));
+    Ok(RoomGuard { _local: local, claim })
+}
+
+/// Claims the room for this instance when nobody else holds a live claim.
+async fn try_claim(state: &AppState, room_id: &RoomId) -> Result<bool, RoomError> {
+    let (room, me) = (room_id.to_string(), state.instance_id.clone());
+    state
+        .db
+        .run(move |conn| {
+            let now = now_ms();
+            let fresh = (
+                outbound_claims::room_id.eq(&room),
+                outbound_claims::owner.eq(&me),
+                outbound_claims::expires_ts.eq(now + CLAIM_TTL_MS),
+            );
+            let inserted = on_backend!(&mut *conn, |c| diesel::insert_into(outbound_claims::table)
+                .values(fresh)
+                .on_conflict_do_nothing()
+                .execute(c))?;
+            if inserted == 1 {
+                return Ok(true);
+            }
+            let taken = diesel::update(
+                outbound_claims::table
+                    .find(&room)
+                    .filter(outbound_claims::owner.eq(&me).or(outbound_claims::expires_ts.lt(now))),
+            )
+            .set((outbound_claims::owner.eq(&me), outbound_claims::expires_ts.eq(now + CLAIM_TTL_MS)))
+            .execute(conn)?;
+            Ok(taken == 1)
+        })
+        .await
+}
+
 /// OP-2: reuses the room's live federation peek, or establishes one through the candidates.
 /// Returns whether a new peek was established after an earlier one (the timeline may have a gap).
 pub async fn ensure(state: &AppState, room_id: &RoomId, candidates: Vec<String>) -> Result<bool, OutboundError> {
-    let _room = state.outbound_locks.lock(room_id).await;
+    let _room = lock_room(state, room_id).await?;
     let existing = get(state, room_id).await?;
     if existing.as_ref().is_some_and(|p| p.ended_ts.is_none()) {
         return Ok(false);
@@ -337,7 +417,7 @@ async fn delete_remote(state: &AppState, target: &ServerName, room_id: &RoomId, 
 /// OP-8: nobody watches the room any more: DELETE its federation peek and mark it ended (PDUs
 /// in flight are still accepted for a minute).
 pub async fn cancel(state: &AppState, room_id: &RoomId) -> Result<(), RoomError> {
-    let _room = state.outbound_locks.lock(room_id).await;
+    let _room = lock_room(state, room_id).await?;
     let Some(peek) = get(state, room_id).await?.filter(|p| p.ended_ts.is_none()) else {
         return Ok(());
     };
@@ -616,7 +696,7 @@ async fn renew(state: &AppState, room_id: &RoomId, peek: &OutboundPeek, run: &mu
 /// the servers with joined members in our copy of the room; the gap is filled from the new
 /// target. `false` when no candidate answered.
 async fn failover(state: &AppState, room_id: &RoomId, peek: &OutboundPeek) -> Result<bool, RoomError> {
-    let _room = state.outbound_locks.lock(room_id).await;
+    let _room = lock_room(state, room_id).await?;
     if !get(state, room_id).await?.is_some_and(|p| p.ended_ts.is_none() && p.peek_id == peek.peek_id) {
         return Ok(true); // cancelled or replaced while we waited for the lock
     }
@@ -632,7 +712,7 @@ async fn failover(state: &AppState, room_id: &RoomId, peek: &OutboundPeek) -> Re
 /// first, gives the room a new starting point, and its devices a `limited` timeline. Nothing
 /// to do when the peek ended or was re-established since (several refused PDUs ask at once).
 pub async fn resync(state: &AppState, room_id: &RoomId, refused_at: i64) -> Result<bool, RoomError> {
-    let _room = state.outbound_locks.lock(room_id).await;
+    let _room = lock_room(state, room_id).await?;
     let Some(peek) = get(state, room_id).await?.filter(|p| p.ended_ts.is_none() && p.created_ts < refused_at) else {
         return Ok(false);
     };

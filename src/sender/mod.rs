@@ -115,7 +115,7 @@ pub fn start(state: web::Data<AppState>) -> SenderHandle {
     let (shutdown, shutdown_rx) = watch::channel(false);
     let (progress, progress_rx) = mpsc::unbounded_channel();
     let shared = Arc::new(Shared {
-        instance: format!("{}-{}", std::process::id(), now_ms()),
+        instance: state.instance_id.clone(),
         txn_counter: AtomicU64::new(0),
         started_ms: now_ms(),
         state,
