@@ -756,34 +756,49 @@ async fn repeek(
 /// candidates), and with them our copy of the room: an ended peek leaves nothing behind.
 /// Ended device peeks are kept a day for their leave entries.
 async fn forget_ended(state: &AppState, now: i64) -> Result<(), RoomError> {
-    let linger = linger_ms(state);
-    let purged = state
+    let ended_before = now - linger_ms(state);
+    let ended: Vec<String> = state
         .db
         .run::<_, RoomError, _>(move |conn| {
-            let ended: Vec<String> = outbound_peeks::table
-                .filter(outbound_peeks::ended_ts.lt(now - linger))
+            Ok(outbound_peeks::table
+                .filter(outbound_peeks::ended_ts.lt(ended_before))
                 .select(outbound_peeks::room_id)
-                .load(conn)?;
-            let mut purged = Vec::new();
-            for room in ended {
-                write_transaction::<_, RoomError, _>(conn, |conn| {
-                    if devices::open_count(conn, &room)? == 0 {
-                        diesel::delete(outbound_peeks::table.find(&room)).execute(conn)?;
-                        if crate::rooms::store::purge_remote_room(conn, &room)? {
-                            purged.push(room.clone());
-                        }
-                    }
-                    Ok(())
-                })?;
-            }
-            devices::forget_ended(conn, now - KEEP_ENDED_DEVICE_PEEKS_MS)?;
-            Ok(purged)
+                .load(conn)?)
         })
         .await?;
-    for room in purged {
-        tracing::info!(%room, "forgot a room nobody peeks any more");
+    for room in ended {
+        let Ok(room_id) = RoomId::parse(&room) else { continue };
+        // Under the room's claim, so that an instance starting a peek in this room right now
+        // either finishes first (and we see its peek) or waits for us.
+        let _room = lock_room(state, &room_id).await?;
+        let purged = state
+            .db
+            .run::<_, RoomError, _>(move |conn| {
+                write_transaction::<_, RoomError, _>(conn, |conn| {
+                    let still_ended: i64 = outbound_peeks::table
+                        .find(&room)
+                        .filter(outbound_peeks::ended_ts.lt(ended_before))
+                        .count()
+                        .get_result(conn)?;
+                    if still_ended == 0 || devices::open_count(conn, &room)? > 0 {
+                        return Ok(false);
+                    }
+                    diesel::delete(outbound_peeks::table.find(&room)).execute(conn)?;
+                    crate::rooms::store::purge_remote_room(conn, &room)
+                })
+            })
+            .await?;
+        if purged {
+            tracing::info!(room = %room_id, "forgot a room nobody peeks any more");
+        }
     }
-    Ok(())
+    state
+        .db
+        .run::<_, RoomError, _>(move |conn| {
+            devices::forget_ended(conn, now - KEEP_ENDED_DEVICE_PEEKS_MS)?;
+            Ok(())
+        })
+        .await
 }
 
 /// Candidates for re-establishing a room's peek: those remembered, else the room ID's server.
