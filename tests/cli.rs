@@ -33,6 +33,25 @@ fn stderr_lines(output: &Output) -> Vec<String> {
     String::from_utf8_lossy(&output.stderr).lines().map(str::to_owned).collect()
 }
 
+/// `peekgate serve [--config FILE]` in `dir` on free HTTP and metrics ports (only the ports
+/// differ from the configuration, so parallel tests do not collide): the child and both ports.
+fn spawn_serve(dir: &Path, config: Option<&Path>) -> (std::process::Child, u16, u16) {
+    let (http_port, metrics_port) = (free_port(), free_port());
+    let mut command = peekgate(dir);
+    command.arg("serve");
+    if let Some(config) = config {
+        command.arg("--config").arg(config);
+    }
+    let child = command
+        .env("PEEKGATE_HTTP__BIND", format!("127.0.0.1:{http_port}"))
+        .env("PEEKGATE_METRICS__BIND", format!("127.0.0.1:{metrics_port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    (child, http_port, metrics_port)
+}
+
 async fn get_json(url: &str) -> Option<Value> {
     peekgate::app::install_crypto_provider();
     let response = reqwest::get(url).await.ok()?;
@@ -42,16 +61,7 @@ async fn get_json(url: &str) -> Option<Value> {
 #[tokio::test]
 async fn serve_runs_on_builtin_defaults_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
-    let (http_port, metrics_port) = (free_port(), free_port());
-    let mut child = peekgate(dir.path())
-        .arg("serve")
-        // Only the ports differ from the defaults, so parallel test runs do not collide.
-        .env("PEEKGATE_HTTP__BIND", format!("127.0.0.1:{http_port}"))
-        .env("PEEKGATE_METRICS__BIND", format!("127.0.0.1:{metrics_port}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let (mut child, http_port, metrics_port) = spawn_serve(dir.path(), None);
     let url = format!("http://127.0.0.1:{http_port}/_matrix/key/v2/server");
     let mut keys = None;
     for _ in 0..200 {
@@ -308,16 +318,7 @@ async fn sigterm_during_delivery() {
     );
     std::fs::write(&config, text).unwrap();
     let start = || async {
-        let (http_port, metrics_port) = (free_port(), free_port());
-        let child = peekgate(dir.path())
-            .args(["serve", "--config"])
-            .arg(&config)
-            .env("PEEKGATE_HTTP__BIND", format!("127.0.0.1:{http_port}"))
-            .env("PEEKGATE_METRICS__BIND", format!("127.0.0.1:{metrics_port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let (child, http_port, _) = spawn_serve(dir.path(), Some(&config));
         let base = format!("http://127.0.0.1:{http_port}");
         let url = format!("{base}/_matrix/key/v2/server");
         wait_until("serve answers", || async { get_json(&url).await.is_some() }).await;

@@ -464,16 +464,20 @@ impl Seen {
     }
 }
 
+/// A room hosted by `one` that `two`'s relay has joined, so that either can serve it.
+fn shared_room(one: &TestPeer, two: &TestPeer) -> (String, Arc<Mutex<PeerRoom>>) {
+    let mut hosted = PeerRoom::create(one, "host");
+    hosted.join(two, "relay");
+    (hosted.room_id.clone(), Arc::new(Mutex::new(hosted)))
+}
+
 /// OP-5, OP-6: the first target disappears; B's renewals fail until the peek lapses, then the
 /// second candidate takes over with a new peek, the gap is filled with get_missing_events, and
 /// bob's sync misses no event. The targets are two peers serving the same room.
 async fn failover_to_the_next_target_misses_no_event(db: DbKind) {
     let one = TestPeer::start("one.test", KeyMode::Good);
     let two = TestPeer::start("two.test", KeyMode::Good);
-    let mut hosted = PeerRoom::create(&one, "host");
-    hosted.join(&two, "relay");
-    let room_id = hosted.room_id.clone();
-    let hosted = Arc::new(Mutex::new(hosted));
+    let (room_id, hosted) = shared_room(&one, &two);
     for peer in [&one, &two] {
         *peer.inbox.hosted.lock().unwrap() = Some(hosted.clone());
     }
@@ -521,18 +525,35 @@ async fn failover_to_the_next_target_misses_no_event(db: DbKind) {
 }
 both_backends!(failover_to_the_next_target_misses_no_event);
 
-/// OP-9 with a long gap: a pushed PDU 250 events ahead of B is linked up through several
-/// `get_missing_events` pages of 100, and B ends up holding every event of the room.
-async fn a_long_gap_is_filled_page_by_page(db: DbKind) {
+/// A room hosted by the test peer `one.test`, and bob on B peeking it through that peer.
+struct HostedPeek {
+    one: TestPeer,
+    hosted: Arc<Mutex<PeerRoom>>,
+    room_id: String,
+    b: TestServer,
+    bob: Client,
+    /// A sync token after the room's first appearance in bob's sync.
+    since: String,
+}
+
+async fn peeking_a_peer_room(db: DbKind) -> HostedPeek {
     let one = TestPeer::start("one.test", KeyMode::Good);
     let hosted = Arc::new(Mutex::new(PeerRoom::create(&one, "host")));
     let room_id = hosted.lock().unwrap().room_id.clone();
     *one.inbox.hosted.lock().unwrap() = Some(hosted.clone());
     let b = ServerSpec::new(B, db).configure(open_registration).destination("one.test", &one.url).start().await;
     let bob = Client::register(&b.base, "bob").await;
-    bob.sync(None, 0).await;
+    let since = token(&bob.sync(None, 0).await);
     let (status, answer) = bob.peek(&room_id, &["one.test"]).await;
     assert_eq!(status, 200, "{answer}");
+    let since = token(&bob.sync(Some(&since), 0).await);
+    HostedPeek { one, hosted, room_id, b, bob, since }
+}
+
+/// OP-9 with a long gap: a pushed PDU 250 events ahead of B is linked up through several
+/// `get_missing_events` pages of 100, and B ends up holding every event of the room.
+async fn a_long_gap_is_filled_page_by_page(db: DbKind) {
+    let HostedPeek { one, hosted, b, .. } = peeking_a_peer_room(db).await;
     for i in 0..250 {
         hosted.lock().unwrap().say(&one, "host", &format!("unseen {i}"));
     }
@@ -552,16 +573,7 @@ both_backends!(a_long_gap_is_filled_page_by_page);
 /// and B re-peeks the room through the same target for a new starting point instead of
 /// refusing every later PDU too; bob's next sync marks the timeline `limited`.
 async fn a_gap_too_long_to_fill_resyncs_the_room(db: DbKind) {
-    let one = TestPeer::start("one.test", KeyMode::Good);
-    let hosted = Arc::new(Mutex::new(PeerRoom::create(&one, "host")));
-    let room_id = hosted.lock().unwrap().room_id.clone();
-    *one.inbox.hosted.lock().unwrap() = Some(hosted.clone());
-    let b = ServerSpec::new(B, db).configure(open_registration).destination("one.test", &one.url).start().await;
-    let bob = Client::register(&b.base, "bob").await;
-    let since = token(&bob.sync(None, 0).await);
-    let (status, answer) = bob.peek(&room_id, &["one.test"]).await;
-    assert_eq!(status, 200, "{answer}");
-    let since = token(&bob.sync(Some(&since), 0).await);
+    let HostedPeek { one, hosted, room_id, b, bob, since } = peeking_a_peer_room(db).await;
     for i in 0..1_050 {
         hosted.lock().unwrap().say(&one, "host", &format!("unseen {i}"));
     }
@@ -576,13 +588,7 @@ async fn a_gap_too_long_to_fill_resyncs_the_room(db: DbKind) {
         b.state().rooms.event(&pushed_id).await.unwrap().is_some()
     })
     .await;
-    // Renewals PUT the same peek_id again; count peek_ids.
-    let peek_ids: BTreeSet<String> = one
-        .inbox
-        .peek_requests("PUT")
-        .iter()
-        .map(|path| path.split('?').next().unwrap().rsplit('/').next().unwrap().to_owned())
-        .collect();
+    let peek_ids = one.inbox.put_peek_ids();
     assert_eq!(peek_ids.len(), 2, "exactly one re-peek: {peek_ids:?}");
     wait_until("B DELETEs the old peek", || async { one.inbox.peek_requests("DELETE").len() == 1 }).await;
     let answer = bob.sync(Some(&since), 0).await;
@@ -598,10 +604,7 @@ both_backends!(a_gap_too_long_to_fill_resyncs_the_room);
 async fn unstable_and_r0_prefixes_with_body_servers(db: DbKind) {
     let one = TestPeer::start("one.test", KeyMode::Good);
     let two = TestPeer::start("two.test", KeyMode::Good);
-    let mut hosted = PeerRoom::create(&one, "host");
-    hosted.join(&two, "relay");
-    let room_id = hosted.room_id.clone();
-    let hosted = Arc::new(Mutex::new(hosted));
+    let (room_id, hosted) = shared_room(&one, &two);
     *two.inbox.hosted.lock().unwrap() = Some(hosted.clone());
     one.inbox.down.store(true, Ordering::SeqCst);
     let b = ServerSpec::new(B, db)

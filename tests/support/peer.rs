@@ -81,6 +81,14 @@ impl Inbox {
         self.peek_requests.lock().unwrap().iter().filter(|(m, _)| m == method).map(|(_, p)| p.clone()).collect()
     }
 
+    /// The distinct peek_ids of the `PUT /peek` requests: one per peek, however often renewed.
+    pub fn put_peek_ids(&self) -> std::collections::BTreeSet<String> {
+        self.peek_requests("PUT")
+            .iter()
+            .map(|path| path.split('?').next().unwrap().rsplit('/').next().unwrap().to_owned())
+            .collect()
+    }
+
     /// Every PDU received, in arrival order.
     pub fn pdus(&self) -> Vec<Value> {
         self.transactions.lock().unwrap().iter().flat_map(|t| t.pdus.clone()).collect()
