@@ -16,7 +16,7 @@ use crate::db::write_transaction;
 use crate::db::{Db, DbConnection};
 use crate::events::Pdu;
 use crate::keys::now_ms;
-use crate::rooms::{store, RoomError};
+use crate::rooms::{store, visibility, RoomError};
 
 /// Why a device's peek ended; `joined` and `initial_sync` show no leave entry (CP-8, CP-10).
 pub const END_UNPEEK: &str = "unpeek";
@@ -334,13 +334,16 @@ pub fn after_state_event(
     pdu: &Pdu,
     position: i64,
 ) -> Result<(), RoomError> {
-    let content = pdu.content_value();
     let local_member = pdu.state_key.as_deref().filter(|k| k.ends_with(&format!(":{server_name}")));
-    let (user, reason) = match pdu.event_type().as_str() {
-        "m.room.history_visibility" if content["history_visibility"] != "world_readable" => (None, END_VISIBILITY),
-        "m.room.encryption" => (None, END_VISIBILITY),
-        "m.room.member" if content["membership"] == "join" && local_member.is_some() => (local_member, END_JOINED),
-        _ => return Ok(()),
+    let (user, reason) = if visibility::ends_peekability(pdu) {
+        (None, END_VISIBILITY)
+    } else if pdu.event_type().as_str() == "m.room.member"
+        && pdu.content_value()["membership"] == "join"
+        && local_member.is_some()
+    {
+        (local_member, END_JOINED)
+    } else {
+        return Ok(());
     };
     let mut open = device_peeks::table
         .filter(device_peeks::room_id.eq(pdu.room_id.as_str()))

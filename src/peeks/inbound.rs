@@ -26,7 +26,7 @@ use crate::events::Pdu;
 use crate::keys::now_ms;
 use crate::on_backend;
 use crate::rooms::store::{self, RoomRow};
-use crate::rooms::{RoomError, Rooms};
+use crate::rooms::{visibility, RoomError, Rooms};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PeekError {
@@ -516,17 +516,14 @@ pub fn after_state_event(
     pdu: &Pdu,
     position: i64,
 ) -> Result<(), RoomError> {
-    let kind = pdu.event_type();
-    let content = pdu.content_value();
-    let reason = match kind.as_str() {
-        "m.room.history_visibility" if content["history_visibility"] != "world_readable" => Some(REASON_VISIBILITY),
-        "m.room.encryption" => Some(REASON_VISIBILITY),
-        "m.room.member" => {
-            let local_leave = pdu.state_key.as_deref().is_some_and(|k| k.ends_with(&format!(":{server_name}")))
-                && content["membership"] != "join";
-            (local_leave && !has_local_member(conn, pdu.room_id.as_str(), server_name)?).then_some(REASON_LEFT)
-        }
-        _ => None,
+    let reason = if visibility::ends_peekability(pdu) {
+        Some(REASON_VISIBILITY)
+    } else if pdu.event_type().as_str() == "m.room.member" {
+        let local_leave = pdu.state_key.as_deref().is_some_and(|k| k.ends_with(&format!(":{server_name}")))
+            && pdu.content_value()["membership"] != "join";
+        (local_leave && !has_local_member(conn, pdu.room_id.as_str(), server_name)?).then_some(REASON_LEFT)
+    } else {
+        None
     };
     if let Some(reason) = reason {
         end_room_peeks(conn, pdu.room_id.as_str(), position, reason)?;

@@ -12,6 +12,7 @@ use diesel::sql_types::Text;
 use super::store::{self, StoredEvent};
 use super::RoomError;
 use crate::db::DbConnection;
+use crate::events::Pdu;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Visibility {
@@ -121,6 +122,16 @@ pub fn of_event(
         }
     }
     Ok(before)
+}
+
+/// RE-3 / CP-11, the event-side of [`peekability`]: whether this state event makes the room
+/// unpeekable (history no longer `world_readable`, or encryption turned on).
+pub fn ends_peekability(pdu: &Pdu) -> bool {
+    match pdu.event_type().as_str() {
+        "m.room.history_visibility" => pdu.content_value()["history_visibility"] != "world_readable",
+        "m.room.encryption" => true,
+        _ => false,
+    }
 }
 
 /// FP-6 / CP-3, one rule for remote servers and local devices: a room can be peeked while its
