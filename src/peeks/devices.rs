@@ -28,7 +28,8 @@ pub const END_LOST: &str = "lost";
 pub const END_ADMIN: &str = "admin";
 
 /// One device peek as `/sync` reads it.
-#[derive(Debug, Clone, Queryable)]
+#[derive(Debug, Clone, Queryable, Selectable)]
+#[diesel(table_name = device_peeks)]
 pub struct DevicePeek {
     pub room_id: String,
     pub start_seq: i64,
@@ -37,23 +38,6 @@ pub struct DevicePeek {
     pub end_reason: Option<String>,
     pub gappy: bool,
 }
-
-type PeekColumns = (
-    device_peeks::room_id,
-    device_peeks::start_seq,
-    device_peeks::end_seq,
-    device_peeks::end_pos,
-    device_peeks::end_reason,
-    device_peeks::gappy,
-);
-const PEEK_COLUMNS: PeekColumns = (
-    device_peeks::room_id,
-    device_peeks::start_seq,
-    device_peeks::end_seq,
-    device_peeks::end_pos,
-    device_peeks::end_reason,
-    device_peeks::gappy,
-);
 
 const KEY_COLUMNS: (device_peeks::user_id, device_peeks::device_id, device_peeks::room_id) =
     (device_peeks::user_id, device_peeks::device_id, device_peeks::room_id);
@@ -175,7 +159,7 @@ impl DevicePeeks {
                     .filter(device_peeks::user_id.eq(&user))
                     .filter(device_peeks::device_id.eq(&device))
                     .filter(device_peeks::end_seq.is_null().or(device_peeks::end_seq.gt(since)))
-                    .select(PEEK_COLUMNS)
+                    .select(DevicePeek::as_select())
                     .load(conn)?)
             })
             .await
