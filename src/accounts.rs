@@ -8,9 +8,9 @@ use rand::distr::{Alphanumeric, SampleString};
 use ruma::{OwnedUserId, ServerName, UserId};
 use sha2::{Digest, Sha256};
 
+use crate::clock::now_ms;
 use crate::db::schema::{access_tokens, devices, users};
 use crate::db::{Db, DbError};
-use crate::keys::now_ms;
 use crate::on_backend;
 
 #[derive(Debug, thiserror::Error)]

@@ -6,9 +6,9 @@
 pub mod accounts;
 pub mod admin;
 pub mod app;
-pub mod bench;
 pub mod canonical_json;
 pub mod client_api;
+pub mod clock;
 pub mod config;
 pub mod db;
 pub mod error;

@@ -7,6 +7,8 @@ use clap::{Parser, Subcommand};
 use peekgate::config::{Config, Settings};
 use peekgate::keys::SigningKey;
 
+mod bench;
+
 #[derive(Parser)]
 #[command(name = "peekgate", version, about = "Matrix federation peeking gateway")]
 struct Cli {
@@ -232,14 +234,12 @@ fn bench(command: BenchCommand) -> Result<(), String> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
     let result = runtime.block_on(async {
         match command {
-            BenchCommand::Rooms { postgres, appends, seconds } => {
-                peekgate::bench::rooms(&postgres, appends, seconds).await
-            }
+            BenchCommand::Rooms { postgres, appends, seconds } => bench::rooms(&postgres, appends, seconds).await,
             BenchCommand::Peeks { postgres, destinations, sustained, seconds } => {
-                peekgate::bench::peeks(&postgres, destinations, sustained, seconds).await
+                bench::peeks(&postgres, destinations, sustained, seconds).await
             }
-            BenchCommand::Sync { postgres, events } => peekgate::bench::sync(&postgres, events).await,
-            BenchCommand::Receiver { bind } => peekgate::bench::receiver(&bind).await,
+            BenchCommand::Sync { postgres, events } => bench::sync(&postgres, events).await,
+            BenchCommand::Receiver { bind } => bench::receiver(&bind).await,
         }
     });
     result.map_err(|e| format!("{e:#}"))
@@ -274,7 +274,7 @@ fn list_destinations(json: bool, config: Option<PathBuf>) -> Result<(), String> 
     if json {
         println!("{}", serde_json::to_string_pretty(&list).map_err(|e| e.to_string())?);
     } else {
-        print!("{}", peekgate::admin::render_destinations(&list, peekgate::keys::now_ms()));
+        print!("{}", peekgate::admin::render_destinations(&list, peekgate::clock::now_ms()));
     }
     Ok(())
 }

@@ -8,8 +8,8 @@ use chrono::Utc;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::clock::now_ms;
 use crate::db::DbError;
-use crate::keys::now_ms;
 use crate::peeks::inbound::{self, REASON_LAPSED};
 use crate::peeks::outbound;
 use crate::state::AppState;

@@ -15,8 +15,9 @@ use ruma::signatures::{to_canonical_json_string_for_signing, verify_canonical_js
 use ruma::{CanonicalJsonObject, CanonicalJsonValue, OwnedServerName, SigningKeyAlgorithm};
 use serde::de::DeserializeOwned;
 
+use crate::clock::now_ms;
 use crate::error::MatrixError;
-use crate::keys::{now_ms, SigningKey};
+use crate::keys::SigningKey;
 use crate::state::AppState;
 
 /// The object that is signed (never sent): method, raw URI with query, origin, destination and,

@@ -6,9 +6,9 @@ use ruma::RoomId;
 use serde_json::{json, Value};
 
 use crate::client_api::auth::Authed;
+use crate::clock::now_ms;
 use crate::error::{internal_error, MatrixError};
 use crate::http::resource;
-use crate::keys::now_ms;
 use crate::peeks::{devices, outbound};
 use crate::state::AppState;
 

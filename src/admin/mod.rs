@@ -8,9 +8,9 @@ pub mod http;
 use diesel::prelude::*;
 use serde::Serialize;
 
+use crate::clock::now_ms;
 use crate::db::schema::{destinations, device_peeks, inbound_peeks, outbound_peeks};
 use crate::db::{Db, DbConnection, DbError};
-use crate::keys::now_ms;
 
 #[derive(Debug, Serialize, Queryable)]
 pub struct InboundPeekView {

@@ -1,4 +1,5 @@
-//! `peekgate bench ...`: printed figures for BENCHMARKS.md (build with `--release`). Each
+//! `peekgate bench ...`: printed figures for BENCHMARKS.md (build with `--release`). Part of the
+//! binary, not the library: it drives the library from outside, as an operator would. Each
 //! benchmark runs in-process servers on 127.0.0.1 on throwaway databases.
 
 mod peeks;
@@ -18,9 +19,9 @@ pub use receiver::receiver;
 pub use rooms::rooms;
 pub use sync::sync;
 
-use crate::app::{self, Listeners, RunningServer};
-use crate::config::Config;
-use crate::db::Backend;
+use peekgate::app::{self, Listeners, RunningServer};
+use peekgate::config::Config;
+use peekgate::db::Backend;
 
 /// CPU time used by this process so far (all threads), from /proc, in nanoseconds.
 pub(super) fn process_cpu_ns() -> u64 {
@@ -139,17 +140,17 @@ pub(super) async fn start(
 
 /// A world-readable public room created by `creator` on `state`'s server.
 pub(super) async fn world_readable_room(
-    state: &crate::state::AppState,
+    state: &peekgate::state::AppState,
     creator: &ruma::UserId,
 ) -> anyhow::Result<ruma::OwnedRoomId> {
-    let request = crate::rooms::CreateRoomRequest {
+    let request = peekgate::rooms::CreateRoomRequest {
         preset: Some("public_chat".into()),
-        initial_state: vec![crate::rooms::InitialStateEvent {
+        initial_state: vec![peekgate::rooms::InitialStateEvent {
             kind: "m.room.history_visibility".into(),
             state_key: String::new(),
             content: serde_json::json!({ "history_visibility": "world_readable" }),
         }],
-        ..crate::rooms::CreateRoomRequest::default()
+        ..peekgate::rooms::CreateRoomRequest::default()
     };
     Ok(state.rooms.create_room(creator, request).await?)
 }

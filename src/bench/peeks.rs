@@ -13,9 +13,9 @@ use ruma::{RoomId, ServerName, UserId};
 use serde_json::{json, Value};
 
 use super::{encode, process_cpu_ns, rss_mib, run_wrk, start, world_readable_room};
-use crate::db::{Backend, DbError};
-use crate::federation::client::FedRequest;
-use crate::keys::now_ms;
+use peekgate::clock::now_ms;
+use peekgate::db::{Backend, DbError};
+use peekgate::federation::client::FedRequest;
 
 /// The receiver child process; killed on drop.
 struct Receiver {
@@ -238,7 +238,7 @@ pub async fn peeks(
     let settings = state.settings.clone();
     reader.running.stop().await;
     host.running.stop().await;
-    let bare = crate::app::build_state(settings, None).await?;
+    let bare = peekgate::app::build_state(settings, None).await?;
     bare.db
         .run::<_, DbError, _>(|conn| {
             diesel::sql_query("UPDATE inbound_peeks SET expires_ts = 0 WHERE origin LIKE 'x%'").execute(conn)?;
@@ -247,7 +247,7 @@ pub async fn peeks(
         })
         .await?;
     let t = Instant::now();
-    let (lapsed, _) = crate::schedule::evict_inbound(&bare).await?;
+    let (lapsed, _) = peekgate::schedule::evict_inbound(&bare).await?;
     println!(
         "eviction sweep: {lapsed} lapsed peeks evicted (and expired_peeks queued) in {} ms",
         t.elapsed().as_millis()
@@ -257,7 +257,7 @@ pub async fn peeks(
 }
 /// Inserts `count` peeks on `room` from origins `{prefix}{i}.bench`, with their cursors at `head`.
 async fn insert_peeks(
-    db: &crate::db::Db,
+    db: &peekgate::db::Db,
     room: &RoomId,
     prefix: &'static str,
     from: usize,
@@ -288,7 +288,7 @@ async fn insert_peeks(
 }
 
 /// The X-Matrix header of the reader's `PUT {path}` with body `{}` to the host.
-fn signed_put(key: &crate::keys::SigningKey, path: &str) -> String {
+fn signed_put(key: &peekgate::keys::SigningKey, path: &str) -> String {
     let empty = ruma::CanonicalJsonValue::Object(Default::default());
-    crate::xmatrix::authorization_header(key, "reader.bench", "host.bench", "PUT", path, Some(empty))
+    peekgate::xmatrix::authorization_header(key, "reader.bench", "host.bench", "PUT", path, Some(empty))
 }

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use actix_web::{web, App, HttpResponse, HttpServer};
 use serde_json::{json, Value};
 
-use crate::keys::now_ms;
+use peekgate::clock::now_ms;
 
 /// marker -> (PDUs received, time of the last one in ms)
 type Counts = Arc<Mutex<HashMap<String, (u64, i64)>>>;

@@ -9,7 +9,7 @@ use ruma::{ServerName, UserId};
 use serde_json::json;
 
 use super::{encode, percentile, run_wrk, start, world_readable_room};
-use crate::db::Backend;
+use peekgate::db::Backend;
 
 /// Runs every room benchmark on both backends and prints the figures.
 pub async fn rooms(postgres_admin: &str, appends: usize, wrk_seconds: u64) -> anyhow::Result<()> {
@@ -58,7 +58,7 @@ async fn rooms_on(backend: Backend, postgres_admin: &str, appends: usize, wrk_se
         // without this the figures depend on whether autoanalyze happened to run yet.
         state
             .db
-            .run::<_, crate::db::DbError, _>(|conn| {
+            .run::<_, peekgate::db::DbError, _>(|conn| {
                 diesel::connection::SimpleConnection::batch_execute(conn, "ANALYZE")?;
                 Ok(())
             })
@@ -94,7 +94,7 @@ async fn rooms_on(backend: Backend, postgres_admin: &str, appends: usize, wrk_se
     // 3. Signed GET /event from the non-member reader, warm key cache, load from wrk.
     let path = format!("/_matrix/federation/v1/event/{event_enc}");
     client.get(host_name, &path).await?;
-    let header = crate::xmatrix::authorization_header(
+    let header = peekgate::xmatrix::authorization_header(
         &reader.running.state.key,
         "reader.bench",
         "host.bench",

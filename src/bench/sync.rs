@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use super::{encode, percentile, start, world_readable_room};
-use crate::db::Backend;
+use peekgate::db::Backend;
 
 pub async fn sync(postgres_admin: &str, events: usize) -> anyhow::Result<()> {
     println!("peekgate bench sync (release build: {})", !cfg!(debug_assertions));

@@ -6,7 +6,7 @@ use ruma::{CanonicalJsonValue, ServerName};
 use serde_json::Value;
 
 use super::client::FederationClient;
-use crate::keys::now_ms;
+use crate::clock::now_ms;
 use crate::keys::remote::verify_key_response;
 
 /// Clocks further apart than this make signatures and key validity unreliable.

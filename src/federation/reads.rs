@@ -10,8 +10,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::client_api::rooms::{directory_answer, parse_room_id};
+use crate::clock::now_ms;
 use crate::error::MatrixError;
-use crate::keys::now_ms;
 use crate::rooms::{StoredEvent, Visibility};
 use crate::state::AppState;
 use crate::xmatrix::SignedRequest;

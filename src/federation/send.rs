@@ -10,11 +10,11 @@ use ruma::{CanonicalJsonObject, CanonicalJsonValue, RoomId, ServerName};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::clock::now_ms;
 use crate::db::schema::received_txns;
 use crate::db::DbError;
 use crate::error::{internal_error, MatrixError};
 use crate::events::{self, Pdu, RoomVersion};
-use crate::keys::now_ms;
 use crate::on_backend;
 use crate::peeks::outbound;
 use crate::rooms::RoomError;
@@ -128,7 +128,7 @@ async fn receive_pdu(state: &web::Data<AppState>, origin: &ServerName, pdu: Valu
 /// A peeked room whose gap could not be filled would refuse every later PDU too: re-peek it
 /// for a new starting point, without holding up the transaction's answer.
 fn resync_in_background(state: &web::Data<AppState>, room_id: &RoomId) {
-    let (state, room_id, refused_at) = (state.clone(), room_id.to_owned(), crate::keys::now_ms());
+    let (state, room_id, refused_at) = (state.clone(), room_id.to_owned(), crate::clock::now_ms());
     tokio::spawn(async move {
         if let Err(e) = outbound::resync(&state, &room_id, refused_at).await {
             tracing::warn!(room = %room_id, error = %e, "re-sync of a peeked room failed");

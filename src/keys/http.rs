@@ -7,7 +7,7 @@ use actix_web::{web, HttpResponse};
 use ruma::{CanonicalJsonObject, CanonicalJsonValue, OwnedServerName};
 use serde::Deserialize;
 
-use super::now_ms;
+use crate::clock::now_ms;
 use crate::error::{internal_error, parse_json, MatrixError};
 use crate::state::AppState;
 

@@ -1,63 +1,11 @@
 //! Server keys: our own signing key and its publication (`/_matrix/key/v2/server`), remote
 //! servers' keys (fetched, verified and cached), and the notary query endpoints.
 
+pub mod encoding;
 pub mod http;
 pub mod remote;
 pub mod signing;
 
-use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, STANDARD_NO_PAD};
-use base64::engine::DecodePaddingMode;
-use base64::Engine;
-
+pub use encoding::{decode_base64, encode_base64, is_valid_key_version};
 pub use remote::{KeyError, RemoteKeys, VerifyKey};
 pub use signing::SigningKey;
-
-/// Standard alphabet, decoding padded or unpadded input (the spec says decoders should accept
-/// both) and ignoring non-zero trailing bits, which real keys have: the spec's own test seed
-/// `...XA1` ends in one.
-const LENIENT_STANDARD: GeneralPurpose = GeneralPurpose::new(
-    &base64::alphabet::STANDARD,
-    GeneralPurposeConfig::new()
-        .with_encode_padding(false)
-        .with_decode_padding_mode(DecodePaddingMode::Indifferent)
-        .with_decode_allow_trailing_bits(true),
-);
-
-/// Unpadded standard base64, as Matrix uses for keys, hashes and signatures.
-pub fn encode_base64(bytes: &[u8]) -> String {
-    STANDARD_NO_PAD.encode(bytes)
-}
-
-pub fn decode_base64(text: &str) -> Option<Vec<u8>> {
-    LENIENT_STANDARD.decode(text).ok()
-}
-
-/// A key "version" (the part after `ed25519:`) is `[a-zA-Z0-9_]+`.
-pub fn is_valid_key_version(version: &str) -> bool {
-    !version.is_empty() && version.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn base64_accepts_padded_and_unpadded() {
-        assert_eq!(decode_base64("YQ").unwrap(), b"a");
-        assert_eq!(decode_base64("YQ==").unwrap(), b"a");
-        assert_eq!(encode_base64(b"a"), "YQ");
-        assert!(decode_base64("!!").is_none());
-    }
-
-    #[test]
-    fn key_versions() {
-        assert!(is_valid_key_version("a_1Bc"));
-        assert!(!is_valid_key_version(""));
-        assert!(!is_valid_key_version("a-b"));
-    }
-}

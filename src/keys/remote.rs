@@ -10,7 +10,9 @@ use diesel::prelude::*;
 use ruma::signatures::{to_canonical_json_string_for_signing, verify_canonical_json_bytes};
 use ruma::{CanonicalJsonObject, CanonicalJsonValue, OwnedServerName, ServerName, SigningKeyAlgorithm};
 
-use super::{decode_base64, now_ms, SigningKey};
+use super::encoding::{decode_base64, encode_base64};
+use super::signing::SigningKey;
+use crate::clock::now_ms;
 use crate::config::OldKeyConfig;
 use crate::db::schema::{server_key_responses, server_keys};
 use crate::db::write_transaction;
@@ -316,7 +318,7 @@ impl RemoteKeys {
                 (
                     server_keys::server_name.eq(server.clone()),
                     server_keys::key_id.eq(k.key_id.clone()),
-                    server_keys::public_key.eq(super::encode_base64(&k.public_key)),
+                    server_keys::public_key.eq(encode_base64(&k.public_key)),
                     server_keys::valid_until_ts.eq(k.valid_until_ts),
                     server_keys::is_old.eq(k.is_old),
                     server_keys::fetched_ts.eq(now),

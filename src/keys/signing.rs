@@ -10,7 +10,7 @@ use rand::distr::{Alphanumeric, SampleString};
 use ruma::signatures::{Ed25519KeyPair, KeyPair};
 use ruma::{CanonicalJsonObject, CanonicalJsonValue, Int};
 
-use super::{decode_base64, encode_base64, is_valid_key_version};
+use super::encoding::{decode_base64, encode_base64, is_valid_key_version};
 use crate::config::OldKeyConfig;
 
 #[derive(Debug, thiserror::Error)]

@@ -10,12 +10,12 @@ use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use tokio::sync::watch;
 
+use crate::clock::now_ms;
 use crate::config::ClientPeekConfig;
 use crate::db::schema::{device_peek_log, device_peeks, devices};
 use crate::db::write_transaction;
 use crate::db::{Db, DbConnection};
 use crate::events::Pdu;
-use crate::keys::now_ms;
 use crate::rooms::{store, visibility, RoomError};
 
 /// Why a device's peek ended; `joined` and `initial_sync` show no leave entry (CP-8, CP-10).

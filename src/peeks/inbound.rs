@@ -18,12 +18,12 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::PeekId;
+use crate::clock::now_ms;
 use crate::config::Settings;
 use crate::db::schema::{destinations, inbound_peeks, peek_notices};
 use crate::db::write_transaction;
 use crate::db::{Db, DbConnection};
 use crate::events::Pdu;
-use crate::keys::now_ms;
 use crate::on_backend;
 use crate::rooms::store::{self, RoomRow};
 use crate::rooms::{visibility, RoomError, Rooms};

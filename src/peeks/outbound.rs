@@ -17,11 +17,11 @@ use serde_json::{json, Value};
 
 use super::devices;
 use super::validate::{self, InvalidPeek, ValidPeek};
+use crate::clock::now_ms;
 use crate::db::schema::{outbound_claims, outbound_peeks};
 use crate::db::{write_transaction, DbConnection};
 use crate::events::{Pdu, RoomVersion};
 use crate::federation::client::{FedRequest, FederationError};
-use crate::keys::now_ms;
 use crate::on_backend;
 use crate::rooms::{RoomError, StateMap};
 use crate::state::AppState;

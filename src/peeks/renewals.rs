@@ -10,8 +10,8 @@ use diesel::sql_types::{Array, BigInt, Text};
 use diesel::{QueryableByName, RunQueryDsl};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::clock::now_ms;
 use crate::db::{Db, DbConnection, DbError};
-use crate::keys::now_ms;
 
 /// `(origin, room_id, peek_id)`.
 pub type PeekKey = (String, String, String);

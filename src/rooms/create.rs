@@ -8,10 +8,11 @@ use serde_json::{json, Value};
 
 use super::store;
 use super::RoomError;
+use crate::clock::now_ms;
 use crate::db::schema::room_aliases;
 use crate::db::DbConnection;
 use crate::events::{EventDraft, RoomVersion};
-use crate::keys::{now_ms, SigningKey};
+use crate::keys::SigningKey;
 
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct CreateRoomRequest {

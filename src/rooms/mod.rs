@@ -18,11 +18,12 @@ pub use create::{CreateRoomRequest, InitialStateEvent};
 pub use store::{Appended, StateMap, StoredEvent};
 pub use visibility::Visibility;
 
+use crate::clock::now_ms;
 use crate::db::schema::room_aliases;
 use crate::db::write_transaction;
 use crate::db::{Db, DbConnection, DbError};
 use crate::events::{EventDraft, Pdu};
-use crate::keys::{now_ms, SigningKey};
+use crate::keys::SigningKey;
 use diesel::prelude::*;
 
 #[derive(Debug, thiserror::Error)]

@@ -29,9 +29,9 @@ use tokio::task::JoinHandle;
 pub use queue::backoff;
 use queue::{fan_out_inputs, save_many, NewEvent};
 
+use crate::clock::now_ms;
 use crate::db::schema::{destinations, events, inbound_peeks, peek_notices};
 use crate::db::DbError;
-use crate::keys::now_ms;
 use crate::state::AppState;
 
 /// How often the manager looks for destinations with work, besides wake-ups.

@@ -8,10 +8,10 @@ use rand::RngExt;
 use serde_json::Value;
 
 use super::Shared;
+use crate::clock::now_ms;
 use crate::db::schema::{destinations, events, inbound_peeks, peek_notices};
 use crate::db::write_transaction;
 use crate::db::{DbConnection, DbError};
-use crate::keys::now_ms;
 
 /// Spec limit of PDUs per transaction.
 pub const MAX_PDUS_PER_TXN: i64 = 50;

@@ -14,8 +14,8 @@ use tokio::sync::{mpsc, watch, Notify};
 
 use super::queue::{self, backoff, DestinationRow, LEASE_MS};
 use super::{Prepared, Shared};
+use crate::clock::now_ms;
 use crate::federation::client::{FedRequest, FederationError};
-use crate::keys::now_ms;
 
 /// An idle worker exits after this long (the manager starts it again when there is work).
 const WORKER_IDLE: Duration = Duration::from_secs(60);
