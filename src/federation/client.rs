@@ -206,9 +206,9 @@ impl FederationClient {
         };
         if request.signed {
             let content = match &request.body {
-                Some(body) => Some(
-                    CanonicalJsonValue::try_from(body.clone()).map_err(|e| FederationError::BadBody(e.to_string()))?,
-                ),
+                Some(body) => Some(crate::canonical_json::encode(
+                    &CanonicalJsonValue::try_from(body.clone()).map_err(|e| FederationError::BadBody(e.to_string()))?,
+                )),
                 None => None,
             };
             let header = xmatrix::authorization_header(
@@ -217,7 +217,7 @@ impl FederationClient {
                 server,
                 request.method.as_str(),
                 request.path,
-                content,
+                content.as_deref(),
             );
             builder = builder.header(AUTHORIZATION, header);
         }
@@ -239,13 +239,13 @@ impl FederationClient {
     ) -> Result<Value, FederationError> {
         let server = destination.as_str();
         let (client, url, host_header) = self.target(destination, path).await?;
-        let header = xmatrix::authorization_header_for_canonical(
+        let header = xmatrix::authorization_header(
             &self.key,
             self.origin.as_str(),
             server,
             method.as_str(),
             path,
-            canonical,
+            Some(canonical),
         );
         let mut builder = client
             .request(method, url)

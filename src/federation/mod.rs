@@ -1,5 +1,6 @@
 //! Server-server API: the outbound client (with server-name resolution) and our routes.
 
+pub mod auth;
 pub mod check;
 pub mod client;
 pub mod peek;

@@ -7,9 +7,9 @@ use serde_json::json;
 
 use crate::client_api::rooms::parse_room_id;
 use crate::error::MatrixError;
+use crate::federation::auth::SignedRequest;
 use crate::peeks::inbound::{PeekError, PutOutcome};
 use crate::state::AppState;
-use crate::xmatrix::SignedRequest;
 
 impl From<PeekError> for MatrixError {
     fn from(e: PeekError) -> Self {

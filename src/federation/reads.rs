@@ -12,9 +12,9 @@ use serde_json::{json, Value};
 use crate::client_api::rooms::{directory_answer, parse_room_id};
 use crate::clock::now_ms;
 use crate::error::MatrixError;
+use crate::federation::auth::SignedRequest;
 use crate::rooms::{StoredEvent, Visibility};
 use crate::state::AppState;
-use crate::xmatrix::SignedRequest;
 
 /// Most events one backfill or get_missing_events answer carries.
 const MAX_EVENTS_PER_READ: usize = 100;

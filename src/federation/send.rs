@@ -15,11 +15,11 @@ use crate::db::schema::received_txns;
 use crate::db::DbError;
 use crate::error::{internal_error, MatrixError};
 use crate::events::{self, Pdu, RoomVersion};
+use crate::federation::auth::SignedRequest;
 use crate::on_backend;
 use crate::peeks::outbound;
 use crate::rooms::RoomError;
 use crate::state::AppState;
-use crate::xmatrix::SignedRequest;
 
 pub const MAX_PDUS: usize = 50;
 pub const MAX_EDUS: usize = 100;

@@ -4,9 +4,9 @@
 use actix_web::{web, HttpResponse};
 use serde_json::json;
 
+use super::auth::SignedRequest;
 use super::{peek, reads, send};
 use crate::http::resource;
-use crate::xmatrix::SignedRequest;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     // One scope, so other requests skip these routes after a prefix check; inside it the hot
