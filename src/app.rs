@@ -20,6 +20,7 @@ use crate::keys::{RemoteKeys, SigningKey};
 use crate::metrics::Metrics;
 use crate::peeks::devices::DevicePeeks;
 use crate::peeks::inbound::InboundPeeks;
+use crate::rooms::hooks::StateEventHook;
 use crate::rooms::Rooms;
 use crate::schedule::{self, ScheduleHandle};
 use crate::sender::{self, SenderHandle};
@@ -63,7 +64,10 @@ pub async fn build_state(settings: Settings, dns: Option<Arc<dyn Dns>>) -> anyho
         key.clone(),
         settings.raw.signing.old_keys.clone(),
     );
-    let rooms = Rooms::new(db.clone(), key.clone(), settings.server_name.clone());
+    // The append path publishes; the peek modules subscribe (design.md §1).
+    let state_event_hooks: Vec<StateEventHook> =
+        vec![crate::peeks::inbound::after_state_event, crate::peeks::devices::after_state_event];
+    let rooms = Rooms::new(db.clone(), key.clone(), settings.server_name.clone(), state_event_hooks);
     let accounts = Accounts::new(db.clone());
     let inbound = InboundPeeks::new(db.clone(), &settings);
     let device_peeks = DevicePeeks::new(db.clone(), &settings.raw.client.peek);

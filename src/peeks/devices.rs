@@ -306,8 +306,8 @@ fn end_rows(
     Ok((rooms, last))
 }
 
-/// Called by the append path inside its transaction after every state event (through
-/// [`super::after_state_event`]):
+/// Called by the append path inside its transaction after every state event (a hook that
+/// `app` registers with the append path):
 /// - CP-11: when the room stops being peekable, every device peek on it ends at this event (the
 ///   event is still shown in the leave entry);
 /// - CP-10: when a local user joins, that user's peeks on the room end on every device, in the

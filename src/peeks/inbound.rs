@@ -506,8 +506,8 @@ pub const REASON_VISIBILITY: &str = "visibility_changed";
 pub const REASON_LEFT: &str = "room_left";
 pub const REASON_LAPSED: &str = "lapsed";
 
-/// Called by the append path inside its transaction after every state event (through
-/// [`super::after_state_event`]): when the room
+/// Called by the append path inside its transaction after every state event (a hook that
+/// `app` registers with the append path): when the room
 /// stops being peekable (RE-3) or our last member leaves (RE-4), every inbound peek on it ends at
 /// this event. The event itself is still delivered; `expired_peeks` follows (PE-7).
 pub fn after_state_event(

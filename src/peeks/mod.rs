@@ -7,19 +7,6 @@ pub mod outbound;
 pub mod renewals;
 pub mod validate;
 
-/// The append path's hook, inside its transaction, after every state event: inbound peeks and
-/// local devices' peeks end when the room stops being peekable (and on the other occasions their
-/// modules name).
-pub fn after_state_event(
-    conn: &mut crate::db::DbConnection,
-    server_name: &str,
-    pdu: &crate::events::Pdu,
-    position: i64,
-) -> Result<(), crate::rooms::RoomError> {
-    inbound::after_state_event(conn, server_name, pdu, position)?;
-    devices::after_state_event(conn, server_name, pdu, position)
-}
-
 /// A validated peek ID (FP-4): 1-8 characters of `[0-9a-zA-Z.=_-]`, or, with the lenient
 /// interop switch on, any 1-255 bytes of printable ASCII (Dendrite sends room IDs).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -6,6 +6,7 @@ use ruma::{RoomAliasId, RoomId, ServerName, UserId};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::hooks::AppendHooks;
 use super::store;
 use super::RoomError;
 use crate::clock::now_ms;
@@ -133,7 +134,7 @@ pub fn plan(
 pub fn execute(
     conn: &mut DbConnection,
     key: &SigningKey,
-    server_name: &str,
+    hooks: &AppendHooks,
     room_id: &RoomId,
     creator: &UserId,
     plan: Plan,
@@ -168,7 +169,7 @@ pub fn execute(
             depth: 0,
             origin_server_ts: now_ms(),
         };
-        last = store::append_local(conn, key, server_name, &room, draft)?.stream_pos;
+        last = store::append_local(conn, key, hooks, &room, draft)?.stream_pos;
     }
     Ok(last)
 }

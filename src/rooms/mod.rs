@@ -3,6 +3,7 @@
 //! storage functions of [`store`] in `Db::run`.
 
 mod create;
+pub mod hooks;
 pub mod store;
 pub mod visibility;
 
@@ -61,6 +62,7 @@ pub struct Rooms {
     db: Db,
     key: Arc<SigningKey>,
     server_name: OwnedServerName,
+    hooks: hooks::AppendHooks,
     /// The newest stream position; the sender and `/sync` wait on changes.
     stream: watch::Sender<i64>,
     /// The newest position appended by this instance (other instances are told of it).
@@ -74,10 +76,17 @@ pub struct Rooms {
 }
 
 impl Rooms {
-    pub fn new(db: Db, key: Arc<SigningKey>, server_name: OwnedServerName) -> Rooms {
+    /// `state_event_hooks` run inside the append transaction after every state event.
+    pub fn new(
+        db: Db,
+        key: Arc<SigningKey>,
+        server_name: OwnedServerName,
+        state_event_hooks: Vec<hooks::StateEventHook>,
+    ) -> Rooms {
         Rooms {
             db,
             key,
+            hooks: hooks::AppendHooks::new(server_name.as_str(), state_event_hooks),
             server_name,
             stream: watch::Sender::new(0),
             local: watch::Sender::new(0),
@@ -117,15 +126,14 @@ impl Rooms {
             RoomId::parse(format!("!{}:{}", Alphanumeric.sample_string(&mut rand::rng(), 18), self.server_name))
                 .map_err(|e| RoomError::Internal(e.to_string()))?;
         let plan = create::plan(&self.server_name, creator, &room_id, request)?;
-        let key = self.key.clone();
-        let server_name = self.server_name.to_string();
+        let (key, hooks) = (self.key.clone(), self.hooks.clone());
         let creator = creator.to_owned();
         let rid = room_id.clone();
         let last = self
             .db
             .run(move |conn| {
                 write_transaction::<_, RoomError, _>(conn, |conn| {
-                    create::execute(conn, &key, &server_name, &rid, &creator, plan)
+                    create::execute(conn, &key, &hooks, &rid, &creator, plan)
                 })
             })
             .await?;
@@ -156,8 +164,7 @@ impl Rooms {
         content: Value,
         txn: Option<(String, String)>,
     ) -> Result<Appended, RoomError> {
-        let key = self.key.clone();
-        let server_name = self.server_name.to_string();
+        let (key, hooks) = (self.key.clone(), self.hooks.clone());
         let draft = EventDraft {
             room_id: room_id.to_owned(),
             sender: sender.to_owned(),
@@ -181,7 +188,7 @@ impl Rooms {
                         }
                     }
                     let sender = draft.sender.to_string();
-                    let appended = store::append_local(conn, &key, &server_name, &row, draft)?;
+                    let appended = store::append_local(conn, &key, &hooks, &row, draft)?;
                     if let Some((device_id, txn_id)) = &txn {
                         store::record_client_txn(conn, &sender, device_id, txn_id, appended.event_id.as_str())?;
                     }
@@ -196,13 +203,13 @@ impl Rooms {
     /// Stores an event another server sent (signatures already verified): the append path for
     /// remote events. `None` when we already had it.
     pub async fn append_remote(&self, room_id: &RoomId, pdu: Pdu) -> Result<Option<Appended>, RoomError> {
-        let (room, server_name) = (room_id.to_string(), self.server_name.to_string());
+        let (room, hooks) = (room_id.to_string(), self.hooks.clone());
         let appended = self
             .db
             .run(move |conn| {
                 write_transaction::<_, RoomError, _>(conn, |conn| {
                     let row = store::lock_for_append(conn, &room)?;
-                    store::append_remote(conn, &server_name, &row, &pdu)
+                    store::append_remote(conn, &hooks, &row, &pdu)
                 })
             })
             .await?;

@@ -8,6 +8,7 @@ use diesel::sql_types::{BigInt, Text};
 use ruma::events::StateEventType;
 use ruma::{EventId, OwnedEventId};
 
+use super::hooks::AppendHooks;
 use super::RoomError;
 use crate::db::schema::{
     client_txns, current_state, events, forward_extremities, rooms, state_group_entries, state_groups,
@@ -142,7 +143,7 @@ pub fn current_state_map(conn: &mut DbConnection, room_id: &str) -> Result<State
 pub fn append_local(
     conn: &mut DbConnection,
     key: &SigningKey,
-    server_name: &str,
+    hooks: &AppendHooks,
     room: &RoomRow,
     mut draft: EventDraft,
 ) -> Result<Appended, RoomError> {
@@ -159,9 +160,10 @@ pub fn append_local(
         .load(conn)?;
     draft.prev_events = prev.iter().map(|id| EventId::parse(id).expect("stored IDs are valid")).collect();
     draft.depth = room.max_depth + 1;
-    let pdu = pdus::build(key, server_name, room.version, draft).map_err(|e| RoomError::BadEvent(e.to_string()))?;
+    let pdu =
+        pdus::build(key, hooks.server_name(), room.version, draft).map_err(|e| RoomError::BadEvent(e.to_string()))?;
     authorise(conn, room, &pdu, &needed)?;
-    store_event(conn, server_name, room, &pdu)
+    store_event(conn, hooks, room, &pdu)
 }
 
 /// Authorises and stores an event another server sent (already signature-checked): its
@@ -169,7 +171,7 @@ pub fn append_local(
 /// them and against the current state. `None` when we already have it.
 pub fn append_remote(
     conn: &mut DbConnection,
-    server_name: &str,
+    hooks: &AppendHooks,
     room: &RoomRow,
     pdu: &Pdu,
 ) -> Result<Option<Appended>, RoomError> {
@@ -195,7 +197,7 @@ pub fn append_remote(
             .map_err(|e| RoomError::BadEvent(e.to_string()))?;
     let state = current_state_for(conn, &room.room_id, &auth_types)?;
     authorise(conn, room, pdu, &state)?;
-    store_event(conn, server_name, room, pdu).map(Some)
+    store_event(conn, hooks, room, pdu).map(Some)
 }
 
 /// The current state event IDs of the given keys, in one query.
@@ -242,7 +244,7 @@ fn authorise(
 /// current state, forward extremities and the room's depth.
 pub fn store_event(
     conn: &mut DbConnection,
-    server_name: &str,
+    hooks: &AppendHooks,
     room: &RoomRow,
     pdu: &Pdu,
 ) -> Result<Appended, RoomError> {
@@ -285,10 +287,10 @@ pub fn store_event(
     diesel::update(rooms::table.filter(rooms::room_id.eq(&room.room_id)))
         .set((rooms::current_state_group.eq(after), rooms::max_depth.eq(room.max_depth.max(pdu.depth))))
         .execute(conn)?;
-    // In the same transaction: peeks end when the room stops being peekable (RE-3, RE-4, CP-11)
-    // and a local user's peeks end when they join (CP-10).
+    // In the same transaction, the registered hooks: peeks end when the room stops being
+    // peekable (RE-3, RE-4, CP-11) and a local user's peeks end when they join (CP-10).
     if pdu.is_state() {
-        crate::peeks::after_state_event(conn, server_name, pdu, stream_pos)?;
+        hooks.after_state_event(conn, pdu, stream_pos)?;
     }
     Ok(Appended { event_id: pdu.event_id.clone(), stream_pos })
 }
