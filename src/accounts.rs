@@ -63,11 +63,12 @@ pub fn validate_localpart(localpart: &str, server_name: &ServerName) -> Result<O
     {
         return Err(AccountError::InvalidUsername("use only a-z, 0-9 and . _ = - / +".to_owned()));
     }
-    let user_id = format!("@{localpart}:{server_name}");
-    if user_id.len() > 255 {
+    let user_id =
+        crate::ids::local_user(localpart, server_name).map_err(|e| AccountError::InvalidUsername(e.to_string()))?;
+    if user_id.as_str().len() > 255 {
         return Err(AccountError::InvalidUsername("the user ID would exceed 255 bytes".to_owned()));
     }
-    UserId::parse(user_id).map_err(|e| AccountError::InvalidUsername(e.to_string()))
+    Ok(user_id)
 }
 
 fn hash_token(token: &str) -> String {

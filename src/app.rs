@@ -23,7 +23,7 @@ use crate::peeks::inbound::InboundPeeks;
 use crate::rooms::hooks::StateEventHook;
 use crate::rooms::Rooms;
 use crate::schedule::{self, ScheduleHandle};
-use crate::sender::{self, SenderHandle};
+use crate::sender::{self, SenderContext, SenderHandle};
 use crate::state::AppState;
 use crate::{admin, client_api, federation, http, keys};
 
@@ -78,8 +78,8 @@ pub async fn build_state(settings: Settings, dns: Option<Arc<dyn Dns>>) -> anyho
         key,
         keys,
         federation,
-        metrics: Metrics::new(),
-        rooms,
+        metrics: Arc::new(Metrics::new()),
+        rooms: Arc::new(rooms),
         accounts,
         inbound,
         device_peeks,
@@ -210,7 +210,15 @@ pub fn start(state: AppState, listeners: Listeners) -> anyhow::Result<RunningSer
     }
     let listener = start_listener(&state);
     let announcer = start_announcer(&state);
-    let sender = Some(sender::start(state.clone()));
+    let sender = Some(sender::start(SenderContext {
+        instance_id: state.instance_id.clone(),
+        settings: state.settings.clone(),
+        db: state.db.clone(),
+        rooms: state.rooms.clone(),
+        federation: state.federation.clone(),
+        metrics: state.metrics.clone(),
+        destination_resets: state.destination_resets.subscribe(),
+    }));
     let schedule = Some(schedule::start(state.clone()));
     tracing::info!(%http_addr, ?tls_addr, ?metrics_addr, server_name = %state.settings.server_name, "peekgate listening");
     Ok(RunningServer {

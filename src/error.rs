@@ -1,8 +1,9 @@
 //! Matrix error bodies at the HTTP edge.
 //!
-//! Library modules return their own typed errors (`thiserror`); handlers map them to a
-//! [`MatrixError`], which renders as `{"errcode": ..., "error": ...}` with the right status.
-//! Internal error text is logged, never sent to a remote server.
+//! Library modules return their own typed errors (`thiserror`, each beside its module); this
+//! module is the one place that maps them to a [`MatrixError`] (the `From` impls below), which
+//! renders as `{"errcode": ..., "error": ...}` with the right status. Internal error text is
+//! logged, never sent to a remote server. Only the HTTP edge imports this module.
 
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, ResponseError};
@@ -61,6 +62,11 @@ impl MatrixError {
 
     pub fn invalid_param(error: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "M_INVALID_PARAM", error)
+    }
+
+    /// 429 `M_LIMIT_EXCEEDED`, with when to try again.
+    pub fn limit_exceeded(error: impl Into<String>, retry_after_ms: u64) -> Self {
+        Self::new(StatusCode::TOO_MANY_REQUESTS, "M_LIMIT_EXCEEDED", error).with_field("retry_after_ms", retry_after_ms)
     }
 
     pub fn too_large(error: impl Into<String>) -> Self {
@@ -137,6 +143,12 @@ impl From<crate::rooms::RoomError> for MatrixError {
     }
 }
 
+impl From<crate::ids::IdError> for MatrixError {
+    fn from(e: crate::ids::IdError) -> Self {
+        MatrixError::invalid_param(e.to_string())
+    }
+}
+
 impl From<crate::accounts::AccountError> for MatrixError {
     fn from(e: crate::accounts::AccountError) -> Self {
         use crate::accounts::AccountError as E;
@@ -146,6 +158,46 @@ impl From<crate::accounts::AccountError> for MatrixError {
             E::BadCredentials => MatrixError::forbidden("Invalid username or password"),
             E::UnknownToken => MatrixError::new(StatusCode::UNAUTHORIZED, "M_UNKNOWN_TOKEN", "Unknown access token"),
             other @ (E::Hash(_) | E::Db(_)) => internal_error("account operation failed", other),
+        }
+    }
+}
+
+impl From<crate::peeks::inbound::PeekError> for MatrixError {
+    fn from(e: crate::peeks::inbound::PeekError) -> Self {
+        match e {
+            crate::peeks::inbound::PeekError::Acl(_) => MatrixError::forbidden("Server ACL forbids this server"),
+            crate::peeks::inbound::PeekError::UnknownRoom => MatrixError::not_found("Unknown room"),
+            crate::peeks::inbound::PeekError::InvalidPeekId => {
+                MatrixError::unrecognized(StatusCode::BAD_REQUEST, "Invalid peek ID")
+            }
+            crate::peeks::inbound::PeekError::IncompatibleVersion(version) => MatrixError::new(
+                StatusCode::BAD_REQUEST,
+                "M_INCOMPATIBLE_ROOM_VERSION",
+                "Peeking server does not support this room version",
+            )
+            .with_field("room_version", version),
+            crate::peeks::inbound::PeekError::NotPeekable(why) => MatrixError::forbidden(why),
+            crate::peeks::inbound::PeekError::LimitExceeded { retry_after_ms } => {
+                MatrixError::limit_exceeded("Too many peeks", retry_after_ms)
+            }
+            crate::peeks::inbound::PeekError::NoSuchPeek => MatrixError::not_found("Unknown peek"),
+            crate::peeks::inbound::PeekError::Room(room) => room.into(),
+        }
+    }
+}
+
+impl From<crate::peeks::outbound::OutboundError> for MatrixError {
+    fn from(e: crate::peeks::outbound::OutboundError) -> Self {
+        match e {
+            crate::peeks::outbound::OutboundError::IncompatibleVersion(version) => MatrixError::new(
+                StatusCode::BAD_REQUEST,
+                "M_INCOMPATIBLE_ROOM_VERSION",
+                format!("The room's version {version} is not supported by this server"),
+            )
+            .with_field("room_version", version),
+            crate::peeks::outbound::OutboundError::Forbidden(reason) => MatrixError::forbidden(reason),
+            crate::peeks::outbound::OutboundError::NotFound(reason) => MatrixError::not_found(reason),
+            crate::peeks::outbound::OutboundError::Room(e) => e.into(),
         }
     }
 }

@@ -15,6 +15,7 @@ pub mod error;
 pub mod events;
 pub mod federation;
 pub mod http;
+pub mod ids;
 pub mod keys;
 pub mod logging;
 pub mod metrics;

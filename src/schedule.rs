@@ -116,27 +116,7 @@ const DEAD_DESTINATION_MS: i64 = 7 * 24 * 3_600_000;
 /// server remains, it is failing, and it never accepted a transaction or not for a week. (A
 /// peeker that comes back learns that its peek is gone from its next renewal.)
 async fn forget_dead_destinations(state: &AppState) -> Result<(), DbError> {
-    use crate::db::schema::{destinations, inbound_peeks, peek_notices};
-    use diesel::prelude::*;
-    let before = now_ms() - DEAD_DESTINATION_MS;
-    let forgotten = state
-        .db
-        .run::<_, DbError, _>(move |conn| {
-            let dead: Vec<String> = destinations::table
-                .filter(destinations::failure_count.gt(0))
-                .filter(destinations::last_success_ts.is_null().or(destinations::last_success_ts.lt(before)))
-                .filter(diesel::dsl::not(diesel::dsl::exists(
-                    inbound_peeks::table.filter(inbound_peeks::origin.eq(destinations::server_name)),
-                )))
-                .select(destinations::server_name)
-                .load(conn)?;
-            for chunk in dead.chunks(500) {
-                diesel::delete(peek_notices::table.filter(peek_notices::destination.eq_any(chunk))).execute(conn)?;
-                diesel::delete(destinations::table.filter(destinations::server_name.eq_any(chunk))).execute(conn)?;
-            }
-            Ok(dead.len())
-        })
-        .await?;
+    let forgotten = crate::sender::destinations::forget_dead(&state.db, now_ms() - DEAD_DESTINATION_MS).await?;
     if forgotten > 0 {
         tracing::info!(forgotten, "forgot destinations that stopped answering and have no peeks left");
     }
@@ -177,6 +157,9 @@ pub async fn evict_inbound(state: &AppState) -> Result<(usize, usize), DbError> 
     forget_dead_destinations(state).await?;
     for (reason, count) in &ended {
         state.metrics.peek_evictions(reason, *count);
+    }
+    if let Ok(live) = state.inbound.live_count().await {
+        state.metrics.inbound_peeks(live);
     }
     let ended_total: usize = ended.values().sum();
     if lapsed_total + ended_total > 0 {

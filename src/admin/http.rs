@@ -79,7 +79,7 @@ async fn end_inbound(
 ) -> Result<HttpResponse, MatrixError> {
     require_admin(authed)?;
     let (origin, room, peek_id) = path.into_inner();
-    let ended = super::end_inbound_peek(&state.db, &origin, &room, &peek_id)
+    let ended = crate::peeks::inbound::end_now(&state.db, &origin, &room, &peek_id)
         .await
         .map_err(|e| internal_error("ending an inbound peek", e))?;
     if !ended {

@@ -8,8 +8,7 @@ pub mod http;
 use diesel::prelude::*;
 use serde::Serialize;
 
-use crate::clock::now_ms;
-use crate::db::schema::{destinations, device_peeks, inbound_peeks, outbound_peeks};
+use crate::db::schema::{device_peeks, inbound_peeks, outbound_peeks};
 use crate::db::{Db, DbConnection, DbError};
 
 #[derive(Debug, Serialize, Queryable)]
@@ -49,22 +48,7 @@ pub struct PeeksReport {
     pub device: Vec<DevicePeekView>,
 }
 
-#[derive(Debug, Serialize, Queryable)]
-pub struct DestinationView {
-    pub server_name: String,
-    pub last_sent_pos: i64,
-    pub failure_count: i32,
-    pub retry_at: Option<i64>,
-    pub last_success_ts: Option<i64>,
-    pub lease_owner: Option<String>,
-}
-
-impl DestinationView {
-    /// Waiting out a back-off now.
-    pub fn backing_off(&self, now: i64) -> bool {
-        self.retry_at.is_some_and(|at| at > now)
-    }
-}
+pub use crate::sender::destinations::DestinationView;
 
 /// Every open peek of each kind (ended device peeks and ended inbound peeks are left out).
 pub async fn peeks(db: &Db) -> Result<PeeksReport, DbError> {
@@ -105,51 +89,12 @@ pub async fn peeks(db: &Db) -> Result<PeeksReport, DbError> {
 }
 
 pub async fn destinations(db: &Db) -> Result<Vec<DestinationView>, DbError> {
-    db.run(|conn: &mut DbConnection| {
-        Ok(destinations::table
-            .order(destinations::server_name)
-            .select((
-                destinations::server_name,
-                destinations::last_sent_pos,
-                destinations::failure_count,
-                destinations::retry_at,
-                destinations::last_success_ts,
-                destinations::lease_owner,
-            ))
-            .load(conn)?)
-    })
-    .await
+    crate::sender::destinations::list(db).await
 }
 
-/// Clears a destination's back-off; `false` when the server is not a destination. A running
-/// sender notices within a couple of seconds (or at once, through the HTTP admin API).
+/// Clears a destination's back-off; `false` when the server is not a destination.
 pub async fn reset_destination(db: &Db, server: &str) -> Result<bool, DbError> {
-    let server = server.to_owned();
-    db.run(move |conn: &mut DbConnection| {
-        let changed = diesel::update(destinations::table.find(&server))
-            .set((destinations::failure_count.eq(0), destinations::retry_at.eq(None::<i64>)))
-            .execute(conn)?;
-        Ok(changed == 1)
-    })
-    .await
-}
-
-/// Ends an inbound peek the way a lapse does (the peeker is told through `expired_peeks`).
-pub async fn end_inbound_peek(db: &Db, origin: &str, room_id: &str, peek_id: &str) -> Result<bool, DbError> {
-    let (origin, room, peek) = (origin.to_owned(), room_id.to_owned(), peek_id.to_owned());
-    db.run(move |conn: &mut DbConnection| {
-        let changed = diesel::update(
-            inbound_peeks::table
-                .filter(inbound_peeks::origin.eq(&origin))
-                .filter(inbound_peeks::room_id.eq(&room))
-                .filter(inbound_peeks::peek_id.eq(&peek))
-                .filter(inbound_peeks::end_stream_pos.is_null()),
-        )
-        .set(inbound_peeks::expires_ts.eq(now_ms() - 1))
-        .execute(conn)?;
-        Ok(changed == 1)
-    })
-    .await
+    crate::sender::destinations::reset(db, server).await
 }
 
 /// Plain-text tables for the CLI.

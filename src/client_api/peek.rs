@@ -10,33 +10,17 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::auth::Authed;
-use super::rooms::parse_room_id;
 use crate::accounts::Session;
 use crate::clock::now_ms;
 use crate::error::{parse_json, MatrixError};
+use crate::ids::{self, RoomRef};
 use crate::peeks::devices::{self, Started};
-use crate::peeks::outbound::{self, OutboundError};
+use crate::peeks::outbound;
 use crate::state::AppState;
 use crate::sync::{self, RoomFilter, SyncParams, Token};
 
 /// CP-16: the lifetime we announce; every `/sync` of the device renews it implicitly (TBD-1).
 const PEEK_LIFETIME_MS: i64 = 24 * 3_600_000;
-
-impl From<OutboundError> for MatrixError {
-    fn from(e: OutboundError) -> Self {
-        match e {
-            OutboundError::IncompatibleVersion(version) => MatrixError::new(
-                StatusCode::BAD_REQUEST,
-                "M_INCOMPATIBLE_ROOM_VERSION",
-                format!("The room's version {version} is not supported by this server"),
-            )
-            .with_field("room_version", version),
-            OutboundError::Forbidden(reason) => MatrixError::forbidden(reason),
-            OutboundError::NotFound(reason) => MatrixError::not_found(reason),
-            OutboundError::Room(e) => e.into(),
-        }
-    }
-}
 
 #[derive(Deserialize, Default)]
 struct PeekBody {
@@ -50,10 +34,10 @@ fn bad_state(error: &str) -> MatrixError {
 }
 
 fn rate_limit(state: &AppState, session: &Session) -> Result<(), MatrixError> {
-    state.device_peeks.check_rate(session.user_id.as_str(), &session.device_id).map_err(|retry_after_ms| {
-        MatrixError::new(StatusCode::TOO_MANY_REQUESTS, "M_LIMIT_EXCEEDED", "Too many peek requests")
-            .with_field("retry_after_ms", retry_after_ms)
-    })
+    state
+        .device_peeks
+        .check_rate(session.user_id.as_str(), &session.device_id)
+        .map_err(|retry_after_ms| MatrixError::limit_exceeded("Too many peek requests", retry_after_ms))
 }
 
 /// An empty body counts as `{}`; anything else must be a JSON object.
@@ -104,12 +88,7 @@ pub async fn peek(
         if !local {
             outbound::release_if_unwatched(&state, &room_id).await?;
         }
-        return Err(MatrixError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "M_LIMIT_EXCEEDED",
-            "This device peeks too many rooms",
-        )
-        .with_field("retry_after_ms", 60_000));
+        return Err(MatrixError::limit_exceeded("This device peeks too many rooms", 60_000));
     }
     tracing::info!(room = %room_id, device = %session.device_id, ?started, "device peek");
     Ok(HttpResponse::Ok().json(json!({ "room_id": room_id, "peek_expiry_ts": now_ms() + PEEK_LIFETIME_MS })))
@@ -122,9 +101,24 @@ async fn resolve(
     client_servers: Vec<String>,
 ) -> Result<(OwnedRoomId, Vec<String>), MatrixError> {
     let ours = &state.settings.server_name;
-    if target.starts_with('#') {
-        let alias = RoomAliasId::parse(target)
-            .map_err(|_| MatrixError::invalid_param(format!("Invalid room alias {target:?}")))?;
+    let room_id = match ids::room_id_or_alias(target)? {
+        RoomRef::Id(room_id) => room_id,
+        RoomRef::Alias(alias) => return resolve_alias(state, &alias, client_servers).await,
+    };
+    let room_server = room_id.server_name().map(|s| s.to_string());
+    let lists = client_servers.iter().map(String::as_str).chain(room_server.as_deref());
+    Ok((room_id.clone(), outbound::candidates(ours, lists)))
+}
+
+/// OP-1 for an alias: ours resolve here; others through their server's directory, with the
+/// alias's server and the directory's answer as candidates after the client's.
+async fn resolve_alias(
+    state: &AppState,
+    alias: &RoomAliasId,
+    client_servers: Vec<String>,
+) -> Result<(OwnedRoomId, Vec<String>), MatrixError> {
+    let ours = &state.settings.server_name;
+    {
         if alias.server_name() == &**ours {
             let room_id = state
                 .rooms
@@ -133,7 +127,7 @@ async fn resolve(
                 .ok_or_else(|| MatrixError::not_found("Room alias not found"))?;
             return Ok((room_id, Vec::new()));
         }
-        let (room_id, directory) = outbound::resolve_alias(state, &alias).await?;
+        let (room_id, directory) = outbound::resolve_alias(state, alias).await?;
         let alias_server = alias.server_name().to_string();
         let room_server = room_id.server_name().map(|s| s.to_string());
         let lists = client_servers
@@ -142,15 +136,8 @@ async fn resolve(
             .chain([alias_server.as_str()])
             .chain(directory.iter().map(String::as_str))
             .chain(room_server.as_deref());
-        return Ok((room_id.clone(), outbound::candidates(ours, lists)));
+        Ok((room_id.clone(), outbound::candidates(ours, lists)))
     }
-    if !target.starts_with('!') {
-        return Err(MatrixError::invalid_param(format!("{target:?} is neither a room ID nor an alias")));
-    }
-    let room_id = parse_room_id(target)?;
-    let room_server = room_id.server_name().map(|s| s.to_string());
-    let lists = client_servers.iter().map(String::as_str).chain(room_server.as_deref());
-    Ok((room_id.clone(), outbound::candidates(ours, lists)))
 }
 
 /// CP-3: world-readable and not encrypted, in our copy of the current state.
@@ -166,7 +153,7 @@ pub async fn unpeek(
     body: web::Bytes,
 ) -> Result<HttpResponse, MatrixError> {
     rate_limit(&state, &session)?;
-    let room_id = parse_room_id(&path)?;
+    let room_id = ids::room_id(&path)?;
     let _: Value = parse_json(if body.is_empty() { b"{}" } else { &body })?;
     if state.rooms.room(&room_id).await?.is_none() {
         return Err(MatrixError::not_found("Room not found"));

@@ -2,31 +2,26 @@
 //! messages and the room directory.
 
 use actix_web::{web, HttpRequest, HttpResponse};
-use ruma::{OwnedRoomId, RoomAliasId, RoomId};
+use ruma::{OwnedRoomId, RoomId};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::auth::Authed;
 use crate::error::{parse_json, MatrixError};
+use crate::ids::{self, RoomRef};
 use crate::rooms::{CreateRoomRequest, Visibility};
 use crate::state::AppState;
 
-pub fn parse_room_id(raw: &str) -> Result<OwnedRoomId, MatrixError> {
-    RoomId::parse(raw).map_err(|_| MatrixError::invalid_param(format!("Invalid room ID {raw:?}")))
-}
-
 /// A room ID, or an alias of one of our rooms.
 async fn resolve_room(state: &AppState, id_or_alias: &str) -> Result<OwnedRoomId, MatrixError> {
-    if id_or_alias.starts_with('#') {
-        let alias = RoomAliasId::parse(id_or_alias)
-            .map_err(|_| MatrixError::invalid_param(format!("Invalid room alias {id_or_alias:?}")))?;
-        return state
+    match ids::room_id_or_alias(id_or_alias)? {
+        RoomRef::Id(room_id) => Ok(room_id),
+        RoomRef::Alias(alias) => state
             .rooms
             .resolve_alias(alias.as_str())
             .await?
-            .ok_or_else(|| MatrixError::not_found("Room alias not found"));
+            .ok_or_else(|| MatrixError::not_found("Room alias not found")),
     }
-    parse_room_id(id_or_alias)
 }
 
 /// Readers must be joined, or the room must be world-readable now.
@@ -74,7 +69,7 @@ pub async fn send_event(
     body: web::Bytes,
 ) -> Result<HttpResponse, MatrixError> {
     let (room, kind, txn_id) = path.into_inner();
-    let room_id = parse_room_id(&room)?;
+    let room_id = ids::room_id(&room)?;
     let content: Value = parse_json(&body)?;
     let appended = state
         .rooms
@@ -111,7 +106,7 @@ async fn put_state_event(
     state_key: &str,
     body: &[u8],
 ) -> Result<HttpResponse, MatrixError> {
-    let room_id = parse_room_id(room)?;
+    let room_id = ids::room_id(room)?;
     let content: Value = parse_json(body)?;
     let appended = state.rooms.send(&room_id, &session.user_id, kind, Some(state_key), content).await?;
     Ok(HttpResponse::Ok().json(json!({ "event_id": appended.event_id })))
@@ -142,7 +137,7 @@ async fn get_state_event(
     kind: &str,
     state_key: &str,
 ) -> Result<HttpResponse, MatrixError> {
-    let room_id = parse_room_id(room)?;
+    let room_id = ids::room_id(room)?;
     require_reader(state, &room_id, session).await?;
     match state.rooms.state_event(&room_id, kind, state_key).await? {
         Some(event) => Ok(HttpResponse::Ok().json(event.content_value())),
@@ -155,7 +150,7 @@ pub async fn get_full_state(
     Authed(session): Authed,
     path: web::Path<String>,
 ) -> Result<HttpResponse, MatrixError> {
-    let room_id = parse_room_id(&path)?;
+    let room_id = ids::room_id(&path)?;
     require_reader(&state, &room_id, &session).await?;
     let events: Vec<Value> = state.rooms.current_state(&room_id).await?.iter().map(|e| e.client_json()).collect();
     Ok(HttpResponse::Ok().json(events))
@@ -175,7 +170,7 @@ pub async fn join_by_id(
     Authed(session): Authed,
     path: web::Path<String>,
 ) -> Result<HttpResponse, MatrixError> {
-    let room_id = parse_room_id(&path)?;
+    let room_id = ids::room_id(&path)?;
     join(&state, &session, &room_id).await
 }
 
@@ -208,7 +203,7 @@ pub async fn leave(
     Authed(session): Authed,
     path: web::Path<String>,
 ) -> Result<HttpResponse, MatrixError> {
-    let room_id = parse_room_id(&path)?;
+    let room_id = ids::room_id(&path)?;
     let member = session.user_id.as_str();
     state
         .rooms
@@ -238,7 +233,7 @@ pub async fn messages(
     path: web::Path<String>,
     query: web::Query<MessagesQuery>,
 ) -> Result<HttpResponse, MatrixError> {
-    let room_id = parse_room_id(&path)?;
+    let room_id = ids::room_id(&path)?;
     let member = require_reader(&state, &room_id, &session).await?;
     let forwards = match query.dir.as_deref() {
         Some("f") => true,
@@ -275,7 +270,7 @@ pub async fn directory_lookup(state: web::Data<AppState>, req: HttpRequest) -> R
 /// `{room_id, servers}` for one of our aliases: the answer of both the client and the federation
 /// directory lookups.
 pub async fn directory_answer(state: &AppState, alias: &str) -> Result<Value, MatrixError> {
-    let alias = RoomAliasId::parse(alias).map_err(|_| MatrixError::invalid_param("Invalid room alias"))?;
+    let alias = ids::room_alias(alias)?;
     match state.rooms.resolve_alias(alias.as_str()).await? {
         Some(room_id) => Ok(json!({ "room_id": room_id, "servers": [state.settings.server_name.as_str()] })),
         None => Err(MatrixError::not_found("Room alias not found")),

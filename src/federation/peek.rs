@@ -1,42 +1,17 @@
 //! MSC2444 routes, we are the peeked server: `PUT`, `POST .../renew` and `DELETE`
 //! `/_matrix/federation/v1/peek/{roomId}/{peekId}`. The logic lives in `peeks::inbound`.
 
-use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::json;
 
-use crate::client_api::rooms::parse_room_id;
 use crate::error::MatrixError;
 use crate::federation::auth::SignedRequest;
 use crate::peeks::inbound::{PeekError, PutOutcome};
 use crate::state::AppState;
 
-impl From<PeekError> for MatrixError {
-    fn from(e: PeekError) -> Self {
-        match e {
-            PeekError::Acl(_) => MatrixError::forbidden("Server ACL forbids this server"),
-            PeekError::UnknownRoom => MatrixError::not_found("Unknown room"),
-            PeekError::InvalidPeekId => MatrixError::unrecognized(StatusCode::BAD_REQUEST, "Invalid peek ID"),
-            PeekError::IncompatibleVersion(version) => MatrixError::new(
-                StatusCode::BAD_REQUEST,
-                "M_INCOMPATIBLE_ROOM_VERSION",
-                "Peeking server does not support this room version",
-            )
-            .with_field("room_version", version),
-            PeekError::NotPeekable(why) => MatrixError::forbidden(why),
-            PeekError::LimitExceeded { retry_after_ms } => {
-                MatrixError::new(StatusCode::TOO_MANY_REQUESTS, "M_LIMIT_EXCEEDED", "Too many peeks")
-                    .with_field("retry_after_ms", retry_after_ms)
-            }
-            PeekError::NoSuchPeek => MatrixError::not_found("Unknown peek"),
-            PeekError::Room(room) => room.into(),
-        }
-    }
-}
-
 fn room_and_peek(path: &(String, String)) -> Result<(ruma::OwnedRoomId, &str), MatrixError> {
     // An ID that cannot be a room ID names no room of ours.
-    let room_id = parse_room_id(&path.0).map_err(|_| MatrixError::not_found("Unknown room"))?;
+    let room_id = crate::ids::room_id(&path.0).map_err(|_| MatrixError::not_found("Unknown room"))?;
     Ok((room_id, path.1.as_str()))
 }
 

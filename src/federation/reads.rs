@@ -9,10 +9,11 @@ use ruma::{OwnedRoomId, ServerName};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::client_api::rooms::{directory_answer, parse_room_id};
+use crate::client_api::rooms::directory_answer;
 use crate::clock::now_ms;
 use crate::error::MatrixError;
 use crate::federation::auth::SignedRequest;
+use crate::ids;
 use crate::rooms::{StoredEvent, Visibility};
 use crate::state::AppState;
 
@@ -36,7 +37,7 @@ async fn may_see(state: &AppState, event: &StoredEvent, joined: bool) -> Result<
 }
 
 async fn known_room(state: &AppState, raw: &str) -> Result<OwnedRoomId, MatrixError> {
-    let room_id = parse_room_id(raw)?;
+    let room_id = ids::room_id(raw)?;
     // Rooms we only peek are other servers' to serve: we hold a partial copy at best.
     if !state.rooms.room(&room_id).await?.is_some_and(|r| r.is_local) {
         return Err(MatrixError::not_found("Room not found"));

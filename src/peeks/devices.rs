@@ -16,6 +16,7 @@ use crate::db::schema::{device_peek_log, device_peeks, devices};
 use crate::db::write_transaction;
 use crate::db::{Db, DbConnection};
 use crate::events::Pdu;
+use crate::ids;
 use crate::rooms::{store, visibility, RoomError};
 
 /// Why a device's peek ended; `joined` and `initial_sync` show no leave entry (CP-8, CP-10).
@@ -318,7 +319,7 @@ pub fn after_state_event(
     pdu: &Pdu,
     position: i64,
 ) -> Result<(), RoomError> {
-    let local_member = pdu.state_key.as_deref().filter(|k| k.ends_with(&format!(":{server_name}")));
+    let local_member = pdu.state_key.as_deref().filter(|k| ids::is_user_of(k, server_name));
     let (user, reason) = if visibility::ends_peekability(pdu) {
         (None, END_VISIBILITY)
     } else if pdu.event_type().as_str() == "m.room.member"

@@ -20,13 +20,14 @@ use serde_json::Value;
 use super::PeekId;
 use crate::clock::now_ms;
 use crate::config::Settings;
-use crate::db::schema::{destinations, inbound_peeks, peek_notices};
+use crate::db::schema::inbound_peeks;
 use crate::db::write_transaction;
-use crate::db::{Db, DbConnection};
+use crate::db::{Db, DbConnection, DbError};
 use crate::events::Pdu;
-use crate::on_backend;
+use crate::ids;
 use crate::rooms::store::{self, RoomRow};
 use crate::rooms::{visibility, RoomError, Rooms};
+use crate::sender::destinations as sender;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PeekError {
@@ -443,6 +444,24 @@ impl InboundPeeks {
     }
 }
 
+/// Ends an inbound peek the way a lapse does (the peeker is told through `expired_peeks`).
+pub async fn end_now(db: &Db, origin: &str, room_id: &str, peek_id: &str) -> Result<bool, DbError> {
+    let (origin, room, peek) = (origin.to_owned(), room_id.to_owned(), peek_id.to_owned());
+    db.run(move |conn: &mut DbConnection| {
+        let changed = diesel::update(
+            inbound_peeks::table
+                .filter(inbound_peeks::origin.eq(&origin))
+                .filter(inbound_peeks::room_id.eq(&room))
+                .filter(inbound_peeks::peek_id.eq(&peek))
+                .filter(inbound_peeks::end_stream_pos.is_null()),
+        )
+        .set(inbound_peeks::expires_ts.eq(now_ms() - 1))
+        .execute(conn)?;
+        Ok(changed == 1)
+    })
+    .await
+}
+
 /// Inserts the peek (replacing a lapsed or ended one with the same key) and makes sure its
 /// server has a delivery cursor. A destination with no other live peek starts at P.
 fn record_peek(
@@ -462,13 +481,7 @@ fn record_peek(
             .filter(inbound_peeks::peek_id.eq(peek_id)),
     )
     .execute(conn)?;
-    diesel::delete(
-        peek_notices::table
-            .filter(peek_notices::destination.eq(origin))
-            .filter(peek_notices::room_id.eq(room_id))
-            .filter(peek_notices::peek_id.eq(peek_id)),
-    )
-    .execute(conn)?;
+    sender::forget_expired_peek(conn, origin, room_id, peek_id)?;
     let others: i64 = inbound_peeks::table
         .filter(inbound_peeks::origin.eq(origin))
         .filter(inbound_peeks::expires_ts.ge(now))
@@ -486,18 +499,8 @@ fn record_peek(
             inbound_peeks::start_stream_pos.eq(position),
         ))
         .execute(conn)?;
-    let row = (destinations::server_name.eq(origin.to_owned()), destinations::last_sent_pos.eq(position));
-    on_backend!(&mut *conn, |c| diesel::insert_into(destinations::table)
-        .values(row.clone())
-        .on_conflict_do_nothing()
-        .execute(c))?;
-    if others == 0 {
-        // Nothing else to deliver to this server before P: skip the scan over unrelated events.
-        diesel::update(destinations::table.filter(destinations::server_name.eq(origin)))
-            .filter(destinations::last_sent_pos.lt(position))
-            .set(destinations::last_sent_pos.eq(position))
-            .execute(conn)?;
-    }
+    // With no other live peek, nothing else is due to this server before P.
+    sender::ensure_cursor(conn, origin, position, others == 0)?;
     Ok(())
 }
 
@@ -519,7 +522,7 @@ pub fn after_state_event(
     let reason = if visibility::ends_peekability(pdu) {
         Some(REASON_VISIBILITY)
     } else if pdu.event_type().as_str() == "m.room.member" {
-        let local_leave = pdu.state_key.as_deref().is_some_and(|k| k.ends_with(&format!(":{server_name}")))
+        let local_leave = pdu.state_key.as_deref().is_some_and(|k| ids::is_user_of(k, server_name))
             && pdu.content_value()["membership"] != "join";
         (local_leave && !has_local_member(conn, pdu.room_id.as_str(), server_name)?).then_some(REASON_LEFT)
     } else {
@@ -554,28 +557,8 @@ fn end_room_peeks(conn: &mut DbConnection, room_id: &str, position: i64, reason:
     .set((inbound_peeks::end_stream_pos.eq(position), inbound_peeks::end_reason.eq(reason)))
     .execute(conn)?;
     for (origin, peek_id) in open {
-        queue_notice(conn, &origin, room_id, &peek_id, position)?;
+        sender::queue_expired_peek(conn, &origin, room_id, &peek_id, position)?;
     }
-    Ok(())
-}
-
-fn queue_notice(
-    conn: &mut DbConnection,
-    destination: &str,
-    room_id: &str,
-    peek_id: &str,
-    after_pos: i64,
-) -> Result<(), diesel::result::Error> {
-    let row = (
-        peek_notices::destination.eq(destination.to_owned()),
-        peek_notices::room_id.eq(room_id.to_owned()),
-        peek_notices::peek_id.eq(peek_id.to_owned()),
-        peek_notices::after_pos.eq(after_pos),
-    );
-    on_backend!(&mut *conn, |c| diesel::insert_into(peek_notices::table)
-        .values(row.clone())
-        .on_conflict_do_nothing()
-        .execute(c))?;
     Ok(())
 }
 
@@ -590,6 +573,7 @@ pub fn evict_lapsed_batch(conn: &mut DbConnection, now: i64, batch: i64) -> Resu
         // FOR UPDATE): about a quarter faster than matching the three key columns again.
         let lapsed = match conn {
             DbConnection::Postgresql(_) => {
+                let noted = sender::queue_expired_peeks_sql("gone", head);
                 let query = format!(
                     "WITH gone AS ( \
                          DELETE FROM inbound_peeks WHERE ctid = ANY(ARRAY( \
@@ -597,9 +581,7 @@ pub fn evict_lapsed_batch(conn: &mut DbConnection, now: i64, batch: i64) -> Resu
                              WHERE expires_ts < {now} AND end_stream_pos IS NULL \
                              LIMIT {batch} FOR UPDATE SKIP LOCKED)) \
                          RETURNING origin, room_id, peek_id), \
-                     noted AS ( \
-                         INSERT INTO peek_notices (destination, room_id, peek_id, after_pos) \
-                         SELECT origin, room_id, peek_id, {head} FROM gone ON CONFLICT DO NOTHING) \
+                     noted AS ({noted}) \
                      SELECT COUNT(*) AS n FROM gone"
                 );
                 let counted: Vec<Counted> = diesel::sql_query(query).load(conn)?;
@@ -609,12 +591,8 @@ pub fn evict_lapsed_batch(conn: &mut DbConnection, now: i64, batch: i64) -> Resu
                 // Single instance: the whole sweep in one transaction, so both statements see
                 // the same rows.
                 let lapsed = format!("expires_ts < {now} AND end_stream_pos IS NULL");
-                diesel::sql_query(format!(
-                    "INSERT INTO peek_notices (destination, room_id, peek_id, after_pos) \
-                     SELECT origin, room_id, peek_id, {head} FROM inbound_peeks WHERE {lapsed} \
-                     ON CONFLICT DO NOTHING"
-                ))
-                .execute(conn)?;
+                let source = format!("inbound_peeks WHERE {lapsed}");
+                diesel::sql_query(sender::queue_expired_peeks_sql(&source, head)).execute(conn)?;
                 diesel::sql_query(format!("DELETE FROM inbound_peeks WHERE {lapsed}")).execute(conn)?
             }
         };

@@ -2,7 +2,7 @@
 //! all appended through the normal append path inside one transaction.
 
 use diesel::prelude::*;
-use ruma::{RoomAliasId, RoomId, ServerName, UserId};
+use ruma::{RoomId, ServerName, UserId};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -61,7 +61,7 @@ pub fn plan(
             if name.is_empty() || name.contains(':') || name.chars().any(char::is_whitespace) {
                 return Err(RoomError::InvalidParam(format!("invalid room_alias_name {name:?}")));
             }
-            RoomAliasId::parse(&alias).map_err(|e| RoomError::InvalidParam(format!("room_alias_name: {e}")))?;
+            crate::ids::room_alias(&alias).map_err(|e| RoomError::InvalidParam(format!("room_alias_name: {e}")))?;
             Some(alias)
         }
         None => None,

@@ -11,7 +11,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 use rand::distr::{Alphanumeric, SampleString};
-use ruma::{OwnedRoomId, OwnedServerName, OwnedUserId, RoomId, ServerName, UserId};
+use ruma::{OwnedRoomId, OwnedServerName, RoomId, ServerName, UserId};
 use serde_json::Value;
 use tokio::sync::watch;
 
@@ -442,11 +442,6 @@ fn advance(watch: &watch::Sender<i64>, stream_pos: i64) {
         }
         newer
     });
-}
-
-/// A user ID of ours with this localpart.
-pub fn local_user(localpart: &str, server_name: &ServerName) -> Result<OwnedUserId, RoomError> {
-    UserId::parse(format!("@{localpart}:{server_name}")).map_err(|e| RoomError::InvalidParam(e.to_string()))
 }
 
 type JoinedCache = Mutex<HashMap<String, (Option<i64>, Arc<BTreeSet<String>>)>>;

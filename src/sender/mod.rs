@@ -12,6 +12,7 @@
 //! - the queue path: a worker that is behind, backing off, or has `expired_peeks` notices reads
 //!   its own batches from the database, and catches up.
 
+pub mod destinations;
 mod queue;
 mod worker;
 
@@ -20,7 +21,6 @@ use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actix_web::web;
 use bytes::Bytes;
 use diesel::prelude::*;
 use tokio::sync::{mpsc, watch, Notify};
@@ -30,9 +30,12 @@ pub use queue::backoff;
 use queue::{fan_out_inputs, save_many, NewEvent};
 
 use crate::clock::now_ms;
-use crate::db::schema::{destinations, events, inbound_peeks, peek_notices};
-use crate::db::DbError;
-use crate::state::AppState;
+use crate::config::Settings;
+use crate::db::schema::{self, events, inbound_peeks, peek_notices};
+use crate::db::{Db, DbError};
+use crate::federation::client::FederationClient;
+use crate::metrics::Metrics;
+use crate::rooms::Rooms;
 
 /// How often the manager looks for destinations with work, besides wake-ups.
 const MANAGER_TICK: Duration = Duration::from_millis(500);
@@ -49,6 +52,20 @@ const FAN_OUT_MAX_CHUNKS: usize = 4;
 const COALESCE_WAIT: Duration = Duration::from_millis(100);
 /// Cursor moves of the fan-out path are written at least this often.
 const FLUSH_EVERY: Duration = Duration::from_millis(20);
+
+/// What the sender needs from the rest of the server, handed over at start-up.
+pub struct SenderContext {
+    /// This process among the instances sharing the database (leases name it).
+    pub instance_id: String,
+    pub settings: Settings,
+    pub db: Db,
+    /// New events: the sender waits on the stream position and reads rooms' joined servers.
+    pub rooms: Arc<Rooms>,
+    pub federation: Arc<FederationClient>,
+    pub metrics: Arc<Metrics>,
+    /// Bumped when an operator resets a destination: backing-off workers re-check at once.
+    pub destination_resets: watch::Receiver<u64>,
+}
 
 /// A running sender: stops on [`SenderHandle::stop`].
 pub struct SenderHandle {
@@ -93,7 +110,7 @@ struct WorkerHandle {
 }
 
 pub(crate) struct Shared {
-    pub state: web::Data<AppState>,
+    pub state: SenderContext,
     pub instance: String,
     pub txn_counter: AtomicU64,
     pub started_ms: i64,
@@ -111,7 +128,7 @@ impl Shared {
     }
 }
 
-pub fn start(state: web::Data<AppState>) -> SenderHandle {
+pub fn start(state: SenderContext) -> SenderHandle {
     let (shutdown, shutdown_rx) = watch::channel(false);
     let (progress, progress_rx) = mpsc::unbounded_channel();
     let shared = Arc::new(Shared {
@@ -373,20 +390,20 @@ async fn destinations_with_work(shared: &Shared, since: Option<i64>) -> Result<(
                 }
                 // Only destinations behind the head: a peeker that is caught up has no work,
                 // however many peeks it holds.
-                None => destinations::table
-                    .filter(destinations::last_sent_pos.lt(head))
+                None => schema::destinations::table
+                    .filter(schema::destinations::last_sent_pos.lt(head))
                     .filter(diesel::dsl::exists(
                         inbound_peeks::table
-                            .filter(inbound_peeks::origin.eq(destinations::server_name))
+                            .filter(inbound_peeks::origin.eq(schema::destinations::server_name))
                             .filter(inbound_peeks::expires_ts.ge(now).or(inbound_peeks::end_stream_pos.is_not_null())),
                     ))
-                    .select(destinations::server_name)
+                    .select(schema::destinations::server_name)
                     .load(conn)?,
             };
             let noticed: Vec<String> = peek_notices::table.select(peek_notices::destination).distinct().load(conn)?;
-            let retrying: Vec<String> = destinations::table
-                .filter(destinations::retry_at.is_not_null())
-                .select(destinations::server_name)
+            let retrying: Vec<String> = schema::destinations::table
+                .filter(schema::destinations::retry_at.is_not_null())
+                .select(schema::destinations::server_name)
                 .load(conn)?;
             list.extend(noticed);
             list.extend(retrying);
@@ -399,16 +416,7 @@ async fn destinations_with_work(shared: &Shared, since: Option<i64>) -> Result<(
 
 async fn update_gauges(shared: &Shared) {
     let state = &shared.state;
-    let backing_off = state
-        .db
-        .run::<_, DbError, _>(|conn| {
-            Ok(destinations::table.filter(destinations::retry_at.gt(now_ms())).count().get_result::<i64>(conn)?)
-        })
-        .await;
-    if let Ok(count) = backing_off {
+    if let Ok(count) = destinations::backing_off_count(&state.db, now_ms()).await {
         state.metrics.destinations_backing_off(count);
-    }
-    if let Ok(live) = state.inbound.live_count().await {
-        state.metrics.inbound_peeks(live);
     }
 }

@@ -12,6 +12,7 @@ use crate::clock::now_ms;
 use crate::db::schema::{destinations, events, inbound_peeks, peek_notices};
 use crate::db::write_transaction;
 use crate::db::{DbConnection, DbError};
+use crate::ids;
 
 /// Spec limit of PDUs per transaction.
 pub const MAX_PDUS_PER_TXN: i64 = 50;
@@ -328,10 +329,7 @@ impl PeekRow {
             Some(end) => event.pos <= end,
             None => self.expires_ts >= now,
         };
-        self.room_id == event.room_id
-            && self.start < event.pos
-            && live
-            && !event.sender.ends_with(&format!(":{}", self.origin))
+        self.room_id == event.room_id && self.start < event.pos && live && !ids::is_user_of(&event.sender, &self.origin)
     }
 }
 

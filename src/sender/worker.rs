@@ -220,7 +220,7 @@ async fn wait_out_backoff(
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<bool, Stop> {
     let until = Instant::now() + delay;
-    let mut resets = shared.state.destination_resets.subscribe();
+    let mut resets = shared.state.destination_resets.clone();
     loop {
         let left = until.saturating_duration_since(Instant::now());
         if left.is_zero() {
