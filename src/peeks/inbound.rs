@@ -567,7 +567,7 @@ fn end_room_peeks(conn: &mut DbConnection, room_id: &str, position: i64, reason:
 /// so several instances never evict the same peek. Returns how many were evicted.
 pub fn evict_lapsed_batch(conn: &mut DbConnection, now: i64, batch: i64) -> Result<usize, diesel::result::Error> {
     write_transaction(conn, |conn| {
-        let head = events_max(conn)?;
+        let head = store::stream_head(conn)?;
         // Set-based: one statement moves a whole batch of lapsed peeks into notices. The rows
         // are claimed and deleted by their physical address (ctid; stable while they are locked
         // FOR UPDATE): about a quarter faster than matching the three key columns again.
@@ -628,10 +628,4 @@ pub fn evict_ended(conn: &mut DbConnection) -> Result<BTreeMap<String, usize>, d
 struct Counted {
     #[diesel(sql_type = diesel::sql_types::BigInt)]
     n: i64,
-}
-
-fn events_max(conn: &mut DbConnection) -> Result<i64, diesel::result::Error> {
-    use crate::db::schema::events;
-    let max: Option<i64> = events::table.select(diesel::dsl::max(events::stream_pos)).first(conn)?;
-    Ok(max.unwrap_or(0))
 }

@@ -659,10 +659,16 @@ fn insert_event_row(
         .get_result(conn)?)
 }
 
-/// The newest stream position of all rooms (0 when there is no event yet).
-pub fn max_stream_pos(conn: &mut DbConnection) -> Result<i64, RoomError> {
+/// The newest stream position of all rooms (0 when there is no event yet): the one query for
+/// it, used by the sender, eviction and `/sync` alike.
+pub fn stream_head(conn: &mut DbConnection) -> Result<i64, diesel::result::Error> {
     let pos: Option<i64> = events::table.select(diesel::dsl::max(events::stream_pos)).first(conn)?;
     Ok(pos.unwrap_or(0))
+}
+
+/// [`stream_head`] with the room error type.
+pub fn max_stream_pos(conn: &mut DbConnection) -> Result<i64, RoomError> {
+    Ok(stream_head(conn)?)
 }
 
 /// The room's forward extremities.

@@ -372,8 +372,7 @@ async fn destinations_with_work(shared: &Shared, since: Option<i64>) -> Result<(
         .db
         .run(move |conn| {
             let now = now_ms();
-            let head: Option<i64> = events::table.select(diesel::dsl::max(events::stream_pos)).first(conn)?;
-            let head = head.unwrap_or(0);
+            let head = crate::rooms::store::stream_head(conn)?;
             let mut list: Vec<String> = match since {
                 Some(since) if since >= head => Vec::new(),
                 Some(since) => {

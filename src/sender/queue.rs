@@ -61,8 +61,7 @@ fn next_batch_blocking(conn: &mut DbConnection, destination: &str, cursor: i64) 
     let now = now_ms();
     // Read the head first: every event up to it has committed (appends commit in order), so
     // what the query below does not return up to the head is not for this destination.
-    let head: Option<i64> = events::table.select(diesel::dsl::max(events::stream_pos)).first(conn)?;
-    let head = head.unwrap_or(0);
+    let head = crate::rooms::store::stream_head(conn)?;
     let own_events = format!("%:{}", destination.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_"));
     let peeked = inbound_peeks::table
         .filter(inbound_peeks::origin.eq(destination))
