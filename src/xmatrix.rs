@@ -16,7 +16,7 @@ use ruma::{CanonicalJsonObject, CanonicalJsonValue, OwnedServerName, SigningKeyA
 use serde::de::DeserializeOwned;
 
 use crate::error::MatrixError;
-use crate::keys::{now_ms, SigningKey};
+use crate::keys::SigningKey;
 use crate::state::AppState;
 
 /// The object that is signed (never sent): method, raw URI with query, origin, destination and,
@@ -231,7 +231,7 @@ async fn verify_header(
     }
     let public_key = state
         .keys
-        .verify_key(&x.origin, x.key.as_str(), now_ms())
+        .request_key(&x.origin, x.key.as_str())
         .await
         .map_err(|e| with_origin(AuthFailure::KeyUnavailable, e.to_string()))?;
     let object = request_object(method, uri, &origin, ours, content);
