@@ -118,6 +118,8 @@ pub struct FederationConfig {
     pub connect_timeout_ms: u64,
     /// Largest response body read from a remote server.
     pub max_response_bytes: usize,
+    /// Longest wait between retries of a failing destination (the sender's back-off cap).
+    pub max_backoff_ms: u64,
     pub peek: FederationPeekConfig,
 }
 
@@ -263,6 +265,7 @@ impl Default for FederationConfig {
             request_timeout_ms: 30_000,
             connect_timeout_ms: 10_000,
             max_response_bytes: 16 * 1024 * 1024,
+            max_backoff_ms: 86_400_000,
             peek: FederationPeekConfig::default(),
         }
     }
@@ -381,6 +384,7 @@ impl Config {
         positive("federation.request_timeout_ms", self.federation.request_timeout_ms)?;
         positive("federation.connect_timeout_ms", self.federation.connect_timeout_ms)?;
         positive("federation.max_response_bytes", self.federation.max_response_bytes as u64)?;
+        positive("federation.max_backoff_ms", self.federation.max_backoff_ms)?;
         positive("http.max_body_bytes", self.http.max_body_bytes as u64)?;
         positive("peeks.renewal_interval_ms", self.peeks.renewal_interval_ms)?;
         let peek = &self.federation.peek;

@@ -2,6 +2,8 @@
 //! tracing-actix-web with access tokens redacted from the target; no handler logs a token,
 //! password or key (a test checks the logs of a running server).
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogConfig;
@@ -9,7 +11,9 @@ use crate::config::LogConfig;
 /// Installs the global subscriber once; later calls (tests) are ignored.
 pub fn init(config: &LogConfig) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.filter));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colour only on a terminal: journald and log files get plain text (H20).
+    let ansi = std::io::stderr().is_terminal();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     let _ = if config.format == "json" { builder.json().flatten_event(true).try_init() } else { builder.try_init() };
 }
 

@@ -10,7 +10,6 @@ use ruma::api::federation::authentication::XMatrix;
 use ruma::signatures::verify_canonical_json_bytes;
 use ruma::{OwnedServerName, SigningKeyAlgorithm};
 
-use crate::clock::now_ms;
 use crate::keys::remote::RemoteKeys;
 use crate::keys::signing::SigningKey;
 
@@ -150,8 +149,9 @@ async fn verify_header(
     if x.key.algorithm() != SigningKeyAlgorithm::Ed25519 {
         return Err(with_origin(AuthFailure::UnknownAlgorithm, x.key.to_string()));
     }
+    // Only a key that is current now authenticates a request (H17); old keys verify events only.
     let public_key = keys
-        .verify_key(&x.origin, x.key.as_str(), now_ms())
+        .request_key(&x.origin, x.key.as_str())
         .await
         .map_err(|e| with_origin(AuthFailure::KeyUnavailable, e.to_string()))?;
     let signed = signed_text(request.method, request.uri, &origin, ours, request.canonical_content);

@@ -294,6 +294,39 @@ async fn logs_never_contain_passwords_tokens_or_keys() {
     }
 }
 
+/// H20: plain logs written to a pipe (journald, a file) carry no ANSI colour codes.
+#[tokio::test]
+async fn plain_logs_to_a_pipe_have_no_colour_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let http_port = free_port();
+    let child = peekgate(dir.path())
+        .arg("serve")
+        .env("PEEKGATE_HTTP__BIND", format!("127.0.0.1:{http_port}"))
+        .env("PEEKGATE_METRICS__BIND", "")
+        .env("PEEKGATE_LOG__FORMAT", "plain")
+        .env("PEEKGATE_LOG__FILTER", "debug")
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{http_port}");
+    let mut up = false;
+    for _ in 0..200 {
+        if get_json(&format!("{base}/_matrix/key/v2/server")).await.is_some() {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let output = tokio::task::spawn_blocking(move || child.wait_with_output()).await.unwrap().unwrap();
+    let logs = String::from_utf8_lossy(&output.stderr);
+    assert!(up, "serve did not start: {logs}");
+    assert!(logs.lines().count() > 2, "expected debug logs, got: {logs}");
+    assert!(!logs.contains("\x1b["), "ANSI escape codes in piped logs: {logs:?}");
+}
+
 /// #6: SIGTERM while transactions to a slow peeker are in flight. `serve` exits 0, and the server
 /// started again on the same database delivers what the first one did not: the peeker ends with
 /// every event (at-least-once: repeats allowed, losses not). On PostgreSQL, the production store.

@@ -11,7 +11,7 @@ use peekgate::federation::resolve::ResolveError;
 use reqwest::Method;
 use ruma::ServerName;
 use serde_json::{json, Value};
-use support::peer::{sign_value, signing_bytes, KeyMode, TestPeer};
+use support::peer::{sign_value, signing_bytes, KeyMode, TestPeer, OLD_KEY_ID};
 use support::{DbKind, ServerSpec, TestServer};
 
 const WHOAMI: &str = "/_peekgate/federation/v1/whoami";
@@ -238,6 +238,113 @@ async fn one_valid_header_of_several_suffices(db: DbKind) {
     good.stop().await;
 }
 both_backends!(one_valid_header_of_several_suffices);
+
+/// An X-Matrix header for `peer`'s request signed by `key` under `key_id`.
+fn header_signed_by(peer: &TestPeer, key: &ed25519_dalek::SigningKey, key_id: &str, gw: &str) -> String {
+    let sig = sign_value(key, &peer.request_object("GET", WHOAMI, gw, None));
+    format!("X-Matrix origin=\"{}\",destination=\"{gw}\",key=\"{key_id}\",sig=\"{sig}\"", peer.name)
+}
+
+/// The cached `(public key, valid_until_ts, is_old)` of one of `origin`'s keys.
+async fn cached_key(server: &TestServer, origin: &str, key_id: &str) -> (String, i64, bool) {
+    let (origin, key_id) = (origin.to_owned(), key_id.to_owned());
+    server
+        .state()
+        .db
+        .run::<_, peekgate::db::DbError, _>(move |c| {
+            Ok(server_keys::table
+                .filter(server_keys::server_name.eq(origin))
+                .filter(server_keys::key_id.eq(key_id))
+                .select((server_keys::public_key, server_keys::valid_until_ts, server_keys::is_old))
+                .first(c)?)
+        })
+        .await
+        .unwrap()
+}
+
+/// H17: an `old_verify_keys` entry never authenticates a request, and its `expired_ts` is capped
+/// at the fetch time; events signed before that may still be checked with it.
+async fn old_keys_do_not_authenticate_requests(db: DbKind) {
+    let peer = TestPeer::start("oldkey.test", KeyMode::OldKeyFarFuture);
+    let gateway = ServerSpec::new("gw.test", db).destination("oldkey.test", &peer.url).start().await;
+    let before = chrono::Utc::now().timestamp_millis();
+    let current = peer.authorization("GET", WHOAMI, "gw.test", None);
+    let (status, answer) = call(&gateway.base, Method::GET, WHOAMI, None, &[current]).await;
+    assert_eq!((status, answer["origin"].as_str()), (200, Some("oldkey.test")));
+    let after = chrono::Utc::now().timestamp_millis();
+
+    let by_old = header_signed_by(&peer, &peer.other_key, OLD_KEY_ID, "gw.test");
+    let (status, answer) = call(&gateway.base, Method::GET, WHOAMI, None, &[by_old]).await;
+    assert_eq!((status, answer["errcode"].as_str()), (401, Some("M_UNAUTHORIZED")), "{answer}");
+
+    let (_, valid_until, is_old) = cached_key(&gateway, "oldkey.test", OLD_KEY_ID).await;
+    assert!(is_old);
+    assert!(valid_until >= before && valid_until <= after, "expired_ts capped at the fetch time: {valid_until}");
+    let keys = &gateway.state().keys;
+    let origin = ServerName::parse("oldkey.test").unwrap();
+    let old_public = keys.verify_key(&origin, OLD_KEY_ID, before - 60_000).await.expect("old key for old events");
+    assert_eq!(old_public, peer.other_key.verifying_key().to_bytes());
+    assert!(keys.verify_key(&origin, OLD_KEY_ID, after + 3_600_000).await.is_err(), "not for later events");
+    gateway.stop().await;
+    peer.stop().await;
+}
+both_backends!(old_keys_do_not_authenticate_requests);
+
+/// H17: an `old_verify_keys` entry with the ID of a self-signed verify key replaces nothing.
+async fn old_entry_never_replaces_a_current_key(db: DbKind) {
+    let peer = TestPeer::start("shadow.test", KeyMode::OldKeyShadowsCurrent);
+    let gateway = ServerSpec::new("gw.test", db).destination("shadow.test", &peer.url).start().await;
+    for _ in 0..2 {
+        let current = peer.authorization("GET", WHOAMI, "gw.test", None);
+        let (status, answer) = call(&gateway.base, Method::GET, WHOAMI, None, &[current]).await;
+        assert_eq!((status, answer["origin"].as_str()), (200, Some("shadow.test")), "{answer}");
+    }
+    let forged = header_signed_by(&peer, &peer.other_key, &peer.key_id, "gw.test");
+    let (status, _) = call(&gateway.base, Method::GET, WHOAMI, None, &[forged]).await;
+    assert_eq!(status, 401, "the unsigned old entry's key does not stand in for the current one");
+    let (public_key, _, is_old) = cached_key(&gateway, "shadow.test", &peer.key_id).await;
+    assert_eq!(public_key, peer.public_keys()[0].1);
+    assert!(!is_old);
+    gateway.stop().await;
+    peer.stop().await;
+}
+both_backends!(old_entry_never_replaces_a_current_key);
+
+/// H17: nor does an `old_verify_keys` entry of a later response replace a cached current key
+/// with other key material (the gateway restarts so that it may refetch at once).
+async fn later_old_entry_never_replaces_a_cached_current_key(db: DbKind) {
+    let peer = TestPeer::start("later.test", KeyMode::Good);
+    let gateway = ServerSpec::new("gw.test", db).destination("later.test", &peer.url).start().await;
+    let current = peer.authorization("GET", WHOAMI, "gw.test", None);
+    assert_eq!(call(&gateway.base, Method::GET, WHOAMI, None, &[current]).await.0, 200);
+    let (original, _, _) = cached_key(&gateway, "later.test", &peer.key_id).await;
+
+    // Now the same key material is published as `p2`, and `p1` is "old" with another key.
+    let now = chrono::Utc::now().timestamp_millis();
+    let mut response = json!({
+        "server_name": "later.test",
+        "verify_keys": { "ed25519:p2": { "key": original.clone() } },
+        "old_verify_keys": { peer.key_id.clone(): {
+            "key": support::peer::b64(peer.other_key.verifying_key().as_bytes()),
+            "expired_ts": now - 1000,
+        } },
+        "valid_until_ts": now + 86_400_000,
+    });
+    response["signatures"] = json!({ "later.test": { "ed25519:p2": sign_value(&peer.key, &response) } });
+    *peer.inbox.key_response.lock().unwrap() = Some(response);
+    let gateway = gateway.restart().await;
+    let by_p2 = header_signed_by(&peer, &peer.key, "ed25519:p2", "gw.test");
+    assert_eq!(call(&gateway.base, Method::GET, WHOAMI, None, &[by_p2]).await.0, 200, "the new response was fetched");
+    assert_eq!(cached_key(&gateway, "later.test", "ed25519:p2").await.0, original);
+    let (public_key, _, is_old) = cached_key(&gateway, "later.test", &peer.key_id).await;
+    assert_eq!((public_key, is_old), (original, false), "the cached current key is kept");
+    let origin = ServerName::parse("later.test").unwrap();
+    let checked = gateway.state().keys.verify_key(&origin, &peer.key_id, now - 60_000).await.unwrap();
+    assert_eq!(checked, peer.key.verifying_key().to_bytes());
+    gateway.stop().await;
+    peer.stop().await;
+}
+both_backends!(later_old_entry_never_replaces_a_cached_current_key);
 
 async fn internal_addresses_are_refused_without_override(db: DbKind) {
     // A live server on loopback that the gateway could reach if it did not check.

@@ -425,6 +425,39 @@ async fn re3_visibility_change_ends_peeks(db: DbKind) {
 }
 both_backends!(re3_visibility_change_ends_peeks);
 
+/// H7: `m.room.history_visibility` and `m.room.encryption` with a non-empty state key are not the
+/// room's setting and end no peek; the same change with the empty state key still does (RE-3).
+async fn re3_only_the_empty_state_key_ends_peeks(db: DbKind) {
+    let s = setup(db, &["peeker.test"], |_| {}).await;
+    let peer = &s.peers[0];
+    assert_eq!(put_peek(peer, &s.gw, &s.room, "k1", "?ver=10").await.0, 200);
+    let (status, vis) =
+        s.alice.put_state(&s.room, "m.room.history_visibility", "x", json!({ "history_visibility": "shared" })).await;
+    assert_eq!(status, 200, "{vis}");
+    let (status, enc_event) =
+        s.alice.put_state(&s.room, "m.room.encryption", "x", json!({ "algorithm": "m.megolm.v1.aes-sha2" })).await;
+    assert_eq!(status, 200, "{enc_event}");
+    let m1 = s.alice.say(&s.room, "m1").await;
+    wait_until("m1 delivered", || async { peer.inbox.event_ids("10").contains(&m1) }).await;
+    let got = peer.inbox.event_ids("10");
+    assert!(got.contains(&vis["event_id"].as_str().unwrap().to_owned()));
+    assert!(got.contains(&enc_event["event_id"].as_str().unwrap().to_owned()));
+    assert!(peer.inbox.expired_peeks().is_empty(), "{:?}", peer.inbox.expired_peeks());
+    let (status, _) =
+        peer.call(&s.gw.base, GW, Method::POST, &format!("{}/renew", peek_path(&s.room, "k1")), Some(&json!({}))).await;
+    assert_eq!(status, 200, "the peek is still open");
+    // The room's own setting (empty state key) still ends it.
+    let (status, change) =
+        s.alice.put_state(&s.room, "m.room.history_visibility", "", json!({ "history_visibility": "shared" })).await;
+    assert_eq!(status, 200);
+    let change = change["event_id"].as_str().unwrap().to_owned();
+    wait_until("expired_peeks after the change", || async { !peer.inbox.expired_peeks().is_empty() }).await;
+    assert!(peer.inbox.event_ids("10").contains(&change));
+    assert_eq!(peer.inbox.expired_peeks(), vec![json!({ "room_id": s.room, "peek_id": "k1" })]);
+    finish(s).await;
+}
+both_backends!(re3_only_the_empty_state_key_ends_peeks);
+
 /// A peeker that answers 500 for a while is retried with back-off (the same transaction), then
 /// gets everything in order; a healthy peeker meanwhile has everything already.
 async fn failing_peeker_backs_off_and_healthy_one_is_not_held_up(db: DbKind) {

@@ -47,7 +47,7 @@ impl FederationError {
 }
 
 /// DNS for the guarded HTTP client: names pinned by server-name resolution answer from the
-/// pin; any other name (a well-known host, a redirect) is looked up and filtered by the policy.
+/// pin; any other name (a well-known host) is looked up and filtered by the policy.
 struct GuardedDns {
     pinned: Mutex<HashMap<String, Vec<IpAddr>>>,
     dns: Arc<dyn Dns>,
@@ -119,21 +119,11 @@ impl FederationClient {
                 .tls_danger_accept_invalid_certs(fed.accept_invalid_certs)
                 .no_proxy()
         };
-        let redirect_policy = policy.clone();
+        // Redirects are never followed (H15): a federation answer or a well-known answer that
+        // redirects is an error, so no remote can bounce us to an address or scheme of its choice.
         let guarded = builder()
             .dns_resolver(GuardedResolve(guarded_dns.clone()))
-            .redirect(redirect::Policy::custom(move |attempt| {
-                // Follow a few redirects (well-known may use them), but never to a refused IP literal.
-                let literal = attempt
-                    .url()
-                    .host_str()
-                    .and_then(|h| h.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>().ok());
-                if attempt.previous().len() >= 5 || literal.is_some_and(|ip| !redirect_policy.permits(ip)) {
-                    attempt.stop()
-                } else {
-                    attempt.follow()
-                }
-            }))
+            .redirect(redirect::Policy::none())
             .build()
             .map_err(|e| transport("(client)", e))?;
         let direct = builder().redirect(redirect::Policy::none()).build().map_err(|e| transport("(client)", e))?;
@@ -271,6 +261,9 @@ impl FederationClient {
     ) -> Result<(Value, Option<String>), FederationError> {
         let response = builder.send().await.map_err(|e| transport(server, e))?;
         let status = response.status().as_u16();
+        if response.status().is_redirection() {
+            return Err(transport(server, format!("answered {status} (a redirect, which is not followed)")));
+        }
         let date = response.headers().get(reqwest::header::DATE).and_then(|v| v.to_str().ok()).map(str::to_owned);
         let body = self.read_json(server, response).await?;
         if (200..300).contains(&status) {
@@ -307,25 +300,36 @@ impl FederationClient {
     }
 
     /// Reads at most `max_response_bytes` and parses a JSON object.
-    async fn read_json(&self, server: &str, mut response: reqwest::Response) -> Result<Value, FederationError> {
-        let limit = self.max_response_bytes;
-        let too_large = || FederationError::TooLarge { server: server.to_owned(), limit };
-        if response.content_length().is_some_and(|len| len as usize > limit) {
-            return Err(too_large());
-        }
-        let mut bytes = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(|e| transport(server, e))? {
-            if bytes.len() + chunk.len() > limit {
-                return Err(too_large());
-            }
-            bytes.extend_from_slice(&chunk);
-        }
-        match serde_json::from_slice::<Value>(&bytes) {
-            Ok(value) if value.is_object() => Ok(value),
-            _ => Err(FederationError::NotJson { server: server.to_owned() }),
-        }
+    async fn read_json(&self, server: &str, response: reqwest::Response) -> Result<Value, FederationError> {
+        read_json_limited(server, response, self.max_response_bytes).await
     }
 }
+
+/// Reads at most `limit` bytes of a response and parses a JSON object.
+async fn read_json_limited(
+    server: &str,
+    mut response: reqwest::Response,
+    limit: usize,
+) -> Result<Value, FederationError> {
+    let too_large = || FederationError::TooLarge { server: server.to_owned(), limit };
+    if response.content_length().is_some_and(|len| len as usize > limit) {
+        return Err(too_large());
+    }
+    let mut bytes = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| transport(server, e))? {
+        if bytes.len() + chunk.len() > limit {
+            return Err(too_large());
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    match serde_json::from_slice::<Value>(&bytes) {
+        Ok(value) if value.is_object() => Ok(value),
+        _ => Err(FederationError::NotJson { server: server.to_owned() }),
+    }
+}
+
+/// The largest `.well-known/matrix/server` answer read (H15); real ones are a few dozen bytes.
+pub const WELL_KNOWN_MAX_BYTES: usize = 64 * 1024;
 
 #[async_trait]
 impl WellKnownFetcher for FederationClient {
@@ -335,7 +339,8 @@ impl WellKnownFetcher for FederationClient {
         if !response.status().is_success() {
             return None;
         }
-        let body = self.read_json(host, response).await.ok()?;
+        let limit = WELL_KNOWN_MAX_BYTES.min(self.max_response_bytes);
+        let body = read_json_limited(host, response, limit).await.ok()?;
         body.get("m.server").and_then(Value::as_str).map(str::to_owned)
     }
 }
@@ -352,7 +357,105 @@ fn transport(server: &str, e: impl std::fmt::Display) -> FederationError {
 
 #[cfg(test)]
 mod tests {
+    use std::net::TcpListener;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use actix_web::{web, App, HttpResponse, HttpServer};
+
     use super::*;
+    use crate::federation::resolve::HickoryDns;
+
+    /// A client for resolved destinations that may reach 127.0.0.1 (private ranges allowed,
+    /// self-signed certificates accepted), as an operator could configure it.
+    fn loopback_client() -> FederationClient {
+        crate::app::install_crypto_provider();
+        let mut config = crate::config::Config::default();
+        config.federation.allow_private_ranges = true;
+        config.federation.accept_invalid_certs = true;
+        let settings = config.validate().unwrap();
+        FederationClient::new(&settings, Arc::new(SigningKey::generate()), Arc::new(HickoryDns::from_system())).unwrap()
+    }
+
+    /// A TLS server on 127.0.0.1 that redirects `/redirect` to `target` and serves a well-known
+    /// answer of about `well_known_bytes`; its port.
+    fn tls_server(target: String, well_known_bytes: usize) -> u16 {
+        let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
+        let tls = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.cert.der().clone()], key)
+            .unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let well_known =
+            serde_json::json!({ "m.server": "delegated.example:443", "pad": "x".repeat(well_known_bytes) });
+        let server = HttpServer::new(move || {
+            let target = target.clone();
+            let well_known = well_known.clone();
+            App::new()
+                .route(
+                    "/redirect",
+                    web::to(move || {
+                        let target = target.clone();
+                        async move { HttpResponse::Found().insert_header(("Location", target)).finish() }
+                    }),
+                )
+                .route(
+                    "/.well-known/matrix/server",
+                    web::to(move || {
+                        let body = well_known.clone();
+                        async move { HttpResponse::Ok().json(body) }
+                    }),
+                )
+        })
+        .workers(1)
+        .disable_signals()
+        .listen_rustls_0_23(listener, tls)
+        .unwrap()
+        .run();
+        tokio::spawn(server);
+        port
+    }
+
+    /// H15: a redirect is never followed, not even to plain `http://` on an allowed address.
+    #[tokio::test]
+    async fn redirects_are_not_followed() {
+        let hits = Arc::new(AtomicUsize::new(0));
+        let plain = TcpListener::bind("127.0.0.1:0").unwrap();
+        let plain_port = plain.local_addr().unwrap().port();
+        let counter = hits.clone();
+        let server = HttpServer::new(move || {
+            let counter = counter.clone();
+            App::new().default_service(web::to(move || {
+                counter.fetch_add(1, Ordering::SeqCst);
+                async { HttpResponse::Ok().json(serde_json::json!({ "followed": true })) }
+            }))
+        })
+        .workers(1)
+        .disable_signals()
+        .listen(plain)
+        .unwrap()
+        .run();
+        tokio::spawn(server);
+        let port = tls_server(format!("http://127.0.0.1:{plain_port}/_matrix/key/v2/server"), 0);
+        let client = loopback_client();
+        let destination = OwnedServerName::try_from(format!("127.0.0.1:{port}")).unwrap();
+        let result = client.get_unsigned(&destination, "/redirect").await;
+        assert!(result.is_err(), "the redirect was followed: {result:?}");
+        assert_eq!(hits.load(Ordering::SeqCst), 0, "the redirect target was contacted");
+    }
+
+    /// H15: `.well-known/matrix/server` answers are read only up to a small limit.
+    #[tokio::test]
+    async fn well_known_answers_are_bounded() {
+        let client = loopback_client();
+        let small = tls_server(String::new(), 100);
+        let host = format!("127.0.0.1:{small}");
+        assert_eq!(client.fetch_well_known(&host).await.as_deref(), Some("delegated.example:443"));
+        let large = tls_server(String::new(), WELL_KNOWN_MAX_BYTES);
+        let host = format!("127.0.0.1:{large}");
+        assert_eq!(client.fetch_well_known(&host).await, None, "an oversized well-known answer is refused");
+    }
 
     #[test]
     fn join_keeps_encoding_and_query() {

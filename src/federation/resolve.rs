@@ -82,8 +82,10 @@ impl AddressPolicy {
     }
 }
 
-/// Loopback, private, link-local, shared (CGNAT), unique-local, unspecified, multicast and
-/// broadcast addresses, including IPv4 addresses mapped into IPv6.
+/// Loopback, private, link-local, shared (CGNAT), IETF-protocol (192.0.0.0/24), benchmarking
+/// (198.18.0.0/15), reserved (240.0.0.0/4), unique-local, site-local, unspecified, multicast
+/// and broadcast addresses. IPv6 addresses that carry an IPv4 address (IPv4-mapped,
+/// IPv4-compatible `::a.b.c.d`, NAT64 `64:ff9b::/96`, 6to4 `2002::/16`) are judged by it too.
 pub fn is_internal(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => {
@@ -96,19 +98,46 @@ pub fn is_internal(ip: IpAddr) -> bool {
                 || v4.is_broadcast()
                 || (o[0] == 100 && (o[1] & 0xc0) == 64) // 100.64.0.0/10
                 || o[0] == 0
+                || (o[0] == 192 && o[1] == 0 && o[2] == 0) // 192.0.0.0/24
+                || (o[0] == 198 && (o[1] & 0xfe) == 18) // 198.18.0.0/15
+                || o[0] >= 240 // 240.0.0.0/4
         }
         IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return is_internal(IpAddr::V4(v4));
+            if let Some(v4) = embedded_ipv4(v6) {
+                if is_internal(IpAddr::V4(v4)) {
+                    return true;
+                }
             }
-            let first = v6.segments()[0];
+            let s = v6.segments();
             v6.is_loopback()
                 || v6.is_unspecified()
                 || v6.is_multicast()
-                || (first & 0xfe00) == 0xfc00 // fc00::/7 unique local
-                || (first & 0xffc0) == 0xfe80 // fe80::/10 link local
+                || (s[0] & 0xfe00) == 0xfc00 // fc00::/7 unique local
+                || (s[0] & 0xffc0) == 0xfe80 // fe80::/10 link local
+                || (s[0] & 0xffc0) == 0xfec0 // fec0::/10 site local (deprecated)
+                || (s[0] == 0x64 && s[1] == 0xff9b && s[2] == 1) // 64:ff9b:1::/48 local-use NAT64
         }
     }
+}
+
+/// The IPv4 address an IPv6 address carries: IPv4-mapped `::ffff:a.b.c.d`, IPv4-compatible
+/// `::a.b.c.d`, NAT64 `64:ff9b::a.b.c.d` or 6to4 `2002:AABB:CCDD::/48`.
+fn embedded_ipv4(v6: std::net::Ipv6Addr) -> Option<std::net::Ipv4Addr> {
+    if let Some(v4) = v6.to_ipv4_mapped() {
+        return Some(v4);
+    }
+    let s = v6.segments();
+    let low = std::net::Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
+    if s[..6] == [0; 6] && !v6.is_loopback() && !v6.is_unspecified() {
+        return Some(low); // ::a.b.c.d
+    }
+    if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+        return Some(low); // 64:ff9b::/96
+    }
+    if s[0] == 0x2002 {
+        return Some(std::net::Ipv4Addr::new((s[1] >> 8) as u8, s[1] as u8, (s[2] >> 8) as u8, s[2] as u8));
+    }
+    None
 }
 
 /// Splits `host[:port]` (IPv6 literals in brackets) the way ruma's `ServerName` does.
@@ -470,6 +499,47 @@ mod tests {
             assert!(is_internal(ip(internal)), "{internal}");
         }
         for external in ["203.0.113.1", "8.8.8.8", "2001:db8::1", "172.32.0.1"] {
+            assert!(!is_internal(ip(external)), "{external}");
+        }
+    }
+
+    /// H15: the special-purpose ranges the first guard missed, and IPv6 forms that carry an IPv4
+    /// address (NAT64, 6to4, IPv4-compatible), which are judged by that address.
+    #[test]
+    fn special_purpose_and_embedded_ipv4_ranges() {
+        for internal in [
+            "192.0.0.1",          // 192.0.0.0/24 IETF protocol assignments
+            "192.0.0.170",        // (NAT64 discovery)
+            "198.18.0.1",         // 198.18.0.0/15 benchmarking
+            "198.19.255.254",     //
+            "240.0.0.1",          // 240.0.0.0/4 reserved
+            "255.255.255.254",    //
+            "fec0::1",            // fec0::/10 site-local
+            "feff::1",            //
+            "64:ff9b::7f00:1",    // NAT64 of 127.0.0.1
+            "64:ff9b::a9fe:a9fe", // NAT64 of 169.254.169.254
+            "64:ff9b::10.0.0.1",  //
+            "2002:7f00:1::",      // 6to4 of 127.0.0.1
+            "2002:c0a8:101::1",   // 6to4 of 192.168.1.1
+            "2002:a00:1:1::2",    // 6to4 of 10.0.0.1
+            "::127.0.0.1",        // IPv4-compatible
+            "::10.0.0.1",         //
+            "::169.254.169.254",  //
+            "64:ff9b:1::1",       // 64:ff9b:1::/48 local-use NAT64
+        ] {
+            assert!(is_internal(ip(internal)), "{internal}");
+        }
+        for external in [
+            "192.0.1.1",
+            "198.17.255.255",
+            "198.20.0.1",
+            "223.255.255.1",
+            "64:ff9b::cb00:7101", // NAT64 of 203.0.113.1
+            "64:ff9b::8.8.8.8",
+            "2002:808:808::1", // 6to4 of 8.8.8.8
+            "::8.8.8.8",
+            "2001:db8::1",
+        ] {
             assert!(!is_internal(ip(external)), "{external}");
         }
     }

@@ -51,6 +51,14 @@ pub struct VerifyKey {
     pub is_old: bool,
 }
 
+impl VerifyKey {
+    /// Whether this key may check a signature made at `valid_at`; `current_only` (request
+    /// authentication) also refuses old keys.
+    fn serves(&self, valid_at: i64, current_only: bool) -> bool {
+        self.valid_until_ts >= valid_at && !(current_only && self.is_old)
+    }
+}
+
 /// A key response that passed every check.
 #[derive(Debug, Clone)]
 pub struct VerifiedKeyResponse {
@@ -101,8 +109,15 @@ pub fn verify_key_response(
         verify_canonical_json_bytes(&SigningKeyAlgorithm::Ed25519, &key.public_key, &sig, canonical.as_bytes())
             .map_err(|_| format!("bad self-signature by {}", key.key_id))?;
     }
+    // H17: an old key counts only for what it signed before it expired, never past this fetch
+    // (whatever `expired_ts` claims), and never under the ID of a self-signed verify key.
+    let old_keys: Vec<VerifyKey> = parse_keys(&object, "old_verify_keys", true, 0)?
+        .into_iter()
+        .filter(|old| !verify_keys.iter().any(|k| k.key_id == old.key_id))
+        .map(|old| VerifyKey { valid_until_ts: old.valid_until_ts.min(now), ..old })
+        .collect();
     let mut keys = verify_keys;
-    keys.extend(parse_keys(&object, "old_verify_keys", true, 0)?);
+    keys.extend(old_keys);
     Ok(VerifiedKeyResponse { keys, valid_until_ts, object })
 }
 
@@ -180,27 +195,44 @@ impl RemoteKeys {
         }
     }
 
-    /// The public key `key_id` of `server`, valid at `valid_at` (ms). Uses the cache, fetching
-    /// the server's keys when the key is unknown or no longer valid (rate-limited).
+    /// The public key `key_id` of `server`, valid at `valid_at` (ms), current or old: for event
+    /// signatures, checked at the event's timestamp. Uses the cache, fetching the server's keys
+    /// when the key is unknown or no longer valid (rate-limited).
     pub async fn verify_key(&self, server: &ServerName, key_id: &str, valid_at: i64) -> Result<[u8; 32], KeyError> {
+        self.lookup(server, key_id, valid_at, false).await
+    }
+
+    /// The public key `key_id` of `server` for X-Matrix request authentication: only a current
+    /// key (`verify_keys`) valid now; an old key never authenticates a request (H17).
+    pub async fn request_key(&self, server: &ServerName, key_id: &str) -> Result<[u8; 32], KeyError> {
+        self.lookup(server, key_id, now_ms(), true).await
+    }
+
+    async fn lookup(
+        &self,
+        server: &ServerName,
+        key_id: &str,
+        valid_at: i64,
+        current_only: bool,
+    ) -> Result<[u8; 32], KeyError> {
         let not_valid = || KeyError::NotValid { server: server.to_string(), key_id: key_id.to_owned(), at: valid_at };
         if server == self.own.server_name {
-            return self.own_key(key_id, valid_at).ok_or_else(not_valid);
+            return self.own_key(key_id, valid_at, current_only).ok_or_else(not_valid);
         }
-        if let Some(key) = self.cached_valid(server, key_id, valid_at).await? {
+        if let Some(key) = self.cached_valid(server, key_id, valid_at, current_only).await? {
             return Ok(key);
         }
         // One fetch per server at a time: concurrent callers wait, then find it cached.
         let lock = self.fetch_lock(server);
         let _guard = lock.lock().await;
-        if let Some(key) = self.cached_valid(server, key_id, valid_at).await? {
+        if let Some(key) = self.cached_valid(server, key_id, valid_at, current_only).await? {
             return Ok(key);
         }
         let fetched = self.fetch_and_store(server).await?;
         fetched
             .keys
             .iter()
-            .find(|k| k.key_id == key_id && k.valid_until_ts >= valid_at)
+            .find(|k| k.key_id == key_id && k.serves(valid_at, current_only))
             .map(|k| k.public_key)
             .ok_or_else(not_valid)
     }
@@ -211,17 +243,18 @@ impl RemoteKeys {
         server: &ServerName,
         key_id: &str,
         valid_at: i64,
+        current_only: bool,
     ) -> Result<Option<[u8; 32]>, KeyError> {
         let memory_key = (server.to_owned(), key_id.to_owned());
         if let Some(key) = self.memory.lock().unwrap().get(&memory_key) {
-            if key.valid_until_ts >= valid_at {
+            if key.serves(valid_at, current_only) {
                 return Ok(Some(key.public_key));
             }
         }
         let Some(key) = self.cached(server, key_id).await? else {
             return Ok(None);
         };
-        let public_key = (key.valid_until_ts >= valid_at).then_some(key.public_key);
+        let public_key = key.serves(valid_at, current_only).then_some(key.public_key);
         self.remember(server, key);
         Ok(public_key)
     }
@@ -238,9 +271,12 @@ impl RemoteKeys {
         self.fetch_locks.lock().unwrap().entry(server.to_owned()).or_default().clone()
     }
 
-    fn own_key(&self, key_id: &str, valid_at: i64) -> Option<[u8; 32]> {
+    fn own_key(&self, key_id: &str, valid_at: i64, current_only: bool) -> Option<[u8; 32]> {
         if key_id == self.own.key.key_id() {
             return Some(self.own.key.public_key());
+        }
+        if current_only {
+            return None;
         }
         let old = self.own.old_keys.iter().find(|k| k.key_id == key_id)?;
         if (old.expired_ts as i64) < valid_at {
@@ -289,8 +325,8 @@ impl RemoteKeys {
             Ok(_) => return Err(bad("not an object".into())),
             Err(e) => return Err(bad(e.to_string())),
         };
-        let verified = verify_key_response(server, object, now_ms()).map_err(bad)?;
-        self.store(server, &verified).await?;
+        let mut verified = verify_key_response(server, object, now_ms()).map_err(bad)?;
+        verified.keys = self.store(server, &verified).await?;
         for key in &verified.keys {
             self.remember(server, key.clone());
         }
@@ -308,9 +344,12 @@ impl RemoteKeys {
         Ok(())
     }
 
-    async fn store(&self, server: &ServerName, verified: &VerifiedKeyResponse) -> Result<(), KeyError> {
+    /// Caches the response and its keys; returns the keys kept. An old key never replaces a
+    /// cached current key of the same ID with other key material (H17): that entry is dropped.
+    async fn store(&self, server: &ServerName, verified: &VerifiedKeyResponse) -> Result<Vec<VerifyKey>, KeyError> {
         let server = server.to_string();
         let now = now_ms();
+        let keys = verified.keys.clone();
         let rows: Vec<_> = verified
             .keys
             .iter()
@@ -330,7 +369,21 @@ impl RemoteKeys {
         self.db
             .run::<_, DbError, _>(move |conn| {
                 write_transaction(conn, |conn| {
-                    for row in rows {
+                    let mut kept = Vec::new();
+                    for (key, row) in keys.iter().zip(rows) {
+                        if key.is_old {
+                            let existing: Option<(String, bool)> = server_keys::table
+                                .filter(server_keys::server_name.eq(&server))
+                                .filter(server_keys::key_id.eq(&key.key_id))
+                                .select((server_keys::public_key, server_keys::is_old))
+                                .first(conn)
+                                .optional()?;
+                            let encoded = super::encode_base64(&key.public_key);
+                            if existing.is_some_and(|(public_key, is_old)| !is_old && public_key != encoded) {
+                                continue;
+                            }
+                        }
+                        kept.push(key.clone());
                         let (_, _, public_key, valid_until, is_old, fetched) = row.clone();
                         on_backend!(&mut *conn, |c| diesel::insert_into(server_keys::table)
                             .values(row.clone())
@@ -351,12 +404,12 @@ impl RemoteKeys {
                         .do_update()
                         .set((response.1.clone(), response.2, response.3))
                         .execute(c))?;
-                    Ok::<_, diesel::result::Error>(())
-                })?;
-                Ok(())
+                    Ok::<_, diesel::result::Error>(kept)
+                })
+                .map_err(DbError::from)
             })
-            .await?;
-        Ok(())
+            .await
+            .map_err(KeyError::from)
     }
 
     /// The notary answer for `server`: its key response (ours, freshly signed, for ourselves),

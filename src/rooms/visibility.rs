@@ -125,8 +125,12 @@ pub fn of_event(
 }
 
 /// RE-3 / CP-11, the event-side of [`peekability`]: whether this state event makes the room
-/// unpeekable (history no longer `world_readable`, or encryption turned on).
+/// unpeekable (history no longer `world_readable`, or encryption turned on). Only the empty state
+/// key is the room's setting; the same types with any other state key change nothing (H7).
 pub fn ends_peekability(pdu: &Pdu) -> bool {
+    if pdu.state_key.as_deref() != Some("") {
+        return false;
+    }
     match pdu.event_type().as_str() {
         "m.room.history_visibility" => pdu.content_value()["history_visibility"] != "world_readable",
         "m.room.encryption" => true,

@@ -16,20 +16,20 @@ use crate::ids;
 
 /// Spec limit of PDUs per transaction.
 pub const MAX_PDUS_PER_TXN: i64 = 50;
-/// Back-off: a short grace after the first failure, then 2 s doubling, capped.
+/// Back-off: a short grace after the first failure, then 2 s doubling, capped at
+/// `federation.max_backoff_ms` (default 24 h).
 const FIRST_RETRY: Duration = Duration::from_millis(500);
 const BACKOFF_BASE: Duration = Duration::from_secs(2);
-const BACKOFF_CAP: Duration = Duration::from_secs(3600);
 /// A destination's lease; its worker renews it well before it runs out.
 pub const LEASE_MS: i64 = 30_000;
 
-/// Delay before retry number `failures` (1 = first failure), with ±20 % jitter.
-pub fn backoff(failures: i32) -> Duration {
+/// Delay before retry number `failures` (1 = first failure), at most `cap`, with ±20 % jitter.
+pub fn backoff(failures: i32, cap: Duration) -> Duration {
     let base = if failures <= 1 {
-        FIRST_RETRY
+        FIRST_RETRY.min(cap)
     } else {
-        let exp = (failures - 2).min(20) as u32;
-        BACKOFF_BASE.saturating_mul(2u32.saturating_pow(exp)).min(BACKOFF_CAP)
+        let exp = (failures - 2).min(31) as u32;
+        BACKOFF_BASE.saturating_mul(2u32.saturating_pow(exp)).min(cap)
     };
     base.mul_f64(rand::rng().random_range(0.8..1.2))
 }
@@ -338,14 +338,32 @@ mod tests {
 
     #[test]
     fn backoff_grows_with_jitter_and_is_capped() {
+        let cap = Duration::from_millis(crate::config::FederationConfig::default().max_backoff_ms);
+        assert_eq!(cap, Duration::from_secs(24 * 3600), "design.md: 24 h by default");
         for _ in 0..50 {
-            let first = backoff(1);
+            let first = backoff(1, cap);
             assert!(first >= Duration::from_millis(400) && first <= Duration::from_millis(600), "{first:?}");
-            let second = backoff(2);
+            let second = backoff(2, cap);
             assert!(second >= Duration::from_millis(1600) && second <= Duration::from_millis(2400), "{second:?}");
-            let fourth = backoff(4);
+            let fourth = backoff(4, cap);
             assert!(fourth >= Duration::from_millis(6400) && fourth <= Duration::from_millis(9600), "{fourth:?}");
-            assert!(backoff(100) <= BACKOFF_CAP.mul_f64(1.2));
+            // H21: the default cap is reached (not a hard-coded hour), and never exceeded.
+            for failures in [40, 100, i32::MAX] {
+                let long = backoff(failures, cap);
+                assert!(long >= cap.mul_f64(0.8) && long <= cap.mul_f64(1.2), "{long:?}");
+            }
         }
+    }
+
+    #[test]
+    fn backoff_cap_is_configurable() {
+        let cap = Duration::from_secs(10);
+        for _ in 0..50 {
+            let long = backoff(100, cap);
+            assert!(long >= Duration::from_secs(8) && long <= Duration::from_secs(12), "{long:?}");
+            assert!(backoff(1, Duration::from_millis(100)) <= Duration::from_millis(120));
+        }
+        let big = Duration::from_secs(7 * 24 * 3600);
+        assert!(backoff(100, big) >= big.mul_f64(0.8));
     }
 }

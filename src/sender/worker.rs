@@ -195,7 +195,8 @@ where
             }
             Err(error) => {
                 *failures += 1;
-                let delay = backoff(*failures);
+                let delay =
+                    backoff(*failures, Duration::from_millis(shared.state.settings.raw.federation.max_backoff_ms));
                 tracing::info!(destination, failures = *failures, delay_ms = delay.as_millis() as u64, %error, "sender: transaction failed; retrying");
                 let _ = queue::save_failure(shared, destination, *failures, now_ms() + delay.as_millis() as i64).await;
                 if wait_out_backoff(shared, destination, delay, shutdown).await? {

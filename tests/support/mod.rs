@@ -2,8 +2,10 @@
 //! SQLite), a peekgate server started in-process on ephemeral 127.0.0.1 ports, and (in
 //! `peer`) a small hostile federation peer with its own key.
 //!
-//! PostgreSQL tests never skip: without a reachable server they fail with the reason.
-//! `PEEKGATE_TEST_POSTGRES_URL` points at the admin database (default: the local server).
+//! PostgreSQL tests never skip. `PEEKGATE_TEST_POSTGRES_URL` points at the admin database
+//! (default: the local server); when nothing answers there, the test binary starts a throwaway
+//! cluster of its own from the machine's `initdb` (see [`postgres_admin_url`]), and fails with
+//! the reason only when that is impossible too.
 
 #![allow(dead_code)]
 
@@ -15,7 +17,9 @@ pub mod verify;
 
 use std::collections::BTreeMap;
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Mutex, OnceLock};
 
 use diesel::connection::SimpleConnection;
 use diesel::{Connection, PgConnection};
@@ -56,9 +60,126 @@ pub fn run_async(test: impl std::future::Future<Output = ()>) {
     peekgate::db::settle_connects(std::time::Duration::from_secs(15));
 }
 
+/// The admin database URL PostgreSQL tests use: `PEEKGATE_TEST_POSTGRES_URL` (default: the local
+/// server on 5432) when it answers, else a throwaway cluster this test binary starts once (H22).
 pub fn postgres_admin_url() -> String {
-    std::env::var("PEEKGATE_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+    static URL: OnceLock<String> = OnceLock::new();
+    URL.get_or_init(|| {
+        let configured = std::env::var("PEEKGATE_TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
+        if PgConnection::establish(&configured).is_ok() {
+            return configured;
+        }
+        match start_throwaway_cluster() {
+            Ok(url) => url,
+            Err(why) => {
+                let _ = CLUSTER_FAILURE.set(why);
+                configured
+            }
+        }
+    })
+    .clone()
+}
+
+/// Why no throwaway cluster could be started, for the failing tests' message.
+static CLUSTER_FAILURE: OnceLock<String> = OnceLock::new();
+
+/// Keeps the throwaway cluster's keeper shell alive: its stdin closes when this process exits,
+/// and the shell then stops the cluster and deletes its directory.
+static CLUSTER_KEEPER: Mutex<Option<std::process::Child>> = Mutex::new(None);
+
+/// The newest `initdb` under `/usr/lib/postgresql/*/bin/`, else one on `PATH`.
+fn postgres_bin_dir() -> Option<PathBuf> {
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let version = entry.file_name().to_str()?.parse::<u32>().ok()?;
+            let bin = entry.path().join("bin");
+            bin.join("initdb").exists().then_some((version, bin))
+        })
+        .collect();
+    versions.sort();
+    if let Some((_, bin)) = versions.pop() {
+        return Some(bin);
+    }
+    std::env::var_os("PATH")?.to_str()?.split(':').map(PathBuf::from).find(|dir| dir.join("initdb").exists())
+}
+
+fn shell_quote(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "'\\''"))
+}
+
+/// A `sh -c script` command, run as the `postgres` OS user when we are root (PostgreSQL refuses
+/// to run as root).
+fn cluster_shell(script: &str, as_postgres: bool) -> Command {
+    if as_postgres {
+        let mut command = Command::new("su");
+        command.args(["postgres", "-s", "/bin/sh", "-c", script]);
+        command
+    } else {
+        let mut command = Command::new("sh");
+        command.args(["-c", script]);
+        command
+    }
+}
+
+/// `initdb` in a temp dir, then `postgres` on a free 127.0.0.1 port (socket in /tmp), trust
+/// authentication for the `postgres` role; returns its admin URL once it answers.
+fn start_throwaway_cluster() -> Result<String, String> {
+    use std::os::unix::fs::MetadataExt;
+    let bin = postgres_bin_dir().ok_or("no initdb under /usr/lib/postgresql/*/bin/ or on PATH")?;
+    let as_postgres = std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false);
+    let dir = tempfile::Builder::new().prefix("peekgate-test-pg-").tempdir().map_err(|e| e.to_string())?.keep();
+    if as_postgres {
+        let status = Command::new("chown").arg("postgres").arg(&dir).status().map_err(|e| e.to_string())?;
+        if !status.success() {
+            return Err(format!("chown postgres {}: {status}", dir.display()));
+        }
+    }
+    let (data, log) = (dir.join("data"), dir.join("postgres.log"));
+    let path = |p: &Path| shell_quote(&p.display().to_string());
+    let initdb = format!(
+        "{} -D {} -U postgres -A trust -E UTF8 --no-sync >{} 2>&1",
+        path(&bin.join("initdb")),
+        path(&data),
+        path(&dir.join("initdb.log"))
+    );
+    let status = cluster_shell(&initdb, as_postgres).status().map_err(|e| e.to_string())?;
+    if !status.success() {
+        let output = std::fs::read_to_string(dir.join("initdb.log")).unwrap_or_default();
+        return Err(format!("initdb failed ({status}): {output}"));
+    }
+    let port = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?.local_addr().unwrap().port();
+    // The shell holds our pipe as stdin: `cat` returns when this process exits (however it
+    // exits), and the shell then stops PostgreSQL (fast shutdown) and removes the directory.
+    let keeper = format!(
+        "{} -D {} -p {port} -k /tmp -c listen_addresses=127.0.0.1 -c max_connections=300 -c fsync=off \
+         >{} 2>&1 & pid=$!; cat >/dev/null; kill -INT $pid; wait $pid; rm -rf {}",
+        path(&bin.join("postgres")),
+        path(&data),
+        path(&log),
+        path(&dir)
+    );
+    let child = cluster_shell(&keeper, as_postgres)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    *CLUSTER_KEEPER.lock().unwrap() = Some(child);
+    let url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while PgConnection::establish(&url).is_err() {
+        if std::time::Instant::now() > deadline {
+            let output = std::fs::read_to_string(&log).unwrap_or_default();
+            return Err(format!("the throwaway cluster on port {port} did not start: {output}"));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    eprintln!("PostgreSQL tests use a throwaway cluster at {url} ({})", dir.display());
+    Ok(url)
 }
 
 /// A database of its own for one test; dropped (Postgres) or deleted (SQLite) afterwards.
@@ -76,7 +197,11 @@ impl TestDb {
                 let admin = postgres_admin_url();
                 let name = format!("peekgate_t_{}", uuid::Uuid::new_v4().simple());
                 let mut conn = PgConnection::establish(&admin).unwrap_or_else(|e| {
-                    panic!("PostgreSQL tests need a server at {admin} (set PEEKGATE_TEST_POSTGRES_URL): {e}")
+                    let why = CLUSTER_FAILURE.get().map(String::as_str).unwrap_or("");
+                    panic!(
+                        "PostgreSQL tests need a server at {admin} (set PEEKGATE_TEST_POSTGRES_URL): {e}; \
+                         no throwaway cluster either: {why}"
+                    )
                 });
                 conn.batch_execute(&format!("CREATE DATABASE {name}")).expect("create test database");
                 let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin);

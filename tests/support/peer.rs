@@ -35,7 +35,15 @@ pub enum KeyMode {
     EmptySignatures,
     /// The only signature is under an algorithm nobody knows.
     UnknownAlgorithmOnly,
+    /// Good, and also lists `other_key` as the old key `ed25519:old` with an `expired_ts` ten
+    /// years ahead.
+    OldKeyFarFuture,
+    /// Good, but `old_verify_keys` also lists `other_key` under the current key's ID.
+    OldKeyShadowsCurrent,
 }
+
+/// The key ID [`KeyMode::OldKeyFarFuture`] publishes `other_key` under.
+pub const OLD_KEY_ID: &str = "ed25519:old";
 
 /// One transaction the peer accepted.
 #[derive(Debug, Clone)]
@@ -73,6 +81,8 @@ pub struct Inbox {
     pub missing_requests: AtomicUsize,
     /// `/send` answers only after this many milliseconds (a slow peer: transactions in flight).
     pub send_delay_ms: AtomicUsize,
+    /// When set, what the key endpoint answers instead of the response the mode made.
+    pub key_response: Mutex<Option<Value>>,
 }
 
 impl Inbox {
@@ -303,8 +313,9 @@ impl TestPeer {
                 .app_data(web::PayloadConfig::new(16 * 1024 * 1024))
                 .route(
                     "/_matrix/key/v2/server",
-                    web::get().to(move || {
-                        let response = response.clone();
+                    web::get().to(move |peer: web::Data<(String, Arc<Inbox>)>| {
+                        let answer = peer.1.key_response.lock().unwrap().clone();
+                        let response = answer.unwrap_or_else(|| response.clone());
                         async move { HttpResponse::Ok().json(response) }
                     }),
                 )
@@ -434,10 +445,17 @@ fn key_response(
     let now = chrono::Utc::now().timestamp_millis();
     let valid_until = if mode == KeyMode::Expired { now - 60_000 } else { now + 86_400_000 };
     let server_name = if mode == KeyMode::WrongServerName { "someone-else.test" } else { name };
+    let far_future = now + 10 * 365 * 86_400_000;
+    let other = b64(other_key.verifying_key().as_bytes());
+    let old_verify_keys = match mode {
+        KeyMode::OldKeyFarFuture => json!({ OLD_KEY_ID: { "key": other, "expired_ts": far_future } }),
+        KeyMode::OldKeyShadowsCurrent => json!({ key_id: { "key": other, "expired_ts": far_future } }),
+        _ => json!({}),
+    };
     let mut response = json!({
         "server_name": server_name,
         "verify_keys": { key_id: { "key": b64(key.verifying_key().as_bytes()) } },
-        "old_verify_keys": {},
+        "old_verify_keys": old_verify_keys,
         "valid_until_ts": valid_until,
     });
     let signer = if mode == KeyMode::BadSelfSignature { other_key } else { key };
