@@ -62,30 +62,42 @@ fn next_batch_blocking(conn: &mut DbConnection, destination: &str, cursor: i64) 
     // Read the head first: every event up to it has committed (appends commit in order), so
     // what the query below does not return up to the head is not for this destination.
     let head = crate::rooms::store::stream_head(conn)?;
-    let own_events = format!("%:{}", destination.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_"));
-    let peeked = inbound_peeks::table
+    // The rooms this destination peeks narrow the scan; which of their events it gets is the
+    // one rule in `PeekRow::wants`, shared with the fan-out path.
+    let peeks: Vec<PeekRow> = inbound_peeks::table
         .filter(inbound_peeks::origin.eq(destination))
-        .filter(inbound_peeks::room_id.eq(events::room_id))
-        .filter(inbound_peeks::start_stream_pos.lt(events::stream_pos))
-        .filter(
-            inbound_peeks::end_stream_pos
-                .is_null()
-                .and(inbound_peeks::expires_ts.ge(now))
-                .or(inbound_peeks::end_stream_pos.ge(events::stream_pos.nullable())),
-        );
-    let rows: Vec<(i64, String)> = events::table
+        .select((
+            inbound_peeks::origin,
+            inbound_peeks::room_id,
+            inbound_peeks::start_stream_pos,
+            inbound_peeks::end_stream_pos,
+            inbound_peeks::expires_ts,
+        ))
+        .load::<(String, String, i64, Option<i64>, i64)>(conn)?
+        .into_iter()
+        .map(PeekRow::from)
+        .collect();
+    let peeked_rooms =
+        inbound_peeks::table.filter(inbound_peeks::origin.eq(destination)).select(inbound_peeks::room_id);
+    let rows: Vec<(i64, String, String, String)> = events::table
         .filter(events::stream_pos.gt(cursor))
         .filter(events::stream_pos.le(head))
         .filter(events::outlier.eq(false))
         .filter(events::rejected.eq(false))
-        .filter(events::sender.not_like(own_events).escape('\\'))
-        .filter(diesel::dsl::exists(peeked))
+        .filter(events::room_id.eq_any(peeked_rooms))
         .order(events::stream_pos.asc())
         .limit(MAX_PDUS_PER_TXN)
-        .select((events::stream_pos, events::json))
+        .select((events::stream_pos, events::room_id, events::sender, events::json))
         .load(conn)?;
+    // A full page may hide more after it: continue from its last row, not from the head.
     let next_cursor =
         if rows.len() as i64 == MAX_PDUS_PER_TXN { rows.last().map(|r| r.0).unwrap_or(head) } else { head };
+    let rows: Vec<(i64, String)> = rows
+        .into_iter()
+        .map(|(pos, room_id, sender, json)| NewEvent { pos, room_id, sender, json })
+        .filter(|event| peeks.iter().any(|peek| peek.wants(event, now)))
+        .map(|event| (event.pos, event.json))
+        .collect();
     let pdus = rows.into_iter().filter_map(|(_, json)| serde_json::from_str(&json).ok()).collect();
     let notices: Vec<(String, String)> = peek_notices::table
         .filter(peek_notices::destination.eq(destination))
@@ -296,10 +308,7 @@ pub(super) async fn fan_out_inputs(
                 .load(conn)?;
             let events =
                 rows.into_iter().map(|(pos, room_id, sender, json)| NewEvent { pos, room_id, sender, json }).collect();
-            let peeks = peeks
-                .into_iter()
-                .map(|(origin, room_id, start, end, expires_ts)| PeekRow { origin, room_id, start, end, expires_ts })
-                .collect();
+            let peeks = peeks.into_iter().map(PeekRow::from).collect();
             Ok((events, peeks))
         })
         .await
@@ -320,9 +329,17 @@ pub struct PeekRow {
     pub expires_ts: i64,
 }
 
+/// `(origin, room_id, start_stream_pos, end_stream_pos, expires_ts)` as both paths load it.
+impl From<(String, String, i64, Option<i64>, i64)> for PeekRow {
+    fn from((origin, room_id, start, end, expires_ts): (String, String, i64, Option<i64>, i64)) -> PeekRow {
+        PeekRow { origin, room_id, start, end, expires_ts }
+    }
+}
+
 impl PeekRow {
-    /// The same rule as the queue query: after the peek started, while live or up to its end,
-    /// and never the peeker's own events (PE-2, PE-3, RE-2, RE-3).
+    /// Which events a peeking destination gets, for both the queue and the fan-out path: after
+    /// the peek started, while live or up to its end, and never the peeker's own events (PE-2,
+    /// PE-3, RE-2, RE-3).
     pub fn wants(&self, event: &NewEvent, now: i64) -> bool {
         let live = match self.end {
             Some(end) => event.pos <= end,
