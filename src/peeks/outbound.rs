@@ -354,7 +354,8 @@ async fn adopt(
 
 async fn store(state: &AppState, room_id: &RoomId, valid: &ValidPeek) -> Result<i64, RoomError> {
     let state_map: StateMap = valid.state.clone();
-    state.rooms.store_snapshot(room_id, valid.version, state_map, valid.events.clone(), valid.latest.clone()).await
+    let (outliers, latest, timeline) = (valid.events.clone(), valid.latest.clone(), valid.timeline.clone());
+    state.rooms.store_snapshot(room_id, valid.version, state_map, outliers, latest, timeline).await
 }
 
 /// Records the room's federation peek (replacing an earlier one).
