@@ -752,3 +752,230 @@ async fn lazy_loaded_members_in_a_peeked_room(db: DbKind) {
     assert_eq!(members(false).await, BTreeSet::from([carol.user_id.clone(), dave.user_id.clone()]));
 }
 both_backends!(lazy_loaded_members_in_a_peeked_room);
+
+/// A room hosted by `one.test` in another implementation's dialect (issue 14), and B.
+struct DialectHost {
+    one: TestPeer,
+    hosted: Arc<Mutex<PeerRoom>>,
+    room_id: String,
+    b: TestServer,
+    bob: Client,
+}
+
+async fn dialect_host(db: DbKind, configure_b: impl FnOnce(&mut peekgate::config::Config) + 'static) -> DialectHost {
+    let one = TestPeer::start("one.test", KeyMode::Good);
+    one.inbox.dialect.store(true, Ordering::SeqCst);
+    let hosted = Arc::new(Mutex::new(PeerRoom::create(&one, "host")));
+    let room_id = hosted.lock().unwrap().room_id.clone();
+    *one.inbox.hosted.lock().unwrap() = Some(hosted.clone());
+    let b = ServerSpec::new(B, db)
+        .configure(open_registration)
+        .configure(configure_b)
+        .destination("one.test", &one.url)
+        .start()
+        .await;
+    let bob = Client::register(&b.base, "bob").await;
+    DialectHost { one, hosted, room_id, b, bob }
+}
+
+fn no_pdu_errors(answer: &Value) -> bool {
+    answer["pdus"].as_object().is_some_and(|results| results.values().all(|r| r.get("error").is_none()))
+}
+
+/// OP-4.6, OP-9 (issue 14): a target in another dialect answers the peek with a `messages`
+/// list and no `latest_event`, and refuses get_missing_events to non-members (403) but serves
+/// `/backfill`. Bob peeks its room by alias: the first sync shows the state and the history in
+/// `messages`; a live event whose prev event is the newest message is accepted; a gap of 30
+/// events is filled through `/backfill`, page by page (the target gives at most 10 a page).
+async fn other_dialect_host_messages_live_event_and_backfilled_gap(db: DbKind) {
+    let DialectHost { one, hosted, room_id, b, bob } = dialect_host(db, |_| {}).await;
+    for i in 0..3 {
+        hosted.lock().unwrap().say(&one, "host", &format!("history {i}"));
+    }
+    let since = token(&bob.sync(None, 0).await);
+    let (status, answer) = bob.peek("#lobby:one.test", &[]).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["room_id"], room_id.as_str());
+    let put = one.inbox.peek_requests("PUT");
+    assert_eq!(put.len(), 1, "{put:?}");
+
+    let first = bob.sync(Some(&since), 0).await;
+    let entry = &first["rooms"]["peek"][&room_id];
+    let types: BTreeSet<&str> = entry["state"]["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(entry["timeline"]["events"].as_array().unwrap())
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    for kind in ["m.room.create", "m.room.history_visibility", "m.room.power_levels", "m.room.member"] {
+        assert!(types.contains(kind), "first peek entry lacks {kind}: {entry}");
+    }
+    assert_eq!(bodies(&entry["timeline"]), ["history 0", "history 1", "history 2"], "{entry}");
+    // The newest message by depth is the room's forward extremity.
+    let room = ruma::RoomId::parse(&room_id).unwrap();
+    let newest = hosted.lock().unwrap().events.last().unwrap().0.clone();
+    assert_eq!(b.state().rooms.forward_extremities(&room).await.unwrap(), [newest]);
+
+    // A live event: its prev event is the newest message, which B holds.
+    let live = hosted.lock().unwrap().say(&one, "host", "live");
+    let (status, answer) = one.send_transaction(&b.base, B, vec![live]).await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(no_pdu_errors(&answer), "{answer}");
+    let since = sync_until(&bob, token(&first), "the live event", |a| {
+        bodies(&a["rooms"]["peek"][&room_id]["timeline"]) == ["live"]
+    })
+    .await;
+
+    // A gap of 30 events the target never pushed, then one it pushes.
+    for i in 0..30 {
+        hosted.lock().unwrap().say(&one, "host", &format!("gap {i}"));
+    }
+    let pushed = hosted.lock().unwrap().say(&one, "host", "pushed");
+    let (status, answer) = one.send_transaction(&b.base, B, vec![pushed]).await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(no_pdu_errors(&answer), "{answer}");
+    let ids: Vec<String> = hosted.lock().unwrap().events.iter().map(|(id, _)| id.clone()).collect();
+    for id in &ids {
+        assert!(b.state().rooms.event(id).await.unwrap().is_some(), "B lacks {id}");
+    }
+    assert!(one.inbox.refused_reads.load(Ordering::SeqCst) >= 1, "get_missing_events was not tried first");
+    assert_eq!(one.inbox.missing_requests.load(Ordering::SeqCst), 0);
+    let pages = one.inbox.backfill_requests.load(Ordering::SeqCst);
+    assert!(pages >= 4, "31 events at 10 a page need 4 pages, saw {pages}");
+    let mut expected: Vec<String> = (0..30).map(|i| format!("gap {i}")).collect();
+    expected.push("pushed".into());
+    let answer = bob.sync(Some(&since), 0).await;
+    let timeline = &answer["rooms"]["peek"][&room_id]["timeline"];
+    assert_eq!(bodies(timeline), expected, "{answer}");
+    assert_eq!(timeline["limited"], false, "the gap was filled, not skipped: {answer}");
+    // One peek all along: no re-peek was needed.
+    assert_eq!(one.inbox.put_peek_ids().len(), 1);
+    assert_eq!(b.metric("peekgate_federation_received_pdus_total{result=\"rejected\"}").await, 0.0);
+}
+both_backends!(other_dialect_host_messages_live_event_and_backfilled_gap);
+
+/// OP-7 (issue 14): the dialect host answers every renewal with a full body. That is a new
+/// starting point, not an error: the peek stays with the same target and peek_id, and events
+/// the target never pushed are recovered through `/backfill` (get_missing_events is refused)
+/// and reach bob's sync without a gap.
+async fn other_dialect_host_full_renewals_are_resync_points(db: DbKind) {
+    let DialectHost { one, hosted, room_id, b, bob } = dialect_host(db, fast_schedule).await;
+    let since = token(&bob.sync(None, 0).await);
+    assert_eq!(bob.peek(&room_id, &["one.test"]).await.0, 200);
+    let mut seen = Seen { room_id: room_id.clone(), bodies: Vec::new(), gappy: false };
+    let first = bob.sync(Some(&since), 0).await;
+    seen.take(&first);
+    wait_until("two renewals answered in full", || async { one.inbox.peek_requests("PUT").len() >= 3 }).await;
+    hosted.lock().unwrap().say(&one, "host", "unpushed 1");
+    hosted.lock().unwrap().say(&one, "host", "unpushed 2");
+    sync_until(&bob, token(&first), "events recovered by a renewal", |a| {
+        seen.take(a).contains(&"unpushed 2".to_owned())
+    })
+    .await;
+    assert_eq!(seen.bodies, ["unpushed 1", "unpushed 2"]);
+    assert!(!seen.gappy, "a renewal that continues the timeline is not a gap");
+    assert!(one.inbox.backfill_requests.load(Ordering::SeqCst) >= 1);
+    assert_eq!(one.inbox.missing_requests.load(Ordering::SeqCst), 0);
+    let peek =
+        peekgate::peeks::outbound::get(b.state(), &ruma::RoomId::parse(&room_id).unwrap()).await.unwrap().unwrap();
+    assert_eq!(peek.target, "one.test");
+    assert_eq!(one.inbox.put_peek_ids().len(), 1, "renewals keep the peek_id");
+    assert!(one.inbox.peek_requests("DELETE").is_empty(), "a full renewal answer is not a failure");
+    assert!(b.metric("peekgate_peek_renewals_total{direction=\"outbound\",result=\"ok\"}").await >= 2.0);
+    assert_eq!(b.metric("peekgate_peek_renewals_total{direction=\"outbound\",result=\"failed\"}").await, 0.0);
+}
+both_backends!(other_dialect_host_full_renewals_are_resync_points);
+
+/// OP-9's last resort (issue 14): when `/backfill` cannot close the gap either (here its
+/// events are forged), the pushed PDU is refused, nothing of the forged history is stored, and
+/// B takes a fresh `PUT /peek` as a new starting point; bob's sync marks it `limited`.
+async fn other_dialect_host_unfillable_gap_repeeks(db: DbKind) {
+    let DialectHost { one, hosted, room_id, b, bob } = dialect_host(db, |_| {}).await;
+    let since = token(&bob.sync(None, 0).await);
+    assert_eq!(bob.peek(&room_id, &["one.test"]).await.0, 200);
+    let since = token(&bob.sync(Some(&since), 0).await);
+    one.inbox.forge_backfill.store(true, Ordering::SeqCst);
+    for i in 0..30 {
+        hosted.lock().unwrap().say(&one, "host", &format!("gap {i}"));
+    }
+    let pushed = hosted.lock().unwrap().say(&one, "host", "pushed");
+    let (status, answer) = one.send_transaction(&b.base, B, vec![pushed]).await;
+    assert_eq!(status, 200, "{answer}");
+    let results: Vec<&Value> = answer["pdus"].as_object().unwrap().values().collect();
+    assert!(results[0]["error"].as_str().unwrap().contains("prev events"), "{answer}");
+    assert!(one.inbox.backfill_requests.load(Ordering::SeqCst) >= 1, "/backfill was not tried");
+
+    let events: Vec<String> = hosted.lock().unwrap().events.iter().map(|(id, _)| id.clone()).collect();
+    let pushed_id = events.last().unwrap().clone();
+    wait_until("B re-peeks for a new starting point", || async {
+        b.state().rooms.event(&pushed_id).await.unwrap().is_some()
+    })
+    .await;
+    assert_eq!(one.inbox.put_peek_ids().len(), 2, "exactly one re-peek");
+    wait_until("B DELETEs the old peek", || async { one.inbox.peek_requests("DELETE").len() == 1 }).await;
+    // The new answer's `messages` hold the newest 10 events; the forged history before them
+    // was never stored.
+    let kept = support::peer::DIALECT_MESSAGES;
+    for id in &events[events.len() - 30 - 1..events.len() - kept] {
+        assert!(b.state().rooms.event(id).await.unwrap().is_none(), "B stored {id} from a forged /backfill");
+    }
+    let answer = bob.sync(Some(&since), 0).await;
+    let timeline = &answer["rooms"]["peek"][&room_id]["timeline"];
+    assert_eq!(timeline["limited"], true, "{answer}");
+    let mut expected: Vec<String> = (21..30).map(|i| format!("gap {i}")).collect();
+    expected.push("pushed".into());
+    assert_eq!(bodies(timeline), expected, "{answer}");
+}
+both_backends!(other_dialect_host_unfillable_gap_repeeks);
+
+/// OP-4.6 with hostile `messages` (issue 14): a message altered after signing, or one whose
+/// auth events are not in the answer, makes the whole answer invalid (DELETE sent, nothing
+/// stored); a valid list longer than peekgate keeps is cut to its newest 50 by depth.
+async fn dialect_messages_are_validated_and_bounded(db: DbKind) {
+    let one = TestPeer::start("one.test", KeyMode::Good);
+    let mut hosted = PeerRoom::create(&one, "host");
+    let room_id = hosted.room_id.clone();
+    for i in 0..60 {
+        hosted.say(&one, "host", &format!("m{i}"));
+    }
+    let b = ServerSpec::new(B, db).configure(open_registration).destination("one.test", &one.url).start().await;
+    let bob = Client::register(&b.base, "bob").await;
+    let since = token(&bob.sync(None, 0).await);
+    let room = ruma::RoomId::parse(&room_id).unwrap();
+    let answer = hosted.dialect_peek_answer(60_000, 60);
+
+    let mut altered = answer.clone();
+    altered["messages"][59]["content"]["body"] = json!("altered");
+    let mut orphan = answer.clone();
+    let (stranger, _) = one.build_pdu(
+        "10",
+        &room_id,
+        "stranger",
+        "m.room.message",
+        None,
+        json!({ "msgtype": "m.text", "body": "who?" }),
+        &["$not-in-the-answer".to_owned()],
+        &[hosted.events.last().unwrap().0.clone()],
+        100,
+    );
+    orphan["messages"].as_array_mut().unwrap().push(stranger);
+    for (what, bad) in [("altered message", altered), ("message with unknown auth events", orphan)] {
+        *one.inbox.peek_answer.lock().unwrap() = Some((200, bad));
+        let deletes = one.inbox.peek_requests("DELETE").len();
+        let (status, answer) = bob.peek(&room_id, &["one.test"]).await;
+        assert_eq!(status, 404, "{what}: {answer}");
+        assert!(b.state().rooms.room(&room).await.unwrap().is_none(), "{what}: B stored part of the answer");
+        assert_eq!(one.inbox.peek_requests("DELETE").len(), deletes + 1, "{what}: no DELETE");
+    }
+
+    *one.inbox.peek_answer.lock().unwrap() = Some((200, answer));
+    let (status, answer) = bob.peek(&room_id, &["one.test"]).await;
+    assert_eq!(status, 200, "{answer}");
+    let first = bob.sync(Some(&since), 0).await;
+    let expected: Vec<String> = (10..60).map(|i| format!("m{i}")).collect();
+    assert_eq!(bodies(&first["rooms"]["peek"][&room_id]["timeline"]), expected, "{first}");
+    let oldest_dropped = hosted.events.iter().find(|(_, pdu)| pdu["content"]["body"] == "m9").unwrap().0.clone();
+    assert!(b.state().rooms.event(&oldest_dropped).await.unwrap().is_none());
+}
+both_backends!(dialect_messages_are_validated_and_bounded);

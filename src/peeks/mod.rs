@@ -1,6 +1,7 @@
 //! Peeks: inbound (MSC2444, other servers peek our rooms), outbound (we peek rooms of other
 //! servers), and the peeks of local devices (MSC2753) that outbound peeks serve.
 
+pub mod backfill;
 pub mod devices;
 pub mod inbound;
 pub mod outbound;

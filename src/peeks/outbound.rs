@@ -354,7 +354,8 @@ async fn adopt(
 
 async fn store(state: &AppState, room_id: &RoomId, valid: &ValidPeek) -> Result<i64, RoomError> {
     let state_map: StateMap = valid.state.clone();
-    state.rooms.store_snapshot(room_id, valid.version, state_map, valid.events.clone(), valid.latest.clone()).await
+    let (outliers, latest, timeline) = (valid.events.clone(), valid.latest.clone(), valid.timeline.clone());
+    state.rooms.store_snapshot(room_id, valid.version, state_map, outliers, latest, timeline).await
 }
 
 /// Records the room's federation peek (replacing an earlier one).
@@ -464,7 +465,9 @@ fn linger_ms(state: &AppState) -> i64 {
 /// Fetches the events between our forward extremities and `latest` from `origin` and appends
 /// them oldest first (OP-6, OP-9). A gap longer than one answer is walked back page by page:
 /// each further call asks for the history behind the oldest fetched events whose
-/// `prev_events` we still lack. Fails when the gap could not be closed.
+/// `prev_events` we still lack. A target that refuses `get_missing_events` (403/404/400) is
+/// walked with `/backfill` instead ([`super::backfill`], OP-4.6). Fails when the gap could not
+/// be closed.
 pub async fn fill_gap(
     state: &AppState,
     origin: &ServerName,
@@ -476,7 +479,15 @@ pub async fn fill_gap(
     let mut fetched: HashMap<String, Pdu> = HashMap::new();
     let mut frontier = latest.clone();
     for _ in 0..MISSING_EVENTS_ROUNDS {
-        let page = missing_events(state, origin, room_id, row.version, &earliest, &frontier).await?;
+        let page = match missing_events(state, origin, room_id, row.version, &earliest, &frontier).await {
+            Ok(page) => page,
+            // OP-4.6: targets that serve non-members only `/backfill`.
+            Err(e) if super::backfill::refuses_reads(&e) => {
+                tracing::info!(room = %room_id, %origin, error = %e, "get_missing_events refused; walking /backfill");
+                return super::backfill::fill_gap(state, origin, room_id, row.version, &latest).await;
+            }
+            Err(e) => return Err(OutboundError::NotFound(format!("get_missing_events: {e}"))),
+        };
         let before = fetched.len();
         for pdu in page {
             fetched.entry(pdu.event_id.to_string()).or_insert(pdu);
@@ -509,16 +520,12 @@ async fn missing_events(
     version: RoomVersion,
     earliest: &[String],
     latest: &[String],
-) -> Result<Vec<Pdu>, OutboundError> {
+) -> Result<Vec<Pdu>, FederationError> {
     let path = format!("/_matrix/federation/v1/get_missing_events/{}", enc(room_id.as_str()));
     let body =
         json!({ "earliest_events": earliest, "latest_events": latest, "limit": MISSING_EVENTS_LIMIT, "min_depth": 0 });
     let request = FedRequest { method: Method::POST, destination: origin, path: &path, body: Some(body), signed: true };
-    let answer = state
-        .federation
-        .send(request)
-        .await
-        .map_err(|e| OutboundError::NotFound(format!("get_missing_events: {e}")))?;
+    let answer = state.federation.send(request).await?;
     let mut events = Vec::new();
     for raw in answer["events"].as_array().cloned().unwrap_or_default() {
         match validate::check_pdu(&state.keys, room_id, version, &raw, validate::Hashes::Redact).await {

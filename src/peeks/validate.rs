@@ -35,8 +35,15 @@ pub struct ValidPeek {
     /// Every event of the state and the auth chain.
     pub events: Vec<Pdu>,
     pub latest: Pdu,
+    /// The recent history a target sent in `messages` (OP-4.6), checked like `latest`: the
+    /// events older than `latest`, oldest (by depth) first, `latest` itself not among them.
+    pub timeline: Vec<Pdu>,
     pub renewal_interval_ms: i64,
 }
+
+/// Most events of a `messages` list that are kept: the newest by depth (a target may send
+/// more; older ones are left out, never stored).
+pub const MAX_MESSAGES: usize = 50;
 
 fn bad(event_id: &str, reason: impl Into<String>) -> InvalidPeek {
     InvalidPeek::BadEvent { event_id: event_id.to_owned(), reason: reason.into() }
@@ -129,10 +136,61 @@ pub async fn validate(keys: &RemoteKeys, room_id: &RoomId, body: &Value) -> Resu
         return Err(InvalidPeek::Malformed("the state has no create event".into()));
     }
     check_peekable(&state, &all)?;
-    // 6. The latest event, in whichever shape the target sent it.
-    let latest = latest_event(keys, room_id, version, body, &accepted, &state_events).await?;
+    // 6. Recent history (`messages`, some targets' shape) and the latest event, in whichever
+    // shape the target sent it.
+    let messages = messages(keys, room_id, version, body, &accepted).await?;
+    let latest = latest_event(keys, room_id, version, body, &accepted, &messages, &state_events).await?;
+    let mut timeline: Vec<Pdu> =
+        messages.into_iter().filter(|p| p.depth <= latest.depth && p.event_id != latest.event_id).collect();
+    timeline.sort_by_key(|p| p.depth);
     let renewal_interval_ms = body.get("renewal_interval").and_then(Value::as_i64).unwrap_or(3_600_000).max(1);
-    Ok(ValidPeek { version, state, events: all.into_values().collect(), latest, renewal_interval_ms })
+    Ok(ValidPeek { version, state, events: all.into_values().collect(), latest, timeline, renewal_interval_ms })
+}
+
+/// OP-4.6: the `messages` list some targets send instead of `latest_event` (recent events,
+/// oldest first). Only the [`MAX_MESSAGES`] deepest are looked at; each must pass the checks
+/// of `latest_event` (room, signatures, hash, auth against auth events that are in the answer
+/// or among the earlier messages), or the whole answer is refused. Returned in depth order,
+/// without duplicates.
+async fn messages(
+    keys: &RemoteKeys,
+    room_id: &RoomId,
+    version: RoomVersion,
+    body: &Value,
+    accepted: &HashMap<String, Pdu>,
+) -> Result<Vec<Pdu>, InvalidPeek> {
+    let mut raw = match body.get("messages") {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Array(items)) => items.iter().collect::<Vec<_>>(),
+        Some(_) => return Err(InvalidPeek::Malformed("`messages` is not a list".into())),
+    };
+    // Deepest last; the claimed depth only chooses what is looked at, the checks come after.
+    raw.sort_by_key(|v| v.get("depth").and_then(Value::as_i64).unwrap_or(i64::MIN));
+    let skip = raw.len().saturating_sub(MAX_MESSAGES);
+    let mut checked = Vec::with_capacity(raw.len() - skip);
+    for raw in &raw[skip..] {
+        checked.push(check_pdu(keys, room_id, version, raw, Hashes::Strict).await?);
+    }
+    checked.sort_by_key(|p| p.depth);
+    let mut known = accepted.clone();
+    let mut out: Vec<Pdu> = Vec::with_capacity(checked.len());
+    for pdu in checked {
+        let id = pdu.event_id.to_string();
+        if out.iter().any(|p| p.event_id == pdu.event_id) {
+            continue;
+        }
+        if let Some(same) = accepted.get(&id) {
+            out.push(same.clone());
+            continue;
+        }
+        if let Some(missing) = pdu.auth_events.iter().find(|a| !known.contains_key(a.as_str())) {
+            return Err(bad(&id, format!("auth event {missing} is not in the answer")));
+        }
+        check_against_auth_events(version, &pdu, &known)?;
+        known.insert(id, pdu.clone());
+        out.push(pdu);
+    }
+    Ok(out)
 }
 
 /// Checks events in dependency order, each once all its auth events passed. Any failure makes
@@ -199,8 +257,9 @@ fn check_peekable(state: &StateMap, all: &BTreeMap<String, Pdu>) -> Result<(), I
     Ok(())
 }
 
-/// The answer's forward extremity: `latest_event`, else `latest_event_id` naming a state event,
-/// else the newest state event (OP-4.6). A `latest_event` must pass the same checks; its
+/// The answer's forward extremity: `latest_event`, else `latest_event_id` naming a state event
+/// or one of `messages`, else the newest of `messages` by depth, else the newest state event
+/// (OP-4.6). A `latest_event` must pass the same checks; its
 /// `prev_events` may be unknown (they are fetched later, never fatal).
 async fn latest_event(
     keys: &RemoteKeys,
@@ -208,6 +267,7 @@ async fn latest_event(
     version: RoomVersion,
     body: &Value,
     accepted: &HashMap<String, Pdu>,
+    messages: &[Pdu],
     state_events: &[Pdu],
 ) -> Result<Pdu, InvalidPeek> {
     if let Some(raw) = body.get("latest_event").filter(|v| v.is_object()) {
@@ -222,9 +282,12 @@ async fn latest_event(
         return Ok(pdu);
     }
     if let Some(id) = body.get("latest_event_id").and_then(Value::as_str) {
-        if let Some(pdu) = accepted.get(id) {
+        if let Some(pdu) = accepted.get(id).or_else(|| messages.iter().find(|p| p.event_id.as_str() == id)) {
             return Ok(pdu.clone());
         }
+    }
+    if let Some(newest) = messages.iter().max_by_key(|p| p.depth) {
+        return Ok(newest.clone());
     }
     state_events
         .iter()

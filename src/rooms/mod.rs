@@ -228,13 +228,15 @@ impl Rooms {
         state: StateMap,
         outliers: Vec<Pdu>,
         latest: Pdu,
+        timeline: Vec<Pdu>,
     ) -> Result<i64, RoomError> {
         let room = room_id.to_string();
         let (pos, newest) = self
             .db
             .run(move |conn| {
                 write_transaction::<_, RoomError, _>(conn, |conn| {
-                    let snapshot = store::Snapshot { state: &state, outliers: &outliers, latest: &latest };
+                    let snapshot =
+                        store::Snapshot { state: &state, outliers: &outliers, latest: &latest, timeline: &timeline };
                     let pos = store::store_snapshot(conn, &room, version, now_ms(), snapshot)?;
                     Ok((pos, store::max_stream_pos(conn)?))
                 })

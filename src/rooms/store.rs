@@ -571,11 +571,15 @@ pub struct Snapshot<'a> {
     pub outliers: &'a [Pdu],
     /// The event the state is at: it becomes the room's only forward extremity.
     pub latest: &'a Pdu,
+    /// Recent events before `latest` (a target's `messages`, OP-4.6), oldest first: stored in
+    /// the timeline, before `latest`, so that a device's first sync shows them.
+    pub timeline: &'a [Pdu],
 }
 
 /// Stores a snapshot for a room of another server, creating the room row when it is new:
-/// one full state group, outliers for the state and auth chain, `latest` in the timeline, and
-/// current state and forward extremities reset to the snapshot. Returns the stream position
+/// one full state group, outliers for the state and auth chain, the recent history and `latest`
+/// in the timeline, and current state and forward extremities reset to the snapshot. Returns
+/// the stream position
 /// of `latest` (already stored events keep theirs).
 pub fn store_snapshot(
     conn: &mut DbConnection,
@@ -593,6 +597,14 @@ pub fn store_snapshot(
     }
     let group = insert_group(conn, room_id, None, 0, snapshot.state)?;
     let mut max_depth = row.max_depth.max(snapshot.latest.depth);
+    // The recent history first, so that its stream positions come before `latest`'s. Their
+    // state is approximated by the snapshot's (the answer carries no other).
+    for pdu in snapshot.timeline.iter().filter(|p| p.event_id != snapshot.latest.event_id) {
+        max_depth = max_depth.max(pdu.depth);
+        if event_by_id(conn, pdu.event_id.as_str())?.is_none() {
+            insert_event_row(conn, room_id, pdu, Some(group), group, false)?;
+        }
+    }
     for pdu in snapshot.outliers.iter().filter(|p| p.event_id != snapshot.latest.event_id) {
         max_depth = max_depth.max(pdu.depth);
         if event_by_id(conn, pdu.event_id.as_str())?.is_none() {

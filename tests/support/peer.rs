@@ -83,6 +83,17 @@ pub struct Inbox {
     pub send_delay_ms: AtomicUsize,
     /// When set, what the key endpoint answers instead of the response the mode made.
     pub key_response: Mutex<Option<Value>>,
+    /// The hosted room is served in another implementation's dialect (issue 14, OP-4.6): the
+    /// peek answer has a `messages` list and no `latest_event`/`latest_event_id`, renewals get
+    /// a full answer too, and the reads of a server with no member are refused with 403 except
+    /// `/backfill` (which gives at most [`BACKFILL_PAGE_CAP`] events per page).
+    pub dialect: std::sync::atomic::AtomicBool,
+    /// `get_missing_events`, `/event` and `/state` requests refused in the dialect.
+    pub refused_reads: AtomicUsize,
+    /// `/backfill` requests answered.
+    pub backfill_requests: AtomicUsize,
+    /// `/backfill` answers carry events altered after signing (their signatures fail).
+    pub forge_backfill: std::sync::atomic::AtomicBool,
 }
 
 impl Inbox {
@@ -265,10 +276,83 @@ async fn missing_events(body: web::Json<Value>, peer: web::Data<(String, Arc<Inb
             .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
             .unwrap_or_default()
     };
+    if inbox.dialect.load(Ordering::SeqCst) {
+        inbox.refused_reads.fetch_add(1, Ordering::SeqCst);
+        return forbidden_to_non_members();
+    }
     let limit = body["limit"].as_u64().unwrap_or(10) as usize;
     inbox.missing_requests.fetch_add(1, Ordering::SeqCst);
     let events = room.lock().unwrap().missing(&ids("earliest_events"), &ids("latest_events"), limit);
     HttpResponse::Ok().json(json!({ "events": events }))
+}
+
+/// Events the peer gives in one `/backfill` answer, whatever the `limit` (hosts cap it too).
+pub const BACKFILL_PAGE_CAP: usize = 10;
+/// Events in a dialect peek answer's `messages`.
+pub const DIALECT_MESSAGES: usize = 10;
+
+fn forbidden_to_non_members() -> HttpResponse {
+    HttpResponse::Forbidden().json(json!({ "errcode": "M_FORBIDDEN", "error": "Host not in room." }))
+}
+
+/// `GET /_matrix/federation/v1/backfill/{roomId}?v=..&limit=..` for the hosted room.
+async fn backfill(req: HttpRequest, peer: web::Data<(String, Arc<Inbox>)>) -> HttpResponse {
+    let inbox = &peer.1;
+    if inbox.down.load(Ordering::SeqCst) {
+        return HttpResponse::ServiceUnavailable().finish();
+    }
+    let Some(room) = inbox.hosted.lock().unwrap().clone() else {
+        return HttpResponse::NotFound().json(json!({ "errcode": "M_NOT_FOUND", "error": "no such room" }));
+    };
+    let query = req.uri().query().unwrap_or("");
+    let mut from = Vec::new();
+    let mut limit = 10;
+    for (name, value) in url::form_urlencoded::parse(query.as_bytes()) {
+        match name.as_ref() {
+            "v" => from.push(value.into_owned()),
+            "limit" => limit = value.parse().unwrap_or(10),
+            _ => {}
+        }
+    }
+    inbox.backfill_requests.fetch_add(1, Ordering::SeqCst);
+    let Some(mut pdus) = room.lock().unwrap().backfill(&from, limit.min(BACKFILL_PAGE_CAP)) else {
+        return HttpResponse::NotFound().json(json!({ "errcode": "M_NOT_FOUND", "error": "unknown event" }));
+    };
+    if inbox.forge_backfill.load(Ordering::SeqCst) {
+        for pdu in &mut pdus {
+            pdu["origin_server_ts"] = json!(pdu["origin_server_ts"].as_i64().unwrap() + 1);
+        }
+    }
+    HttpResponse::Ok().json(json!({
+        "origin": peer.0,
+        "origin_server_ts": chrono::Utc::now().timestamp_millis(),
+        "pdus": pdus,
+    }))
+}
+
+/// `/event`, `/state`, `/state_ids`: refused to non-members in the dialect, not served otherwise.
+async fn other_reads(peer: web::Data<(String, Arc<Inbox>)>) -> HttpResponse {
+    let inbox = &peer.1;
+    if inbox.dialect.load(Ordering::SeqCst) {
+        inbox.refused_reads.fetch_add(1, Ordering::SeqCst);
+        return forbidden_to_non_members();
+    }
+    HttpResponse::NotFound().json(json!({ "errcode": "M_UNRECOGNIZED", "error": "Unrecognized request" }))
+}
+
+/// `GET /_matrix/federation/v1/query/directory?room_alias=`: `#lobby:{peer}` names the hosted room.
+async fn directory(req: HttpRequest, peer: web::Data<(String, Arc<Inbox>)>) -> HttpResponse {
+    let (name, inbox) = (&peer.0, &peer.1);
+    let alias = url::form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
+        .find(|(k, _)| k == "room_alias")
+        .map(|(_, v)| v.into_owned());
+    let room = inbox.hosted.lock().unwrap().clone();
+    match room {
+        Some(room) if alias.as_deref() == Some(format!("#lobby:{name}").as_str()) => {
+            HttpResponse::Ok().json(json!({ "room_id": room.lock().unwrap().room_id, "servers": [name] }))
+        }
+        _ => HttpResponse::NotFound().json(json!({ "errcode": "M_NOT_FOUND", "error": "Room alias not found" })),
+    }
 }
 
 /// `PUT` and `DELETE /_matrix/federation/v1/peek/{roomId}/{peekId}`: the peer as a peek target
@@ -287,7 +371,13 @@ async fn peek_target(req: HttpRequest, peer: web::Data<(String, Arc<Inbox>)>) ->
         return HttpResponse::Ok().json(json!({}));
     }
     if let Some(room) = inbox.hosted.lock().unwrap().clone() {
-        let answer = if seen { json!({}) } else { room.lock().unwrap().peek_answer(HOSTED_RENEWAL_INTERVAL_MS) };
+        let answer = if inbox.dialect.load(Ordering::SeqCst) {
+            room.lock().unwrap().dialect_peek_answer(HOSTED_RENEWAL_INTERVAL_MS, DIALECT_MESSAGES)
+        } else if seen {
+            json!({})
+        } else {
+            room.lock().unwrap().peek_answer(HOSTED_RENEWAL_INTERVAL_MS)
+        };
         return HttpResponse::Ok().json(answer);
     }
     match inbox.peek_answer.lock().unwrap().clone() {
@@ -323,6 +413,11 @@ impl TestPeer {
                 .route("/_matrix/federation/v1/peek/{room}/{peek_id}", web::put().to(peek_target))
                 .route("/_matrix/federation/v1/peek/{room}/{peek_id}", web::delete().to(peek_target))
                 .route("/_matrix/federation/v1/get_missing_events/{room}", web::post().to(missing_events))
+                .route("/_matrix/federation/v1/backfill/{room}", web::get().to(backfill))
+                .route("/_matrix/federation/v1/event/{event}", web::get().to(other_reads))
+                .route("/_matrix/federation/v1/state/{room}", web::get().to(other_reads))
+                .route("/_matrix/federation/v1/state_ids/{room}", web::get().to(other_reads))
+                .route("/_matrix/federation/v1/query/directory", web::get().to(directory))
         })
         .disable_signals()
         .workers(1)

@@ -117,6 +117,28 @@ impl PeerRoom {
         })
     }
 
+    /// The answer of a target in another dialect (OP-4.6): state and auth chain as usual, no
+    /// `latest_event` nor `latest_event_id`, and the newest `count` events in `messages`,
+    /// oldest first.
+    pub fn dialect_peek_answer(&self, renewal_interval_ms: u64, count: usize) -> Value {
+        let mut answer = self.peek_answer(renewal_interval_ms);
+        let object = answer.as_object_mut().unwrap();
+        object.remove("latest_event");
+        object.remove("latest_event_id");
+        let skip = self.events.len().saturating_sub(count);
+        let messages: Vec<Value> = self.events[skip..].iter().map(|(_, pdu)| pdu.clone()).collect();
+        object.insert("messages".into(), Value::Array(messages));
+        answer
+    }
+
+    /// `/backfill`: the events `from` the newest of `from` back, newest first, at most `limit`;
+    /// `None` when none of `from` is known.
+    pub fn backfill(&self, from: &[String], limit: usize) -> Option<Vec<Value>> {
+        let newest = self.events.iter().rposition(|(id, _)| from.contains(id))?;
+        let start = (newest + 1).saturating_sub(limit);
+        Some(self.events[start..=newest].iter().rev().map(|(_, pdu)| pdu.clone()).collect())
+    }
+
     /// `get_missing_events`: the events after the newest of `earliest` up to (not including)
     /// `latest`, oldest first, at most `limit` (the newest ones when there are more).
     pub fn missing(&self, earliest: &[String], latest: &[String], limit: usize) -> Vec<Value> {
