@@ -20,6 +20,7 @@ use crate::keys::{RemoteKeys, SigningKey};
 use crate::metrics::Metrics;
 use crate::peeks::devices::DevicePeeks;
 use crate::peeks::inbound::InboundPeeks;
+use crate::peeks::outbound::OutboundPeeks;
 use crate::rooms::hooks::StateEventHook;
 use crate::rooms::Rooms;
 use crate::schedule::{self, ScheduleHandle};
@@ -71,19 +72,32 @@ pub async fn build_state(settings: Settings, dns: Option<Arc<dyn Dns>>) -> anyho
     let accounts = Accounts::new(db.clone());
     let inbound = InboundPeeks::new(db.clone(), &settings);
     let device_peeks = DevicePeeks::new(db.clone(), &settings.raw.client.peek);
+    let instance_id = format!("{}-{}", std::process::id(), Alphanumeric.sample_string(&mut rand::rng(), 12));
+    let (keys, metrics, rooms) = (Arc::new(keys), Arc::new(Metrics::new()), Arc::new(rooms));
+    let outbound = OutboundPeeks {
+        instance_id: instance_id.clone(),
+        settings: settings.clone(),
+        db: db.clone(),
+        rooms: rooms.clone(),
+        federation: federation.clone(),
+        keys: keys.clone(),
+        metrics: metrics.clone(),
+        device_peeks: device_peeks.clone(),
+        locks: Default::default(),
+    };
     Ok(AppState {
-        instance_id: format!("{}-{}", std::process::id(), Alphanumeric.sample_string(&mut rand::rng(), 12)),
+        instance_id,
         settings,
         db,
         key,
         keys,
         federation,
-        metrics: Arc::new(Metrics::new()),
-        rooms: Arc::new(rooms),
+        metrics,
+        rooms,
         accounts,
-        inbound,
+        inbound: Arc::new(inbound),
         device_peeks,
-        outbound_locks: Default::default(),
+        outbound,
         destination_resets: tokio::sync::watch::Sender::new(0),
         scheduler_jobs: Default::default(),
     })
@@ -219,7 +233,7 @@ pub fn start(state: AppState, listeners: Listeners) -> anyhow::Result<RunningSer
         metrics: state.metrics.clone(),
         destination_resets: state.destination_resets.subscribe(),
     }));
-    let schedule = Some(schedule::start(state.clone()));
+    let schedule = Some(schedule::start(state.jobs()));
     tracing::info!(%http_addr, ?tls_addr, ?metrics_addr, server_name = %state.settings.server_name, "peekgate listening");
     Ok(RunningServer {
         state,

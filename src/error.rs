@@ -201,3 +201,28 @@ impl From<crate::peeks::outbound::OutboundError> for MatrixError {
         }
     }
 }
+
+impl From<crate::transactions::TransactionError> for MatrixError {
+    fn from(e: crate::transactions::TransactionError) -> Self {
+        use crate::transactions::TransactionError as E;
+        match e {
+            E::WrongOrigin | E::TooLarge => MatrixError::bad_json(e.to_string()),
+            E::Db(e) => internal_error("receiving a transaction", e),
+        }
+    }
+}
+
+impl From<crate::peeks::local::LocalPeekError> for MatrixError {
+    fn from(e: crate::peeks::local::LocalPeekError) -> Self {
+        use crate::peeks::local::{LocalPeekError as E, AT_CAP_RETRY_MS};
+        match e {
+            E::NotFound(what) => MatrixError::not_found(what),
+            E::NotPeekable(why) => MatrixError::forbidden(why),
+            E::Joined | E::NotPeeking => MatrixError::new(StatusCode::BAD_REQUEST, "M_BAD_STATE", e.to_string()),
+            E::AtCap => MatrixError::limit_exceeded(e.to_string(), AT_CAP_RETRY_MS),
+            E::Id(e) => e.into(),
+            E::Outbound(e) => e.into(),
+            E::Room(e) => e.into(),
+        }
+    }
+}

@@ -1,7 +1,9 @@
 //! peekgate: a Matrix federation peeking gateway (MSC2444 target and peeker, MSC2753 client API).
 //!
-//! The modules follow the data flow of `design.md`: `config` → `keys` / `xmatrix` (identity and
-//! authentication) → `federation` (client and routes) → `db` (storage); `app` wires them together.
+//! Data flow (ARCHITECTURE.md has the module map): the HTTP edge (`federation::*` routes,
+//! `client_api`) → `events::intake` for every remote PDU → `rooms`, the one append path →
+//! subscribers (`peeks::inbound` and `peeks::devices` through `rooms::hooks`; `sync` and
+//! `sender` through the stream position) → `sender` → peers. `app` wires it together.
 
 pub mod accounts;
 pub mod admin;
@@ -25,4 +27,5 @@ pub mod schedule;
 pub mod sender;
 pub mod state;
 pub mod sync;
+pub mod transactions;
 pub mod xmatrix;

@@ -3,33 +3,48 @@
 //! SKIP LOCKED`, or a conditional update that only one instance wins), so several instances on
 //! one database never process the same rows.
 
-use actix_web::web;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
 use chrono::Utc;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::clock::now_ms;
-use crate::db::DbError;
-use crate::peeks::inbound::{self, REASON_LAPSED};
-use crate::peeks::outbound;
-use crate::state::AppState;
+use crate::config::Settings;
+use crate::db::{Db, DbError};
+use crate::metrics::Metrics;
+use crate::peeks::inbound::{self, InboundPeeks, REASON_LAPSED};
+use crate::peeks::outbound::{self, OutboundPeeks};
 
 /// The scheduled jobs `/ready` expects to be running.
 pub const JOBS: usize = 2;
 
+/// What the jobs need from the rest of the server, handed over at start-up.
+#[derive(Clone)]
+pub struct ScheduleContext {
+    pub settings: Settings,
+    pub db: Db,
+    pub metrics: Arc<Metrics>,
+    pub inbound: Arc<InboundPeeks>,
+    pub outbound: OutboundPeeks,
+    /// Job loops running now (`/ready` wants [`JOBS`] of them).
+    pub jobs_alive: Arc<AtomicUsize>,
+}
+
 /// Counts a job loop as running for as long as it lives (also when it ends by a panic).
-struct JobAlive(web::Data<AppState>);
+struct JobAlive(Arc<AtomicUsize>);
 
 impl JobAlive {
-    fn new(state: &web::Data<AppState>) -> JobAlive {
-        state.scheduler_jobs.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        JobAlive(state.clone())
+    fn new(count: &Arc<AtomicUsize>) -> JobAlive {
+        count.fetch_add(1, Ordering::AcqRel);
+        JobAlive(count.clone())
     }
 }
 
 impl Drop for JobAlive {
     fn drop(&mut self) {
-        self.0.scheduler_jobs.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -50,7 +65,7 @@ impl ScheduleHandle {
     }
 }
 
-pub fn start(state: web::Data<AppState>) -> ScheduleHandle {
+pub fn start(state: ScheduleContext) -> ScheduleHandle {
     let (shutdown, rx) = watch::channel(false);
     let evict = state.settings.evict_inbound.clone();
     let renew = state.settings.renew_outbound.clone();
@@ -62,12 +77,12 @@ pub fn start(state: web::Data<AppState>) -> ScheduleHandle {
 }
 
 async fn run_job(
-    state: web::Data<AppState>,
+    state: ScheduleContext,
     job: &'static str,
     schedule: cron::Schedule,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let _alive = JobAlive::new(&state);
+    let _alive = JobAlive::new(&state.jobs_alive);
     loop {
         let Some(next) = schedule.upcoming(Utc).next() else {
             tracing::warn!(job, "schedule has no future run");
@@ -94,20 +109,6 @@ async fn run_job(
 /// transaction a day later gets it processed again, which per-PDU de-duplication makes harmless.
 const RECEIVED_TXN_TTL_MS: i64 = 24 * 3_600_000;
 
-/// Forgets the answers to transactions received over a day ago.
-async fn forget_received_txns(state: &AppState) -> Result<(), DbError> {
-    use crate::db::schema::received_txns;
-    use diesel::prelude::*;
-    let before = now_ms() - RECEIVED_TXN_TTL_MS;
-    state
-        .db
-        .run::<_, DbError, _>(move |conn| {
-            diesel::delete(received_txns::table.filter(received_txns::received_ts.lt(before))).execute(conn)?;
-            Ok(())
-        })
-        .await
-}
-
 /// A destination that has not accepted a transaction for this long, and no longer has peeks,
 /// is forgotten with its undelivered `expired_peeks` notices.
 const DEAD_DESTINATION_MS: i64 = 7 * 24 * 3_600_000;
@@ -115,7 +116,7 @@ const DEAD_DESTINATION_MS: i64 = 7 * 24 * 3_600_000;
 /// Forgets destinations that only hold notices nobody will receive: no inbound peek from the
 /// server remains, it is failing, and it never accepted a transaction or not for a week. (A
 /// peeker that comes back learns that its peek is gone from its next renewal.)
-async fn forget_dead_destinations(state: &AppState) -> Result<(), DbError> {
+async fn forget_dead_destinations(state: &ScheduleContext) -> Result<(), DbError> {
     let forgotten = crate::sender::destinations::forget_dead(&state.db, now_ms() - DEAD_DESTINATION_MS).await?;
     if forgotten > 0 {
         tracing::info!(forgotten, "forgot destinations that stopped answering and have no peeks left");
@@ -125,8 +126,8 @@ async fn forget_dead_destinations(state: &AppState) -> Result<(), DbError> {
 
 /// OP-6..8 and TBD-1: renews outbound peeks a live device still watches, fails over the ones
 /// whose target is gone, and deletes the ones nobody watches.
-pub async fn renew_outbound(state: &AppState) -> Result<(), crate::rooms::RoomError> {
-    let run = outbound::run_renewals(state).await?;
+pub async fn renew_outbound(state: &ScheduleContext) -> Result<(), crate::rooms::RoomError> {
+    let run = outbound::run_renewals(&state.outbound).await?;
     if run.renewed + run.failed + run.cancelled > 0 {
         tracing::debug!(?run, "outbound peek renewals");
     }
@@ -135,7 +136,7 @@ pub async fn renew_outbound(state: &AppState) -> Result<(), crate::rooms::RoomEr
 
 /// RE-2: deletes lapsed inbound peeks (queueing `expired_peeks`), and peeks the room ended once
 /// everything up to their end was delivered. Runs batch after batch until none is left.
-pub async fn evict_inbound(state: &AppState) -> Result<(usize, usize), DbError> {
+pub async fn evict_inbound(state: &ScheduleContext) -> Result<(usize, usize), DbError> {
     let mut lapsed_total = 0;
     loop {
         // Soft state: an eviction lost in a crash is redone by the next run, so it need not wait
@@ -153,7 +154,7 @@ pub async fn evict_inbound(state: &AppState) -> Result<(usize, usize), DbError> 
         }
     }
     let ended = state.db.run::<_, DbError, _>(|conn| Ok(inbound::evict_ended(conn)?)).await?;
-    forget_received_txns(state).await?;
+    crate::transactions::forget_answers_before(&state.db, now_ms() - RECEIVED_TXN_TTL_MS).await?;
     forget_dead_destinations(state).await?;
     for (reason, count) in &ended {
         state.metrics.peek_evictions(reason, *count);

@@ -10,7 +10,11 @@ use crate::keys::{RemoteKeys, SigningKey};
 use crate::metrics::Metrics;
 use crate::peeks::devices::DevicePeeks;
 use crate::peeks::inbound::InboundPeeks;
+use crate::peeks::outbound::OutboundPeeks;
 use crate::rooms::Rooms;
+use crate::schedule::ScheduleContext;
+use crate::sync::SyncContext;
+use crate::transactions::Inbox;
 
 pub struct AppState {
     /// This process among the instances sharing the database (leases and claims name it).
@@ -18,16 +22,45 @@ pub struct AppState {
     pub settings: Settings,
     pub db: Db,
     pub key: Arc<SigningKey>,
-    pub keys: RemoteKeys,
+    pub keys: Arc<RemoteKeys>,
     pub federation: Arc<FederationClient>,
     pub metrics: Arc<Metrics>,
     pub rooms: Arc<Rooms>,
     pub accounts: Accounts,
-    pub inbound: InboundPeeks,
+    pub inbound: Arc<InboundPeeks>,
     pub device_peeks: DevicePeeks,
-    pub outbound_locks: crate::peeks::outbound::RoomLocks,
+    pub outbound: OutboundPeeks,
     /// Bumped when an admin resets a destination: backing-off sender workers re-check at once.
     pub destination_resets: tokio::sync::watch::Sender<u64>,
     /// Scheduled jobs whose loop is running (`/ready` wants all of them).
-    pub scheduler_jobs: std::sync::atomic::AtomicUsize,
+    pub scheduler_jobs: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl AppState {
+    /// What receiving one `/send` transaction borrows.
+    pub fn inbox(&self) -> Inbox<'_> {
+        Inbox { db: &self.db, rooms: &self.rooms, keys: &self.keys, outbound: &self.outbound, metrics: &self.metrics }
+    }
+
+    /// What one `/sync` reads.
+    pub fn sync_context(&self) -> SyncContext<'_> {
+        SyncContext {
+            settings: &self.settings,
+            rooms: &self.rooms,
+            device_peeks: &self.device_peeks,
+            outbound: &self.outbound,
+        }
+    }
+
+    /// What the scheduled jobs get (also for running a job by hand, as tests and benches do).
+    pub fn jobs(&self) -> ScheduleContext {
+        ScheduleContext {
+            settings: self.settings.clone(),
+            db: self.db.clone(),
+            metrics: self.metrics.clone(),
+            inbound: self.inbound.clone(),
+            outbound: self.outbound.clone(),
+            jobs_alive: self.scheduler_jobs.clone(),
+        }
+    }
 }

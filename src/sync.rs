@@ -11,10 +11,12 @@ use ruma::RoomId;
 use serde_json::{json, Map, Value};
 
 use crate::accounts::Session;
-use crate::peeks::devices::{self, DevicePeek};
+use crate::config::Settings;
+use crate::peeks::devices::{self, DevicePeek, DevicePeeks};
 use crate::peeks::outbound;
+use crate::peeks::outbound::OutboundPeeks;
+use crate::rooms::Rooms;
 use crate::rooms::{RoomError, StoredEvent, Visibility};
-use crate::state::AppState;
 
 /// Long-polls wake up at least this often, so events appended by another instance are seen.
 const POLL_EVERY: Duration = Duration::from_secs(1);
@@ -71,15 +73,24 @@ impl RoomsResponse {
     }
 }
 
+/// What `/sync` reads: borrowed from the server's shared state for one request.
+pub struct SyncContext<'a> {
+    pub settings: &'a Settings,
+    pub rooms: &'a Rooms,
+    pub device_peeks: &'a DevicePeeks,
+    /// A device's sync keeps its rooms' federation peeks alive, and re-establishes them (TBD-1).
+    pub outbound: &'a OutboundPeeks,
+}
+
 /// One `/sync`: records the device as live, applies CP-8, re-establishes federation peeks of a
 /// device that idled (TBD-1), then answers, waiting up to `timeout` for something to report.
-pub async fn sync(state: &AppState, session: &Session, params: SyncParams) -> Result<Value, RoomError> {
+pub async fn sync(state: &SyncContext<'_>, session: &Session, params: SyncParams) -> Result<Value, RoomError> {
     let (user, device) = (session.user_id.as_str(), session.device_id.as_str());
     state.device_peeks.touch_device(user, device).await?;
     if params.since.is_none() && state.settings.raw.client.peek.clear_on_initial_sync {
         for room in state.device_peeks.end_device(user, device, devices::END_INITIAL_SYNC).await? {
             if let Ok(room_id) = RoomId::parse(&room) {
-                outbound::release_if_unwatched(state, &room_id).await?;
+                outbound::release_if_unwatched(state.outbound, &room_id).await?;
             }
         }
     }
@@ -125,18 +136,18 @@ fn render(rooms: RoomsResponse, now: Token) -> Value {
 /// TBD-1: a device that syncs again after idling finds the federation peek of its rooms gone;
 /// it is re-established (new PUT) before the answer, and the timeline is marked gappy. A room
 /// that cannot be peeked any more ends the device's peek (a leave entry).
-async fn reestablish_peeks(state: &AppState, session: &Session) -> Result<(), RoomError> {
+async fn reestablish_peeks(state: &SyncContext<'_>, session: &Session) -> Result<(), RoomError> {
     let (user, device) = (session.user_id.as_str(), session.device_id.as_str());
     for peek in state.device_peeks.for_sync(user, device, i64::MAX).await? {
         let Ok(room_id) = RoomId::parse(&peek.room_id) else { continue };
         if state.rooms.room(&room_id).await?.is_none_or(|r| r.is_local) {
             continue;
         }
-        if outbound::get(state, &room_id).await?.is_some_and(|p| p.ended_ts.is_none()) {
+        if outbound::get(state.outbound, &room_id).await?.is_some_and(|p| p.ended_ts.is_none()) {
             continue;
         }
-        let candidates = outbound::remembered_candidates(state, &room_id).await?;
-        match outbound::ensure(state, &room_id, candidates).await {
+        let candidates = outbound::remembered_candidates(state.outbound, &room_id).await?;
+        match outbound::ensure(state.outbound, &room_id, candidates).await {
             Ok(_) => state.device_peeks.mark_gappy(room_id.as_str()).await?,
             Err(outbound::OutboundError::Room(e)) => return Err(e),
             Err(e) => {
@@ -150,7 +161,7 @@ async fn reestablish_peeks(state: &AppState, session: &Session) -> Result<(), Ro
 
 /// The rooms part of a sync from `since` to `now`.
 async fn build(
-    state: &AppState,
+    state: &SyncContext<'_>,
     session: &Session,
     since: Option<Token>,
     now: Token,
@@ -230,7 +241,7 @@ fn parse_room(room: &str) -> Result<ruma::OwnedRoomId, RoomError> {
 /// The newest events after `after` up to `upto` (at most `limit`, oldest first), and whether
 /// more were left out. Peekers see only world-readable events (CP-9).
 async fn timeline(
-    state: &AppState,
+    state: &SyncContext<'_>,
     room_id: &RoomId,
     after: i64,
     upto: i64,
@@ -294,7 +305,7 @@ fn state_section(current: &[crate::events::Pdu], timeline: &[StoredEvent], filte
 
 /// A room's first appearance (or a gappy one): its current state and the newest events.
 async fn full(
-    state: &AppState,
+    state: &SyncContext<'_>,
     room_id: &RoomId,
     upto: i64,
     filter: RoomFilter,
@@ -315,7 +326,7 @@ async fn full(
 /// A room's events since the last sync; `None` when there are none. A limited timeline carries
 /// the current state, so the client never misses a state change in the gap.
 async fn incremental(
-    state: &AppState,
+    state: &SyncContext<'_>,
     room_id: &RoomId,
     since: i64,
     upto: i64,
@@ -334,7 +345,7 @@ async fn incremental(
 /// A leave entry: the events between the previous sync and the leave (for a peek, CP-12
 /// revision B: its end), or `{}` when there are none.
 async fn leave_entry(
-    state: &AppState,
+    state: &SyncContext<'_>,
     room_id: &RoomId,
     since: i64,
     upto: i64,

@@ -8,9 +8,8 @@
 
 use ruma::api::federation::authentication::XMatrix;
 use ruma::signatures::verify_canonical_json_bytes;
-use ruma::{OwnedServerName, SigningKeyAlgorithm};
+use ruma::{OwnedServerName, ServerName, SigningKeyAlgorithm};
 
-use crate::keys::remote::RemoteKeys;
 use crate::keys::signing::SigningKey;
 
 /// At most this many `Authorization` headers are tried (one per key of the origin); the rest
@@ -98,6 +97,14 @@ impl AuthFailure {
     }
 }
 
+/// Where the verifier gets an origin's public key: a key that is valid *now* (request
+/// authentication never accepts an expired key). `keys::RemoteKeys` is the real one; the trait
+/// keeps this module below the key service, which signs its own fetches with [`authorization_header`].
+#[async_trait::async_trait]
+pub trait RequestKeys: Sync {
+    async fn request_key(&self, server: &ServerName, key_id: &str) -> Result<[u8; 32], String>;
+}
+
 /// A request to authenticate: what the signature covers.
 pub struct Inbound<'a> {
     pub method: &'a str,
@@ -114,7 +121,7 @@ pub type HeaderFailure = (AuthFailure, Option<String>, String);
 /// Authenticates a request: the first of at most [`MAX_HEADERS`] X-Matrix headers that
 /// verifies names the origin. `ours` is our server name (the required `destination`).
 pub async fn verify(
-    keys: &RemoteKeys,
+    keys: &dyn RequestKeys,
     ours: &str,
     headers: &[&str],
     request: &Inbound<'_>,
@@ -130,7 +137,7 @@ pub async fn verify(
 }
 
 async fn verify_header(
-    keys: &RemoteKeys,
+    keys: &dyn RequestKeys,
     ours: &str,
     header: &str,
     request: &Inbound<'_>,
@@ -150,10 +157,8 @@ async fn verify_header(
         return Err(with_origin(AuthFailure::UnknownAlgorithm, x.key.to_string()));
     }
     // Only a key that is current now authenticates a request (H17); old keys verify events only.
-    let public_key = keys
-        .request_key(&x.origin, x.key.as_str())
-        .await
-        .map_err(|e| with_origin(AuthFailure::KeyUnavailable, e.to_string()))?;
+    let public_key =
+        keys.request_key(&x.origin, x.key.as_str()).await.map_err(|e| with_origin(AuthFailure::KeyUnavailable, e))?;
     let signed = signed_text(request.method, request.uri, &origin, ours, request.canonical_content);
     verify_canonical_json_bytes(&SigningKeyAlgorithm::Ed25519, &public_key, x.sig.as_bytes(), signed.as_bytes())
         .map_err(|e| with_origin(AuthFailure::BadSignature, e.to_string()))?;

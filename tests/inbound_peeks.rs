@@ -419,7 +419,7 @@ async fn re3_visibility_change_ends_peeks(db: DbKind) {
         peer.call(&s.gw.base, GW, Method::POST, &format!("{}/renew", peek_path(&s.room, "v1")), Some(&json!({}))).await;
     assert_eq!(status, 404);
     // Once delivered, the ended peek is evicted with its reason.
-    peekgate::schedule::evict_inbound(s.gw.state()).await.unwrap();
+    peekgate::schedule::evict_inbound(&s.gw.state().jobs()).await.unwrap();
     assert_eq!(s.gw.metric("peekgate_peek_evictions_total{reason=\"visibility_changed\"}").await, 1.0);
     finish(s).await;
 }
@@ -697,7 +697,7 @@ async fn old_transaction_answers_are_forgotten(db: DbKind) {
         })
         .await
         .unwrap();
-    peekgate::schedule::evict_inbound(state).await.unwrap();
+    peekgate::schedule::evict_inbound(&state.jobs()).await.unwrap();
     let left: Vec<String> = state
         .db
         .run::<_, peekgate::db::DbError, _>(|conn| Ok(received_txns::table.select(received_txns::txn_id).load(conn)?))
@@ -757,7 +757,7 @@ async fn dead_destinations_are_forgotten(db: DbKind) {
         })
         .await
         .unwrap();
-    peekgate::schedule::evict_inbound(state).await.unwrap();
+    peekgate::schedule::evict_inbound(&state.jobs()).await.unwrap();
     let left: Vec<String> =
         peekgate::admin::destinations(&state.db).await.unwrap().into_iter().map(|d| d.server_name).collect();
     assert_eq!(left, ["healthy.test", "peeking.test"]);

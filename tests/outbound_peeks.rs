@@ -139,7 +139,7 @@ async fn unpeek_leaves_once_and_deletes_the_remote_peek(db: DbKind) {
     // Nothing left behind on B either: the outbound peek and B's copy of the room are forgotten.
     let room_id = ruma::RoomId::parse(&p.room).unwrap();
     wait_until("B forgets the room", || async { p.b.state().rooms.room(&room_id).await.unwrap().is_none() }).await;
-    assert!(peekgate::peeks::outbound::get(p.b.state(), &room_id).await.unwrap().is_none());
+    assert!(peekgate::peeks::outbound::get(&p.b.state().outbound, &room_id).await.unwrap().is_none());
     let leftover = p.b.state().rooms.events_in_range(&room_id, 0, true, 10).await;
     assert!(leftover.is_err() || leftover.unwrap().is_empty());
     let report = peekgate::admin::peeks(&p.b.state().db).await.unwrap();
@@ -323,7 +323,9 @@ async fn hostile_target_answers_are_refused(db: DbKind) {
         assert_eq!(deletes.len(), before + 1, "{case}: no DELETE for the refused peek");
         let put = evil.inbox.peek_requests("PUT").last().unwrap().split('?').next().unwrap().to_owned();
         assert_eq!(deletes.last().unwrap(), &put, "{case}: DELETE names another peek");
-        let peek = peekgate::peeks::outbound::get(p.b.state(), &ruma::RoomId::parse(&p.room).unwrap()).await.unwrap();
+        let peek = peekgate::peeks::outbound::get(&p.b.state().outbound, &ruma::RoomId::parse(&p.room).unwrap())
+            .await
+            .unwrap();
         assert_eq!(peek.unwrap().target, A, "{case}");
         // Reset for the next case: nobody peeks, so the next /peek starts over with evil.test.
         assert_eq!(p.bob.unpeek(&p.room).await.0, 200);
@@ -508,7 +510,10 @@ async fn failover_to_the_next_target_misses_no_event(db: DbKind) {
     hosted.lock().unwrap().say(&one, "host", "m3");
     let room = ruma::RoomId::parse(&room_id).unwrap();
     wait_until("B fails over to two.test", || async {
-        peekgate::peeks::outbound::get(b.state(), &room).await.unwrap().is_some_and(|p| p.target == "two.test")
+        peekgate::peeks::outbound::get(&b.state().outbound, &room)
+            .await
+            .unwrap()
+            .is_some_and(|p| p.target == "two.test")
     })
     .await;
     let since = sync_until(&bob, since, "m2 and m3", |a| seen.take(a).contains(&"m3".to_owned())).await;
@@ -696,8 +701,10 @@ async fn renewal_answered_in_full_resyncs(db: DbKind) {
     .await;
     assert_eq!(seen.bodies, ["while lapsed 1", "while lapsed 2"]);
     assert!(!seen.gappy);
-    let peek =
-        peekgate::peeks::outbound::get(b.state(), &ruma::RoomId::parse(&room_id).unwrap()).await.unwrap().unwrap();
+    let peek = peekgate::peeks::outbound::get(&b.state().outbound, &ruma::RoomId::parse(&room_id).unwrap())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(peek.target, "one.test", "a full renewal answer is not a failover");
 }
 both_backends!(renewal_answered_in_full_resyncs);
@@ -877,8 +884,10 @@ async fn other_dialect_host_full_renewals_are_resync_points(db: DbKind) {
     assert!(!seen.gappy, "a renewal that continues the timeline is not a gap");
     assert!(one.inbox.backfill_requests.load(Ordering::SeqCst) >= 1);
     assert_eq!(one.inbox.missing_requests.load(Ordering::SeqCst), 0);
-    let peek =
-        peekgate::peeks::outbound::get(b.state(), &ruma::RoomId::parse(&room_id).unwrap()).await.unwrap().unwrap();
+    let peek = peekgate::peeks::outbound::get(&b.state().outbound, &ruma::RoomId::parse(&room_id).unwrap())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(peek.target, "one.test");
     assert_eq!(one.inbox.put_peek_ids().len(), 1, "renewals keep the peek_id");
     assert!(one.inbox.peek_requests("DELETE").is_empty(), "a full renewal answer is not a failure");

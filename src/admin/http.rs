@@ -96,10 +96,10 @@ async fn end_outbound(
 ) -> Result<HttpResponse, MatrixError> {
     require_admin(authed)?;
     let room_id = RoomId::parse(path.as_str()).map_err(|_| MatrixError::invalid_param("Invalid room ID"))?;
-    if outbound::get(&state, &room_id).await?.is_none_or(|p| p.ended_ts.is_some()) {
+    if outbound::get(&state.outbound, &room_id).await?.is_none_or(|p| p.ended_ts.is_some()) {
         return Err(MatrixError::not_found("No live outbound peek on this room"));
     }
-    outbound::cancel(&state, &room_id).await?;
+    outbound::cancel(&state.outbound, &room_id).await?;
     Ok(HttpResponse::Ok().json(json!({})))
 }
 
@@ -114,6 +114,6 @@ async fn end_device(
     if !state.device_peeks.end(&user, &device, &room, devices::END_ADMIN).await? {
         return Err(MatrixError::not_found("No such device peek"));
     }
-    outbound::release_if_unwatched(&state, &room_id).await?;
+    outbound::release_if_unwatched(&state.outbound, &room_id).await?;
     Ok(HttpResponse::Ok().json(json!({})))
 }

@@ -247,7 +247,7 @@ pub async fn peeks(
         })
         .await?;
     let t = Instant::now();
-    let (lapsed, _) = peekgate::schedule::evict_inbound(&bare).await?;
+    let (lapsed, _) = peekgate::schedule::evict_inbound(&bare.jobs()).await?;
     println!(
         "eviction sweep: {lapsed} lapsed peeks evicted (and expired_peeks queued) in {} ms",
         t.elapsed().as_millis()

@@ -23,6 +23,15 @@ struct RegisterBody {
     inhibit_login: bool,
 }
 
+/// The user-interactive auth answer: one flow, the `m.login.dummy` stage.
+fn dummy_auth_challenge() -> HttpResponse {
+    HttpResponse::build(StatusCode::UNAUTHORIZED).json(json!({
+        "flows": [{ "stages": ["m.login.dummy"] }],
+        "params": {},
+        "session": Alphanumeric.sample_string(&mut rand::rng(), 16),
+    }))
+}
+
 pub async fn register(state: web::Data<AppState>, body: web::Bytes) -> Result<HttpResponse, MatrixError> {
     if state.settings.raw.client.registration != "open" {
         return Err(MatrixError::forbidden("Registration is disabled on this server"));
@@ -30,11 +39,7 @@ pub async fn register(state: web::Data<AppState>, body: web::Bytes) -> Result<Ht
     let body: RegisterBody = parse_json(&body)?;
     // User-interactive auth with the single m.login.dummy stage.
     if body.auth.as_ref().and_then(|a| a["type"].as_str()) != Some("m.login.dummy") {
-        return Ok(HttpResponse::build(StatusCode::UNAUTHORIZED).json(json!({
-            "flows": [{ "stages": ["m.login.dummy"] }],
-            "params": {},
-            "session": Alphanumeric.sample_string(&mut rand::rng(), 16),
-        })));
+        return Ok(dummy_auth_challenge());
     }
     let password = body
         .password
@@ -114,7 +119,7 @@ pub async fn logout(state: web::Data<AppState>, Authed(session): Authed) -> Resu
         .await?;
     for room in rooms {
         if let Ok(room_id) = ruma::RoomId::parse(&room) {
-            crate::peeks::outbound::release_if_unwatched(&state, &room_id).await?;
+            crate::peeks::outbound::release_if_unwatched(&state.outbound, &room_id).await?;
         }
     }
     Ok(HttpResponse::Ok().json(json!({})))

@@ -3,9 +3,7 @@
 
 use std::time::Duration;
 
-use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
-use ruma::{OwnedRoomId, RoomAliasId, RoomId};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -13,9 +11,8 @@ use super::auth::Authed;
 use crate::accounts::Session;
 use crate::clock::now_ms;
 use crate::error::{parse_json, MatrixError};
-use crate::ids::{self, RoomRef};
-use crate::peeks::devices::{self, Started};
-use crate::peeks::outbound;
+use crate::ids;
+use crate::peeks::local;
 use crate::state::AppState;
 use crate::sync::{self, RoomFilter, SyncParams, Token};
 
@@ -27,10 +24,6 @@ struct PeekBody {
     /// Revision B's candidate servers.
     #[serde(default)]
     servers: Vec<String>,
-}
-
-fn bad_state(error: &str) -> MatrixError {
-    MatrixError::new(StatusCode::BAD_REQUEST, "M_BAD_STATE", error)
 }
 
 fn rate_limit(state: &AppState, session: &Session) -> Result<(), MatrixError> {
@@ -48,7 +41,7 @@ fn optional_body<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> Resul
     parse_json(body)
 }
 
-/// `POST /peek/{roomIdOrAlias}` (CP-1..5, OP-1, OP-2).
+/// `POST /peek/{roomIdOrAlias}` (CP-1..5, OP-1, OP-2); the work is in [`local::start`].
 pub async fn peek(
     state: web::Data<AppState>,
     Authed(session): Authed,
@@ -56,96 +49,18 @@ pub async fn peek(
     body: web::Bytes,
 ) -> Result<HttpResponse, MatrixError> {
     rate_limit(&state, &session)?;
-    let target = req.match_info().get("room_id_or_alias").unwrap_or_default().to_owned();
+    let target = req.match_info().get("room_id_or_alias").unwrap_or_default();
     let request: PeekBody = optional_body(&body)?;
     let mut servers: Vec<String> = url::form_urlencoded::parse(req.query_string().as_bytes())
         .filter(|(k, _)| k == "server_name")
         .map(|(_, v)| v.into_owned())
         .collect();
     servers.extend(request.servers);
-    let (room_id, candidates) = resolve(&state, &target, servers).await?;
-    if state.rooms.membership(&room_id, &session.user_id).await?.as_deref() == Some("join") {
-        return Err(bad_state("You are joined to this room; it is in the join section of /sync"));
-    }
-    // A device that peeks is active: it counts as live for TBD-1 before its first sync.
-    state.device_peeks.touch_device(session.user_id.as_str(), &session.device_id).await?;
-    let local = state.rooms.room(&room_id).await?.is_some_and(|r| r.is_local);
-    if local {
-        require_peekable(&state, &room_id).await?;
-    } else if room_id.server_name() == Some(&*state.settings.server_name) {
-        return Err(MatrixError::not_found("Room not found"));
-    } else {
-        if outbound::ensure(&state, &room_id, candidates).await? {
-            // Re-established after a gap: every device still peeking gets a limited timeline.
-            state.device_peeks.mark_gappy(room_id.as_str()).await?;
-        }
-        // A reused peek may be older than a visibility change: check our copy of the state.
-        require_peekable(&state, &room_id).await?;
-    }
-    let cap = state.settings.raw.client.peek.max_per_device.into();
-    let started = state.device_peeks.start(session.user_id.as_str(), &session.device_id, room_id.as_str(), cap).await?;
-    if started == Started::AtCap {
-        if !local {
-            outbound::release_if_unwatched(&state, &room_id).await?;
-        }
-        return Err(MatrixError::limit_exceeded("This device peeks too many rooms", 60_000));
-    }
-    tracing::info!(room = %room_id, device = %session.device_id, ?started, "device peek");
+    let room_id = local::start(&state.outbound, &session.user_id, &session.device_id, target, servers).await?;
     Ok(HttpResponse::Ok().json(json!({ "room_id": room_id, "peek_expiry_ts": now_ms() + PEEK_LIFETIME_MS })))
 }
 
-/// CP-2, OP-1: the room ID and the ordered candidate servers for a room ID or an alias.
-async fn resolve(
-    state: &AppState,
-    target: &str,
-    client_servers: Vec<String>,
-) -> Result<(OwnedRoomId, Vec<String>), MatrixError> {
-    let ours = &state.settings.server_name;
-    let room_id = match ids::room_id_or_alias(target)? {
-        RoomRef::Id(room_id) => room_id,
-        RoomRef::Alias(alias) => return resolve_alias(state, &alias, client_servers).await,
-    };
-    let room_server = room_id.server_name().map(|s| s.to_string());
-    let lists = client_servers.iter().map(String::as_str).chain(room_server.as_deref());
-    Ok((room_id.clone(), outbound::candidates(ours, lists)))
-}
-
-/// OP-1 for an alias: ours resolve here; others through their server's directory, with the
-/// alias's server and the directory's answer as candidates after the client's.
-async fn resolve_alias(
-    state: &AppState,
-    alias: &RoomAliasId,
-    client_servers: Vec<String>,
-) -> Result<(OwnedRoomId, Vec<String>), MatrixError> {
-    let ours = &state.settings.server_name;
-    {
-        if alias.server_name() == &**ours {
-            let room_id = state
-                .rooms
-                .resolve_alias(alias.as_str())
-                .await?
-                .ok_or_else(|| MatrixError::not_found("Room alias not found"))?;
-            return Ok((room_id, Vec::new()));
-        }
-        let (room_id, directory) = outbound::resolve_alias(state, alias).await?;
-        let alias_server = alias.server_name().to_string();
-        let room_server = room_id.server_name().map(|s| s.to_string());
-        let lists = client_servers
-            .iter()
-            .map(String::as_str)
-            .chain([alias_server.as_str()])
-            .chain(directory.iter().map(String::as_str))
-            .chain(room_server.as_deref());
-        Ok((room_id.clone(), outbound::candidates(ours, lists)))
-    }
-}
-
-/// CP-3: world-readable and not encrypted, in our copy of the current state.
-async fn require_peekable(state: &AppState, room_id: &RoomId) -> Result<(), MatrixError> {
-    state.rooms.peekability(room_id).await?.map_err(MatrixError::forbidden)
-}
-
-/// `POST /rooms/{roomId}/unpeek` (CP-6, CP-7, OP-8).
+/// `POST /rooms/{roomId}/unpeek` (CP-6, CP-7, OP-8); the work is in [`local::stop`].
 pub async fn unpeek(
     state: web::Data<AppState>,
     Authed(session): Authed,
@@ -155,17 +70,7 @@ pub async fn unpeek(
     rate_limit(&state, &session)?;
     let room_id = ids::room_id(&path)?;
     let _: Value = parse_json(if body.is_empty() { b"{}" } else { &body })?;
-    if state.rooms.room(&room_id).await?.is_none() {
-        return Err(MatrixError::not_found("Room not found"));
-    }
-    let ended = state
-        .device_peeks
-        .end(session.user_id.as_str(), &session.device_id, room_id.as_str(), devices::END_UNPEEK)
-        .await?;
-    if !ended {
-        return Err(bad_state("This device is not peeking the room"));
-    }
-    outbound::release_if_unwatched(&state, &room_id).await?;
+    local::stop(&state.outbound, &session.user_id, &session.device_id, &room_id).await?;
     Ok(HttpResponse::Ok().json(json!({})))
 }
 
@@ -203,5 +108,5 @@ pub async fn sync(
         lazy_members: filter["room"]["state"]["lazy_load_members"] == true,
     };
     let params = SyncParams { since, timeout: Duration::from_millis(query.timeout.unwrap_or(0)), filter };
-    Ok(HttpResponse::Ok().json(sync::sync(&state, &session, params).await?))
+    Ok(HttpResponse::Ok().json(sync::sync(&state.sync_context(), &session, params).await?))
 }

@@ -246,15 +246,7 @@ pub async fn messages(
         None if forwards => 0,
         None => state.rooms.latest_stream_pos(&room_id).await? + 1,
     };
-    let events = state.rooms.events_in_range(&room_id, from, forwards, limit).await?;
-    let end = events.last().map(|e| e.stream_pos);
-    let mut chunk = Vec::with_capacity(events.len());
-    for event in &events {
-        // Non-members of a world-readable room see only world-readable history.
-        if member || state.rooms.visibility_of(event).await? == Visibility::WorldReadable {
-            chunk.push(event.pdu.client_json());
-        }
-    }
+    let (chunk, end) = state.rooms.timeline_page(&room_id, from, forwards, limit, member).await?;
     let mut answer = json!({ "chunk": chunk, "start": format!("s{from}") });
     if let Some(end) = end {
         answer["end"] = Value::from(format!("s{end}"));

@@ -2,12 +2,13 @@
 //! and the authorisation rules. Canonical JSON, hashing, redaction, signing and the auth rules
 //! are ruma's; this module picks the room version's rules so callers cannot mix them.
 
+pub mod intake;
 mod pdu;
+mod version;
 
 use std::collections::BTreeMap;
 
 use ruma::events::{StateEventType, TimelineEventType};
-use ruma::room_version_rules::RoomVersionRules;
 use ruma::serde::Base64;
 use ruma::signatures::Verified;
 use ruma::{CanonicalJsonObject, CanonicalJsonValue, EventId, Int, OwnedEventId, OwnedRoomId, OwnedUserId, UserId};
@@ -15,58 +16,9 @@ use serde_json::value::RawValue as RawJsonValue;
 use serde_json::Value;
 
 pub use pdu::Pdu;
+pub use version::{EventError, RoomVersion};
 
 use crate::keys::{RemoteKeys, SigningKey};
-
-#[derive(Debug, thiserror::Error)]
-pub enum EventError {
-    #[error("malformed event: {0}")]
-    Malformed(String),
-    #[error("bad signature: {0}")]
-    Signature(String),
-    #[error("not authorised: {0}")]
-    Unauthorized(String),
-}
-
-/// The room versions peekgate supports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RoomVersion {
-    V10,
-    V11,
-}
-
-impl RoomVersion {
-    pub const SUPPORTED: [RoomVersion; 2] = [RoomVersion::V10, RoomVersion::V11];
-
-    pub fn parse(id: &str) -> Option<RoomVersion> {
-        match id {
-            "10" => Some(RoomVersion::V10),
-            "11" => Some(RoomVersion::V11),
-            _ => None,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RoomVersion::V10 => "10",
-            RoomVersion::V11 => "11",
-        }
-    }
-
-    pub fn id(self) -> ruma::RoomVersionId {
-        match self {
-            RoomVersion::V10 => ruma::RoomVersionId::V10,
-            RoomVersion::V11 => ruma::RoomVersionId::V11,
-        }
-    }
-
-    pub fn rules(self) -> RoomVersionRules {
-        match self {
-            RoomVersion::V10 => RoomVersionRules::V10,
-            RoomVersion::V11 => RoomVersionRules::V11,
-        }
-    }
-}
 
 /// Adds `hashes.sha256` and our signature over the version's redacted form.
 pub fn hash_and_sign(

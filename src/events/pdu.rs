@@ -9,7 +9,7 @@ use ruma::{
 use serde_json::value::RawValue as RawJsonValue;
 use serde_json::Value;
 
-use super::{EventError, RoomVersion};
+use super::version::{EventError, RoomVersion};
 
 #[derive(Debug, Clone)]
 pub struct Pdu {

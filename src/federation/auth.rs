@@ -85,7 +85,7 @@ async fn authenticate(state: &AppState, req: &HttpRequest, payload: Payload) -> 
         uri: req.uri().path_and_query().map(|pq| pq.as_str()).unwrap_or("/"),
         canonical_content: canonical.as_deref(),
     };
-    match xmatrix::verify(&state.keys, state.settings.server_name.as_str(), &headers, &request).await {
+    match xmatrix::verify(&*state.keys, state.settings.server_name.as_str(), &headers, &request).await {
         Ok(origin) => Ok(SignedRequest { origin, body }),
         Err((failure, origin, detail)) => Err(refuse(state, req, failure, origin.as_deref(), &detail)),
     }

@@ -17,7 +17,7 @@ use url::Url;
 
 use super::resolve::{AddressPolicy, Dns, ResolveError, Resolver, WellKnownFetcher};
 use crate::config::Settings;
-use crate::keys::SigningKey;
+use crate::keys::signing::SigningKey;
 use crate::xmatrix;
 
 #[derive(Debug, thiserror::Error)]

@@ -378,7 +378,7 @@ impl RemoteKeys {
                                 .select((server_keys::public_key, server_keys::is_old))
                                 .first(conn)
                                 .optional()?;
-                            let encoded = super::encode_base64(&key.public_key);
+                            let encoded = encode_base64(&key.public_key);
                             if existing.is_some_and(|(public_key, is_old)| !is_old && public_key != encoded) {
                                 continue;
                             }
@@ -452,5 +452,12 @@ impl RemoteKeys {
             })
             .await?;
         Ok(row.and_then(|(json, valid_until)| Some((serde_json::from_str(&json).ok()?, valid_until))))
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::xmatrix::RequestKeys for RemoteKeys {
+    async fn request_key(&self, server: &ServerName, key_id: &str) -> Result<[u8; 32], String> {
+        RemoteKeys::request_key(self, server, key_id).await.map_err(|e| e.to_string())
     }
 }

@@ -1,12 +1,10 @@
 //! Peeks: inbound (MSC2444, other servers peek our rooms), outbound (we peek rooms of other
 //! servers), and the peeks of local devices (MSC2753) that outbound peeks serve.
 
-pub mod backfill;
 pub mod devices;
 pub mod inbound;
+pub mod local;
 pub mod outbound;
-pub mod renewals;
-pub mod validate;
 
 /// A validated peek ID (FP-4): 1-8 characters of `[0-9a-zA-Z.=_-]`, or, with the lenient
 /// interop switch on, any 1-255 bytes of printable ASCII (Dendrite sends room IDs).

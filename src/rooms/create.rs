@@ -6,9 +6,9 @@ use ruma::{RoomId, ServerName, UserId};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::error::RoomError;
 use super::hooks::AppendHooks;
 use super::store;
-use super::RoomError;
 use crate::clock::now_ms;
 use crate::db::schema::room_aliases;
 use crate::db::DbConnection;

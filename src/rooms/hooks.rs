@@ -2,14 +2,14 @@
 //! transaction (peeks that end when a room stops being peekable, device peeks that end on a
 //! join) register a hook at start-up; the append path calls them without knowing who they are.
 //! Everything that may wait for the commit (the sender, `/sync`) listens to the stream position
-//! instead ([`super::Rooms::subscribe`]).
+//! instead ([`super::service::Rooms::subscribe`]).
 
 use std::sync::Arc;
 
 use crate::db::DbConnection;
 use crate::events::Pdu;
 
-use super::RoomError;
+use super::error::RoomError;
 
 /// Called after a state event is stored, in the same transaction: our server name, the event,
 /// and its stream position. An error rolls the append back.

@@ -9,8 +9,10 @@ use std::sync::Mutex;
 use diesel::prelude::*;
 use diesel::sql_types::Text;
 
+use serde_json::Value;
+
+use super::error::RoomError;
 use super::store::{self, StoredEvent};
-use super::RoomError;
 use crate::db::DbConnection;
 use crate::events::Pdu;
 
@@ -138,20 +140,32 @@ pub fn ends_peekability(pdu: &Pdu) -> bool {
     }
 }
 
-/// FP-6 / CP-3, one rule for remote servers and local devices: a room can be peeked while its
-/// current history visibility is `world_readable` and it is not encrypted. `Err` says why not.
+/// FP-6 / CP-3 / OP-4.5, the one peekability rule, for our rooms, local devices and the state a
+/// peek target answers with: a room can be peeked while its history visibility is
+/// `world_readable` and it is not encrypted. `state_content(type)` is the content of the room's
+/// state event of that type with the empty state key, if any. `Err` says why not.
+pub fn peekable(state_content: impl Fn(&str) -> Option<Value>) -> Result<(), &'static str> {
+    let visibility = state_content("m.room.history_visibility");
+    if Visibility::parse(visibility.as_ref().and_then(|c| c["history_visibility"].as_str()))
+        != Visibility::WorldReadable
+    {
+        return Err("Room is not world_readable");
+    }
+    if state_content("m.room.encryption").is_some() {
+        return Err("Room is encrypted");
+    }
+    Ok(())
+}
+
+/// [`peekable`] over a room's current state in the database.
 pub fn peekability(conn: &mut DbConnection, room_id: &str) -> Result<Result<(), &'static str>, RoomError> {
-    let visibility = match store::current_state_id(conn, room_id, "m.room.history_visibility", "")? {
-        Some(id) => store::event_by_id(conn, &id)?
-            .map(|e| Visibility::parse(e.pdu.content_value()["history_visibility"].as_str()))
-            .unwrap_or(Visibility::Shared),
-        None => Visibility::Shared,
-    };
-    if visibility != Visibility::WorldReadable {
-        return Ok(Err("Room is not world_readable"));
+    let mut current = HashMap::new();
+    for kind in ["m.room.history_visibility", "m.room.encryption"] {
+        if let Some(id) = store::current_state_id(conn, room_id, kind, "")? {
+            if let Some(event) = store::event_by_id(conn, &id)? {
+                current.insert(kind, event.pdu.content_value());
+            }
+        }
     }
-    if store::current_state_id(conn, room_id, "m.room.encryption", "")?.is_some() {
-        return Ok(Err("Room is encrypted"));
-    }
-    Ok(Ok(()))
+    Ok(peekable(|kind| current.get(kind).cloned()))
 }

@@ -7,7 +7,7 @@ use diesel::prelude::*;
 use rand::RngExt;
 use serde_json::Value;
 
-use super::Shared;
+use super::shared::Shared;
 use crate::clock::now_ms;
 use crate::db::schema::{destinations, events, inbound_peeks, peek_notices};
 use crate::db::write_transaction;

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch, Notify};
 
 use super::queue::{self, backoff, DestinationRow, LEASE_MS};
-use super::{Prepared, Shared};
+use super::shared::{Prepared, Shared};
 use crate::clock::now_ms;
 use crate::federation::client::{FedRequest, FederationError};
 

@@ -198,10 +198,6 @@ async fn server_keys(inbox: &Inbox, server: &str) -> Vec<(String, String)> {
 async fn receive(req: HttpRequest, body: web::Bytes, peer: web::Data<(String, Arc<Inbox>)>) -> HttpResponse {
     let (name, inbox) = (&peer.0, &peer.1);
     inbox.attempts.fetch_add(1, Ordering::SeqCst);
-    let delay = inbox.send_delay_ms.load(Ordering::SeqCst);
-    if delay > 0 {
-        tokio::time::sleep(std::time::Duration::from_millis(delay as u64)).await;
-    }
     if inbox.fail_remaining.load(Ordering::SeqCst) > 0 {
         inbox.fail_remaining.fetch_sub(1, Ordering::SeqCst);
         return HttpResponse::InternalServerError().json(json!({ "errcode": "M_UNKNOWN", "error": "down on purpose" }));
@@ -235,6 +231,12 @@ async fn receive(req: HttpRequest, body: web::Bytes, peer: web::Data<(String, Ar
     if !verified {
         inbox.problem(format!("bad X-Matrix signature from {origin}"));
         return HttpResponse::Unauthorized().finish();
+    }
+    // A slow peer: it has read and authenticated the request (while the sender was surely up
+    // to serve its key), and takes its time over the rest.
+    let delay = inbox.send_delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(delay as u64)).await;
     }
     let pdus = content["pdus"].as_array().cloned().unwrap_or_default();
     let mut results = serde_json::Map::new();

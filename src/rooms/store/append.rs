@@ -1,61 +1,7 @@
-//! The synchronous storage side of rooms (runs inside `Db::run`): the single append path,
-//! state groups (state at any event), current state, forward extremities and event lookups.
+//! The single append path (local and remote events), room creation rows, client transaction
+//! IDs, and storing a peek answer as a room's starting point.
 
-use std::collections::{BTreeMap, HashMap};
-
-use diesel::prelude::*;
-use diesel::sql_types::{BigInt, Text};
-use ruma::events::StateEventType;
-use ruma::{EventId, OwnedEventId};
-
-use super::hooks::AppendHooks;
-use super::RoomError;
-use crate::db::schema::{
-    client_txns, current_state, events, forward_extremities, rooms, state_group_entries, state_groups,
-};
-use crate::db::DbConnection;
-use crate::events as pdus;
-use crate::events::{EventDraft, Pdu, RoomVersion};
-use crate::keys::SigningKey;
-use crate::on_backend;
-
-/// A full state map: `(type, state_key)` → event ID.
-pub type StateMap = BTreeMap<(String, String), String>;
-
-/// A full snapshot is stored after this many deltas, bounding the walk to compute a state.
-const SNAPSHOT_EVERY: i32 = 50;
-
-/// Any `prev_events` list is capped by the spec at 20.
-const MAX_PREV_EVENTS: i64 = 20;
-
-/// Arbitrary constant naming the append lock in PostgreSQL's advisory-lock space.
-const APPEND_LOCK_KEY: i64 = 0x7065_656b; // "peek"
-
-/// What the append path needs to know about a room.
-#[derive(Debug, Clone)]
-pub struct RoomRow {
-    pub room_id: String,
-    pub version: RoomVersion,
-    pub is_local: bool,
-    pub current_state_group: Option<i64>,
-    pub max_depth: i64,
-}
-
-/// An event as stored, with its position in the stream.
-#[derive(Debug, Clone)]
-pub struct StoredEvent {
-    pub stream_pos: i64,
-    pub pdu: Pdu,
-    pub state_group_before: Option<i64>,
-    pub state_group: i64,
-}
-
-/// The result of appending one event.
-#[derive(Debug, Clone)]
-pub struct Appended {
-    pub event_id: OwnedEventId,
-    pub stream_pos: i64,
-}
+use super::*;
 
 /// Takes the append lock. On PostgreSQL a transaction-scoped advisory lock makes appends (and
 /// so stream positions) commit in order; on SQLite the first write makes the transaction hold
@@ -82,20 +28,6 @@ pub fn lock_for_append(conn: &mut DbConnection, room_id: &str) -> Result<RoomRow
     Ok(RoomRow { room_id, version, is_local, current_state_group, max_depth })
 }
 
-pub fn room(conn: &mut DbConnection, room_id: &str) -> Result<Option<RoomRow>, RoomError> {
-    let row: Option<(String, String, bool, Option<i64>, i64)> = rooms::table
-        .filter(rooms::room_id.eq(room_id))
-        .select((rooms::room_id, rooms::room_version, rooms::is_local, rooms::current_state_group, rooms::max_depth))
-        .first(conn)
-        .optional()?;
-    row.map(|(room_id, version, is_local, current_state_group, max_depth)| {
-        let version = RoomVersion::parse(&version)
-            .ok_or_else(|| RoomError::Internal(format!("room {room_id} has unsupported version {version}")))?;
-        Ok(RoomRow { room_id, version, is_local, current_state_group, max_depth })
-    })
-    .transpose()
-}
-
 pub fn insert_room(
     conn: &mut DbConnection,
     room_id: &str,
@@ -113,30 +45,6 @@ pub fn insert_room(
         ))
         .execute(conn)?;
     Ok(())
-}
-
-/// The current state event ID for one key.
-pub fn current_state_id(
-    conn: &mut DbConnection,
-    room_id: &str,
-    kind: &str,
-    state_key: &str,
-) -> Result<Option<String>, RoomError> {
-    Ok(current_state::table
-        .filter(current_state::room_id.eq(room_id))
-        .filter(current_state::event_type.eq(kind))
-        .filter(current_state::state_key.eq(state_key))
-        .select(current_state::event_id)
-        .first(conn)
-        .optional()?)
-}
-
-pub fn current_state_map(conn: &mut DbConnection, room_id: &str) -> Result<StateMap, RoomError> {
-    let rows: Vec<(String, String, String)> = current_state::table
-        .filter(current_state::room_id.eq(room_id))
-        .select((current_state::event_type, current_state::state_key, current_state::event_id))
-        .load(conn)?;
-    Ok(rows.into_iter().map(|(t, k, id)| ((t, k), id)).collect())
 }
 
 /// Builds, authorises and stores one of our own events at the end of the room.
@@ -201,7 +109,7 @@ pub fn append_remote(
 }
 
 /// The current state event IDs of the given keys, in one query.
-fn current_state_for(
+pub(super) fn current_state_for(
     conn: &mut DbConnection,
     room_id: &str,
     keys: &[(StateEventType, String)],
@@ -222,7 +130,7 @@ fn current_state_for(
 }
 
 /// The auth rules, against the event's own auth events and the current state.
-fn authorise(
+pub(super) fn authorise(
     conn: &mut DbConnection,
     room: &RoomRow,
     pdu: &Pdu,
@@ -293,234 +201,6 @@ pub fn store_event(
         hooks.after_state_event(conn, pdu, stream_pos)?;
     }
     Ok(Appended { event_id: pdu.event_id.clone(), stream_pos })
-}
-
-/// A new group: one delta on top of `prev`, or a full snapshot every [`SNAPSHOT_EVERY`] steps.
-fn new_state_group(
-    conn: &mut DbConnection,
-    room_id: &str,
-    prev: Option<i64>,
-    kind: &str,
-    state_key: &str,
-    event_id: &str,
-) -> Result<i64, RoomError> {
-    let prev_depth: Option<i32> = match prev {
-        Some(group) => Some(state_groups::table.find(group).select(state_groups::delta_depth).first(conn)?),
-        None => None,
-    };
-    let snapshot = prev_depth.is_some_and(|d| d + 1 >= SNAPSHOT_EVERY);
-    let (prev_group, delta_depth) = match (prev, prev_depth) {
-        (Some(group), Some(depth)) if !snapshot => (Some(group), depth + 1),
-        _ => (None, 0),
-    };
-    let mut entries = if snapshot {
-        state_map_at_group(conn, prev.expect("snapshot has a previous group"))?
-    } else {
-        StateMap::new()
-    };
-    entries.insert((kind.to_owned(), state_key.to_owned()), event_id.to_owned());
-    insert_group(conn, room_id, prev_group, delta_depth, &entries)
-}
-
-/// Stores a state group: `entries` on top of `prev_group` (or, without one, the whole state).
-fn insert_group(
-    conn: &mut DbConnection,
-    room_id: &str,
-    prev_group: Option<i64>,
-    delta_depth: i32,
-    entries: &StateMap,
-) -> Result<i64, RoomError> {
-    let id: i64 = diesel::insert_into(state_groups::table)
-        .values((
-            state_groups::room_id.eq(room_id),
-            state_groups::prev_group.eq(prev_group),
-            state_groups::delta_depth.eq(delta_depth),
-        ))
-        .returning(state_groups::id)
-        .get_result(conn)?;
-    let rows: Vec<_> = entries
-        .iter()
-        .map(|((t, k), e)| {
-            (
-                state_group_entries::group_id.eq(id),
-                state_group_entries::event_type.eq(t.clone()),
-                state_group_entries::state_key.eq(k.clone()),
-                state_group_entries::event_id.eq(e.clone()),
-            )
-        })
-        .collect();
-    // A snapshot holds the whole state: one multi-row insert per chunk, not one per entry.
-    for chunk in rows.chunks(500) {
-        on_backend!(&mut *conn, |c| diesel::insert_into(state_group_entries::table).values(chunk).execute(c))?;
-    }
-    Ok(id)
-}
-
-#[derive(QueryableByName)]
-struct GroupEntry {
-    #[diesel(sql_type = Text)]
-    event_type: String,
-    #[diesel(sql_type = Text)]
-    state_key: String,
-    #[diesel(sql_type = Text)]
-    event_id: String,
-    #[diesel(sql_type = BigInt)]
-    level: i64,
-}
-
-/// The full state of a group: one recursive query over the delta chain; nearer deltas win.
-pub fn state_map_at_group(conn: &mut DbConnection, group: i64) -> Result<StateMap, RoomError> {
-    // `group` is an i64 from our own tables, so formatting it into the SQL is safe; it avoids the
-    // backends' different bind placeholder syntax.
-    let query = format!(
-        "WITH RECURSIVE chain(id, prev, level) AS ( \
-             SELECT id, prev_group, CAST(0 AS BIGINT) FROM state_groups WHERE id = {group} \
-             UNION ALL \
-             SELECT g.id, g.prev_group, c.level + 1 FROM state_groups g JOIN chain c ON g.id = c.prev \
-         ) \
-         SELECT e.event_type, e.state_key, e.event_id, c.level AS level \
-         FROM chain c JOIN state_group_entries e ON e.group_id = c.id"
-    );
-    let rows: Vec<GroupEntry> = diesel::sql_query(query).load(conn)?;
-    let mut best: BTreeMap<(String, String), (i64, String)> = BTreeMap::new();
-    for row in rows {
-        let key = (row.event_type, row.state_key);
-        match best.get(&key) {
-            Some((level, _)) if *level <= row.level => {}
-            _ => {
-                best.insert(key, (row.level, row.event_id));
-            }
-        }
-    }
-    Ok(best.into_iter().map(|(k, (_, id))| (k, id)).collect())
-}
-
-type EventRow = (i64, String, Option<i64>, i64, String, String);
-type EventColumns = (
-    events::stream_pos,
-    events::json,
-    events::state_group_before,
-    events::state_group,
-    events::room_id,
-    events::event_id,
-);
-const EVENT_COLUMNS: EventColumns = (
-    events::stream_pos,
-    events::json,
-    events::state_group_before,
-    events::state_group,
-    events::room_id,
-    events::event_id,
-);
-
-fn to_stored(conn_version: RoomVersion, row: EventRow) -> Result<StoredEvent, RoomError> {
-    let (stream_pos, json, state_group_before, state_group, _, event_id) = row;
-    let json: ruma::CanonicalJsonObject =
-        serde_json::from_str(&json).map_err(|e| RoomError::Internal(format!("stored event JSON: {e}")))?;
-    let pdu = Pdu::from_stored(&event_id, json, conn_version)
-        .map_err(|e| RoomError::Internal(format!("stored event: {e}")))?;
-    Ok(StoredEvent { stream_pos, pdu, state_group_before, state_group })
-}
-
-fn version_of(conn: &mut DbConnection, room_id: &str) -> Result<RoomVersion, RoomError> {
-    room(conn, room_id)?.map(|r| r.version).ok_or(RoomError::NotFound)
-}
-
-pub fn event_by_id(conn: &mut DbConnection, event_id: &str) -> Result<Option<StoredEvent>, RoomError> {
-    let row: Option<(EventRow, String)> = events::table
-        .inner_join(rooms::table)
-        .filter(events::event_id.eq(event_id))
-        .select((EVENT_COLUMNS, rooms::room_version))
-        .first(conn)
-        .optional()?;
-    row.map(|(row, version)| to_stored(parse_version(&version)?, row)).transpose()
-}
-
-fn parse_version(version: &str) -> Result<RoomVersion, RoomError> {
-    RoomVersion::parse(version).ok_or_else(|| RoomError::Internal(format!("unsupported stored room version {version}")))
-}
-
-/// Events of a room by stream position: after `from` going forwards, or before it going back.
-pub fn events_in_range(
-    conn: &mut DbConnection,
-    room_id: &str,
-    from: i64,
-    forwards: bool,
-    limit: i64,
-) -> Result<Vec<StoredEvent>, RoomError> {
-    let version = version_of(conn, room_id)?;
-    let select = EVENT_COLUMNS;
-    let base = events::table.filter(events::room_id.eq(room_id)).filter(events::outlier.eq(false));
-    let rows: Vec<EventRow> = if forwards {
-        base.filter(events::stream_pos.gt(from))
-            .order(events::stream_pos.asc())
-            .limit(limit)
-            .select(select)
-            .load(conn)?
-    } else {
-        base.filter(events::stream_pos.lt(from))
-            .order(events::stream_pos.desc())
-            .limit(limit)
-            .select(select)
-            .load(conn)?
-    };
-    rows.into_iter().map(|row| to_stored(version, row)).collect()
-}
-
-/// The newest stream position of the room (0 when empty).
-pub fn latest_stream_pos(conn: &mut DbConnection, room_id: &str) -> Result<i64, RoomError> {
-    let pos: Option<i64> =
-        events::table.filter(events::room_id.eq(room_id)).select(diesel::dsl::max(events::stream_pos)).first(conn)?;
-    Ok(pos.unwrap_or(0))
-}
-
-/// Loads several events by ID; unknown IDs are skipped.
-pub fn events_by_ids(conn: &mut DbConnection, ids: &[String]) -> Result<Vec<StoredEvent>, RoomError> {
-    // Events first, then each distinct room's version: a join here makes PostgreSQL plan
-    // worse for long ID lists.
-    let mut out = Vec::with_capacity(ids.len());
-    let mut versions: HashMap<String, RoomVersion> = HashMap::new();
-    for chunk in ids.chunks(500) {
-        let rows: Vec<EventRow> =
-            events::table.filter(events::event_id.eq_any(chunk)).select(EVENT_COLUMNS).load(conn)?;
-        for row in rows {
-            let version = match versions.get(&row.4) {
-                Some(version) => *version,
-                None => {
-                    let version = room(conn, &row.4)?.ok_or(RoomError::NotFound)?.version;
-                    versions.insert(row.4.clone(), version);
-                    version
-                }
-            };
-            out.push(to_stored(version, row)?);
-        }
-    }
-    Ok(out)
-}
-
-/// The full auth chain of `ids`: their auth events, recursively, sorted by depth.
-pub fn auth_chain(conn: &mut DbConnection, ids: &[String]) -> Result<Vec<Pdu>, RoomError> {
-    let mut seen: BTreeMap<String, Pdu> = BTreeMap::new();
-    let mut frontier: Vec<String> = Vec::new();
-    for stored in events_by_ids(conn, ids)? {
-        frontier.extend(stored.pdu.auth_events.iter().map(|id| id.to_string()));
-    }
-    while !frontier.is_empty() {
-        frontier.retain(|id| !seen.contains_key(id));
-        frontier.sort();
-        frontier.dedup();
-        if frontier.is_empty() {
-            break;
-        }
-        let batch = std::mem::take(&mut frontier);
-        for stored in events_by_ids(conn, &batch)? {
-            frontier.extend(stored.pdu.auth_events.iter().map(|id| id.to_string()));
-            seen.insert(stored.pdu.event_id.to_string(), stored.pdu);
-        }
-    }
-    let mut chain: Vec<Pdu> = seen.into_values().collect();
-    chain.sort_by_key(|p| p.depth);
-    Ok(chain)
 }
 
 /// The event a client transaction created, if it ran before.
@@ -644,7 +324,7 @@ pub fn store_snapshot(
     Ok(latest_pos)
 }
 
-fn insert_event_row(
+pub(super) fn insert_event_row(
     conn: &mut DbConnection,
     room_id: &str,
     pdu: &Pdu,
@@ -669,26 +349,6 @@ fn insert_event_row(
         ))
         .returning(events::stream_pos)
         .get_result(conn)?)
-}
-
-/// The newest stream position of all rooms (0 when there is no event yet): the one query for
-/// it, used by the sender, eviction and `/sync` alike.
-pub fn stream_head(conn: &mut DbConnection) -> Result<i64, diesel::result::Error> {
-    let pos: Option<i64> = events::table.select(diesel::dsl::max(events::stream_pos)).first(conn)?;
-    Ok(pos.unwrap_or(0))
-}
-
-/// [`stream_head`] with the room error type.
-pub fn max_stream_pos(conn: &mut DbConnection) -> Result<i64, RoomError> {
-    Ok(stream_head(conn)?)
-}
-
-/// The room's forward extremities.
-pub fn forward_extremities(conn: &mut DbConnection, room_id: &str) -> Result<Vec<String>, RoomError> {
-    Ok(forward_extremities::table
-        .filter(forward_extremities::room_id.eq(room_id))
-        .select(forward_extremities::event_id)
-        .load(conn)?)
 }
 
 /// Deletes everything stored about a room of another server (its events, state and

@@ -6,12 +6,13 @@
 use std::collections::{BTreeMap, HashMap};
 
 use ruma::events::StateEventType;
-use ruma::{CanonicalJsonObject, CanonicalJsonValue, EventId, RoomId};
+use ruma::{EventId, RoomId};
 use serde_json::Value;
 
+use crate::events::intake::{self, Hashes};
 use crate::events::{self, Pdu, RoomVersion};
 use crate::keys::RemoteKeys;
-use crate::rooms::StateMap;
+use crate::rooms::{visibility, StateMap};
 
 /// Why a peek answer was refused.
 #[derive(Debug, thiserror::Error)]
@@ -49,17 +50,8 @@ fn bad(event_id: &str, reason: impl Into<String>) -> InvalidPeek {
     InvalidPeek::BadEvent { event_id: event_id.to_owned(), reason: reason.into() }
 }
 
-/// How a content hash mismatch is treated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Hashes {
-    /// The event is refused: a peek answer is the room's starting point, and a target that
-    /// serves altered events is not trusted for any of it.
-    Strict,
-    /// The redacted form is kept, as for any received PDU (events that fill a gap).
-    Redact,
-}
-
-/// Checks one PDU: its room, signatures and content hash.
+/// Checks one PDU of an answer through the intake ([`crate::events::intake`]); a refusal names
+/// the event.
 pub async fn check_pdu(
     keys: &RemoteKeys,
     room_id: &RoomId,
@@ -67,25 +59,9 @@ pub async fn check_pdu(
     raw: &Value,
     hashes: Hashes,
 ) -> Result<Pdu, InvalidPeek> {
-    let object: CanonicalJsonObject = match CanonicalJsonValue::try_from(raw.clone()) {
-        Ok(CanonicalJsonValue::Object(object)) => object,
-        _ => return Err(InvalidPeek::Malformed("a PDU is not a canonical JSON object".into())),
-    };
-    let claimed = raw.get("room_id").and_then(Value::as_str).unwrap_or_default();
-    let id_hint =
-        ruma::signatures::reference_hash(&object, &version.rules()).map(|h| format!("${h}")).unwrap_or_default();
-    if claimed != room_id.as_str() {
-        return Err(bad(&id_hint, format!("room_id {claimed:?} is not the peeked room")));
-    }
-    if hashes == Hashes::Strict {
-        let expected = raw.pointer("/hashes/sha256").and_then(Value::as_str);
-        let actual = events::content_hash(&object).map_err(|e| bad(&id_hint, e.to_string()))?;
-        if expected != Some(actual.as_str()) {
-            return Err(bad(&id_hint, "content hash mismatch"));
-        }
-    }
-    let verified = events::verify_received(keys, object, version).await.map_err(|e| bad(&id_hint, e.to_string()))?;
-    Pdu::from_federation(verified, version).map_err(|e| bad(&id_hint, e.to_string()))
+    intake::check_raw(keys, room_id, version, raw.clone(), hashes)
+        .await
+        .map_err(|refused| bad(&refused.event_id, refused.reason.to_string()))
 }
 
 /// Validates a full peek answer for `room_id` (OP-4, steps 1-6).
@@ -242,19 +218,12 @@ fn check_against_auth_events(
     events::check_auth(version, pdu, fetch_event, fetch_state).map_err(|e| bad(pdu.event_id.as_str(), e.to_string()))
 }
 
-/// OP-4.5: world-readable history and no encryption, or the answer is treated as a 403.
+/// OP-4.5: the one peekability rule ([`visibility::peekable`]) over the answer's state; a room
+/// that fails it is treated as a 403.
 fn check_peekable(state: &StateMap, all: &BTreeMap<String, Pdu>) -> Result<(), InvalidPeek> {
     let content =
         |kind: &str| state.get(&(kind.to_owned(), String::new())).and_then(|id| all.get(id)).map(|p| p.content_value());
-    if content("m.room.history_visibility").and_then(|c| c["history_visibility"].as_str().map(str::to_owned))
-        != Some("world_readable".to_owned())
-    {
-        return Err(InvalidPeek::NotPeekable("history is not world-readable"));
-    }
-    if content("m.room.encryption").is_some() {
-        return Err(InvalidPeek::NotPeekable("the room is encrypted"));
-    }
-    Ok(())
+    visibility::peekable(content).map_err(InvalidPeek::NotPeekable)
 }
 
 /// The answer's forward extremity: `latest_event`, else `latest_event_id` naming a state event

@@ -14,11 +14,11 @@ use std::collections::{HashMap, HashSet};
 use ruma::{RoomId, ServerName};
 use serde_json::Value;
 
-use super::outbound::OutboundError;
 use super::validate;
+use super::OutboundError;
+use super::OutboundPeeks;
 use crate::events::{Pdu, RoomVersion};
 use crate::federation::client::FederationError;
-use crate::state::AppState;
 
 /// Events asked for in one `/backfill` page (the most an answer may carry; more are ignored).
 pub const PAGE_LIMIT: usize = 100;
@@ -47,7 +47,7 @@ fn enc(segment: &str) -> String {
 /// events; an event refused by the auth rules while appending stops there (those before it
 /// are linked and valid, and stay).
 pub async fn fill_gap(
-    state: &AppState,
+    state: &OutboundPeeks,
     origin: &ServerName,
     room_id: &RoomId,
     version: RoomVersion,
@@ -94,7 +94,7 @@ fn gap(reason: String) -> OutboundError {
 /// redacted form on a hash mismatch, as for any received PDU). Others are logged and left out,
 /// so that the walk stops at them.
 async fn page(
-    state: &AppState,
+    state: &OutboundPeeks,
     origin: &ServerName,
     room_id: &RoomId,
     version: RoomVersion,
@@ -111,7 +111,7 @@ async fn page(
     };
     let mut events = Vec::new();
     for raw in pdus.iter().take(PAGE_LIMIT) {
-        match validate::check_pdu(&state.keys, room_id, version, raw, validate::Hashes::Redact).await {
+        match validate::check_pdu(&state.keys, room_id, version, raw, crate::events::intake::Hashes::Redact).await {
             Ok(pdu) => events.push(pdu),
             Err(e) => tracing::info!(room = %room_id, %origin, error = %e, "a backfilled event failed its checks"),
         }
@@ -122,7 +122,7 @@ async fn page(
 /// The `prev_events` of fetched events that are neither fetched nor stored: where the next
 /// page starts.
 async fn unknown_prevs(
-    state: &AppState,
+    state: &OutboundPeeks,
     fetched: &HashMap<String, Pdu>,
     stored: &mut HashSet<String>,
 ) -> Result<Vec<String>, OutboundError> {
@@ -147,7 +147,7 @@ async fn unknown_prevs(
 /// Appends the fetched events (but `latest`), each once its fetched `prev_events` are in,
 /// shallowest first among those ready.
 async fn append_in_order(
-    state: &AppState,
+    state: &OutboundPeeks,
     room_id: &RoomId,
     fetched: HashMap<String, Pdu>,
     latest: &[String],

@@ -1,0 +1,354 @@
+//! The manager: starts one worker per destination with work, and feeds caught-up workers
+//! through the fan-out path (one body serialised for many destinations).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use diesel::prelude::*;
+use tokio::sync::{mpsc, watch, Notify};
+use tokio::task::JoinHandle;
+
+use super::queue::{fan_out_inputs, save_many, NewEvent};
+
+use super::shared::{Prepared, PreparedBody, SenderContext, Shared};
+use super::{destinations, worker};
+use crate::clock::now_ms;
+use crate::db::schema::{self, events, inbound_peeks, peek_notices};
+use crate::db::DbError;
+
+/// How often the manager looks for destinations with work, besides wake-ups.
+const MANAGER_TICK: Duration = Duration::from_millis(500);
+/// A full scan for destinations with work (start-up, and a safety net).
+const FULL_SCAN_EVERY: Duration = Duration::from_secs(30);
+/// How often the gauges are recomputed.
+const GAUGE_EVERY: Duration = Duration::from_secs(5);
+/// Events per fan-out chunk: one transaction (the spec allows 50 PDUs).
+const FAN_OUT_MAX_EVENTS: i64 = 50;
+/// Chunks per manager round; a longer burst continues in the next round at once. Bounds the
+/// bodies one round queues for each worker.
+const FAN_OUT_MAX_CHUNKS: usize = 4;
+/// Longest wait for the previous fan-out round before starting the next.
+const COALESCE_WAIT: Duration = Duration::from_millis(100);
+/// Cursor moves of the fan-out path are written at least this often.
+const FLUSH_EVERY: Duration = Duration::from_millis(20);
+
+/// A running sender: stops on [`SenderHandle::stop`].
+pub struct SenderHandle {
+    shutdown: watch::Sender<bool>,
+    manager: JoinHandle<()>,
+}
+
+impl SenderHandle {
+    /// Stops the manager and every worker. A transaction in flight finishes (or times out); its
+    /// cursor moves only if it succeeded, so nothing queued is lost.
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.manager.await;
+    }
+}
+
+/// What the manager keeps per running worker.
+struct WorkerHandle {
+    wake: Arc<Notify>,
+    prepared: mpsc::UnboundedSender<Prepared>,
+    /// The worker's cursor in memory (ahead of the database by at most one flush).
+    cursor: Arc<AtomicI64>,
+    /// The cursor the worker will have once it has handled what it was handed (manager side).
+    promised: i64,
+    task: JoinHandle<()>,
+}
+
+pub fn start(state: SenderContext) -> SenderHandle {
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let (progress, progress_rx) = mpsc::unbounded_channel();
+    let shared = Arc::new(Shared {
+        instance: state.instance_id.clone(),
+        txn_counter: AtomicU64::new(0),
+        started_ms: now_ms(),
+        state,
+        shutdown: shutdown_rx,
+        progress,
+        in_flight: AtomicUsize::new(0),
+    });
+    let manager = tokio::spawn(manage(shared, progress_rx));
+    SenderHandle { shutdown, manager }
+}
+
+/// Starts and feeds workers. Work is found from what changed (the rooms of new events, pending
+/// notices, back-offs); a full scan runs at start and every [`FULL_SCAN_EVERY`] as a safety net.
+async fn manage(shared: Arc<Shared>, progress: mpsc::UnboundedReceiver<(String, i64)>) {
+    let workers_done = Arc::new(Notify::new());
+    let flusher = tokio::spawn(flush_progress(shared.clone(), progress, workers_done.clone()));
+    let mut stream = shared.state.rooms.subscribe();
+    let mut shutdown = shared.shutdown.clone();
+    let mut workers: HashMap<String, WorkerHandle> = HashMap::new();
+    let mut seen_head: Option<i64> = None;
+    let mut last_full_scan = Instant::now();
+    let mut last_gauges = Instant::now() - GAUGE_EVERY;
+    loop {
+        workers.retain(|_, w| !w.task.is_finished());
+        let full = seen_head.is_none() || last_full_scan.elapsed() >= FULL_SCAN_EVERY;
+        let mut burst_left = false;
+        match destinations_with_work(&shared, if full { None } else { seen_head }).await {
+            Ok((head, list)) => {
+                let (served, reached) = match seen_head.filter(|since| *since < head && !full) {
+                    Some(since) => fan_out(&shared, &mut workers, since, head).await,
+                    None => (BTreeSet::new(), head),
+                };
+                seen_head = Some(reached);
+                burst_left = reached < head;
+                if full {
+                    last_full_scan = Instant::now();
+                }
+                // Everything the fan-out did not hand over goes through the queue path.
+                for destination in list.iter().filter(|d| !served.contains(*d)) {
+                    ensure_worker(&shared, &mut workers, destination).wake.notify_one();
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "sender: cannot list destinations"),
+        }
+        if last_gauges.elapsed() >= GAUGE_EVERY {
+            update_gauges(&shared).await;
+            last_gauges = Instant::now();
+        }
+        if burst_left {
+            if *shutdown.borrow() {
+                break;
+            }
+        } else {
+            tokio::select! {
+                _ = stream.changed() => {}
+                _ = tokio::time::sleep(MANAGER_TICK) => {}
+                _ = shutdown.changed() => break,
+            }
+        }
+        // Let the previous round drain (at most COALESCE_WAIT) so that events arriving
+        // meanwhile travel together.
+        let waiting = Instant::now();
+        while shared.in_flight.load(Ordering::Acquire) > 0 && waiting.elapsed() < COALESCE_WAIT {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    for (_, worker) in workers.drain() {
+        worker.wake.notify_one();
+        let _ = worker.task.await;
+    }
+    // Workers are gone: the flusher writes what they left and ends.
+    workers_done.notify_one();
+    let _ = flusher.await;
+}
+
+fn ensure_worker<'a>(
+    shared: &Arc<Shared>,
+    workers: &'a mut HashMap<String, WorkerHandle>,
+    destination: &str,
+) -> &'a WorkerHandle {
+    workers.entry(destination.to_owned()).or_insert_with(|| {
+        let wake = Arc::new(Notify::new());
+        let (tx, rx) = mpsc::unbounded_channel();
+        let cursor = Arc::new(AtomicI64::new(-1));
+        let task = tokio::spawn(worker::run(shared.clone(), destination.to_owned(), wake.clone(), rx, cursor.clone()));
+        WorkerHandle { wake, prepared: tx, cursor, promised: -1, task }
+    })
+}
+
+/// The fan-out path for events in `(since, head]`, in chunks of one transaction, at most
+/// [`FAN_OUT_MAX_CHUNKS`] of them: a burst is read once for every caught-up worker instead of
+/// by each worker from the queue (with 1,000 destinations that storm halved the sustained
+/// delivery rate). Returns the destinations handed everything up to the returned position:
+/// `head`, or less when the burst continues in the next round.
+async fn fan_out(
+    shared: &Arc<Shared>,
+    workers: &mut HashMap<String, WorkerHandle>,
+    since: i64,
+    head: i64,
+) -> (BTreeSet<String>, i64) {
+    let mut served: Option<BTreeSet<String>> = None;
+    let mut from = since;
+    for _ in 0..FAN_OUT_MAX_CHUNKS {
+        if from >= head {
+            break;
+        }
+        let to = head.min(from + FAN_OUT_MAX_EVENTS);
+        let Some(chunk) = fan_out_chunk(shared, workers, from, to).await else {
+            // The queue path delivers everything from each worker's own cursor.
+            return (BTreeSet::new(), head);
+        };
+        served = Some(match served {
+            None => chunk,
+            Some(before) => before.intersection(&chunk).cloned().collect(),
+        });
+        from = to;
+    }
+    (served.unwrap_or_default(), from)
+}
+
+/// One chunk of [`fan_out`]: read the events in `(since, head]` and the peeks on their rooms
+/// once, build one body per distinct set of PDUs, and hand it to each caught-up worker.
+/// Destinations whose worker is not caught up (or not running) are left to the queue path.
+/// Returns the destinations it handed a body (or a cursor move) to; `None` when the read failed.
+async fn fan_out_chunk(
+    shared: &Arc<Shared>,
+    workers: &mut HashMap<String, WorkerHandle>,
+    since: i64,
+    head: i64,
+) -> Option<BTreeSet<String>> {
+    let mut served = BTreeSet::new();
+    let (new_events, peeks) = match fan_out_inputs(shared, since, head, FAN_OUT_MAX_EVENTS).await {
+        Ok(inputs) => inputs,
+        Err(e) => {
+            tracing::warn!(error = %e, "sender: fan-out read failed; the queue path will deliver");
+            return None;
+        }
+    };
+    let now = now_ms();
+    let mut wanted: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    for peek in &peeks {
+        let entry = wanted.entry(peek.origin.clone()).or_default();
+        entry.extend(new_events.iter().enumerate().filter(|(_, e)| peek.wants(e, now)).map(|(i, _)| i));
+    }
+    let mut bodies: HashMap<Vec<usize>, Arc<PreparedBody>> = HashMap::new();
+    for (destination, mut indices) in wanted {
+        indices.sort_unstable();
+        indices.dedup();
+        let Some(worker) = workers.get_mut(&destination) else {
+            continue; // not running: the work list starts it on the queue path
+        };
+        // Bodies queue up in order behind the ones the worker is still sending, as long as they
+        // follow on exactly; anything else goes through the queue path.
+        let expected = worker.promised.max(worker.cursor.load(Ordering::Acquire));
+        if expected != since {
+            continue;
+        }
+        let body = if indices.is_empty() {
+            None
+        } else {
+            Some(
+                bodies
+                    .entry(indices.clone())
+                    .or_insert_with(|| Arc::new(prepare(shared, &new_events, &indices)))
+                    .clone(),
+            )
+        };
+        shared.in_flight.fetch_add(1, Ordering::AcqRel);
+        if worker.prepared.send(Prepared { from: since, to: head, body }).is_ok() {
+            worker.promised = head;
+            served.insert(destination);
+        } else {
+            shared.in_flight.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+    Some(served)
+}
+
+/// Serialises a transaction once: its JSON bytes and its canonical JSON for signing.
+fn prepare(shared: &Shared, new_events: &[NewEvent], indices: &[usize]) -> PreparedBody {
+    let pdus: Vec<serde_json::Value> =
+        indices.iter().filter_map(|i| serde_json::from_str(&new_events[*i].json).ok()).collect();
+    let body = serde_json::json!({
+        "origin": shared.state.settings.server_name.as_str(),
+        "origin_server_ts": now_ms(),
+        "pdus": pdus,
+        "edus": [],
+    });
+    let canonical =
+        ruma::CanonicalJsonValue::try_from(body).map(|c| crate::canonical_json::encode(&c)).unwrap_or_default();
+    PreparedBody { txn_id: shared.next_txn_id(), json: Bytes::from(canonical.clone()), canonical, pdus: indices.len() }
+}
+
+/// Writes the fan-out path's cursor moves, batched.
+/// Ends when `workers_done` fires (every worker stopped), after writing what is pending.
+async fn flush_progress(
+    shared: Arc<Shared>,
+    mut progress: mpsc::UnboundedReceiver<(String, i64)>,
+    workers_done: Arc<Notify>,
+) {
+    let mut pending: HashMap<String, i64> = HashMap::new();
+    loop {
+        let more = tokio::select! {
+            item = progress.recv() => match item {
+                Some((destination, cursor)) => {
+                    let entry = pending.entry(destination).or_insert(cursor);
+                    *entry = (*entry).max(cursor);
+                    true
+                }
+                None => false,
+            },
+            _ = tokio::time::sleep(FLUSH_EVERY) => true,
+            _ = workers_done.notified() => false,
+        };
+        while let Ok((destination, cursor)) = progress.try_recv() {
+            let entry = pending.entry(destination).or_insert(cursor);
+            *entry = (*entry).max(cursor);
+        }
+        if !pending.is_empty() {
+            let moves: Vec<(String, i64)> = pending.drain().collect();
+            if let Err(e) = save_many(&shared, moves).await {
+                tracing::warn!(error = %e, "sender: cannot save cursors (they are resent after a restart)");
+            }
+        }
+        if !more {
+            break;
+        }
+    }
+}
+
+/// The head of the stream and the destinations with work. With `since`, only servers peeking a
+/// room that has events after `since`; without, every server behind the head with a live or not
+/// fully delivered peek. Both add servers with pending notices or a back-off in progress.
+async fn destinations_with_work(shared: &Shared, since: Option<i64>) -> Result<(i64, Vec<String>), DbError> {
+    shared
+        .state
+        .db
+        .run(move |conn| {
+            let now = now_ms();
+            let head = crate::rooms::store::stream_head(conn)?;
+            let mut list: Vec<String> = match since {
+                Some(since) if since >= head => Vec::new(),
+                Some(since) => {
+                    let changed_rooms = events::table
+                        .filter(events::stream_pos.gt(since))
+                        .filter(events::stream_pos.le(head))
+                        .select(events::room_id);
+                    inbound_peeks::table
+                        .filter(inbound_peeks::room_id.eq_any(changed_rooms))
+                        .filter(inbound_peeks::end_stream_pos.is_null().or(inbound_peeks::end_stream_pos.gt(since)))
+                        .select(inbound_peeks::origin)
+                        .distinct()
+                        .load(conn)?
+                }
+                // Only destinations behind the head: a peeker that is caught up has no work,
+                // however many peeks it holds.
+                None => schema::destinations::table
+                    .filter(schema::destinations::last_sent_pos.lt(head))
+                    .filter(diesel::dsl::exists(
+                        inbound_peeks::table
+                            .filter(inbound_peeks::origin.eq(schema::destinations::server_name))
+                            .filter(inbound_peeks::expires_ts.ge(now).or(inbound_peeks::end_stream_pos.is_not_null())),
+                    ))
+                    .select(schema::destinations::server_name)
+                    .load(conn)?,
+            };
+            let noticed: Vec<String> = peek_notices::table.select(peek_notices::destination).distinct().load(conn)?;
+            let retrying: Vec<String> = schema::destinations::table
+                .filter(schema::destinations::retry_at.is_not_null())
+                .select(schema::destinations::server_name)
+                .load(conn)?;
+            list.extend(noticed);
+            list.extend(retrying);
+            list.sort();
+            list.dedup();
+            Ok((head, list))
+        })
+        .await
+}
+
+async fn update_gauges(shared: &Shared) {
+    let state = &shared.state;
+    if let Ok(count) = destinations::backing_off_count(&state.db, now_ms()).await {
+        state.metrics.destinations_backing_off(count);
+    }
+}
