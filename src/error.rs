@@ -60,6 +60,11 @@ impl MatrixError {
         Self::new(StatusCode::BAD_REQUEST, "M_NOT_JSON", error)
     }
 
+    /// 400 `M_MISSING_PARAM` for a required parameter `name`.
+    pub fn missing_param(name: &str) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "M_MISSING_PARAM", format!("{name} is required"))
+    }
+
     pub fn invalid_param(error: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "M_INVALID_PARAM", error)
     }

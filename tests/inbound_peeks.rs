@@ -425,6 +425,31 @@ async fn re3_visibility_change_ends_peeks(db: DbKind) {
 }
 both_backends!(re3_visibility_change_ends_peeks);
 
+/// RE-4 (H8): when our last member leaves, the room's peeks end after that event, and new PUTs
+/// and renewals get 404, so peekers fail over to a server that still takes part.
+async fn re4_last_member_leaving_ends_peeks_and_refuses_new_ones(db: DbKind) {
+    let s = setup(db, &["peeker.test"], |_| {}).await;
+    let peer = &s.peers[0];
+    assert_eq!(put_peek(peer, &s.gw, &s.room, "v1", "?ver=10").await.0, 200);
+    let m1 = s.alice.say(&s.room, "m1").await;
+    let path = format!("/_matrix/client/v3/rooms/{}/leave", support::client::enc(&s.room));
+    let (status, answer) = s.alice.call(Method::POST, &path, Some(&json!({}))).await;
+    assert_eq!(status, 200, "{answer}");
+    wait_until("expired_peeks after the leave", || async { !peer.inbox.expired_peeks().is_empty() }).await;
+    let got = peer.inbox.event_ids("10");
+    assert_eq!(got.len(), 2, "m1 and the leave are delivered: {got:?}");
+    assert_eq!(got[0], m1);
+    let (status, body) = put_peek(peer, &s.gw, &s.room, "v2", "?ver=10").await;
+    assert_eq!((status, body["errcode"].as_str()), (404, Some("M_NOT_FOUND")), "a new PUT after the last member left");
+    let (status, _) =
+        peer.call(&s.gw.base, GW, Method::POST, &format!("{}/renew", peek_path(&s.room, "v1")), Some(&json!({}))).await;
+    assert_eq!(status, 404);
+    peekgate::schedule::evict_inbound(&s.gw.state().jobs()).await.unwrap();
+    assert_eq!(s.gw.metric("peekgate_peek_evictions_total{reason=\"room_left\"}").await, 1.0);
+    finish(s).await;
+}
+both_backends!(re4_last_member_leaving_ends_peeks_and_refuses_new_ones);
+
 /// H7: `m.room.history_visibility` and `m.room.encryption` with a non-empty state key are not the
 /// room's setting and end no peek; the same change with the empty state key still does (RE-3).
 async fn re3_only_the_empty_state_key_ends_peeks(db: DbKind) {
@@ -646,6 +671,57 @@ async fn forged_pdus_are_refused(db: DbKind) {
     finish(s).await;
 }
 both_backends!(forged_pdus_are_refused);
+
+/// H10, intake step 1: a PDU that lists more signature entries than any signer needs is refused
+/// by the format check, which runs before any key is looked up (so its cost does not grow with
+/// the list); a huge list is refused by the format rules (64 KiB) alike. Each gets a per-PDU
+/// error; nothing is stored.
+async fn h10_signature_lists_are_bounded_before_key_lookups(db: DbKind) {
+    let s = setup(db, &["third.test"], |_| {}).await;
+    let third = &s.peers[0];
+    let room_id = RoomId::parse(&s.room).unwrap();
+    let (create, power, join_rules) = (
+        state_id(&s.gw, &s.room, "m.room.create").await,
+        state_id(&s.gw, &s.room, "m.room.power_levels").await,
+        state_id(&s.gw, &s.room, "m.room.join_rules").await,
+    );
+    let latest = latest(&s.gw, &s.room).await;
+    let before = s.gw.state().rooms.latest_stream_pos(&room_id).await.unwrap();
+    let with_signatures = |servers: usize, keys_each: usize| {
+        let (mut pdu, _) = third.build_pdu(
+            "10",
+            &s.room,
+            "carol",
+            "m.room.member",
+            Some("@carol:third.test"),
+            json!({ "membership": "join" }),
+            &[create.clone(), power.clone(), join_rules.clone()],
+            &[latest.pdu.event_id.to_string()],
+            latest.pdu.depth + 1,
+        );
+        let valid = pdu["signatures"]["third.test"].clone();
+        let mut signatures = serde_json::Map::new();
+        for server in 0..servers {
+            let mut keys = serde_json::Map::new();
+            for key in 0..keys_each {
+                keys.insert(format!("ed25519:k{key}"), valid["ed25519:p1"].clone());
+            }
+            signatures.insert(format!("s{server}.example"), Value::Object(keys));
+        }
+        signatures.insert("third.test".to_owned(), valid);
+        pdu["signatures"] = Value::Object(signatures);
+        pdu
+    };
+    let (status, answer) = third.send_transaction(&s.gw.base, GW, vec![with_signatures(4, 4)]).await;
+    assert_eq!(status, 200, "{answer}");
+    let error = answer["pdus"].as_object().unwrap().values().next().unwrap()["error"].as_str().unwrap_or("").to_owned();
+    assert!(error.contains("signature entries"), "{answer}");
+    let (status, answer) = third.send_transaction(&s.gw.base, GW, vec![with_signatures(200, 100)]).await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(answer["pdus"].as_object().unwrap().values().all(|r| r["error"].is_string()), "{answer}");
+    assert_eq!(s.gw.state().rooms.latest_stream_pos(&room_id).await.unwrap(), before, "nothing stored");
+}
+both_backends!(h10_signature_lists_are_bounded_before_key_lookups);
 
 /// Every contract metric name is exposed, and the exposition parses as Prometheus text.
 async fn metrics_expose_every_contract_name(db: DbKind) {

@@ -314,6 +314,12 @@ async fn non_member_server_reads_world_readable_room(db: DbKind) {
     let got: Vec<&str> =
         missing["events"].as_array().unwrap().iter().map(|p| p["content"]["body"].as_str().unwrap_or("")).collect();
     assert_eq!(got, ["m2", "m3"], "between earliest (excluded) and latest (excluded), oldest first");
+    // H12: a read names at most 100 events per list, whatever the caller sends.
+    let many: Vec<String> = (0..101).map(|i| format!("$e{i}")).collect();
+    let body = json!({ "earliest_events": [], "latest_events": many, "limit": 10 });
+    assert_eq!(get_missing_events(&b, &r, body).await, Err(400));
+    let vs: String = many.iter().map(|id| format!("&v={}", enc(id))).collect();
+    assert_eq!(fed_get(&b, &format!("/_matrix/federation/v1/backfill/{r}?limit=3{vs}")).await, Err(400));
 
     // Unknown room and event: 404.
     assert_eq!(fed_get(&b, &format!("/_matrix/federation/v1/event/{}", enc("$nope"))).await, Err(404));

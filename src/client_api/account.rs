@@ -41,10 +41,7 @@ pub async fn register(state: web::Data<AppState>, body: web::Bytes) -> Result<Ht
     if body.auth.as_ref().and_then(|a| a["type"].as_str()) != Some("m.login.dummy") {
         return Ok(dummy_auth_challenge());
     }
-    let password = body
-        .password
-        .filter(|p| !p.is_empty())
-        .ok_or_else(|| MatrixError::new(StatusCode::BAD_REQUEST, "M_MISSING_PARAM", "password is required"))?;
+    let password = body.password.filter(|p| !p.is_empty()).ok_or_else(|| MatrixError::missing_param("password"))?;
     let localpart = body
         .username
         .unwrap_or_else(|| format!("u{}", Alphanumeric.sample_string(&mut rand::rng(), 10).to_lowercase()));
@@ -86,7 +83,7 @@ pub async fn login(state: web::Data<AppState>, body: web::Bytes) -> Result<HttpR
         .as_ref()
         .and_then(|i| i["user"].as_str().map(str::to_owned))
         .or(body.user)
-        .ok_or_else(|| MatrixError::new(StatusCode::BAD_REQUEST, "M_MISSING_PARAM", "user is required"))?;
+        .ok_or_else(|| MatrixError::missing_param("user"))?;
     let server = &state.settings.server_name;
     let user_id = if user.starts_with('@') {
         UserId::parse(&user).map_err(|_| MatrixError::forbidden("Invalid username or password"))?

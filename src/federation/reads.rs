@@ -27,10 +27,6 @@ fn query_values(req: &HttpRequest, name: &str) -> Vec<String> {
         .collect()
 }
 
-fn missing_param(name: &str) -> MatrixError {
-    MatrixError::new(actix_web::http::StatusCode::BAD_REQUEST, "M_MISSING_PARAM", format!("{name} is required"))
-}
-
 /// May a server see `event`? Joined servers (`joined`): yes; others: only world-readable history.
 async fn may_see(state: &AppState, event: &StoredEvent, joined: bool) -> Result<bool, MatrixError> {
     Ok(joined || state.rooms.visibility_of(event).await? == Visibility::WorldReadable)
@@ -91,7 +87,8 @@ async fn state_before(
     room_id: &OwnedRoomId,
     req: &HttpRequest,
 ) -> Result<(Vec<crate::events::Pdu>, Vec<crate::events::Pdu>), MatrixError> {
-    let event_id = query_values(req, "event_id").into_iter().next().ok_or_else(|| missing_param("event_id"))?;
+    let event_id =
+        query_values(req, "event_id").into_iter().next().ok_or_else(|| MatrixError::missing_param("event_id"))?;
     let event = visible_event(state, origin, Some(room_id), &event_id).await?;
     let state_events = match event.state_group_before {
         Some(group) => state.rooms.state_of_group(group).await?,
@@ -200,6 +197,16 @@ async fn walk_back(
     Ok((out, considered))
 }
 
+/// Event IDs a read may name in one list (H12): each is a lookup, whatever the caller sends.
+pub const MAX_IDS_PER_READ: usize = 100;
+
+fn at_most_ids(name: &str, count: usize) -> Result<(), MatrixError> {
+    if count > MAX_IDS_PER_READ {
+        return Err(MatrixError::invalid_param(format!("{name} names {count} events; at most {MAX_IDS_PER_READ}")));
+    }
+    Ok(())
+}
+
 /// `GET /_matrix/federation/v1/backfill/{roomId}?v=...&limit=`
 pub async fn backfill(
     state: web::Data<AppState>,
@@ -210,8 +217,9 @@ pub async fn backfill(
     let room_id = known_room(&state, &path).await?;
     let from = query_values(&req, "v");
     if from.is_empty() {
-        return Err(missing_param("v"));
+        return Err(MatrixError::missing_param("v"));
     }
+    at_most_ids("v", from.len())?;
     let limit = query_values(&req, "limit")
         .first()
         .map(|l| l.parse::<usize>().map_err(|_| MatrixError::invalid_param("limit must be an integer")))
@@ -246,6 +254,8 @@ pub async fn get_missing_events(
 ) -> Result<HttpResponse, MatrixError> {
     let room_id = known_room(&state, &path).await?;
     let body: MissingEventsBody = request.json()?;
+    at_most_ids("latest_events", body.latest_events.len())?;
+    at_most_ids("earliest_events", body.earliest_events.len())?;
     let limit = body.limit.unwrap_or(10).clamp(1, MAX_EVENTS_PER_READ);
     let stop: BTreeSet<String> = body.earliest_events.into_iter().collect();
     let (mut events, considered) =
@@ -269,6 +279,6 @@ pub async fn query_directory(
     _request: SignedRequest,
     query: web::Query<DirectoryQuery>,
 ) -> Result<HttpResponse, MatrixError> {
-    let alias = query.room_alias.as_deref().ok_or_else(|| missing_param("room_alias"))?;
+    let alias = query.room_alias.as_deref().ok_or_else(|| MatrixError::missing_param("room_alias"))?;
     Ok(HttpResponse::Ok().json(directory_answer(&state, alias).await?))
 }

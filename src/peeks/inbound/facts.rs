@@ -8,6 +8,8 @@ pub(super) struct RoomFacts {
     pub(super) acl: Option<RoomServerAclEventContent>,
     /// FP-6: world-readable and not encrypted, or why not.
     pub(super) peekable: Result<(), &'static str>,
+    /// RE-4: a room none of our users is in any more is not ours to offer (404).
+    pub(super) has_local_member: bool,
 }
 
 /// Room facts per room, valid while the room's current state group is the recorded one (state
@@ -32,6 +34,7 @@ pub(super) const RENEWAL_FACTS_TTL: Duration = Duration::from_secs(1);
 pub(super) fn room_facts(
     conn: &mut DbConnection,
     cache: &FactsCache,
+    server_name: &str,
     room_id: &str,
     fresh_within: Option<Duration>,
 ) -> Result<(RoomRow, Arc<RoomFacts>), PeekError> {
@@ -63,7 +66,8 @@ pub(super) fn room_facts(
     };
     let acl = content(conn, "m.room.server_acl")?.and_then(|c| serde_json::from_value(c).ok());
     let peekable = crate::rooms::visibility::peekability(conn, room_id)?;
-    let facts = Arc::new(RoomFacts { acl, peekable });
+    let has_local_member = has_local_member(conn, room_id, server_name)?;
+    let facts = Arc::new(RoomFacts { acl, peekable, has_local_member });
     let entry = FactsEntry { group, facts: facts.clone(), room: room.clone(), checked: Instant::now() };
     cache.lock().unwrap().insert(room_id.to_owned(), entry);
     Ok((room, facts))
@@ -84,6 +88,9 @@ pub(super) fn apply_checks(
     peek_id: Option<PeekId>,
     offered: &[String],
 ) -> Result<PeekId, PeekError> {
+    if !facts.has_local_member {
+        return Err(PeekError::UnknownRoom);
+    }
     if facts.acl.as_ref().is_some_and(|acl| !acl.is_allowed(origin)) {
         return Err(PeekError::Acl(origin.to_string()));
     }

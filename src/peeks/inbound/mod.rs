@@ -100,6 +100,8 @@ pub(super) struct Limits {
 
 pub struct InboundPeeks {
     db: Db,
+    /// Ours: RE-4 asks whether any of our users is still in the room.
+    server_name: Arc<str>,
     limits: Limits,
     new_peeks: DefaultKeyedRateLimiter<String>,
     facts: Arc<FactsCache>,

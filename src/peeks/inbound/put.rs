@@ -16,6 +16,7 @@ impl InboundPeeks {
             .then(|| super::renewals::RenewalBatcher::start(db.clone(), interval, grace));
         InboundPeeks {
             db,
+            server_name: settings.server_name.as_str().into(),
             batcher,
             limits: Limits {
                 renewal_interval_ms: interval,
@@ -58,16 +59,17 @@ impl InboundPeeks {
         }
         let (o, r) = (origin.to_owned(), room_id.to_string());
         let (cache, interval, grace) = (self.facts.clone(), self.limits.renewal_interval_ms, self.limits.grace_ms);
+        let ours = self.server_name.clone();
         let step = self
             .db
             .run_soft::<_, PeekError, _>(move |conn| {
-                let (room, facts) = room_facts(conn, &cache, &r, Some(RENEWAL_FACTS_TTL))?;
+                let (room, facts) = room_facts(conn, &cache, &ours, &r, Some(RENEWAL_FACTS_TTL))?;
                 let checked = apply_checks(&o, &room, &facts, peek_id.clone(), &offered)?;
                 if renew_live_blocking(conn, o.as_str(), &r, checked.as_str(), interval, grace)? {
                     return Ok(None);
                 }
                 // A new peek: check again on the room as it is now.
-                let (room, facts) = room_facts(conn, &cache, &r, None)?;
+                let (room, facts) = room_facts(conn, &cache, &ours, &r, None)?;
                 let peek_id = apply_checks(&o, &room, &facts, peek_id, &offered)?;
                 Ok(Some((room, peek_id)))
             })
@@ -82,10 +84,11 @@ impl InboundPeeks {
 
     /// Checks 1 and 2: server ACL, then a room we actually hold.
     async fn check_room(&self, origin: &ServerName, room_id: &RoomId) -> Result<RoomRow, PeekError> {
-        let (o, r, cache) = (origin.to_owned(), room_id.to_string(), self.facts.clone());
+        let (o, r, cache, ours) =
+            (origin.to_owned(), room_id.to_string(), self.facts.clone(), self.server_name.clone());
         self.db
             .run::<_, PeekError, _>(move |conn| {
-                let (room, facts) = room_facts(conn, &cache, &r, None)?;
+                let (room, facts) = room_facts(conn, &cache, &ours, &r, None)?;
                 if facts.acl.as_ref().is_some_and(|acl| !acl.is_allowed(&o)) {
                     return Err(PeekError::Acl(o.to_string()));
                 }

@@ -34,10 +34,9 @@ pub fn after_state_event(
 }
 
 pub(super) fn has_local_member(conn: &mut DbConnection, room_id: &str, server_name: &str) -> Result<bool, RoomError> {
-    let suffix = format!(":{server_name}");
     let members: Vec<String> = store::current_state_map(conn, room_id)?
         .into_iter()
-        .filter(|((kind, key), _)| kind == "m.room.member" && key.ends_with(&suffix))
+        .filter(|((kind, key), _)| kind == "m.room.member" && ids::is_user_of(key, server_name))
         .map(|(_, id)| id)
         .collect();
     Ok(store::events_by_ids(conn, &members)?.iter().any(|e| e.pdu.content_value()["membership"] == "join"))
