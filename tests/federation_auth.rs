@@ -132,12 +132,19 @@ async fn hostile_setup(db: DbKind) -> HostileSetup {
 }
 
 async fn assert_refused(gateway: &TestServer, method: Method, body: Option<Vec<u8>>, auth: &[String], reason: &str) {
+    // H18: a body over the limit is 413 M_TOO_LARGE, every other refusal 401 M_UNAUTHORIZED.
+    let expected = if reason == "body_too_large" { (413, "M_TOO_LARGE") } else { (401, "M_UNAUTHORIZED") };
     let series = format!("peekgate_xmatrix_auth_failures_total{{reason=\"{reason}\"}}");
     let before = gateway.metric(&series).await;
     let (status, answer) = call(&gateway.base, method, WHOAMI, body, auth).await;
-    assert_eq!(status, 401, "{reason}: {answer}");
-    assert_eq!(answer["errcode"], "M_UNAUTHORIZED", "{reason}");
+    assert_eq!(status, expected.0, "{reason}: {answer}");
+    assert_eq!(answer["errcode"], expected.1, "{reason}");
     assert_eq!(gateway.metric(&series).await, before + 1.0, "{reason} counted once");
+}
+
+/// A header signed correctly but over another URI (a bad signature for `WHOAMI`).
+fn wrong_uri_again(peer: &TestPeer, gw: &str) -> String {
+    peer.authorization("GET", "/_peekgate/federation/v1/other", gw, None)
 }
 
 async fn hostile_requests_get_401_and_change_nothing(db: DbKind) {
@@ -181,6 +188,15 @@ async fn hostile_requests_get_401_and_change_nothing(db: DbKind) {
         "X-Matrix origin=\"good.test\",origin=\"evil.test\",destination=\"{gw}\",key=\"ed25519:p1\",sig=\"{sig}\""
     );
     assert_refused(&gateway, Method::GET, None, &[duplicated], "malformed_header").await;
+
+    // H11: at most 4 Authorization headers are tried. A valid header after 4 bad ones is not
+    // reached; after one bad one it is.
+    let valid = good.authorization("GET", WHOAMI, gw, None);
+    let mut headers = vec![wrong_uri_again(&good, gw); 4];
+    headers.push(valid.clone());
+    assert_refused(&gateway, Method::GET, None, &headers, "bad_signature").await;
+    let (status, answer) = call(&gateway.base, Method::GET, WHOAMI, None, &[wrong_uri_again(&good, gw), valid]).await;
+    assert_eq!((status, answer["origin"].as_str()), (200, Some("good.test")), "{answer}");
 
     // Claiming to be the gateway itself.
     let own = format!("X-Matrix origin=\"{gw}\",destination=\"{gw}\",key=\"ed25519:p1\",sig=\"{sig}\"");

@@ -36,12 +36,7 @@ async fn require_reader(
     if state.rooms.membership(room_id, &session.user_id).await?.as_deref() == Some("join") {
         return Ok(true);
     }
-    let visibility = state
-        .rooms
-        .state_event(room_id, "m.room.history_visibility", "")
-        .await?
-        .map(|e| Visibility::parse(e.content_value()["history_visibility"].as_str()));
-    if visibility == Some(Visibility::WorldReadable) {
+    if state.rooms.current_visibility(room_id).await? == Visibility::WorldReadable {
         return Ok(false);
     }
     Err(MatrixError::forbidden("You are not in this room and it is not world-readable"))

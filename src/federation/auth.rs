@@ -1,6 +1,7 @@
 //! The X-Matrix extractor: every federation request is authenticated before its handler runs.
 //! It reads the body within `http.max_body_bytes`, parses it once, asks [`xmatrix::verify`]
-//! and turns a failure into a logged, counted 401 `M_UNAUTHORIZED`.
+//! and turns a failure into a logged, counted 401 `M_UNAUTHORIZED` (413 `M_TOO_LARGE` for a body
+//! over the limit).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -60,7 +61,13 @@ fn refuse(
         detail,
         "federation request refused"
     );
-    MatrixError::unauthorized(failure.message()).already_logged()
+    let error = match failure {
+        // H18: an oversized body is not an authentication problem; it is counted with the
+        // refusals all the same (reason `body_too_large`).
+        AuthFailure::BodyTooLarge => MatrixError::too_large(failure.message()),
+        _ => MatrixError::unauthorized(failure.message()),
+    };
+    error.already_logged()
 }
 
 async fn authenticate(state: &AppState, req: &HttpRequest, payload: Payload) -> Result<SignedRequest, MatrixError> {

@@ -355,6 +355,12 @@ impl Rooms {
         self.read(move |conn| visibility::peekability(conn, &room)).await
     }
 
+    /// The room's history visibility now (see [`visibility::current`]).
+    pub async fn current_visibility(&self, room_id: &RoomId) -> Result<Visibility, RoomError> {
+        let room = room_id.to_string();
+        self.read(move |conn| visibility::current(conn, &room)).await
+    }
+
     /// The membership of `user_id` in the current state (`None` when never a member).
     pub async fn membership(&self, room_id: &RoomId, user_id: &UserId) -> Result<Option<String>, RoomError> {
         let event = self.state_event(room_id, "m.room.member", user_id.as_str()).await?;

@@ -161,11 +161,23 @@ pub fn peekable(state_content: impl Fn(&str) -> Option<Value>) -> Result<(), &'s
 pub fn peekability(conn: &mut DbConnection, room_id: &str) -> Result<Result<(), &'static str>, RoomError> {
     let mut current = HashMap::new();
     for kind in ["m.room.history_visibility", "m.room.encryption"] {
-        if let Some(id) = store::current_state_id(conn, room_id, kind, "")? {
-            if let Some(event) = store::event_by_id(conn, &id)? {
-                current.insert(kind, event.pdu.content_value());
-            }
+        if let Some(content) = current_content(conn, room_id, kind)? {
+            current.insert(kind, content);
         }
     }
     Ok(peekable(|kind| current.get(kind).cloned()))
+}
+
+/// The room's history visibility now (who may read its history from now on).
+pub fn current(conn: &mut DbConnection, room_id: &str) -> Result<Visibility, RoomError> {
+    let content = current_content(conn, room_id, "m.room.history_visibility")?;
+    Ok(Visibility::parse(content.as_ref().and_then(|c| c["history_visibility"].as_str())))
+}
+
+/// The content of the room's current state event `(kind, "")`.
+fn current_content(conn: &mut DbConnection, room_id: &str, kind: &str) -> Result<Option<Value>, RoomError> {
+    Ok(match store::current_state_id(conn, room_id, kind, "")? {
+        Some(id) => store::event_by_id(conn, &id)?.map(|e| e.pdu.content_value()),
+        None => None,
+    })
 }

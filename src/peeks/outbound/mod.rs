@@ -125,6 +125,15 @@ mod tests {
     }
 
     #[test]
+    fn h16_candidate_lists_are_capped() {
+        let ours = ServerName::parse("us.test").unwrap();
+        let many: Vec<String> = (0..50).map(|i| format!("s{i}.test")).collect();
+        let list = candidates(&ours, many.iter().map(String::as_str));
+        assert_eq!(list.len(), MAX_CANDIDATES);
+        assert_eq!(list[0], "s0.test", "the first ones are kept, in order");
+    }
+
+    #[test]
     fn op7_renewal_spacing_is_half_the_interval_clamped() {
         assert_eq!(renewal_spacing(60_000), 30_000);
         assert_eq!(renewal_spacing(3_600_000_000), MAX_RENEWAL_SPACING_MS);

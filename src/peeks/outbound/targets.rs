@@ -3,10 +3,18 @@
 
 use super::*;
 
-/// OP-1: the ordered, de-duplicated candidate targets, without our own name.
+/// Candidate targets tried for one room (H16): each costs up to a request timeout, and the
+/// lists come from clients and directory answers.
+pub const MAX_CANDIDATES: usize = 10;
+
+/// OP-1: the ordered, de-duplicated candidate targets, without our own name, at most
+/// [`MAX_CANDIDATES`].
 pub fn candidates<'a>(ours: &ServerName, lists: impl IntoIterator<Item = &'a str>) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     for server in lists {
+        if out.len() == MAX_CANDIDATES {
+            break;
+        }
         let valid = ServerName::parse(server).is_ok();
         if valid && server != ours.as_str() && !out.iter().any(|s| s == server) {
             out.push(server.to_owned());
