@@ -1,5 +1,10 @@
 //! Local accounts: users (argon2 password hashes), devices and access tokens. Only a SHA-256 of
 //! each token is stored, so a database leak does not leak sessions.
+//!
+//! Password work is bounded (H13): at most [`HASHING_AT_ONCE`] argon2 runs at a time (each takes
+//! about 19 MiB), login attempts are rate-limited per user ID and registrations per server, and an
+//! unknown user costs the same argon2 verification as a wrong password, so the answer time does
+//! not tell whether an account exists.
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
@@ -7,6 +12,12 @@ use diesel::prelude::*;
 use rand::distr::{Alphanumeric, SampleString};
 use ruma::{OwnedUserId, ServerName, UserId};
 use sha2::{Digest, Sha256};
+
+use std::num::NonZeroU32;
+use std::sync::{Arc, OnceLock};
+
+use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
+use tokio::sync::Semaphore;
 
 use crate::clock::now_ms;
 use crate::db::schema::{access_tokens, devices, users};
@@ -25,6 +36,9 @@ pub enum AccountError {
     UnknownToken,
     #[error("password hashing failed: {0}")]
     Hash(String),
+    /// H13: too many login attempts for this user, or registrations on this server.
+    #[error("too many attempts")]
+    LimitExceeded { retry_after_ms: u64 },
     #[error(transparent)]
     Db(#[from] DbError),
 }
@@ -52,8 +66,18 @@ pub struct Login {
     pub access_token: String,
 }
 
+/// argon2 runs at once (one per core of a small machine); more callers wait their turn.
+pub const HASHING_AT_ONCE: usize = 2;
+/// Login attempts per user ID: a burst of this many, then one more every 6 seconds.
+pub const LOGIN_ATTEMPTS_BURST: u32 = 10;
+/// Registrations on this server: a burst of this many, then one more every 2 seconds.
+pub const REGISTRATIONS_BURST: u32 = 30;
+
 pub struct Accounts {
     db: Db,
+    hashing: Arc<Semaphore>,
+    login_attempts: DefaultKeyedRateLimiter<String>,
+    registrations: DefaultDirectRateLimiter,
 }
 
 /// Localparts: lower-case letters, digits and `._=-/+`, as the spec's user ID grammar allows.
@@ -89,18 +113,63 @@ fn password_matches(password: &str, stored: &str) -> bool {
     PasswordHash::new(stored).is_ok_and(|hash| Argon2::default().verify_password(password.as_bytes(), &hash).is_ok())
 }
 
+/// A hash no password matches, verified for unknown users so that they cost what a wrong
+/// password costs.
+fn decoy_hash() -> &'static str {
+    static DECOY: OnceLock<String> = OnceLock::new();
+    DECOY.get_or_init(|| {
+        let mut random = [0u8; 32];
+        rand::fill(&mut random);
+        hash_password(&encode_hex(&random)).expect("hashing a random password works")
+    })
+}
+
+fn encode_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn quota(burst: u32, period: std::time::Duration) -> Quota {
+    Quota::with_period(period).expect("non-zero period").allow_burst(NonZeroU32::new(burst).expect("non-zero burst"))
+}
+
+/// `LimitExceeded` with the wait a governor reported.
+fn limited(not_until: governor::NotUntil<governor::clock::QuantaInstant>) -> AccountError {
+    use governor::clock::{Clock, DefaultClock};
+    let wait = not_until.wait_time_from(DefaultClock::default().now());
+    AccountError::LimitExceeded { retry_after_ms: wait.as_millis().max(1) as u64 }
+}
+
 impl Accounts {
     pub fn new(db: Db) -> Accounts {
-        Accounts { db }
+        Accounts {
+            db,
+            hashing: Arc::new(Semaphore::new(HASHING_AT_ONCE)),
+            login_attempts: RateLimiter::keyed(quota(LOGIN_ATTEMPTS_BURST, std::time::Duration::from_secs(6))),
+            registrations: RateLimiter::direct(quota(REGISTRATIONS_BURST, std::time::Duration::from_secs(2))),
+        }
+    }
+
+    /// Runs argon2 work on a blocking thread, at most [`HASHING_AT_ONCE`] at a time.
+    async fn with_hashing<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, AccountError> {
+        let _permit = self.hashing.acquire().await.map_err(|e| AccountError::Hash(e.to_string()))?;
+        tokio::task::spawn_blocking(work).await.map_err(|e| AccountError::Hash(e.to_string()))
+    }
+
+    /// H13: registration through the client API (not `peekgate user create`) is rate-limited.
+    pub fn check_registration_rate(&self) -> Result<(), AccountError> {
+        self.registrations.check().map_err(limited)
     }
 
     /// Creates a user; fails with `UserInUse` when the ID exists.
     pub async fn create_user(&self, user_id: &UserId, password: &str, admin: bool) -> Result<(), AccountError> {
         let user_id = user_id.to_string();
         let password = password.to_owned();
+        let hash = self.with_hashing(move || hash_password(&password)).await??;
         self.db
             .run(move |conn| {
-                let hash = hash_password(&password)?;
                 let inserted = on_backend!(&mut *conn, |c| diesel::insert_into(users::table)
                     .values((
                         users::user_id.eq(&user_id),
@@ -126,6 +195,7 @@ impl Accounts {
         device_id: Option<String>,
         display_name: Option<String>,
     ) -> Result<Login, AccountError> {
+        self.login_attempts.check_key(&user_id.to_string()).map_err(limited)?;
         let stored: Option<String> = {
             let user_id = user_id.to_string();
             self.db
@@ -141,10 +211,10 @@ impl Accounts {
                 .await?
         };
         let password = password.to_owned();
-        let ok = tokio::task::spawn_blocking(move || stored.is_some_and(|hash| password_matches(&password, &hash)))
-            .await
-            .unwrap_or(false);
-        if !ok {
+        let known = stored.is_some();
+        let stored = stored.unwrap_or_else(|| decoy_hash().to_owned());
+        let matches = self.with_hashing(move || password_matches(&password, &stored)).await?;
+        if !(known && matches) {
             return Err(AccountError::BadCredentials);
         }
         self.open_session(user_id, device_id, display_name).await

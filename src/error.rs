@@ -162,6 +162,7 @@ impl From<crate::accounts::AccountError> for MatrixError {
             E::InvalidUsername(reason) => MatrixError::new(StatusCode::BAD_REQUEST, "M_INVALID_USERNAME", reason),
             E::BadCredentials => MatrixError::forbidden("Invalid username or password"),
             E::UnknownToken => MatrixError::new(StatusCode::UNAUTHORIZED, "M_UNKNOWN_TOKEN", "Unknown access token"),
+            E::LimitExceeded { retry_after_ms } => MatrixError::limit_exceeded("Too many attempts", retry_after_ms),
             other @ (E::Hash(_) | E::Db(_)) => internal_error("account operation failed", other),
         }
     }

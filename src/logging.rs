@@ -49,15 +49,18 @@ impl tracing_actix_web::RootSpanBuilder for RedactingRootSpan {
     }
 }
 
-/// The path and query with the value of every `access_token` parameter replaced.
+/// The path and query with the value of every `access_token` parameter replaced. Keys are
+/// compared decoded, as the token extractor reads them (`access%5Ftoken` is `access_token`, H18).
 pub fn redact_target(target: &str) -> String {
     let Some((path, query)) = target.split_once('?') else {
         return target.to_owned();
     };
+    let is_token =
+        |key: &str| url::form_urlencoded::parse(key.as_bytes()).next().is_some_and(|(k, _)| k == "access_token");
     let query: Vec<String> = query
         .split('&')
         .map(|pair| match pair.split_once('=') {
-            Some((key, _)) if key == "access_token" => format!("{key}=<redacted>"),
+            Some((key, _)) if is_token(key) => format!("{key}=<redacted>"),
             _ => pair.to_owned(),
         })
         .collect();
@@ -73,6 +76,11 @@ mod tests {
         assert_eq!(
             redact_target("/sync?since=s1_0&access_token=secret&timeout=5"),
             "/sync?since=s1_0&access_token=<redacted>&timeout=5"
+        );
+        assert_eq!(
+            redact_target("/sync?access%5Ftoken=secret&access%5ftoken=secret2"),
+            "/sync?access%5Ftoken=<redacted>&access%5ftoken=<redacted>",
+            "H18: an encoded key is still the token"
         );
         assert_eq!(redact_target("/health"), "/health");
         assert_eq!(redact_target("/x?a=1"), "/x?a=1");

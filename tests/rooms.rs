@@ -153,6 +153,34 @@ async fn registration_is_off_by_default(db: DbKind) {
 }
 both_backends!(registration_is_off_by_default);
 
+/// H13: login attempts are limited per user ID (a burst of 10, then 429 M_LIMIT_EXCEEDED with
+/// `retry_after_ms`), and an unknown user gets exactly the answer a wrong password gets (the
+/// same argon2 work runs for both; timing is measured in benches, not asserted here).
+async fn h13_login_attempts_are_limited_and_unknown_users_look_like_wrong_passwords(db: DbKind) {
+    let server = ServerSpec::new("a.test", db).configure(open_registration).start().await;
+    Client::register(&server.base, "alice").await;
+    let attempt = |user: &str, password: &str| json!({ "type": "m.login.password", "identifier": { "type": "m.id.user", "user": user }, "password": password });
+    let login = |body: Value| {
+        let base = server.base.clone();
+        async move { request(&base, None, Method::POST, "/_matrix/client/v3/login", Some(&body)).await }
+    };
+    let wrong = login(attempt("alice", "wrong")).await;
+    let unknown = login(attempt("nobody", "wrong")).await;
+    assert_eq!(wrong.0, 403, "{}", wrong.1);
+    assert_eq!(wrong, unknown, "an unknown user is answered like a wrong password");
+    for _ in 0..9 {
+        assert_eq!(login(attempt("alice", "wrong")).await.0, 403);
+    }
+    // The 11th attempt for alice within the burst is refused, even with the right password.
+    let (status, answer) = login(attempt("alice", "pw-123456")).await;
+    assert_eq!((status, answer["errcode"].as_str()), (429, Some("M_LIMIT_EXCEEDED")), "{answer}");
+    assert!(answer["retry_after_ms"].as_u64().is_some_and(|ms| ms > 0), "{answer}");
+    // Other users are not held up by alice's limit.
+    assert_eq!(login(attempt("nobody", "wrong")).await.0, 403);
+    server.stop().await;
+}
+both_backends!(h13_login_attempts_are_limited_and_unknown_users_look_like_wrong_passwords);
+
 async fn auth_rules_refuse_and_leave_no_trace(db: DbKind) {
     let server = ServerSpec::new("a.test", db).configure(open_registration).start().await;
     let alice = Client::register(&server.base, "alice").await;

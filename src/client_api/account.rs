@@ -41,6 +41,7 @@ pub async fn register(state: web::Data<AppState>, body: web::Bytes) -> Result<Ht
     if body.auth.as_ref().and_then(|a| a["type"].as_str()) != Some("m.login.dummy") {
         return Ok(dummy_auth_challenge());
     }
+    state.accounts.check_registration_rate()?;
     let password = body.password.filter(|p| !p.is_empty()).ok_or_else(|| MatrixError::missing_param("password"))?;
     let localpart = body
         .username
