@@ -66,13 +66,7 @@ fn next_batch_blocking(conn: &mut DbConnection, destination: &str, cursor: i64) 
     // one rule in `PeekRow::wants`, shared with the fan-out path.
     let peeks: Vec<PeekRow> = inbound_peeks::table
         .filter(inbound_peeks::origin.eq(destination))
-        .select((
-            inbound_peeks::origin,
-            inbound_peeks::room_id,
-            inbound_peeks::start_stream_pos,
-            inbound_peeks::end_stream_pos,
-            inbound_peeks::expires_ts,
-        ))
+        .select(PEEK_ROW_COLUMNS)
         .load::<(String, String, i64, Option<i64>, i64)>(conn)?
         .into_iter()
         .map(PeekRow::from)
@@ -282,13 +276,7 @@ pub(super) async fn fan_out_inputs(
             let peeks: Vec<(String, String, i64, Option<i64>, i64)> = inbound_peeks::table
                 .filter(inbound_peeks::room_id.eq_any(changed_rooms))
                 .filter(inbound_peeks::end_stream_pos.is_null().or(inbound_peeks::end_stream_pos.gt(since)))
-                .select((
-                    inbound_peeks::origin,
-                    inbound_peeks::room_id,
-                    inbound_peeks::start_stream_pos,
-                    inbound_peeks::end_stream_pos,
-                    inbound_peeks::expires_ts,
-                ))
+                .select(PEEK_ROW_COLUMNS)
                 .load(conn)?;
             if peeks.is_empty() {
                 return Ok((Vec::new(), Vec::new()));
@@ -320,6 +308,22 @@ pub struct NewEvent {
     pub sender: String,
     pub json: String,
 }
+
+/// The columns a [`PeekRow`] is loaded from, on both paths.
+type PeekRowColumns = (
+    inbound_peeks::origin,
+    inbound_peeks::room_id,
+    inbound_peeks::start_stream_pos,
+    inbound_peeks::end_stream_pos,
+    inbound_peeks::expires_ts,
+);
+const PEEK_ROW_COLUMNS: PeekRowColumns = (
+    inbound_peeks::origin,
+    inbound_peeks::room_id,
+    inbound_peeks::start_stream_pos,
+    inbound_peeks::end_stream_pos,
+    inbound_peeks::expires_ts,
+);
 
 pub struct PeekRow {
     pub origin: String,
