@@ -195,7 +195,7 @@ impl Accounts {
         device_id: Option<String>,
         display_name: Option<String>,
     ) -> Result<Login, AccountError> {
-        self.login_attempts.check_key(&user_id.to_string()).map_err(limited)?;
+        crate::limits::check_key(&self.login_attempts, &user_id.to_string()).map_err(limited)?;
         let stored: Option<String> = {
             let user_id = user_id.to_string();
             self.db

@@ -19,6 +19,7 @@ pub mod federation;
 pub mod http;
 pub mod ids;
 pub mod keys;
+pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod peeks;

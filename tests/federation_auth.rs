@@ -464,6 +464,36 @@ async fn key_publication_and_notary(db: DbKind) {
 }
 both_backends!(key_publication_and_notary);
 
+/// H14: one unauthenticated notary query makes us fetch keys from at most 5 servers; the rest
+/// are answered from the cache only (here: left out), and a later query fetches them.
+async fn h14_a_notary_query_fetches_from_few_servers(db: DbKind) {
+    let peers: Vec<TestPeer> = (0..8).map(|i| TestPeer::start(&format!("p{i}.test"), KeyMode::Good)).collect();
+    let mut spec = ServerSpec::new("gw.test", db);
+    for peer in &peers {
+        spec = spec.destination(&peer.name, &peer.url);
+    }
+    let gateway = spec.start().await;
+    let servers: serde_json::Map<String, Value> = peers.iter().map(|p| (p.name.clone(), json!({}))).collect();
+    let query = serde_json::to_vec(&json!({ "server_keys": servers })).unwrap();
+    let (status, answer) = call(&gateway.base, Method::POST, "/_matrix/key/v2/query", Some(query.clone()), &[]).await;
+    assert_eq!(status, 200, "{answer}");
+    let names = |answer: &Value| -> Vec<String> {
+        answer["server_keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["server_name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(names(&answer), ["p0.test", "p1.test", "p2.test", "p3.test", "p4.test"], "{answer}");
+    // The cached five no longer need a fetch, so the next query reaches the other three.
+    let (status, answer) = call(&gateway.base, Method::POST, "/_matrix/key/v2/query", Some(query), &[]).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(names(&answer).len(), 8, "{answer}");
+    gateway.stop().await;
+}
+both_backends!(h14_a_notary_query_fetches_from_few_servers);
+
 async fn matrix_errors_for_unknown_routes_and_methods(db: DbKind) {
     let server = ServerSpec::new("a.test", db).start().await;
     let (status, answer) = call(&server.base, Method::GET, "/_matrix/federation/v1/nope", None, &[]).await;

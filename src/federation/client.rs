@@ -46,8 +46,13 @@ impl FederationError {
     }
 }
 
+/// Names pinned at most (H14).
+const PINNED_MAX: usize = 10_000;
+
 /// DNS for the guarded HTTP client: names pinned by server-name resolution answer from the
 /// pin; any other name (a well-known host) is looked up and filtered by the policy.
+///
+/// Pinned names kept at most ([`PINNED_MAX`]).
 struct GuardedDns {
     pinned: Mutex<HashMap<String, Vec<IpAddr>>>,
     dns: Arc<dyn Dns>,
@@ -56,7 +61,13 @@ struct GuardedDns {
 
 impl GuardedDns {
     fn pin(&self, host: &str, addrs: Vec<IpAddr>) {
-        self.pinned.lock().unwrap().insert(host.to_ascii_lowercase(), addrs);
+        let mut pinned = self.pinned.lock().unwrap();
+        if pinned.len() >= PINNED_MAX {
+            // H14: a pin is made again by the next resolution of its name; a forgotten one
+            // only costs a policy-filtered lookup.
+            pinned.clear();
+        }
+        pinned.insert(host.to_ascii_lowercase(), addrs);
     }
 }
 

@@ -17,6 +17,8 @@ use ruma::ServerName;
 const DEFAULT_PORT: u16 = 8448;
 const WELL_KNOWN_TTL: Duration = Duration::from_secs(24 * 3600);
 const WELL_KNOWN_FAILURE_TTL: Duration = Duration::from_secs(3600);
+/// `.well-known` answers kept at most (H14).
+pub const WELL_KNOWN_CACHE_MAX: usize = 10_000;
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum ResolveError {
@@ -263,7 +265,17 @@ impl Resolver {
             .fetch_well_known(host)
             .await
             .filter(|delegated| <&ServerName>::try_from(delegated.as_str()).is_ok());
-        self.well_known_cache.lock().unwrap().insert(host.to_owned(), (Instant::now(), fetched.clone()));
+        let mut cache = self.well_known_cache.lock().unwrap();
+        if cache.len() >= WELL_KNOWN_CACHE_MAX {
+            // H14: hosts are named by others; keep the cache bounded, expired answers first.
+            cache.retain(|_, (at, answer)| {
+                at.elapsed() < if answer.is_some() { WELL_KNOWN_TTL } else { WELL_KNOWN_FAILURE_TTL }
+            });
+            if cache.len() >= WELL_KNOWN_CACHE_MAX {
+                cache.clear();
+            }
+        }
+        cache.insert(host.to_owned(), (Instant::now(), fetched.clone()));
         fetched
     }
 }
@@ -360,6 +372,17 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    #[tokio::test]
+    async fn h14_the_well_known_cache_stays_bounded() {
+        let (resolver, well_known) = fixture();
+        for i in 0..WELL_KNOWN_CACHE_MAX + 100 {
+            resolver.well_known(&format!("h{i}.example"), &well_known).await;
+        }
+        let cached = resolver.well_known_cache.lock().unwrap().len();
+        assert!(cached <= WELL_KNOWN_CACHE_MAX, "{cached} answers cached");
+        assert!(cached > 0);
     }
 
     fn fixture() -> (Resolver, FakeWellKnown) {

@@ -11,8 +11,11 @@ use crate::clock::now_ms;
 use crate::error::{internal_error, parse_json, MatrixError};
 use crate::state::AppState;
 
-/// A notary query may not make us fetch from more servers than this at once.
+/// Servers one notary query may name.
 const MAX_SERVERS_PER_QUERY: usize = 100;
+/// Servers one (unauthenticated) notary query may make us fetch from (H14); the others are
+/// answered from the cache.
+pub const MAX_FETCHES_PER_QUERY: usize = 5;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/_matrix/key/v2/server", web::get().to(own_keys))
@@ -77,11 +80,12 @@ async fn notary_answer(
     wanted: Vec<(OwnedServerName, Option<i64>)>,
 ) -> Result<HttpResponse, MatrixError> {
     let mut server_keys = Vec::new();
+    let mut fetch_budget = MAX_FETCHES_PER_QUERY;
     for (server, minimum) in wanted {
         let minimum = minimum.unwrap_or_else(now_ms);
         let found = state
             .keys
-            .notary_lookup(&server, minimum, || own_publication(state))
+            .notary_lookup(&server, minimum, &mut fetch_budget, || own_publication(state))
             .await
             .map_err(|e| internal_error("notary lookup", e))?;
         if let Some(mut object) = found {

@@ -26,6 +26,9 @@ const MAX_TRUST_MS: i64 = 7 * 24 * 3600 * 1000;
 pub const REFETCH_INTERVAL: Duration = Duration::from_secs(300);
 /// Bound on the in-memory key cache (it is only a copy of the database table).
 const MEMORY_CACHE_MAX: usize = 10_000;
+/// Per-server bookkeeping (fetch locks, last fetch times) is pruned when it grows past this
+/// (H14): the names are chosen by whoever sends us requests.
+const PER_SERVER_MAX: usize = 1_024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
@@ -268,7 +271,12 @@ impl RemoteKeys {
     }
 
     fn fetch_lock(&self, server: &ServerName) -> Arc<tokio::sync::Mutex<()>> {
-        self.fetch_locks.lock().unwrap().entry(server.to_owned()).or_default().clone()
+        let mut locks = self.fetch_locks.lock().unwrap();
+        if locks.len() >= PER_SERVER_MAX {
+            // Forget the locks nobody holds or waits for.
+            locks.retain(|_, lock| Arc::strong_count(lock) > 1);
+        }
+        locks.entry(server.to_owned()).or_default().clone()
     }
 
     fn own_key(&self, key_id: &str, valid_at: i64, current_only: bool) -> Option<[u8; 32]> {
@@ -335,6 +343,10 @@ impl RemoteKeys {
 
     fn take_fetch_slot(&self, server: &ServerName) -> Result<(), KeyError> {
         let mut last = self.last_fetch.lock().unwrap();
+        if last.len() >= PER_SERVER_MAX {
+            // Only fetches within the interval still limit anything.
+            last.retain(|_, at| at.elapsed() < REFETCH_INTERVAL);
+        }
         if let Some(at) = last.get(server) {
             if at.elapsed() < REFETCH_INTERVAL {
                 return Err(KeyError::RateLimited(server.to_string()));
@@ -415,10 +427,13 @@ impl RemoteKeys {
     /// The notary answer for `server`: its key response (ours, freshly signed, for ourselves),
     /// valid at least until `minimum_valid_until_ts`; refreshed from the origin when the cached
     /// copy is older, and the last good copy kept when the origin cannot be reached.
+    /// A fetch spends one of `fetch_budget`; with none left only what is cached is served (H14:
+    /// one notary query may not make us fetch from many servers).
     pub async fn notary_lookup(
         &self,
         server: &ServerName,
         minimum_valid_until_ts: i64,
+        fetch_budget: &mut usize,
         own_publication: impl FnOnce() -> CanonicalJsonObject,
     ) -> Result<Option<CanonicalJsonObject>, KeyError> {
         if server == self.own.server_name {
@@ -430,6 +445,10 @@ impl RemoteKeys {
                 return Ok(Some(object.clone()));
             }
         }
+        if *fetch_budget == 0 {
+            return Ok(cached.map(|(object, _)| object));
+        }
+        *fetch_budget -= 1;
         match self.fetch_and_store(server).await {
             Ok(verified) => Ok(Some(verified.object)),
             Err(e) => {

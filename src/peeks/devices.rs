@@ -77,8 +77,7 @@ impl DevicePeeks {
 
     /// CP-14: `Err(retry_after_ms)` when the device calls `/peek` or `/unpeek` too often.
     pub fn check_rate(&self, user_id: &str, device_id: &str) -> Result<(), u64> {
-        self.calls
-            .check_key(&(user_id.to_owned(), device_id.to_owned()))
+        crate::limits::check_key(&self.calls, &(user_id.to_owned(), device_id.to_owned()))
             .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()).as_millis().max(1) as u64)
     }
 

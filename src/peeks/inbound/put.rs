@@ -117,7 +117,7 @@ impl InboundPeeks {
 
     /// FP-12: the per-origin rate of new peeks, then the caps on live peeks.
     async fn check_limits(&self, origin: &ServerName, room_id: &RoomId) -> Result<(), PeekError> {
-        if let Err(not_until) = self.new_peeks.check_key(&origin.to_string()) {
+        if let Err(not_until) = crate::limits::check_key(&self.new_peeks, &origin.to_string()) {
             let wait = not_until.wait_time_from(DefaultClock::default().now());
             return Err(PeekError::LimitExceeded { retry_after_ms: wait.as_millis().max(1) as u64 });
         }
