@@ -3,6 +3,9 @@
 //!
 //! A peek is recorded at stream position P under the append lock *before* the state at P is
 //! read (PE-3), so every event after P reaches the peeker and none is missed.
+//!
+//! The files of this folder are parts of one module: they share the imports below through
+//! `use super::*`, and this file re-exports what the rest of the crate calls.
 
 mod eviction;
 mod facts;

@@ -1,10 +1,13 @@
 //! MSC2444, we are the peeker (OP-1..9): choose targets, `PUT /peek`, validate the answer
-//! (OP-4, in [`super::validate`]), store it as the room's starting point, renew while a local
-//! device still watches (TBD-1), fail over to the next candidate, fill gaps with
-//! `get_missing_events`, and `DELETE` the peek when nobody watches any more.
+//! (OP-4, in [`validate`]), store it as the room's starting point, renew while a local device
+//! still watches (TBD-1), fail over to the next candidate, fill gaps with `get_missing_events`
+//! or `/backfill` ([`backfill`]), and `DELETE` the peek when nobody watches any more.
 //!
 //! One federation peek per room (OP-2), shared by every local device that peeks it; the
 //! `outbound_peeks` row remembers the target, the peek_id and the candidates for failover.
+//!
+//! The files of this folder are parts of one module: they share the imports below through
+//! `use super::*`, and this file re-exports what the rest of the crate calls.
 
 pub mod backfill;
 mod claims;

@@ -1,5 +1,8 @@
 //! The synchronous storage side of rooms (runs inside `Db::run`): the single append path,
 //! state groups (state at any event), current state, forward extremities and event lookups.
+//!
+//! The files of this folder are parts of one module: they share the imports below through
+//! `use super::*`, and this file re-exports what the rest of the crate calls.
 
 mod append;
 mod groups;
