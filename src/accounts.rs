@@ -212,8 +212,10 @@ impl Accounts {
         };
         let password = password.to_owned();
         let known = stored.is_some();
-        let stored = stored.unwrap_or_else(|| decoy_hash().to_owned());
-        let matches = self.with_hashing(move || password_matches(&password, &stored)).await?;
+        // The decoy is made (once) on the blocking thread too: it is an argon2 run as well.
+        let matches = self
+            .with_hashing(move || password_matches(&password, stored.as_deref().unwrap_or_else(|| decoy_hash())))
+            .await?;
         if !(known && matches) {
             return Err(AccountError::BadCredentials);
         }

@@ -62,23 +62,19 @@ fn next_batch_blocking(conn: &mut DbConnection, destination: &str, cursor: i64) 
     // Read the head first: every event up to it has committed (appends commit in order), so
     // what the query below does not return up to the head is not for this destination.
     let head = crate::rooms::store::stream_head(conn)?;
-    // The rooms this destination peeks narrow the scan; which of their events it gets is the
-    // one rule in `PeekRow::wants`, shared with the fan-out path.
-    let peeks: Vec<PeekRow> = inbound_peeks::table
+    // The rooms where this destination has a peek that may still want events narrow the scan;
+    // which of their events it gets is the one rule in `PeekRow::wants`, shared with the
+    // fan-out path, applied to the peeks of the rooms the page touches.
+    let candidate_rooms = inbound_peeks::table
         .filter(inbound_peeks::origin.eq(destination))
-        .select(PEEK_ROW_COLUMNS)
-        .load::<(String, String, i64, Option<i64>, i64)>(conn)?
-        .into_iter()
-        .map(PeekRow::from)
-        .collect();
-    let peeked_rooms =
-        inbound_peeks::table.filter(inbound_peeks::origin.eq(destination)).select(inbound_peeks::room_id);
+        .filter(inbound_peeks::end_stream_pos.is_null().or(inbound_peeks::end_stream_pos.gt(cursor)))
+        .select(inbound_peeks::room_id);
     let rows: Vec<(i64, String, String, String)> = events::table
         .filter(events::stream_pos.gt(cursor))
         .filter(events::stream_pos.le(head))
         .filter(events::outlier.eq(false))
         .filter(events::rejected.eq(false))
-        .filter(events::room_id.eq_any(peeked_rooms))
+        .filter(events::room_id.eq_any(candidate_rooms))
         .order(events::stream_pos.asc())
         .limit(MAX_PDUS_PER_TXN)
         .select((events::stream_pos, events::room_id, events::sender, events::json))
@@ -86,6 +82,17 @@ fn next_batch_blocking(conn: &mut DbConnection, destination: &str, cursor: i64) 
     // A full page may hide more after it: continue from its last row, not from the head.
     let next_cursor =
         if rows.len() as i64 == MAX_PDUS_PER_TXN { rows.last().map(|r| r.0).unwrap_or(head) } else { head };
+    let mut page_rooms: Vec<&str> = rows.iter().map(|r| r.1.as_str()).collect();
+    page_rooms.sort_unstable();
+    page_rooms.dedup();
+    let peeks: Vec<PeekRow> = inbound_peeks::table
+        .filter(inbound_peeks::origin.eq(destination))
+        .filter(inbound_peeks::room_id.eq_any(page_rooms))
+        .select(PEEK_ROW_COLUMNS)
+        .load::<(String, String, i64, Option<i64>, i64)>(conn)?
+        .into_iter()
+        .map(PeekRow::from)
+        .collect();
     let rows: Vec<(i64, String)> = rows
         .into_iter()
         .map(|(pos, room_id, sender, json)| NewEvent { pos, room_id, sender, json })

@@ -14,6 +14,7 @@ use std::collections::{HashMap, HashSet};
 use ruma::{RoomId, ServerName};
 use serde_json::Value;
 
+use super::targets::enc;
 use super::validate;
 use super::OutboundError;
 use super::OutboundPeeks;
@@ -34,10 +35,6 @@ const MAX_FROM: usize = 20;
 /// and 400 from those that do not know the endpoint or the request.
 pub fn refuses_reads(error: &FederationError) -> bool {
     matches!(error.status(), Some(400 | 403 | 404))
-}
-
-fn enc(segment: &str) -> String {
-    url::form_urlencoded::byte_serialize(segment.as_bytes()).collect()
 }
 
 /// Fetches the history behind `latest` (events the target has and we lack) through
