@@ -192,6 +192,7 @@ pub fn start(state: AppState, listeners: Listeners) -> anyhow::Result<RunningSer
             .app_data(app_state.clone())
             .app_data(http::query_config())
             .app_data(http::path_config())
+            .wrap(actix_web::middleware::from_fn(http::body_read_deadline))
             .wrap(TracingLogger::<crate::logging::RedactingRootSpan>::new())
             .configure(configure_routes)
     })
@@ -282,6 +283,7 @@ fn start_listener(state: &web::Data<AppState>) -> Option<notify::Listener> {
     Some(notify::Listener::start(url, move |channel, value| match channel {
         notify::EVENTS => state.rooms.note_appended(value),
         notify::DEVICE_PEEKS => state.device_peeks.note_changed(value),
+        notify::REDACTIONS => crate::rooms::store::redactions::note_applied_elsewhere(),
         _ => {}
     }))
 }

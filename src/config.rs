@@ -63,6 +63,8 @@ pub struct HttpConfig {
     pub tls_key: Option<PathBuf>,
     /// Largest request body accepted, checked before parsing (federation default 12.5 MiB).
     pub max_body_bytes: usize,
+    /// H18: the longest a client may take to send a request body (408 after it).
+    pub body_read_timeout_ms: u64,
     /// Content of `/.well-known/matrix/server` (`m.server`), served only when set.
     pub well_known_server: Option<String>,
     /// HTTP worker threads; 0 means one per CPU core.
@@ -121,6 +123,10 @@ pub struct FederationConfig {
     pub max_response_bytes: usize,
     /// Longest wait between retries of a failing destination (the sender's back-off cap).
     pub max_backoff_ms: u64,
+    /// How long an instance's hold on a destination lasts unless renewed (H4: renewed every
+    /// third of it while the instance works on the destination, back-offs and slow sends
+    /// included). Another instance takes over a dead one's destinations after this long.
+    pub sender_lease_ms: u64,
     pub peek: FederationPeekConfig,
 }
 
@@ -135,6 +141,9 @@ pub struct FederationPeekConfig {
     /// FP-12: live peeks one origin may hold in total, and peek_ids per room.
     pub max_active_per_origin: u32,
     pub max_ids_per_room: u32,
+    /// H18: live inbound peeks from all origins together (new peeks get 429 beyond it), so that
+    /// many origins cannot add up to an unbounded fan-out.
+    pub max_active_total: u32,
 }
 
 impl Default for FederationPeekConfig {
@@ -145,6 +154,7 @@ impl Default for FederationPeekConfig {
             new_peeks_burst: 20,
             max_active_per_origin: 1000,
             max_ids_per_room: 50,
+            max_active_total: 100_000,
         }
     }
 }
@@ -183,14 +193,24 @@ pub struct ClientPeekConfig {
     pub clear_on_initial_sync: bool,
     /// CP-14: live peeks one device may hold (429 beyond).
     pub max_per_device: u32,
-    /// CP-14: `/peek` and `/unpeek` calls per device per minute, and the burst above that rate.
+    /// H18: live peeks all of one user's devices may hold together (429 beyond): every login is
+    /// a new device, so a cap per device alone bounds nothing.
+    pub max_per_user: u32,
+    /// CP-14: `/peek` and `/unpeek` calls per user (all their devices together) per minute, and
+    /// the burst above that rate.
     pub per_minute: u32,
     pub burst: u32,
 }
 
 impl Default for ClientPeekConfig {
     fn default() -> Self {
-        ClientPeekConfig { clear_on_initial_sync: true, max_per_device: 100, per_minute: 30, burst: 10 }
+        ClientPeekConfig {
+            clear_on_initial_sync: true,
+            max_per_device: 100,
+            max_per_user: 300,
+            per_minute: 30,
+            burst: 10,
+        }
     }
 }
 
@@ -228,6 +248,7 @@ impl Default for HttpConfig {
             tls_cert: None,
             tls_key: None,
             max_body_bytes: 12 * 1024 * 1024 + 512 * 1024,
+            body_read_timeout_ms: 30_000,
             well_known_server: None,
             workers: 0,
         }
@@ -267,6 +288,7 @@ impl Default for FederationConfig {
             connect_timeout_ms: 10_000,
             max_response_bytes: 16 * 1024 * 1024,
             max_backoff_ms: 86_400_000,
+            sender_lease_ms: 30_000,
             peek: FederationPeekConfig::default(),
         }
     }
@@ -386,15 +408,21 @@ impl Config {
         positive("federation.connect_timeout_ms", self.federation.connect_timeout_ms)?;
         positive("federation.max_response_bytes", self.federation.max_response_bytes as u64)?;
         positive("federation.max_backoff_ms", self.federation.max_backoff_ms)?;
+        if self.federation.sender_lease_ms < 300 {
+            return Err(ConfigError::invalid("federation.sender_lease_ms", "must be at least 300"));
+        }
         positive("http.max_body_bytes", self.http.max_body_bytes as u64)?;
+        positive("http.body_read_timeout_ms", self.http.body_read_timeout_ms)?;
         positive("peeks.renewal_interval_ms", self.peeks.renewal_interval_ms)?;
         let peek = &self.federation.peek;
         positive("federation.peek.new_peeks_per_minute", peek.new_peeks_per_minute.into())?;
         positive("federation.peek.new_peeks_burst", peek.new_peeks_burst.into())?;
         positive("federation.peek.max_active_per_origin", peek.max_active_per_origin.into())?;
         positive("federation.peek.max_ids_per_room", peek.max_ids_per_room.into())?;
+        positive("federation.peek.max_active_total", peek.max_active_total.into())?;
         positive("peeks.idle_device_ms", self.peeks.idle_device_ms)?;
         positive("client.peek.max_per_device", self.client.peek.max_per_device.into())?;
+        positive("client.peek.max_per_user", self.client.peek.max_per_user.into())?;
         positive("client.peek.per_minute", self.client.peek.per_minute.into())?;
         positive("client.peek.burst", self.client.peek.burst.into())?;
         let evict_inbound = parse_cron("schedule.evict_inbound", &self.schedule.evict_inbound)?;

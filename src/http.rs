@@ -1,7 +1,21 @@
 //! HTTP plumbing shared by every route module: Matrix-shaped 404/405 answers, health and
 //! readiness, and the metrics listener's routes.
 
-use actix_web::{web, HttpResponse, Resource};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use actix_web::body::{EitherBody, MessageBody};
+use actix_web::dev::{Payload, ServiceRequest, ServiceResponse};
+use actix_web::error::PayloadError;
+use actix_web::http::StatusCode;
+use actix_web::middleware::Next;
+use actix_web::{web, HttpResponse, Resource, ResponseError};
+use bytes::Bytes;
+use futures_util::Stream;
 use serde_json::json;
 
 use crate::error::MatrixError;
@@ -76,4 +90,66 @@ async fn well_known(state: web::Data<AppState>) -> Result<HttpResponse, MatrixEr
 
 pub async fn metrics_text(state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok().content_type("text/plain; version=0.0.4; charset=utf-8").body(state.metrics.render())
+}
+
+/// H18: the longest a client may take to send a request body (`http.body_read_timeout_ms`).
+/// actix bounds the wait for a request's head, not its body: a client trickling a body byte
+/// by byte held a connection and a handler for as long as it liked. After the deadline the body
+/// stream fails, the handler gives up reading, and the answer is 408 `M_UNKNOWN`.
+pub async fn body_read_deadline(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, actix_web::Error> {
+    let timeout = req
+        .app_data::<web::Data<AppState>>()
+        .map(|state| Duration::from_millis(state.settings.raw.http.body_read_timeout_ms))
+        .unwrap_or(Duration::from_secs(30));
+    let expired = Arc::new(AtomicBool::new(false));
+    let (http_req, payload) = req.into_parts();
+    let deadline = DeadlineBody {
+        inner: payload,
+        sleep: Box::pin(tokio::time::sleep(timeout)),
+        expired: expired.clone(),
+        done: false,
+    };
+    let stream: Pin<Box<dyn Stream<Item = Result<Bytes, PayloadError>>>> = Box::pin(deadline);
+    let req = ServiceRequest::from_parts(http_req, Payload::from(stream));
+    let response = next.call(req).await?;
+    if !expired.load(Ordering::Acquire) {
+        return Ok(response.map_into_left_body());
+    }
+    tracing::info!(path = response.request().path(), timeout_ms = timeout.as_millis() as u64, "request body too slow");
+    let error = MatrixError::new(StatusCode::REQUEST_TIMEOUT, "M_UNKNOWN", "The request body took too long to arrive")
+        .already_logged();
+    let (http_req, _) = response.into_parts();
+    Ok(ServiceResponse::new(http_req, error.error_response()).map_into_right_body())
+}
+
+/// A request body that fails once its deadline passes (see [`body_read_deadline`]).
+struct DeadlineBody {
+    inner: Payload,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    expired: Arc<AtomicBool>,
+    done: bool,
+}
+
+impl Stream for DeadlineBody {
+    type Item = Result<Bytes, PayloadError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        if let Poll::Ready(item) = Pin::new(&mut self.inner).poll_next(cx) {
+            self.done = item.is_none();
+            return Poll::Ready(item);
+        }
+        if self.sleep.as_mut().poll(cx).is_ready() {
+            self.done = true;
+            self.expired.store(true, Ordering::Release);
+            let timed_out = std::io::Error::new(std::io::ErrorKind::TimedOut, "request body deadline passed");
+            return Poll::Ready(Some(Err(PayloadError::Io(timed_out))));
+        }
+        Poll::Pending
+    }
 }

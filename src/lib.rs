@@ -22,6 +22,7 @@ pub mod keys;
 pub mod limits;
 pub mod logging;
 pub mod metrics;
+pub mod pause;
 pub mod peeks;
 pub mod rooms;
 pub mod schedule;

@@ -251,6 +251,15 @@ async fn fp12_too_many_peeks_get_429(db: DbKind) {
     assert_eq!((status, body["errcode"].as_str()), (429, Some("M_LIMIT_EXCEEDED")));
     assert_eq!(body["retry_after_ms"], 60_000);
     finish(s).await;
+
+    // H18: the cap on live peeks from all origins together.
+    let s = setup(db, &["one.test", "two.test"], |c| c.federation.peek.max_active_total = 2).await;
+    assert_eq!(put_peek(&s.peers[0], &s.gw, &s.room, "a", "?ver=10").await.0, 200);
+    assert_eq!(put_peek(&s.peers[0], &s.gw, &s.room, "b", "?ver=10").await.0, 200);
+    let (status, body) = put_peek(&s.peers[1], &s.gw, &s.room, "c", "?ver=10").await;
+    assert_eq!((status, body["errcode"].as_str()), (429, Some("M_LIMIT_EXCEEDED")), "another origin: {body}");
+    assert_eq!(put_peek(&s.peers[0], &s.gw, &s.room, "a", "?ver=10").await, (200, json!({})), "renewals go on");
+    finish(s).await;
 }
 both_backends!(fp12_too_many_peeks_get_429);
 

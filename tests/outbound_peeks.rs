@@ -665,11 +665,40 @@ async fn peek_limits_and_encrypted_rooms(db: DbKind) {
     let (status, answer) = p.bob.peek(&rooms[0], &[]).await;
     assert_eq!((status, answer["errcode"].as_str()), (429, Some("M_LIMIT_EXCEEDED")), "rate: {answer}");
     assert!(answer["retry_after_ms"].as_u64().unwrap() > 0);
-    // Another device has its own budget.
+    // H18: the budget is the user's, not the device's: a new login gets no fresh allowance.
     let other = p.bob.login_device().await;
-    assert_eq!(other.peek(&rooms[2], &[]).await.0, 200);
+    let (status, answer) = other.peek(&rooms[2], &[]).await;
+    assert_eq!((status, answer["errcode"].as_str()), (429, Some("M_LIMIT_EXCEEDED")), "{answer}");
+    // Another user has a budget of their own.
+    let dave = Client::register(&p.b.base, "dave").await;
+    assert_eq!(dave.peek(&rooms[2], &[]).await.0, 200);
 }
 both_backends!(peek_limits_and_encrypted_rooms);
+
+/// H18: live peeks are capped per user over all their devices (`client.peek.max_per_user`), not
+/// only per device: every login is a new device, and each had a fresh cap.
+async fn h18_live_peeks_are_capped_per_user(db: DbKind) {
+    let limits = |c: &mut peekgate::config::Config| {
+        c.client.peek.max_per_device = 2;
+        c.client.peek.max_per_user = 3;
+    };
+    let p = pair(db, |_| {}, limits, &[]).await;
+    let carol = Client::register(&p.b.base, "carol").await;
+    let mut rooms = Vec::new();
+    for name in ["one", "two", "three", "four"] {
+        rooms.push(carol.create_world_readable_room(name, "11").await);
+    }
+    let second = p.bob.login_device().await;
+    assert_eq!(p.bob.peek(&rooms[0], &[]).await.0, 200);
+    assert_eq!(p.bob.peek(&rooms[1], &[]).await.0, 200);
+    assert_eq!(second.peek(&rooms[2], &[]).await.0, 200);
+    let (status, answer) = second.peek(&rooms[3], &[]).await;
+    assert_eq!((status, answer["errcode"].as_str()), (429, Some("M_LIMIT_EXCEEDED")), "{answer}");
+    // An unpeek frees a place for any of the user's devices.
+    assert_eq!(p.bob.unpeek(&rooms[0]).await.0, 200);
+    assert_eq!(second.peek(&rooms[3], &[]).await.0, 200);
+}
+both_backends!(h18_live_peeks_are_capped_per_user);
 
 /// OP-7: a renewal answered with a full body (the target had lapsed our peek and started a new
 /// one) is validated and used as a re-sync point: the events the target never pushed are

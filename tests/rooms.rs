@@ -153,6 +153,50 @@ async fn registration_is_off_by_default(db: DbKind) {
 }
 both_backends!(registration_is_off_by_default);
 
+/// Sends a request head announcing a 100-byte body, then only 2 bytes of it, and reads what
+/// the server answers (at most 20 s; a server with no body deadline never answers).
+async fn trickle(base: &str, method: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let address = base.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\""
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let mut buffer = [0u8; 4096];
+    let read = async {
+        loop {
+            let n = stream.read(&mut buffer).await.unwrap_or(0);
+            answer.extend_from_slice(&buffer[..n]);
+            if n == 0 || answer.windows(4).any(|w| w == b"\r\n\r\n") && answer.ends_with(b"}") {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(20), read).await;
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// H18: a body trickling in slower than `http.body_read_timeout_ms` allows is cut off with 408
+/// and a Matrix error, on the client and the federation API, instead of holding a connection
+/// and a handler for as long as the client likes.
+async fn h18_slow_request_bodies_get_408(db: DbKind) {
+    let server = ServerSpec::new("a.test", db).configure(|c| c.http.body_read_timeout_ms = 300).start().await;
+    for (method, path) in [("POST", "/_matrix/client/v3/login"), ("PUT", "/_matrix/federation/v1/send/slow-1")] {
+        let answer = trickle(&server.base, method, path).await;
+        assert!(answer.starts_with("HTTP/1.1 408"), "{path}: {answer:?}");
+        assert!(answer.contains("\"errcode\":\"M_UNKNOWN\""), "{path}: {answer:?}");
+    }
+    // A body that arrives in time is not affected.
+    let body =
+        json!({ "type": "m.login.password", "identifier": { "type": "m.id.user", "user": "x" }, "password": "y" });
+    let (status, answer) = request(&server.base, None, Method::POST, "/_matrix/client/v3/login", Some(&body)).await;
+    assert_eq!((status, answer["errcode"].as_str()), (403, Some("M_FORBIDDEN")), "{answer}");
+    server.stop().await;
+}
+both_backends!(h18_slow_request_bodies_get_408);
+
 /// H13: login attempts are limited per user ID (a burst of 10, then 429 M_LIMIT_EXCEEDED with
 /// `retry_after_ms`), and an unknown user gets exactly the answer a wrong password gets (the
 /// same argon2 work runs for both; timing is measured in benches, not asserted here).

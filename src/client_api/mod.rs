@@ -31,6 +31,7 @@ fn scoped_routes(cfg: &mut web::ServiceConfig) {
         .service(resource("/logout").route(web::post().to(account::logout)))
         .service(resource("/createRoom").route(web::post().to(rooms::create_room)))
         .service(resource("/rooms/{room_id}/send/{event_type}/{txn_id}").route(web::put().to(rooms::send_event)))
+        .service(resource("/rooms/{room_id}/redact/{event_id}/{txn_id}").route(web::put().to(rooms::redact)))
         .service(
             resource("/rooms/{room_id}/state/{event_type}/{state_key:[^/]*}")
                 .route(web::put().to(rooms::put_state))

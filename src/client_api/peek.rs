@@ -29,7 +29,7 @@ struct PeekBody {
 fn rate_limit(state: &AppState, session: &Session) -> Result<(), MatrixError> {
     state
         .device_peeks
-        .check_rate(session.user_id.as_str(), &session.device_id)
+        .check_rate(session.user_id.as_str())
         .map_err(|retry_after_ms| MatrixError::limit_exceeded("Too many peek requests", retry_after_ms))
 }
 

@@ -73,6 +73,26 @@ pub async fn send_event(
     Ok(HttpResponse::Ok().json(json!({ "event_id": appended.event_id })))
 }
 
+/// `PUT /rooms/{roomId}/redact/{eventId}/{txnId}` (H19): an `m.room.redaction` of the event,
+/// with the body's optional `reason`. Applied as it is stored (see `rooms::store::redactions`).
+pub async fn redact(
+    state: web::Data<AppState>,
+    Authed(session): Authed,
+    path: web::Path<(String, String, String)>,
+    body: web::Bytes,
+) -> Result<HttpResponse, MatrixError> {
+    let (room, event_id, txn_id) = path.into_inner();
+    let room_id = ids::room_id(&room)?;
+    let event_id =
+        ruma::EventId::parse(&event_id).map_err(|e| MatrixError::invalid_param(format!("Invalid event ID: {e}")))?;
+    let mut content: Value = if body.iter().all(u8::is_ascii_whitespace) { json!({}) } else { parse_json(&body)? };
+    content["redacts"] = Value::from(event_id.as_str());
+    // Its own namespace of transaction IDs: a `/send` with the same ID is another request.
+    let txn = Some((session.device_id.clone(), format!("redact/{txn_id}")));
+    let appended = state.rooms.send_once(&room_id, &session.user_id, "m.room.redaction", None, content, txn).await?;
+    Ok(HttpResponse::Ok().json(json!({ "event_id": appended.event_id })))
+}
+
 pub async fn put_state(
     state: web::Data<AppState>,
     Authed(session): Authed,

@@ -19,6 +19,9 @@ use super::DbConnection;
 pub const EVENTS: &str = "peekgate_events";
 /// Payload: the new device-peek log sequence number.
 pub const DEVICE_PEEKS: &str = "peekgate_device_peeks";
+/// Payload: the stream position of an event that was redacted (H19): copies held in memory
+/// are stale.
+pub const REDACTIONS: &str = "peekgate_redactions";
 
 /// How often the listener reads the notifications that arrived (a local socket read, no query).
 const POLL_EVERY: Duration = Duration::from_millis(20);
@@ -80,7 +83,8 @@ impl Drop for Listener {
 
 fn listen(url: &str, stop: &AtomicBool, on_notification: &impl Fn(&str, i64)) -> Result<(), String> {
     let mut conn = PgConnection::establish(url).map_err(|e| e.to_string())?;
-    conn.batch_execute(&format!("LISTEN {EVENTS}; LISTEN {DEVICE_PEEKS};")).map_err(|e| e.to_string())?;
+    conn.batch_execute(&format!("LISTEN {EVENTS}; LISTEN {DEVICE_PEEKS}; LISTEN {REDACTIONS};"))
+        .map_err(|e| e.to_string())?;
     while !stop.load(Ordering::Acquire) {
         for notification in conn.notifications_iter() {
             let notification = notification.map_err(|e| e.to_string())?;

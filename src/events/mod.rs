@@ -74,6 +74,14 @@ pub fn build(key: &SigningKey, server_name: &str, version: RoomVersion, draft: E
     if version == RoomVersion::V10 {
         // Legacy, but v10 still protects it under redaction; servers expect it.
         json.insert("origin".into(), CanonicalJsonValue::String(server_name.to_owned()));
+        // v10 names the redacted event at the top level (v11 moved it into `content`).
+        if json["type"] == CanonicalJsonValue::String("m.room.redaction".into()) {
+            if let Some(CanonicalJsonValue::Object(content)) = json.get("content") {
+                if let Some(redacts) = content.get("redacts").cloned() {
+                    json.insert("redacts".into(), redacts);
+                }
+            }
+        }
     }
     hash_and_sign(key, server_name, &mut json, version).map_err(|e| EventError::Malformed(e.to_string()))?;
     Pdu::from_federation(json, version)

@@ -50,13 +50,23 @@ struct Scope {
     room: Option<String>,
 }
 
+/// CP-14, H18: live peeks one device, and all of one user's devices together, may hold.
+#[derive(Debug, Clone, Copy)]
+pub struct Caps {
+    pub per_device: i64,
+    pub per_user: i64,
+}
+
 #[derive(Debug, PartialEq, Eq)]
 pub enum Started {
     New,
     /// The device already peeked the room (CP-4: idempotent).
     Already,
-    /// CP-14: the device holds its maximum of live peeks.
+    /// CP-14: the device (or the user, over all devices) holds its maximum of live peeks.
     AtCap,
+    /// CP-3: not world-readable, or encrypted, in the current state when the peek was to be
+    /// recorded.
+    NotPeekable(&'static str),
 }
 
 /// The device-peek service: the database plus an in-process wake-up for waiting `/sync`s.
@@ -64,8 +74,9 @@ pub enum Started {
 pub struct DevicePeeks {
     db: Db,
     changed: watch::Sender<i64>,
-    /// CP-14: `/peek` and `/unpeek` calls per device.
-    calls: Arc<DefaultKeyedRateLimiter<(String, String)>>,
+    /// CP-14: `/peek` and `/unpeek` calls per user (H18: per device, every new login had a
+    /// fresh allowance).
+    calls: Arc<DefaultKeyedRateLimiter<String>>,
 }
 
 impl DevicePeeks {
@@ -75,9 +86,10 @@ impl DevicePeeks {
         DevicePeeks { db, changed: watch::Sender::new(0), calls: Arc::new(RateLimiter::keyed(quota)) }
     }
 
-    /// CP-14: `Err(retry_after_ms)` when the device calls `/peek` or `/unpeek` too often.
-    pub fn check_rate(&self, user_id: &str, device_id: &str) -> Result<(), u64> {
-        crate::limits::check_key(&self.calls, &(user_id.to_owned(), device_id.to_owned()))
+    /// CP-14: `Err(retry_after_ms)` when the user calls `/peek` or `/unpeek` too often, from
+    /// whichever devices.
+    pub fn check_rate(&self, user_id: &str) -> Result<(), u64> {
+        crate::limits::check_key(&self.calls, &user_id.to_owned())
             .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()).as_millis().max(1) as u64)
     }
 
@@ -101,11 +113,13 @@ impl DevicePeeks {
     }
 
     /// Starts the device's peek on the room (or finds it running).
-    pub async fn start(&self, user_id: &str, device_id: &str, room_id: &str, cap: i64) -> Result<Started, RoomError> {
+    pub async fn start(&self, user_id: &str, device_id: &str, room_id: &str, caps: Caps) -> Result<Started, RoomError> {
         let (user, device, room) = (user_id.to_owned(), device_id.to_owned(), room_id.to_owned());
         let (started, seq) = self
             .db
-            .run(move |conn| write_transaction::<_, RoomError, _>(conn, |conn| start(conn, &user, &device, &room, cap)))
+            .run(move |conn| {
+                write_transaction::<_, RoomError, _>(conn, |conn| start(conn, &user, &device, &room, caps))
+            })
             .await?;
         self.notify(seq);
         Ok(started)
@@ -225,7 +239,20 @@ pub fn max_seq(conn: &mut DbConnection) -> Result<i64, RoomError> {
     Ok(seq.unwrap_or(0))
 }
 
+/// The PostgreSQL advisory lock that orders writers of `device_peek_log` (H2).
+const DEVICE_PEEK_LOG_LOCK_KEY: i64 = 0x7065_656b_6c6f_6700; // "peeklog\0"
+
+/// Appends one entry to `device_peek_log`; its ID is the sequence number `/sync` tokens carry.
+///
+/// H2: a token is the largest committed ID, so IDs must commit in order: an ID that committed
+/// after a larger one would be behind a token already handed out, and that device would never
+/// see the change. On PostgreSQL a sequence hands out IDs in call order, not commit order, so
+/// writers take a transaction-scoped lock first and hold it until they commit: the next writer
+/// gets its ID only after this one is visible. (SQLite has one writer at a time anyway.)
 fn log_change(conn: &mut DbConnection, user: &str, device: &str, room: &str, change: &str) -> Result<i64, RoomError> {
+    if matches!(conn, DbConnection::Postgresql(_)) {
+        diesel::sql_query(format!("SELECT pg_advisory_xact_lock({DEVICE_PEEK_LOG_LOCK_KEY})")).execute(conn)?;
+    }
     let seq = diesel::insert_into(device_peek_log::table)
         .values((
             device_peek_log::user_id.eq(user),
@@ -237,10 +264,24 @@ fn log_change(conn: &mut DbConnection, user: &str, device: &str, room: &str, cha
         .returning(device_peek_log::id)
         .get_result(conn)?;
     crate::db::notify::notify(conn, crate::db::notify::DEVICE_PEEKS, seq)?;
+    crate::pause::point_blocking(crate::pause::points::DEVICE_PEEK_LOG_COMMIT, room);
     Ok(seq)
 }
 
-fn start(conn: &mut DbConnection, user: &str, device: &str, room: &str, cap: i64) -> Result<(Started, i64), RoomError> {
+/// Records the device's peek. The room's peekability is read under the append lock (H1): a
+/// visibility change either committed before (and is seen here) or comes after, and then its
+/// state-event hook ends this peek; a peek recorded after the change is impossible.
+fn start(
+    conn: &mut DbConnection,
+    user: &str,
+    device: &str,
+    room: &str,
+    caps: Caps,
+) -> Result<(Started, i64), RoomError> {
+    store::lock_for_append(conn, room)?;
+    if let Err(why) = visibility::peekability(conn, room)? {
+        return Ok((Started::NotPeekable(why), 0));
+    }
     let mine = device_peeks::table.filter(device_peeks::user_id.eq(user)).filter(device_peeks::device_id.eq(device));
     let existing: Option<Option<i64>> =
         mine.filter(device_peeks::room_id.eq(room)).select(device_peeks::end_seq).first(conn).optional()?;
@@ -248,7 +289,12 @@ fn start(conn: &mut DbConnection, user: &str, device: &str, room: &str, cap: i64
         return Ok((Started::Already, 0));
     }
     let open: i64 = mine.filter(device_peeks::end_seq.is_null()).count().get_result(conn)?;
-    if open >= cap {
+    let users: i64 = device_peeks::table
+        .filter(device_peeks::user_id.eq(user))
+        .filter(device_peeks::end_seq.is_null())
+        .count()
+        .get_result(conn)?;
+    if open >= caps.per_device || users >= caps.per_user {
         return Ok((Started::AtCap, 0));
     }
     let seq = log_change(conn, user, device, room, "start")?;

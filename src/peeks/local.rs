@@ -9,7 +9,8 @@ use super::outbound::{self, OutboundError, OutboundPeeks};
 use crate::ids::{self, IdError, RoomRef};
 use crate::rooms::RoomError;
 
-/// A device at `client.peek.max_per_device` peeks is told to retry after this long.
+/// A device at `client.peek.max_per_device` (or its user at `max_per_user`) peeks is told to
+/// retry after this long.
 pub const AT_CAP_RETRY_MS: u64 = 60_000;
 
 #[derive(Debug, thiserror::Error)]
@@ -60,16 +61,22 @@ pub async fn start(
             state.device_peeks.mark_gappy(room_id.as_str()).await?;
         }
     }
-    // CP-3, in our copy of the current state (a reused federation peek may be older than a
-    // visibility change).
-    state.rooms.peekability(&room_id).await?.map_err(|why| LocalPeekError::NotPeekable(why.to_owned()))?;
-    let cap = state.settings.raw.client.peek.max_per_device.into();
-    let started = state.device_peeks.start(user_id.as_str(), device_id, room_id.as_str(), cap).await?;
-    if started == Started::AtCap {
+    crate::pause::point(crate::pause::points::DEVICE_PEEK_RECORD, room_id.as_str()).await;
+    // CP-3 is checked in our copy of the current state (a reused federation peek may be older
+    // than a visibility change) when the peek is recorded, under the append lock (H1).
+    let limits = &state.settings.raw.client.peek;
+    let caps = devices::Caps { per_device: limits.max_per_device.into(), per_user: limits.max_per_user.into() };
+    let started = state.device_peeks.start(user_id.as_str(), device_id, room_id.as_str(), caps).await?;
+    let refused = match started {
+        Started::AtCap => Some(LocalPeekError::AtCap),
+        Started::NotPeekable(why) => Some(LocalPeekError::NotPeekable(why.to_owned())),
+        Started::New | Started::Already => None,
+    };
+    if let Some(refused) = refused {
         if !local {
             outbound::release_if_unwatched(state, &room_id).await?;
         }
-        return Err(LocalPeekError::AtCap);
+        return Err(refused);
     }
     tracing::info!(room = %room_id, device = %device_id, ?started, "device peek");
     Ok(room_id)

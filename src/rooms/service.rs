@@ -468,17 +468,21 @@ fn joined_servers(
     Ok(servers)
 }
 
-/// A bounded map of recently read events (cleared when full: simple, and always correct
-/// because stored events are immutable).
+/// A bounded map of recently read events (cleared when full). Stored events change only when
+/// redacted (H19): entries read before the latest redaction this process knows of (applied
+/// here or announced by another instance) are read again.
 #[derive(Default)]
-pub struct EventCache(Mutex<HashMap<String, Arc<StoredEvent>>>);
+pub struct EventCache(Mutex<HashMap<String, (u64, Arc<StoredEvent>)>>);
 
 const EVENT_CACHE_MAX: usize = 10_000;
 
 impl EventCache {
     fn get_or_load(&self, conn: &mut DbConnection, event_id: &str) -> Result<Option<Arc<StoredEvent>>, RoomError> {
-        if let Some(event) = self.0.lock().unwrap().get(event_id) {
-            return Ok(Some(event.clone()));
+        let epoch = store::redactions::epoch();
+        if let Some((read_at, event)) = self.0.lock().unwrap().get(event_id) {
+            if *read_at == epoch {
+                return Ok(Some(event.clone()));
+            }
         }
         let Some(event) = store::event_by_id(conn, event_id)? else {
             return Ok(None);
@@ -488,7 +492,7 @@ impl EventCache {
         if map.len() >= EVENT_CACHE_MAX {
             map.clear();
         }
-        map.insert(event_id.to_owned(), event.clone());
+        map.insert(event_id.to_owned(), (epoch, event.clone()));
         Ok(Some(event))
     }
 }

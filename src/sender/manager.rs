@@ -2,7 +2,7 @@
 //! through the fan-out path (one body serialised for many destinations).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 
 use super::queue::{fan_out_inputs, save_many, NewEvent};
 
-use super::shared::{Prepared, PreparedBody, SenderContext, Shared};
+use super::shared::{Prepared, PreparedBody, SenderContext, Shared, WorkerStatus};
 use super::{destinations, worker};
 use crate::clock::now_ms;
 use crate::db::schema::{self, events, inbound_peeks, peek_notices};
@@ -34,6 +34,9 @@ const FAN_OUT_MAX_CHUNKS: usize = 4;
 const COALESCE_WAIT: Duration = Duration::from_millis(100);
 /// Cursor moves of the fan-out path are written at least this often.
 const FLUSH_EVERY: Duration = Duration::from_millis(20);
+/// Bodies handed to one worker and not yet taken (H5): a worker whose peer is slow holds at
+/// most this many (one round's chunks); after that it catches up from the queue instead.
+const HANDOFF_CAPACITY: usize = FAN_OUT_MAX_CHUNKS;
 
 /// A running sender: stops on [`SenderHandle::stop`].
 pub struct SenderHandle {
@@ -53,9 +56,9 @@ impl SenderHandle {
 /// What the manager keeps per running worker.
 struct WorkerHandle {
     wake: Arc<Notify>,
-    prepared: mpsc::UnboundedSender<Prepared>,
-    /// The worker's cursor in memory (ahead of the database by at most one flush).
-    cursor: Arc<AtomicI64>,
+    prepared: mpsc::Sender<Prepared>,
+    /// The worker's cursor, and whether it is stalled on a failing or silent peer.
+    status: Arc<WorkerStatus>,
     /// The cursor the worker will have once it has handled what it was handed (manager side).
     promised: i64,
     task: JoinHandle<()>,
@@ -64,6 +67,7 @@ struct WorkerHandle {
 pub fn start(state: SenderContext) -> SenderHandle {
     let (shutdown, shutdown_rx) = watch::channel(false);
     let (progress, progress_rx) = mpsc::unbounded_channel();
+    let lease_ms = state.settings.raw.federation.sender_lease_ms as i64;
     let shared = Arc::new(Shared {
         instance: state.instance_id.clone(),
         txn_counter: AtomicU64::new(0),
@@ -71,7 +75,7 @@ pub fn start(state: SenderContext) -> SenderHandle {
         state,
         shutdown: shutdown_rx,
         progress,
-        in_flight: AtomicUsize::new(0),
+        lease_ms,
     });
     let manager = tokio::spawn(manage(shared, progress_rx));
     SenderHandle { shutdown, manager }
@@ -88,6 +92,8 @@ async fn manage(shared: Arc<Shared>, progress: mpsc::UnboundedReceiver<(String, 
     let mut seen_head: Option<i64> = None;
     let mut last_full_scan = Instant::now();
     let mut last_gauges = Instant::now() - GAUGE_EVERY;
+    // The workers handed bodies in the last round, and the cursor each will have after them.
+    let mut handed: Vec<(Arc<WorkerStatus>, i64)> = Vec::new();
     loop {
         workers.retain(|_, w| !w.task.is_finished());
         let full = seen_head.is_none() || last_full_scan.elapsed() >= FULL_SCAN_EVERY;
@@ -98,6 +104,7 @@ async fn manage(shared: Arc<Shared>, progress: mpsc::UnboundedReceiver<(String, 
                     Some(since) => fan_out(&shared, &mut workers, since, head).await,
                     None => (BTreeSet::new(), head),
                 };
+                handed = served.iter().filter_map(|d| workers.get(d)).map(|w| (w.status.clone(), w.promised)).collect();
                 seen_head = Some(reached);
                 burst_left = reached < head;
                 if full {
@@ -126,9 +133,11 @@ async fn manage(shared: Arc<Shared>, progress: mpsc::UnboundedReceiver<(String, 
             }
         }
         // Let the previous round drain (at most COALESCE_WAIT) so that events arriving
-        // meanwhile travel together.
+        // meanwhile travel together. Stalled workers are not waited for (H5).
         let waiting = Instant::now();
-        while shared.in_flight.load(Ordering::Acquire) > 0 && waiting.elapsed() < COALESCE_WAIT {
+        while waiting.elapsed() < COALESCE_WAIT
+            && handed.iter().any(|(status, to)| status.cursor() < *to && !status.stalled(now_ms()))
+        {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
     }
@@ -148,10 +157,10 @@ fn ensure_worker<'a>(
 ) -> &'a WorkerHandle {
     workers.entry(destination.to_owned()).or_insert_with(|| {
         let wake = Arc::new(Notify::new());
-        let (tx, rx) = mpsc::unbounded_channel();
-        let cursor = Arc::new(AtomicI64::new(-1));
-        let task = tokio::spawn(worker::run(shared.clone(), destination.to_owned(), wake.clone(), rx, cursor.clone()));
-        WorkerHandle { wake, prepared: tx, cursor, promised: -1, task }
+        let (tx, rx) = mpsc::channel(HANDOFF_CAPACITY);
+        let status = Arc::new(WorkerStatus::new());
+        let task = tokio::spawn(worker::run(shared.clone(), destination.to_owned(), wake.clone(), rx, status.clone()));
+        WorkerHandle { wake, prepared: tx, status, promised: -1, task }
     })
 }
 
@@ -188,7 +197,8 @@ async fn fan_out(
 
 /// One chunk of [`fan_out`]: read the events in `(since, head]` and the peeks on their rooms
 /// once, build one body per distinct set of PDUs, and hand it to each caught-up worker.
-/// Destinations whose worker is not caught up (or not running) are left to the queue path.
+/// Destinations whose worker is not caught up, stalled on its peer (H5), already holds
+/// [`HANDOFF_CAPACITY`] bodies, or is not running are left to the queue path.
 /// Returns the destinations it handed a body (or a cursor move) to; `None` when the read failed.
 async fn fan_out_chunk(
     shared: &Arc<Shared>,
@@ -219,8 +229,8 @@ async fn fan_out_chunk(
         };
         // Bodies queue up in order behind the ones the worker is still sending, as long as they
         // follow on exactly; anything else goes through the queue path.
-        let expected = worker.promised.max(worker.cursor.load(Ordering::Acquire));
-        if expected != since {
+        let expected = worker.promised.max(worker.status.cursor());
+        if expected != since || worker.status.stalled(now) {
             continue;
         }
         let body = if indices.is_empty() {
@@ -233,12 +243,9 @@ async fn fan_out_chunk(
                     .clone(),
             )
         };
-        shared.in_flight.fetch_add(1, Ordering::AcqRel);
-        if worker.prepared.send(Prepared { from: since, to: head, body }).is_ok() {
+        if worker.prepared.try_send(Prepared { from: since, to: head, body }).is_ok() {
             worker.promised = head;
             served.insert(destination);
-        } else {
-            shared.in_flight.fetch_sub(1, Ordering::AcqRel);
         }
     }
     Some(served)

@@ -20,8 +20,6 @@ pub const MAX_PDUS_PER_TXN: i64 = 50;
 /// `federation.max_backoff_ms` (default 24 h).
 const FIRST_RETRY: Duration = Duration::from_millis(500);
 const BACKOFF_BASE: Duration = Duration::from_secs(2);
-/// A destination's lease; its worker renews it well before it runs out.
-pub const LEASE_MS: i64 = 30_000;
 
 /// Delay before retry number `failures` (1 = first failure), at most `cap`, with ±20 % jitter.
 pub fn backoff(failures: i32, cap: Duration) -> Duration {
@@ -109,27 +107,38 @@ fn next_batch_blocking(conn: &mut DbConnection, destination: &str, cursor: i64) 
     Ok(Batch { pdus, notices, next_cursor })
 }
 
-/// A 200: move the cursor, clear the failure state, drop the notices that went out.
+/// A 200: move the cursor, clear the failure state, drop the notices that went out. Only while
+/// this instance holds the destination's lease (H4); `false` when it does not, and then
+/// nothing changed. The cursor never moves back (a new peek may have moved it ahead).
 pub(super) async fn save_progress(
     shared: &Shared,
     destination: &str,
     cursor: i64,
     notices: &[(String, String)],
-) -> Result<(), DbError> {
-    let destination = destination.to_owned();
+) -> Result<bool, DbError> {
+    let (destination, me) = (destination.to_owned(), shared.instance.clone());
     let notices = notices.to_vec();
     shared
         .state
         .db
         .run(move |conn| {
             write_transaction::<_, DbError, _>(conn, |conn| {
-                diesel::update(destinations::table.filter(destinations::server_name.eq(&destination)))
+                let mine = destinations::table
+                    .filter(destinations::server_name.eq(&destination))
+                    .filter(destinations::lease_owner.eq(&me));
+                let held: i64 = mine.count().get_result(conn)?;
+                if held == 0 {
+                    return Ok(false);
+                }
+                diesel::update(mine)
                     .set((
-                        destinations::last_sent_pos.eq(cursor),
                         destinations::failure_count.eq(0),
                         destinations::retry_at.eq(None::<i64>),
                         destinations::last_success_ts.eq(now_ms()),
                     ))
+                    .execute(conn)?;
+                diesel::update(mine.filter(destinations::last_sent_pos.lt(cursor)))
+                    .set(destinations::last_sent_pos.eq(cursor))
                     .execute(conn)?;
                 for (room, peek) in &notices {
                     diesel::delete(
@@ -140,26 +149,31 @@ pub(super) async fn save_progress(
                     )
                     .execute(conn)?;
                 }
-                Ok(())
+                Ok(true)
             })
         })
         .await
 }
 
+/// Records a failed attempt and when to retry (only while holding the lease, H4).
 pub(super) async fn save_failure(
     shared: &Shared,
     destination: &str,
     failures: i32,
     retry_at: i64,
 ) -> Result<(), DbError> {
-    let destination = destination.to_owned();
+    let (destination, me) = (destination.to_owned(), shared.instance.clone());
     shared
         .state
         .db
         .run(move |conn| {
-            diesel::update(destinations::table.filter(destinations::server_name.eq(&destination)))
-                .set((destinations::failure_count.eq(failures), destinations::retry_at.eq(retry_at)))
-                .execute(conn)?;
+            diesel::update(
+                destinations::table
+                    .filter(destinations::server_name.eq(&destination))
+                    .filter(destinations::lease_owner.eq(&me)),
+            )
+            .set((destinations::failure_count.eq(failures), destinations::retry_at.eq(retry_at)))
+            .execute(conn)?;
             Ok(())
         })
         .await
@@ -185,7 +199,7 @@ pub(super) async fn stored_retry_at(shared: &Shared, destination: &str) -> Resul
 /// Takes (or renews) this instance's lease on the destination and reads its row; `None` when
 /// another live instance holds it.
 pub(super) async fn take_lease(shared: &Shared, destination: &str) -> Result<Option<DestinationRow>, DbError> {
-    let (destination, me) = (destination.to_owned(), shared.instance.clone());
+    let (destination, me, lease_ms) = (destination.to_owned(), shared.instance.clone(), shared.lease_ms);
     shared
         .state
         .db
@@ -199,7 +213,7 @@ pub(super) async fn take_lease(shared: &Shared, destination: &str) -> Result<Opt
                         .or(destinations::lease_expires.lt(now)),
                 ),
             )
-            .set((destinations::lease_owner.eq(&me), destinations::lease_expires.eq(now + LEASE_MS)))
+            .set((destinations::lease_owner.eq(&me), destinations::lease_expires.eq(now + lease_ms)))
             .execute(conn)?;
             if taken == 0 {
                 return Ok(None);
@@ -209,6 +223,26 @@ pub(super) async fn take_lease(shared: &Shared, destination: &str) -> Result<Opt
                 .select((destinations::last_sent_pos, destinations::failure_count, destinations::retry_at))
                 .first(conn)?;
             Ok(Some(DestinationRow { cursor, failures, retry_at }))
+        })
+        .await
+}
+
+/// Extends this instance's lease on the destination; `false` when another instance holds it
+/// (ours ran out and was taken over). A lease that ran out but was not taken is ours again.
+pub(super) async fn renew_lease(shared: &Shared, destination: &str) -> Result<bool, DbError> {
+    let (destination, me, lease_ms) = (destination.to_owned(), shared.instance.clone(), shared.lease_ms);
+    shared
+        .state
+        .db
+        .run(move |conn| {
+            let renewed = diesel::update(
+                destinations::table
+                    .filter(destinations::server_name.eq(&destination))
+                    .filter(destinations::lease_owner.eq(&me)),
+            )
+            .set(destinations::lease_expires.eq(now_ms() + lease_ms))
+            .execute(conn)?;
+            Ok(renewed == 1)
         })
         .await
 }
@@ -231,8 +265,10 @@ pub(super) async fn release_lease(shared: &Shared, destination: &str) {
         .await;
 }
 
-/// Cursor moves of the fan-out path, persisted together: one statement per distinct cursor.
+/// Cursor moves of the fan-out path, persisted together: one statement per distinct cursor,
+/// only for destinations this instance still holds (H4), and never backwards.
 pub(super) async fn save_many(shared: &Shared, moves: Vec<(String, i64)>) -> Result<(), DbError> {
+    let me = shared.instance.clone();
     let mut by_cursor: std::collections::BTreeMap<i64, Vec<String>> = std::collections::BTreeMap::new();
     for (destination, cursor) in moves {
         by_cursor.entry(cursor).or_default().push(destination);
@@ -247,6 +283,9 @@ pub(super) async fn save_many(shared: &Shared, moves: Vec<(String, i64)>) -> Res
                     diesel::update(
                         destinations::table
                             .filter(destinations::server_name.eq_any(chunk))
+                            // A worker that just stopped has released its lease; what it
+                            // sent is still ours to record until another instance takes over.
+                            .filter(destinations::lease_owner.eq(&me).or(destinations::lease_owner.is_null()))
                             .filter(destinations::last_sent_pos.lt(cursor)),
                     )
                     .set((

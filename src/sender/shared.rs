@@ -1,7 +1,7 @@
 //! The types the sender's manager, queue and workers share: the context handed over at
 //! start-up, the shared state of one running sender, and a prepared transaction body.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -51,13 +51,44 @@ pub(crate) struct Shared {
     pub shutdown: watch::Receiver<bool>,
     /// Cursor moves to persist in bulk.
     pub progress: mpsc::UnboundedSender<(String, i64)>,
-    /// Bodies handed to workers and not yet handled: under load the manager lets new events
-    /// pile up into bigger transactions instead of fanning out many small ones.
-    pub in_flight: AtomicUsize,
+    /// `federation.sender_lease_ms`: how long a destination's lease lasts unless renewed.
+    pub lease_ms: i64,
 }
 
 impl Shared {
     pub fn next_txn_id(&self) -> String {
         format!("{}-{}", self.started_ms, self.txn_counter.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+/// A send running longer than this makes its worker *stalled* (see [`WorkerStatus::stalled`]).
+pub(crate) const STALLED_AFTER_MS: i64 = 1_000;
+
+/// What a worker tells the manager about itself, without a round trip.
+#[derive(Default)]
+pub(crate) struct WorkerStatus {
+    /// The cursor in memory (ahead of the database by at most one flush); -1 until read.
+    pub cursor: AtomicI64,
+    /// When the transaction now being sent was started (0: not sending).
+    pub sending_since_ms: AtomicI64,
+    /// The last attempt failed and the worker is retrying or backing off.
+    pub failing: AtomicBool,
+}
+
+impl WorkerStatus {
+    pub fn new() -> WorkerStatus {
+        WorkerStatus { cursor: AtomicI64::new(-1), ..WorkerStatus::default() }
+    }
+
+    pub fn cursor(&self) -> i64 {
+        self.cursor.load(Ordering::Acquire)
+    }
+
+    /// H5: a worker whose peer fails or has kept one transaction waiting for over
+    /// [`STALLED_AFTER_MS`] is handed no more bodies and is not waited for: a dead peer must
+    /// not slow down the healthy ones. It catches up from the queue once its peer answers.
+    pub fn stalled(&self, now: i64) -> bool {
+        let since = self.sending_since_ms.load(Ordering::Acquire);
+        self.failing.load(Ordering::Acquire) || (since > 0 && now - since > STALLED_AFTER_MS)
     }
 }

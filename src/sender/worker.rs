@@ -3,7 +3,7 @@
 //! transaction with the same ID until it gets a 200.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,9 +11,10 @@ use reqwest::Method;
 use ruma::OwnedServerName;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch, Notify};
+use tokio::task::JoinHandle;
 
-use super::queue::{self, backoff, DestinationRow, LEASE_MS};
-use super::shared::{Prepared, Shared};
+use super::queue::{self, backoff, DestinationRow};
+use super::shared::{Prepared, Shared, WorkerStatus};
 use crate::clock::now_ms;
 use crate::federation::client::{FedRequest, FederationError};
 
@@ -23,27 +24,17 @@ const WORKER_IDLE: Duration = Duration::from_secs(60);
 /// Why a worker stops before finishing.
 struct Stop;
 
-/// Marks one handed-over body as handled when dropped (also when the worker stops mid-way).
-struct InFlight<'a>(&'a Shared);
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-    }
-}
-
 pub(super) async fn run(
     shared: Arc<Shared>,
     destination: String,
     wake: Arc<Notify>,
-    mut prepared: mpsc::UnboundedReceiver<Prepared>,
-    cursor: Arc<AtomicI64>,
+    mut prepared: mpsc::Receiver<Prepared>,
+    status: Arc<WorkerStatus>,
 ) {
     let Ok(server) = OwnedServerName::try_from(destination.as_str()) else {
         tracing::warn!(destination, "sender: not a server name; skipping");
         return;
     };
-    let mut shutdown = shared.shutdown.clone();
     // The lease makes this instance the only one moving the destination's cursor, so the row
     // read here stays true while we hold it.
     let mut row = match queue::take_lease(&shared, &destination).await {
@@ -54,60 +45,87 @@ pub(super) async fn run(
             return;
         }
     };
-    cursor.store(row.cursor, Ordering::Release);
-    let mut lease_taken = Instant::now();
+    status.cursor.store(row.cursor, Ordering::Release);
+    let (keeper, mut stop) = keep_lease(shared.clone(), destination.clone());
     let mut needs_queue = true;
     loop {
-        if *shutdown.borrow() {
+        if *stop.borrow() {
             break;
         }
-        if lease_taken.elapsed() > Duration::from_millis(LEASE_MS as u64 / 3) {
-            match queue::take_lease(&shared, &destination).await {
-                Ok(Some(_)) => lease_taken = Instant::now(),
-                _ => break,
-            }
-        }
         if needs_queue {
-            if catch_up(&shared, &server, &destination, &mut row, &cursor, &mut shutdown).await.is_err() {
+            if catch_up(&shared, &server, &destination, &mut row, &status, &mut stop).await.is_err() {
                 break;
             }
             needs_queue = false;
         }
         tokio::select! {
             message = prepared.recv() => match message {
-                Some(p) if p.from == cursor.load(Ordering::Acquire) => {
-                    let _done = InFlight(&shared);
+                Some(p) if p.from == status.cursor() => {
                     if let Some(body) = &p.body {
                         let path = format!("/_matrix/federation/v1/send/{}", body.txn_id);
                         let attempt = || {
                             shared.state.federation.send_prepared(Method::PUT, &server, &path, body.json.clone(), &body.canonical)
                         };
-                        if send_with_retries(&shared, &destination, &mut row.failures, body.pdus, attempt, &mut shutdown).await.is_err() {
+                        if send_with_retries(&shared, &destination, &mut row.failures, body.pdus, &status, attempt, &mut stop).await.is_err() {
                             break;
                         }
                     }
-                    cursor.store(p.to, Ordering::Release);
+                    status.cursor.store(p.to, Ordering::Release);
                     row.cursor = p.to;
                     let _ = shared.progress.send((destination.clone(), p.to));
                 }
-                Some(_) => {
-                    let _done = InFlight(&shared);
-                    needs_queue = true;
-                }
+                Some(_) => needs_queue = true,
                 None => break,
             },
             _ = wake.notified() => needs_queue = true,
             _ = tokio::time::sleep(WORKER_IDLE) => break,
-            _ = shutdown.changed() => break,
+            _ = stop.changed() => break,
         }
     }
     // Bodies still queued were not sent: the cursor did not move past them, so the next worker
-    // resends them from the queue. Only the count needs settling.
+    // resends them from the queue.
     prepared.close();
-    while prepared.try_recv().is_ok() {
-        drop(InFlight(&shared));
-    }
+    keeper.abort();
     queue::release_lease(&shared, &destination).await;
+}
+
+/// H4: renews the destination's lease every third of its length for as long as the worker
+/// runs, whatever the worker is doing (waiting out a back-off, a transaction the peer is slow
+/// to answer). Without it the lease ran out under a long back-off and a second instance started
+/// sending to the same destination.
+///
+/// The receiver turns `true` at shutdown, and when the lease is lost: another instance holds
+/// it, or it could not be renewed before running out. The worker then stops at once, even in
+/// the middle of a send, and its cursor stays where the last acknowledged transaction left it.
+fn keep_lease(shared: Arc<Shared>, destination: String) -> (JoinHandle<()>, watch::Receiver<bool>) {
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(async move {
+        let mut shutdown = shared.shutdown.clone();
+        let every = Duration::from_millis(shared.lease_ms as u64 / 3);
+        let mut renewed = Instant::now();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = shutdown.changed() => break,
+            }
+            match queue::renew_lease(&shared, &destination).await {
+                Ok(true) => renewed = Instant::now(),
+                Ok(false) => {
+                    tracing::warn!(destination, "sender: another instance took this destination; stopping");
+                    break;
+                }
+                Err(e) if renewed.elapsed() >= every * 2 => {
+                    tracing::warn!(destination, error = %e, "sender: cannot renew the destination's lease before it runs out; stopping");
+                    break;
+                }
+                Err(e) => {
+                    tracing::info!(destination, error = %e, "sender: cannot renew the destination's lease; trying again")
+                }
+            }
+        }
+        let _ = stop.send(true);
+    });
+    (task, stopped)
 }
 
 /// The queue path: batch after batch from the database until nothing is left.
@@ -116,13 +134,13 @@ async fn catch_up(
     server: &OwnedServerName,
     destination: &str,
     row: &mut DestinationRow,
-    cursor: &AtomicI64,
-    shutdown: &mut watch::Receiver<bool>,
+    status: &WorkerStatus,
+    stop: &mut watch::Receiver<bool>,
 ) -> Result<(), Stop> {
     loop {
         if let Some(retry_at) = row.retry_at.take() {
             let wait = retry_at - now_ms();
-            if wait > 0 && wait_out_backoff(shared, destination, Duration::from_millis(wait as u64), shutdown).await? {
+            if wait > 0 && wait_out_backoff(shared, destination, Duration::from_millis(wait as u64), stop).await? {
                 row.failures = 0;
             }
         }
@@ -132,9 +150,9 @@ async fn catch_up(
         })?;
         if batch.pdus.is_empty() && batch.notices.is_empty() {
             if batch.next_cursor != row.cursor {
-                let _ = queue::save_progress(shared, destination, batch.next_cursor, &[]).await;
+                save_progress(shared, destination, batch.next_cursor, &[]).await?;
                 row.cursor = batch.next_cursor;
-                cursor.store(row.cursor, Ordering::Release);
+                status.cursor.store(row.cursor, Ordering::Release);
             }
             return Ok(());
         }
@@ -161,12 +179,32 @@ async fn catch_up(
                 signed: true,
             })
         };
-        send_with_retries(shared, destination, &mut row.failures, pdus, attempt, shutdown).await?;
-        if let Err(e) = queue::save_progress(shared, destination, batch.next_cursor, &batch.notices).await {
-            tracing::warn!(destination, error = %e, "sender: cannot save the cursor");
-        }
+        send_with_retries(shared, destination, &mut row.failures, pdus, status, attempt, stop).await?;
+        save_progress(shared, destination, batch.next_cursor, &batch.notices).await?;
         row.cursor = batch.next_cursor;
-        cursor.store(row.cursor, Ordering::Release);
+        status.cursor.store(row.cursor, Ordering::Release);
+    }
+}
+
+/// Saves the queue path's progress; `Stop` when this instance no longer holds the lease (H4:
+/// only the holder moves the cursor). A database error is logged and the worker goes on: the
+/// transaction is resent after a restart at worst.
+async fn save_progress(
+    shared: &Shared,
+    destination: &str,
+    cursor: i64,
+    notices: &[(String, String)],
+) -> Result<(), Stop> {
+    match queue::save_progress(shared, destination, cursor, notices).await {
+        Ok(true) => Ok(()),
+        Ok(false) => {
+            tracing::warn!(destination, "sender: lost this destination to another instance; stopping");
+            Err(Stop)
+        }
+        Err(e) => {
+            tracing::warn!(destination, error = %e, "sender: cannot save the cursor");
+            Ok(())
+        }
     }
 }
 
@@ -177,8 +215,9 @@ async fn send_with_retries<F, Fut>(
     destination: &str,
     failures: &mut i32,
     pdus: usize,
+    status: &WorkerStatus,
     mut attempt: F,
-    shutdown: &mut watch::Receiver<bool>,
+    stop: &mut watch::Receiver<bool>,
 ) -> Result<(), Stop>
 where
     F: FnMut() -> Fut,
@@ -186,8 +225,19 @@ where
 {
     loop {
         let started = Instant::now();
-        let result = attempt().await;
+        status.sending_since_ms.store(now_ms(), Ordering::Release);
+        // A lost lease or a shutdown abandons the attempt: the cursor has not moved, so the
+        // transaction is sent again by whoever holds the destination next (at least once).
+        let result = tokio::select! {
+            result = attempt() => Some(result),
+            _ = stop.changed() => None,
+        };
+        status.sending_since_ms.store(0, Ordering::Release);
+        let Some(result) = result.filter(|_| !*stop.borrow()) else {
+            return Err(Stop);
+        };
         shared.state.metrics.sent_transaction(result.is_ok(), pdus, started.elapsed());
+        status.failing.store(result.is_err(), Ordering::Release);
         match result {
             Ok(_) => {
                 *failures = 0;
@@ -199,7 +249,7 @@ where
                     backoff(*failures, Duration::from_millis(shared.state.settings.raw.federation.max_backoff_ms));
                 tracing::info!(destination, failures = *failures, delay_ms = delay.as_millis() as u64, %error, "sender: transaction failed; retrying");
                 let _ = queue::save_failure(shared, destination, *failures, now_ms() + delay.as_millis() as i64).await;
-                if wait_out_backoff(shared, destination, delay, shutdown).await? {
+                if wait_out_backoff(shared, destination, delay, stop).await? {
                     *failures = 0;
                 }
             }
@@ -218,7 +268,7 @@ async fn wait_out_backoff(
     shared: &Shared,
     destination: &str,
     delay: Duration,
-    shutdown: &mut watch::Receiver<bool>,
+    stop: &mut watch::Receiver<bool>,
 ) -> Result<bool, Stop> {
     let until = Instant::now() + delay;
     let mut resets = shared.state.destination_resets.clone();
@@ -230,7 +280,7 @@ async fn wait_out_backoff(
         tokio::select! {
             _ = tokio::time::sleep(left.min(RESET_POLL)) => {}
             _ = resets.changed() => {}
-            _ = shutdown.changed() => return Err(Stop),
+            _ = stop.changed() => return Err(Stop),
         }
         if let Ok(None) = queue::stored_retry_at(shared, destination).await {
             tracing::info!(destination, "sender: back-off cleared by an operator; retrying now");

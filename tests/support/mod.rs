@@ -13,6 +13,8 @@ pub mod client;
 pub mod gateways;
 pub mod peer;
 pub mod peer_room;
+pub mod pg_cluster;
+pub mod process;
 pub mod verify;
 
 use std::collections::BTreeMap;
@@ -89,7 +91,7 @@ static CLUSTER_FAILURE: OnceLock<String> = OnceLock::new();
 static CLUSTER_KEEPER: Mutex<Option<std::process::Child>> = Mutex::new(None);
 
 /// The newest `initdb` under `/usr/lib/postgresql/*/bin/`, else one on `PATH`.
-fn postgres_bin_dir() -> Option<PathBuf> {
+pub fn postgres_bin_dir() -> Option<PathBuf> {
     let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
         .into_iter()
         .flatten()
@@ -107,13 +109,13 @@ fn postgres_bin_dir() -> Option<PathBuf> {
     std::env::var_os("PATH")?.to_str()?.split(':').map(PathBuf::from).find(|dir| dir.join("initdb").exists())
 }
 
-fn shell_quote(text: &str) -> String {
+pub fn shell_quote(text: &str) -> String {
     format!("'{}'", text.replace('\'', "'\\''"))
 }
 
 /// A `sh -c script` command, run as the `postgres` OS user when we are root (PostgreSQL refuses
 /// to run as root).
-fn cluster_shell(script: &str, as_postgres: bool) -> Command {
+pub fn cluster_shell(script: &str, as_postgres: bool) -> Command {
     if as_postgres {
         let mut command = Command::new("su");
         command.args(["postgres", "-s", "/bin/sh", "-c", script]);

@@ -98,6 +98,7 @@ pub(super) struct Limits {
     grace_ms: i64,
     max_active_per_origin: i64,
     max_ids_per_room: i64,
+    max_active_total: i64,
     lenient_peek_ids: bool,
 }
 

@@ -23,6 +23,7 @@ impl InboundPeeks {
                 grace_ms: grace,
                 max_active_per_origin: peek.max_active_per_origin.into(),
                 max_ids_per_room: peek.max_ids_per_room.into(),
+                max_active_total: peek.max_active_total.into(),
                 lenient_peek_ids: peek.lenient_peek_ids,
             },
             new_peeks: RateLimiter::keyed(quota),
@@ -46,8 +47,7 @@ impl InboundPeeks {
         versions: &[String],
     ) -> Result<PutOutcome, PeekError> {
         let peek_id = PeekId::parse(raw_peek_id, self.limits.lenient_peek_ids);
-        // FP-3: no `ver` means ["1"], as for make_join.
-        let offered = if versions.is_empty() { vec!["1".to_owned()] } else { versions.to_vec() };
+        let offered = versions_or_default(versions);
         // The common case, a renewal with fresh room facts in memory: checked here, renewed in a
         // shared round trip. Anything else takes the full path below.
         if let (Some(batcher), Some((room, facts))) = (&self.batcher, cached_facts(&self.facts, room_id.as_str())) {
@@ -78,23 +78,11 @@ impl InboundPeeks {
             return Ok(PutOutcome::Renewed);
         };
         self.check_limits(origin, room_id).await?;
-        let response = self.create(rooms, origin, room, &peek_id).await?;
-        Ok(PutOutcome::Created(Box::new(response)))
-    }
-
-    /// Checks 1 and 2: server ACL, then a room we actually hold.
-    async fn check_room(&self, origin: &ServerName, room_id: &RoomId) -> Result<RoomRow, PeekError> {
-        let (o, r, cache, ours) =
-            (origin.to_owned(), room_id.to_string(), self.facts.clone(), self.server_name.clone());
-        self.db
-            .run::<_, PeekError, _>(move |conn| {
-                let (room, facts) = room_facts(conn, &cache, &ours, &r, None)?;
-                if facts.acl.as_ref().is_some_and(|acl| !acl.is_allowed(&o)) {
-                    return Err(PeekError::Acl(o.to_string()));
-                }
-                Ok(room)
-            })
-            .await
+        crate::pause::point(crate::pause::points::INBOUND_PEEK_RECORD, room_id.as_str()).await;
+        match self.create(rooms, origin, room, &peek_id, versions_or_default(versions)).await? {
+            Some(response) => Ok(PutOutcome::Created(Box::new(response))),
+            None => Ok(PutOutcome::Renewed),
+        }
     }
 
     /// FP-9 / Rev B `/renew`: renews a live peek; `false` when unknown, lapsed or ended.
@@ -104,38 +92,60 @@ impl InboundPeeks {
         self.db.run_soft(move |conn| renew_live_blocking(conn, &key.0, &key.1, &key.2, interval, grace)).await
     }
 
-    /// Rev B `POST .../renew` on a live peek, after the same room checks as a PUT.
+    /// Rev B `POST .../renew` on a live peek, after the same room checks as a PUT, peekability
+    /// included (H1: a room that stopped being peekable renews nothing; RE-5: that is a 404).
     pub async fn renew(&self, origin: &ServerName, room_id: &RoomId, raw_peek_id: &str) -> Result<i64, PeekError> {
-        self.check_room(origin, room_id).await?;
-        let peek_id = PeekId::parse(raw_peek_id, self.limits.lenient_peek_ids).ok_or(PeekError::InvalidPeekId)?;
-        if self.renew_live(origin, room_id, &peek_id).await? {
+        let peek_id = PeekId::parse(raw_peek_id, self.limits.lenient_peek_ids);
+        let (o, r, cache, ours) =
+            (origin.to_owned(), room_id.to_string(), self.facts.clone(), self.server_name.clone());
+        let (interval, grace) = (self.limits.renewal_interval_ms, self.limits.grace_ms);
+        let renewed = self
+            .db
+            .run_soft::<_, PeekError, _>(move |conn| {
+                let (room, facts) = room_facts(conn, &cache, &ours, &r, None)?;
+                // Rev B carries no `ver`: the room's own version is the one in use.
+                let version = [room.version.as_str().to_owned()];
+                let peek_id = match apply_checks(&o, &room, &facts, peek_id, &version) {
+                    // RE-5: a room that stopped being peekable ended its peeks: 404, not 403.
+                    Err(PeekError::NotPeekable(_)) => return Ok(false),
+                    checked => checked?,
+                };
+                renew_live_blocking(conn, o.as_str(), &r, peek_id.as_str(), interval, grace)
+            })
+            .await?;
+        if renewed {
             Ok(self.limits.renewal_interval_ms)
         } else {
             Err(PeekError::NoSuchPeek)
         }
     }
 
-    /// FP-12: the per-origin rate of new peeks, then the caps on live peeks.
+    /// FP-12: the per-origin rate of new peeks, then the caps on live peeks: per origin, per
+    /// room and (H18) over all origins.
     async fn check_limits(&self, origin: &ServerName, room_id: &RoomId) -> Result<(), PeekError> {
         if let Err(not_until) = crate::limits::check_key(&self.new_peeks, &origin.to_string()) {
             let wait = not_until.wait_time_from(DefaultClock::default().now());
             return Err(PeekError::LimitExceeded { retry_after_ms: wait.as_millis().max(1) as u64 });
         }
         let (o, r) = (origin.to_string(), room_id.to_string());
-        let (total, in_room) = self
+        let (everyone, total, in_room) = self
             .db
             .run::<_, PeekError, _>(move |conn| {
                 let now = now_ms();
-                let live = inbound_peeks::table
-                    .filter(inbound_peeks::origin.eq(&o))
+                let all_live = inbound_peeks::table
                     .filter(inbound_peeks::expires_ts.ge(now))
                     .filter(inbound_peeks::end_stream_pos.is_null());
+                let everyone: i64 = all_live.count().get_result(conn)?;
+                let live = all_live.filter(inbound_peeks::origin.eq(&o));
                 let total: i64 = live.count().get_result(conn)?;
                 let in_room: i64 = live.filter(inbound_peeks::room_id.eq(&r)).count().get_result(conn)?;
-                Ok((total, in_room))
+                Ok((everyone, total, in_room))
             })
             .await?;
-        if total >= self.limits.max_active_per_origin || in_room >= self.limits.max_ids_per_room {
+        if everyone >= self.limits.max_active_total
+            || total >= self.limits.max_active_per_origin
+            || in_room >= self.limits.max_ids_per_room
+        {
             return Err(PeekError::LimitExceeded { retry_after_ms: 60_000 });
         }
         Ok(())
@@ -143,42 +153,58 @@ impl InboundPeeks {
 
     /// Records the peek at the room's stream position P under the append lock, reads the state
     /// at P in the same transaction, then answers with it and its auth chain (FP-7, PE-3).
+    ///
+    /// The checks run again under that lock (H1): a visibility change, ACL or last leave
+    /// committed since the first check is seen here, and no event can slip in between the check
+    /// and the record. A live peek with the same key recorded meanwhile by a concurrent PUT is
+    /// renewed instead of replaced (H9: replacing it would move its start past events it is owed);
+    /// that is `None`.
     async fn create(
         &self,
         rooms: &Rooms,
         origin: &ServerName,
         room: RoomRow,
         peek_id: &PeekId,
-    ) -> Result<PeekResponse, PeekError> {
-        let (o, r, p) = (origin.to_string(), room.room_id.clone(), peek_id.as_str().to_owned());
+        offered: Vec<String>,
+    ) -> Result<Option<PeekResponse>, PeekError> {
+        let (o, r, p) = (origin.to_owned(), room.room_id.clone(), peek_id.clone());
         let (interval, grace) = (self.limits.renewal_interval_ms, self.limits.grace_ms);
-        let (state_ids, latest) = self
+        let (cache, ours) = (self.facts.clone(), self.server_name.clone());
+        let recorded = self
             .db
             .run::<_, PeekError, _>(move |conn| {
                 write_transaction::<_, PeekError, _>(conn, |conn| {
-                    let room = store::lock_for_append(conn, &r)?;
+                    store::lock_for_append(conn, &r)?;
+                    let (room, facts) = room_facts(conn, &cache, &ours, &r, None)?;
+                    let p = apply_checks(&o, &room, &facts, Some(p), &offered)?;
+                    if renew_update(conn, o.as_str(), &r, p.as_str(), interval, grace, now_ms())? {
+                        return Ok(None);
+                    }
                     let position = store::latest_stream_pos(conn, &r)?;
-                    record_peek(conn, &o, &r, &p, position, interval, grace)?;
+                    record_peek(conn, o.as_str(), &r, p.as_str(), position, interval, grace)?;
                     let state_ids: Vec<String> = store::current_state_map(conn, &room.room_id)?.into_values().collect();
                     let latest = store::events_in_range(conn, &r, position + 1, false, 1)?
                         .into_iter()
                         .next()
                         .ok_or(RoomError::EventNotFound)?;
-                    Ok((state_ids, latest))
+                    Ok(Some((state_ids, latest)))
                 })
             })
             .await?;
+        let Some((state_ids, latest)) = recorded else {
+            return Ok(None);
+        };
         let room_id: OwnedRoomId = RoomId::parse(&room.room_id).map_err(|e| RoomError::Internal(e.to_string()))?;
         let state = rooms.events_by_ids(&room_id, state_ids.clone()).await?;
         let auth_chain = rooms.auth_chain(state_ids).await?;
-        Ok(PeekResponse {
+        Ok(Some(PeekResponse {
             room_version: room.version.as_str().to_owned(),
             state: state.iter().map(Pdu::federation_json).collect(),
             auth_chain: auth_chain.iter().map(Pdu::federation_json).collect(),
             latest_event: latest.pdu.federation_json(),
             latest_event_id: latest.pdu.event_id.to_string(),
             renewal_interval: interval as u64,
-        })
+        }))
     }
 
     /// FP-10: deletes the caller's own peek; `NoSuchPeek` when unknown or already expired.
@@ -216,6 +242,15 @@ impl InboundPeeks {
                     .get_result(conn)?)
             })
             .await
+    }
+}
+
+/// FP-3: no `ver` means ["1"], as for make_join.
+fn versions_or_default(versions: &[String]) -> Vec<String> {
+    if versions.is_empty() {
+        vec!["1".to_owned()]
+    } else {
+        versions.to_vec()
     }
 }
 

@@ -42,23 +42,26 @@ pub(super) fn has_local_member(conn: &mut DbConnection, room_id: &str, server_na
     Ok(store::events_by_ids(conn, &members)?.iter().any(|e| e.pdu.content_value()["membership"] == "join"))
 }
 
-/// Ends every open inbound peek on the room at `position` and queues `expired_peeks` notices.
+/// Ends every live inbound peek on the room at `position` and queues `expired_peeks` notices.
+///
+/// A peek that already lapsed (and waits for the eviction job) is left alone (H6): ending it
+/// here would give it an end position, and delivery runs up to an end whatever the expiry, so a
+/// lapsed peeker would be sent the events since its lapse. The eviction job tells it instead.
 pub(super) fn end_room_peeks(
     conn: &mut DbConnection,
     room_id: &str,
     position: i64,
     reason: &str,
 ) -> Result<(), RoomError> {
-    let open: Vec<(String, String)> = inbound_peeks::table
+    let now = now_ms();
+    let live = inbound_peeks::table
         .filter(inbound_peeks::room_id.eq(room_id))
         .filter(inbound_peeks::end_stream_pos.is_null())
-        .select((inbound_peeks::origin, inbound_peeks::peek_id))
-        .load(conn)?;
-    diesel::update(
-        inbound_peeks::table.filter(inbound_peeks::room_id.eq(room_id)).filter(inbound_peeks::end_stream_pos.is_null()),
-    )
-    .set((inbound_peeks::end_stream_pos.eq(position), inbound_peeks::end_reason.eq(reason)))
-    .execute(conn)?;
+        .filter(inbound_peeks::expires_ts.ge(now));
+    let open: Vec<(String, String)> = live.select((inbound_peeks::origin, inbound_peeks::peek_id)).load(conn)?;
+    diesel::update(live)
+        .set((inbound_peeks::end_stream_pos.eq(position), inbound_peeks::end_reason.eq(reason)))
+        .execute(conn)?;
     for (origin, peek_id) in open {
         sender::queue_expired_peek(conn, &origin, room_id, &peek_id, position)?;
     }

@@ -70,9 +70,15 @@ pub(super) async fn claim(state: &OutboundPeeks, peek: &OutboundPeek, now: i64) 
     let claimed = state
         .db
         .run::<_, RoomError, _>(move |conn| {
-            Ok(diesel::update(outbound_peeks::table.find(&room).filter(outbound_peeks::next_renewal_ts.eq(seen)))
-                .set(outbound_peeks::next_renewal_ts.eq(now + 30_000))
-                .execute(conn)?)
+            // H3: never an ended peek (a renewal would re-create it at the target).
+            Ok(diesel::update(
+                outbound_peeks::table
+                    .find(&room)
+                    .filter(outbound_peeks::next_renewal_ts.eq(seen))
+                    .filter(outbound_peeks::ended_ts.is_null()),
+            )
+            .set(outbound_peeks::next_renewal_ts.eq(now + 30_000))
+            .execute(conn)?)
         })
         .await?;
     Ok(claimed == 1)
@@ -87,6 +93,13 @@ pub(super) async fn renew(
     peek: &OutboundPeek,
     run: &mut RenewalRun,
 ) -> Result<(), RoomError> {
+    crate::pause::point(crate::pause::points::OUTBOUND_RENEWAL_PUT, room_id.as_str()).await;
+    // H3: under the room's lock, like the DELETE of `cancel`, and only while the peek is still
+    // this one and live: a renewal racing the DELETE would otherwise re-create the remote peek.
+    let room_guard = lock_room(state, room_id).await?;
+    if !get(state, room_id).await?.is_some_and(|p| p.ended_ts.is_none() && p.peek_id == peek.peek_id) {
+        return Ok(());
+    }
     let now = now_ms();
     let target = server(&peek.target).map_err(|e| RoomError::Internal(e.to_string()))?;
     let path = peek_path(room_id.as_str(), &peek.peek_id, true);
@@ -133,6 +146,8 @@ pub(super) async fn renew(
             state.metrics.peek_renewal("outbound", "failed");
             run.failed += 1;
             tracing::warn!(room = %room_id, target = %peek.target, %reason, fail_over, "outbound peek renewal failed");
+            // Fail-over takes the room's lock itself (and checks again that the peek is live).
+            drop(room_guard);
             if fail_over && failover(state, room_id, peek).await? {
                 run.failed_over += 1;
                 return Ok(());

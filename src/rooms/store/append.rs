@@ -195,6 +195,10 @@ pub fn store_event(
     diesel::update(rooms::table.filter(rooms::room_id.eq(&room.room_id)))
         .set((rooms::current_state_group.eq(after), rooms::max_depth.eq(room.max_depth.max(pdu.depth))))
         .execute(conn)?;
+    // H19: a redaction rewrites the event it names, in the same transaction.
+    if pdu.event_type() == "m.room.redaction" {
+        super::redactions::apply(conn, room, pdu)?;
+    }
     // In the same transaction, the registered hooks: peeks end when the room stops being
     // peekable (RE-3, RE-4, CP-11) and a local user's peeks end when they join (CP-10).
     if pdu.is_state() {

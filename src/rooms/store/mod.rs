@@ -7,6 +7,7 @@
 mod append;
 mod groups;
 mod lookups;
+pub mod redactions;
 
 pub use append::*;
 pub use groups::*;

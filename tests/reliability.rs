@@ -1,0 +1,291 @@
+//! Issue #11, the reliability suite: the gateway killed with SIGKILL in the middle of fan-out,
+//! PostgreSQL restarted under a running gateway, and three instances on one database with the
+//! delivering one killed. Acknowledged events are never lost: every
+//! peer gets every one, in order (repeats after a crash are allowed, gaps are not).
+
+mod support;
+
+use std::path::Path;
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::json;
+use support::client::{enc, request, Client};
+use support::peer::{KeyMode, TestPeer};
+use support::pg_cluster::PgCluster;
+use support::process::{get_json, spawn_serve};
+use support::{wait_until, DbKind, ServerSpec, TestDb};
+
+const GW: &str = "gw.test";
+
+/// The events of `sent` in the order `peer` first received them.
+fn first_arrivals(peer: &TestPeer, sent: &[String]) -> Vec<String> {
+    let mut seen = Vec::new();
+    for id in peer.inbox.event_ids("10") {
+        if sent.contains(&id) && !seen.contains(&id) {
+            seen.push(id);
+        }
+    }
+    seen
+}
+
+async fn peek(peer: &TestPeer, base: &str, room: &str, peek_id: &str) {
+    let path = format!("/_matrix/federation/v1/peek/{}/{peek_id}?ver=10", enc(room));
+    let (status, answer) = peer.call(base, GW, Method::PUT, &path, Some(&json!({}))).await;
+    assert_eq!(status, 200, "{answer}");
+}
+
+/// A configuration file for `serve` on `db` that knows `peers`, with a short sender lease so
+/// that a restarted process takes over the dead one's destinations quickly.
+fn write_config(dir: &Path, db_url: &str, peers: &[&TestPeer]) -> std::path::PathBuf {
+    let config = dir.join("peekgate.toml");
+    let mut text = format!(
+        "server_name = \"{GW}\"\n[database]\nurl = \"{db_url}\"\n[signing]\nkey_path = \"{}\"\n\
+         [client]\nregistration = \"open\"\n[federation]\nsender_lease_ms = 1000\n[federation.destinations]\n",
+        dir.join("signing.key").display()
+    );
+    for peer in peers {
+        text.push_str(&format!("\"{}\" = \"{}\"\n", peer.name, peer.url));
+    }
+    std::fs::write(&config, text).unwrap();
+    config
+}
+
+/// kill -9 of the gateway while transactions to three slow peers are in flight, on
+/// PostgreSQL; started again on the same database, it delivers the rest: every acknowledged
+/// event reaches every peer, in order per peer.
+#[test]
+fn sigkill_during_fan_out_to_three_peers_loses_nothing() {
+    support::run_async(sigkill_during_fan_out());
+}
+
+async fn sigkill_during_fan_out() {
+    let db = TestDb::new(DbKind::Postgres);
+    let peers: Vec<TestPeer> =
+        ["p1.test", "p2.test", "p3.test"].iter().map(|name| TestPeer::start(name, KeyMode::Good)).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &db.url, &peers.iter().collect::<Vec<_>>());
+    let start = || async {
+        let (child, http_port, _) = spawn_serve(dir.path(), Some(&config));
+        let base = format!("http://127.0.0.1:{http_port}");
+        let url = format!("{base}/_matrix/key/v2/server");
+        wait_until("serve answers", || async { get_json(&url).await.is_some() }).await;
+        for peer in &peers {
+            peer.trust(GW, &base);
+        }
+        (child, base)
+    };
+
+    let (mut first, base) = start().await;
+    let alice = Client::register(&base, "alice").await;
+    let room = alice.create_world_readable_room("lobby", "10").await;
+    for (i, peer) in peers.iter().enumerate() {
+        peek(peer, &base, &room, &format!("k{i}")).await;
+        peer.inbox.send_delay_ms.store(150, std::sync::atomic::Ordering::SeqCst);
+    }
+    let mut sent = Vec::new();
+    for i in 0..30 {
+        sent.push(alice.say(&room, &format!("m{i}")).await);
+    }
+    wait_until("transactions in flight", || async {
+        peers.iter().all(|p| p.inbox.attempts.load(std::sync::atomic::Ordering::SeqCst) > 0)
+    })
+    .await;
+    first.kill().unwrap(); // SIGKILL: no shutdown, nothing flushed
+    first.wait().unwrap();
+    assert!(
+        peers.iter().any(|p| first_arrivals(p, &sent).len() < sent.len()),
+        "the kill came before everything was delivered"
+    );
+
+    for peer in &peers {
+        peer.inbox.send_delay_ms.store(0, std::sync::atomic::Ordering::SeqCst);
+    }
+    let (mut second, _) = start().await;
+    for peer in &peers {
+        wait_until("every acknowledged event after the restart", || async {
+            first_arrivals(peer, &sent).len() == sent.len()
+        })
+        .await;
+        assert_eq!(first_arrivals(peer, &sent), sent, "{}: in order", peer.name);
+        assert!(peer.inbox.problems.lock().unwrap().is_empty(), "{:?}", peer.inbox.problems.lock().unwrap());
+    }
+    let _ = second.kill();
+    let _ = second.wait();
+}
+
+/// PostgreSQL stops (immediate shutdown: connections cut) under a running gateway and comes
+/// back: `/ready` says the database is unreachable meanwhile, a message sent meanwhile gets a
+/// Matrix error or is stored, and afterwards the gateway works again by itself; every
+/// acknowledged event reaches the peeker, in order.
+#[test]
+fn postgres_restart_under_traffic_loses_nothing() {
+    support::run_async(postgres_restart());
+}
+
+async fn postgres_restart() {
+    let cluster = PgCluster::start();
+    let url = cluster.create_database("peekgate");
+    let peer = TestPeer::start("peeker.test", KeyMode::Good);
+    let gw = ServerSpec::new(GW, DbKind::Postgres)
+        .configure(|c| c.client.registration = "open".into())
+        .configure(move |c| c.database.url = url)
+        .destination(&peer.name, &peer.url)
+        .start()
+        .await;
+    peer.trust(GW, &gw.base);
+    let alice = Client::register(&gw.base, "alice").await;
+    let room = alice.create_world_readable_room("lobby", "10").await;
+    peek(&peer, &gw.base, &room, "p1").await;
+    let mut acknowledged = Vec::new();
+    for i in 0..5 {
+        acknowledged.push(alice.say(&room, &format!("before {i}")).await);
+    }
+
+    cluster.stop();
+    wait_until("/ready reports the database unreachable", || async {
+        let (status, answer) = request(&gw.base, None, Method::GET, "/ready", None).await;
+        status == 503 && answer["database"] == "unreachable"
+    })
+    .await;
+    let (status, answer) = alice.send_message(&room, "during-outage", "during the outage").await;
+    if status == 200 {
+        acknowledged.push(answer["event_id"].as_str().unwrap().to_owned());
+    } else {
+        assert!(answer["errcode"].is_string(), "a Matrix error while the database is away: {status} {answer}");
+    }
+
+    cluster.resume();
+    wait_until("/ready again", || async { request(&gw.base, None, Method::GET, "/ready", None).await.0 == 200 }).await;
+    for i in 0..5 {
+        let (status, answer) = alice.send_message(&room, &format!("after-{i}"), &format!("after {i}")).await;
+        assert_eq!(status, 200, "{answer}");
+        acknowledged.push(answer["event_id"].as_str().unwrap().to_owned());
+    }
+    wait_until("every acknowledged event reaches the peeker", || async {
+        first_arrivals(&peer, &acknowledged).len() == acknowledged.len()
+    })
+    .await;
+    assert_eq!(first_arrivals(&peer, &acknowledged), acknowledged, "in order");
+    assert!(peer.inbox.problems.lock().unwrap().is_empty(), "{:?}", peer.inbox.problems.lock().unwrap());
+    gw.stop().await;
+    peer.stop().await;
+}
+
+/// The lease owner of a destination (an instance ID, `<pid>-<random>`), read from the database.
+fn lease_owner(db_url: &str, destination: &str) -> Option<String> {
+    use diesel::prelude::*;
+    use peekgate::db::schema::destinations;
+    let mut conn = diesel::PgConnection::establish(db_url).unwrap();
+    destinations::table
+        .find(destination)
+        .select(destinations::lease_owner)
+        .first::<Option<String>>(&mut conn)
+        .optional()
+        .unwrap()
+        .flatten()
+}
+
+/// Three instances on one PostgreSQL, and the one delivering to a slow peeker is killed with
+/// SIGKILL mid-delivery: another takes the destination over and delivers everything, in order;
+/// the transactions the peeker received come from one sender at a time (the dead one's, then
+/// the new owner's, never interleaved); renewals go on through the others; and lapsed peeks are
+/// evicted exactly once over all three instances.
+#[test]
+fn three_instances_one_killed_mid_delivery() {
+    support::run_async(three_instances());
+}
+
+async fn three_instances() {
+    use diesel::prelude::*;
+    let db = TestDb::new(DbKind::Postgres);
+    let peer = TestPeer::start("peeker.test", KeyMode::Good);
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &db.url, &[&peer]);
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str("[schedule]\nevict_inbound = \"* * * * * *\"\n");
+    std::fs::write(&config, text).unwrap();
+    let mut instances = Vec::new();
+    for _ in 0..3 {
+        let (child, http_port, metrics_port) = spawn_serve(dir.path(), Some(&config));
+        let base = format!("http://127.0.0.1:{http_port}");
+        let url = format!("{base}/_matrix/key/v2/server");
+        wait_until("serve answers", || async { get_json(&url).await.is_some() }).await;
+        instances.push((child, base, metrics_port));
+    }
+    peer.trust(GW, &instances[0].1);
+    let alice = Client::register(&instances[0].1, "alice").await;
+    let room = alice.create_world_readable_room("lobby", "10").await;
+    peek(&peer, &instances[0].1, &room, "live").await;
+
+    // Lapsed peeks are evicted once, by whichever instance claims them.
+    for i in 0..6 {
+        peek(&peer, &instances[1].1, &room, &format!("lapse{i}")).await;
+    }
+    let mut conn = diesel::PgConnection::establish(&db.url).unwrap();
+    diesel::sql_query("UPDATE inbound_peeks SET expires_ts = 0 WHERE peek_id LIKE 'lapse%'")
+        .execute(&mut conn)
+        .unwrap();
+    let evictions = || async {
+        let mut total = 0.0;
+        for (_, _, metrics_port) in &instances {
+            let text =
+                reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics")).await.unwrap().text().await.unwrap();
+            total += support::metric_value(&text, "peekgate_peek_evictions_total{reason=\"lapsed\"}");
+        }
+        total
+    };
+    wait_until("the lapsed peeks are evicted", || async { evictions().await >= 6.0 }).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await; // two more runs of the job on each instance
+    assert_eq!(evictions().await, 6.0, "each lapsed peek is evicted once over the three instances");
+
+    // Delivery to a slow peeker; the instance holding its destination is killed mid-way.
+    peer.inbox.send_delay_ms.store(150, std::sync::atomic::Ordering::SeqCst);
+    let mut sent = Vec::new();
+    for i in 0..20 {
+        sent.push(alice.say(&room, &format!("m{i}")).await);
+    }
+    wait_until("a transaction in flight", || async {
+        peer.inbox.attempts.load(std::sync::atomic::Ordering::SeqCst) > 0
+    })
+    .await;
+    let owner = lease_owner(&db.url, "peeker.test").expect("a sender holds the destination");
+    let owner_pid: u32 = owner.split('-').next().unwrap().parse().unwrap();
+    let victim = instances.iter().position(|(child, _, _)| child.id() == owner_pid).expect("the owner is one of ours");
+    let (mut killed, _, _) = instances.remove(victim);
+    killed.kill().unwrap();
+    killed.wait().unwrap();
+    peer.inbox.send_delay_ms.store(0, std::sync::atomic::Ordering::SeqCst);
+    wait_until("everything delivered after the kill", || async { first_arrivals(&peer, &sent).len() == sent.len() })
+        .await;
+    assert_eq!(first_arrivals(&peer, &sent), sent, "in order");
+    let new_owner = lease_owner(&db.url, "peeker.test");
+    assert!(new_owner.as_ref().is_none_or(|o| *o != owner), "the dead instance's lease was taken over");
+
+    // Transactions came from one sender at a time: each instance's transaction IDs start with
+    // its start time, and the runs of one prefix never interleave.
+    let prefixes: Vec<String> = peer
+        .inbox
+        .transactions
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|txn| txn.txn_id.split('-').next().unwrap().to_owned())
+        .collect();
+    let mut runs: Vec<&String> = Vec::new();
+    for prefix in &prefixes {
+        if runs.last() != Some(&prefix) {
+            assert!(!runs.contains(&prefix), "two senders interleaved: {prefixes:?}");
+            runs.push(prefix);
+        }
+    }
+    // Renewals go on through the instances that are left.
+    let path = format!("/_matrix/federation/v1/peek/{}/live?ver=10", enc(&room));
+    let (status, answer) = peer.call(&instances[0].1, GW, Method::PUT, &path, Some(&json!({}))).await;
+    assert_eq!((status, answer), (200, json!({})), "a renewal through another instance");
+    assert!(peer.inbox.problems.lock().unwrap().is_empty(), "{:?}", peer.inbox.problems.lock().unwrap());
+    for (mut child, _, _) in instances {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
