@@ -65,4 +65,14 @@ mod tests {
         assert!(parse_lenient(r#"{"a": 9007199254740992}"#).is_err());
         assert_eq!(encode(&parse_lenient(r#"{"a": -0}"#).unwrap()), r#"{"a":0}"#);
     }
+
+    /// Regression (#11 property tests): serde_json's default float parser read
+    /// `9007199254740991.0` as 9007199254740990; the lenient reading must keep the value.
+    #[test]
+    fn integral_fractions_keep_their_exact_value() {
+        assert_eq!(encode(&parse_lenient("9007199254740991.0").unwrap()), "9007199254740991");
+        assert_eq!(encode(&parse_lenient("-9007199254740991.0").unwrap()), "-9007199254740991");
+        assert_eq!(encode(&parse_lenient("9007199254740990.0").unwrap()), "9007199254740990");
+        assert!(parse_lenient("9007199254740993.0").is_err());
+    }
 }
