@@ -186,6 +186,10 @@ impl From<crate::peeks::inbound::PeekError> for MatrixError {
             crate::peeks::inbound::PeekError::LimitExceeded { retry_after_ms } => {
                 MatrixError::limit_exceeded("Too many peeks", retry_after_ms)
             }
+            crate::peeks::inbound::PeekError::StillEnding => MatrixError::limit_exceeded(
+                "The previous peek with this ID is still delivering its last events; retry shortly",
+                crate::peeks::inbound::STILL_ENDING_RETRY_MS,
+            ),
             crate::peeks::inbound::PeekError::NoSuchPeek => MatrixError::not_found("Unknown peek"),
             crate::peeks::inbound::PeekError::Room(room) => room.into(),
         }

@@ -120,6 +120,19 @@ enum BenchCommand {
         #[arg(long, default_value_t = 10)]
         seconds: u64,
     },
+    /// Time to deliver a burst to healthy peeking destinations, alone and beside 20 silent
+    /// destinations and one that answers 400 (issue #11 H5; PostgreSQL).
+    DeadPeers {
+        #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+        postgres: String,
+        #[arg(long, default_value_t = 50)]
+        healthy: usize,
+        /// Events in each burst.
+        #[arg(long, default_value_t = 200)]
+        events: usize,
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
     /// Event accepted at gateway A -> seen in a long-polling /sync on gateway B that peeks it.
     Sync {
         #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
@@ -239,6 +252,9 @@ fn bench(command: BenchCommand) -> Result<(), String> {
                 bench::peeks(&postgres, destinations, sustained, seconds).await
             }
             BenchCommand::Sync { postgres, events } => bench::sync(&postgres, events).await,
+            BenchCommand::DeadPeers { postgres, healthy, events, rounds } => {
+                bench::dead_peers(&postgres, healthy, events, rounds).await
+            }
             BenchCommand::Receiver { bind } => bench::receiver(&bind).await,
         }
     });

@@ -434,6 +434,43 @@ async fn re3_visibility_change_ends_peeks(db: DbKind) {
 }
 both_backends!(re3_visibility_change_ends_peeks);
 
+/// H6: a peek the room ended (RE-3) whose last events its server has not received yet (its
+/// transactions fail) is not replaced by a re-PUT of the same peek ID once the room is peekable
+/// again: the new peek would start after the events the old one owes, the change event among
+/// them. The re-PUT gets 429 and ends the server's back-off; once those events are delivered,
+/// the same PUT makes a new peek.
+async fn h6_a_reused_peek_id_waits_for_the_ended_peeks_last_events(db: DbKind) {
+    let s = setup(db, &["peeker.test"], |c| {
+        c.federation.peek.new_peeks_per_minute = 1000;
+        c.federation.peek.new_peeks_burst = 1000;
+    })
+    .await;
+    let peer = &s.peers[0];
+    assert_eq!(put_peek(peer, &s.gw, &s.room, "again", "?ver=10").await.0, 200);
+    peer.inbox.fail_remaining.store(1_000, Ordering::SeqCst);
+    let before = s.alice.say(&s.room, "before the change").await;
+    let (status, change) =
+        s.alice.put_state(&s.room, "m.room.history_visibility", "", json!({ "history_visibility": "shared" })).await;
+    assert_eq!(status, 200);
+    let change = change["event_id"].as_str().unwrap().to_owned();
+    let readable = json!({ "history_visibility": "world_readable" });
+    assert_eq!(s.alice.put_state(&s.room, "m.room.history_visibility", "", readable).await.0, 200);
+    wait_until("the failing peeker was tried", || async { peer.inbox.attempts.load(Ordering::SeqCst) >= 1 }).await;
+    let (status, body) = put_peek(peer, &s.gw, &s.room, "again", "?ver=10").await;
+    assert_eq!((status, body["errcode"].as_str()), (429, Some("M_LIMIT_EXCEEDED")), "{body}");
+    assert!(body["retry_after_ms"].as_u64().is_some_and(|ms| ms > 0), "{body}");
+
+    peer.inbox.fail_remaining.store(0, Ordering::SeqCst);
+    wait_until("the re-PUT succeeds once the ended peek's events are out", || async {
+        put_peek(peer, &s.gw, &s.room, "again", "?ver=10").await.0 == 200
+    })
+    .await;
+    let got = peer.inbox.event_ids("10");
+    assert!(got.contains(&before) && got.contains(&change), "the ended peek's events, the change included: {got:?}");
+    finish(s).await;
+}
+both_backends!(h6_a_reused_peek_id_waits_for_the_ended_peeks_last_events);
+
 /// RE-4 (H8): when our last member leaves, the room's peeks end after that event, and new PUTs
 /// and renewals get 404, so peekers fail over to a server that still takes part.
 async fn re4_last_member_leaving_ends_peeks_and_refuses_new_ones(db: DbKind) {

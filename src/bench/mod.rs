@@ -2,6 +2,7 @@
 //! binary, not the library: it drives the library from outside, as an operator would. Each
 //! benchmark runs in-process servers on 127.0.0.1 on throwaway databases.
 
+mod dead_peers;
 mod peeks;
 mod receiver;
 mod rooms;
@@ -14,6 +15,7 @@ use anyhow::Context;
 use diesel::connection::SimpleConnection;
 use diesel::{Connection, PgConnection};
 
+pub use dead_peers::dead_peers;
 pub use peeks::peeks;
 pub use receiver::receiver;
 pub use rooms::rooms;

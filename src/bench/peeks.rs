@@ -18,13 +18,13 @@ use peekgate::db::{Backend, DbError};
 use peekgate::federation::client::FedRequest;
 
 /// The receiver child process; killed on drop.
-struct Receiver {
+pub(super) struct Receiver {
     child: Child,
-    url: String,
+    pub(super) url: String,
 }
 
 impl Receiver {
-    fn spawn() -> anyhow::Result<Receiver> {
+    pub(super) fn spawn() -> anyhow::Result<Receiver> {
         let mut child = Command::new(std::env::current_exe()?)
             .args(["bench", "receiver", "--bind", "127.0.0.1:0"])
             .stdout(Stdio::piped())
@@ -43,7 +43,7 @@ impl Receiver {
     }
 
     /// Waits until `expected` PDUs with `marker` arrived; returns the arrival time of the last.
-    async fn wait_for(&self, marker: &str, expected: u64) -> anyhow::Result<i64> {
+    pub(super) async fn wait_for(&self, marker: &str, expected: u64) -> anyhow::Result<i64> {
         let deadline = Instant::now() + Duration::from_secs(300);
         loop {
             let (count, last) = self.count(marker).await?;
@@ -256,7 +256,7 @@ pub async fn peeks(
     Ok(())
 }
 /// Inserts `count` peeks on `room` from origins `{prefix}{i}.bench`, with their cursors at `head`.
-async fn insert_peeks(
+pub(super) async fn insert_peeks(
     db: &peekgate::db::Db,
     room: &RoomId,
     prefix: &'static str,

@@ -81,6 +81,11 @@ pub fn ensure_cursor(
     Ok(())
 }
 
+/// The destination's delivery cursor, if it has one.
+pub fn cursor(conn: &mut DbConnection, server: &str) -> Result<Option<i64>, diesel::result::Error> {
+    destinations::table.find(server).select(destinations::last_sent_pos).first(conn).optional()
+}
+
 /// Queues `expired_peeks` for one peek, sent once the destination's cursor passes `after_pos`.
 pub fn queue_expired_peek(
     conn: &mut DbConnection,

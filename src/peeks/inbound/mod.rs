@@ -57,6 +57,10 @@ pub enum PeekError {
     NotPeekable(&'static str),
     #[error("too many peeks")]
     LimitExceeded { retry_after_ms: u64 },
+    /// H6: a peek with this key was ended by the room and its server has not yet been sent
+    /// everything up to the end; a new peek replacing it would drop those events.
+    #[error("the previous peek with this ID is still being wound up")]
+    StillEnding,
     #[error("no such peek")]
     NoSuchPeek,
     #[error(transparent)]
@@ -112,6 +116,9 @@ pub struct InboundPeeks {
     /// PostgreSQL: renewals of live peeks share database round trips.
     batcher: Option<renewals::RenewalBatcher>,
 }
+
+/// H6: how long a peeker whose re-PUT found its previous peek still winding up waits.
+pub const STILL_ENDING_RETRY_MS: u64 = 1_000;
 
 /// RE-2: the grace after the interval is min(10 % of the interval, configured grace).
 pub(super) fn grace_ms(interval_ms: i64, configured: i64) -> i64 {

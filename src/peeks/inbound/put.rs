@@ -79,9 +79,16 @@ impl InboundPeeks {
         };
         self.check_limits(origin, room_id).await?;
         crate::pause::point(crate::pause::points::INBOUND_PEEK_RECORD, room_id.as_str()).await;
-        match self.create(rooms, origin, room, &peek_id, versions_or_default(versions)).await? {
-            Some(response) => Ok(PutOutcome::Created(Box::new(response))),
-            None => Ok(PutOutcome::Renewed),
+        match self.create(rooms, origin, room, &peek_id, versions_or_default(versions)).await {
+            Ok(Some(response)) => Ok(PutOutcome::Created(Box::new(response))),
+            Ok(None) => Ok(PutOutcome::Renewed),
+            Err(PeekError::StillEnding) => {
+                // The peeker is talking to us, so it is up: end any back-off so that what it is
+                // owed goes out now and its retry can succeed.
+                sender::reset(&self.db, origin.as_str()).await?;
+                Err(PeekError::StillEnding)
+            }
+            Err(e) => Err(e),
         }
     }
 
@@ -180,6 +187,9 @@ impl InboundPeeks {
                     if renew_update(conn, o.as_str(), &r, p.as_str(), interval, grace, now_ms())? {
                         return Ok(None);
                     }
+                    if ended_undelivered(conn, o.as_str(), &r, p.as_str())? {
+                        return Err(PeekError::StillEnding);
+                    }
                     let position = store::latest_stream_pos(conn, &r)?;
                     record_peek(conn, o.as_str(), &r, p.as_str(), position, interval, grace)?;
                     let state_ids: Vec<String> = store::current_state_map(conn, &room.room_id)?.into_values().collect();
@@ -243,6 +253,23 @@ impl InboundPeeks {
             })
             .await
     }
+}
+
+/// Is there a peek with this key that the room ended (RE-3, RE-4) and whose server has not been
+/// sent everything up to its end? Replacing it would start the new peek after events the old
+/// one still owes, the change event that ended it among them (H6).
+fn ended_undelivered(conn: &mut DbConnection, origin: &str, room_id: &str, peek_id: &str) -> Result<bool, PeekError> {
+    let end: Option<Option<i64>> = inbound_peeks::table
+        .filter(inbound_peeks::origin.eq(origin))
+        .filter(inbound_peeks::room_id.eq(room_id))
+        .filter(inbound_peeks::peek_id.eq(peek_id))
+        .select(inbound_peeks::end_stream_pos)
+        .first(conn)
+        .optional()?;
+    let Some(Some(end)) = end else {
+        return Ok(false);
+    };
+    Ok(sender::cursor(conn, origin)?.is_some_and(|cursor| cursor < end))
 }
 
 /// FP-3: no `ver` means ["1"], as for make_join.
