@@ -5,11 +5,13 @@
 mod support;
 
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 
 use reqwest::Method;
 use serde_json::{json, Value};
 use support::client::{enc, Client};
 use support::peer::{KeyMode, TestPeer};
+use support::peer_room::PeerRoom;
 use support::{wait_until, DbKind, ServerSpec};
 
 const GW: &str = "gw.test";
@@ -123,3 +125,49 @@ async fn h19_a_redaction_of_an_unknown_event_changes_nothing(db: DbKind) {
     reader.stop().await;
 }
 both_backends!(h19_a_redaction_of_an_unknown_event_changes_nothing);
+
+/// An event stored after its redaction is stored redacted: the redaction names an event on
+/// another branch of the room's graph, so it arrives (and is accepted) first. Before, the
+/// redaction was kept but the event it names was stored and served whole when it came.
+async fn h19_an_event_arriving_after_its_redaction_is_stored_redacted(db: DbKind) {
+    let host = TestPeer::start("one.test", KeyMode::Good);
+    let hosted = Arc::new(Mutex::new(PeerRoom::create(&host, "host")));
+    let room_id = hosted.lock().unwrap().room_id.clone();
+    *host.inbox.hosted.lock().unwrap() = Some(hosted.clone());
+    let gw = ServerSpec::new(GW, db)
+        .configure(|c| c.client.registration = "open".into())
+        .destination(&host.name, &host.url)
+        .start()
+        .await;
+    host.trust(GW, &gw.base);
+    let bob = Client::register(&gw.base, "bob").await;
+    assert_eq!(bob.peek(&room_id, &[]).await.0, 200);
+    // Two events on the newest one: a message, and (on a branch of its own) its redaction.
+    let (message, redaction, message_id, redaction_id) = {
+        let mut room = hosted.lock().unwrap();
+        let newest = vec![room.events.last().unwrap().0.clone()];
+        let content = json!({ "msgtype": "m.text", "body": "forked words" });
+        let (message, message_id) = room.fork(&host, "host", ("m.room.message", content), &newest, &[]);
+        let redacts = [("redacts", Value::from(message_id.clone()))];
+        let (redaction, redaction_id) =
+            room.fork(&host, "host", ("m.room.redaction", json!({ "reason": "spam" })), &newest, &redacts);
+        (message, redaction, message_id, redaction_id)
+    };
+    let stored = |id: String| {
+        let gw = &gw;
+        async move { gw.state().rooms.event(&id).await.unwrap() }
+    };
+    let (status, answer) = host.send_transaction(&gw.base, GW, vec![redaction]).await;
+    assert_eq!((status, &answer["pdus"][&redaction_id]), (200, &json!({})), "{answer}");
+    assert!(stored(redaction_id.clone()).await.is_some());
+    assert!(stored(message_id.clone()).await.is_none(), "the message has not arrived yet");
+    let (status, answer) = host.send_transaction(&gw.base, GW, vec![message]).await;
+    assert_eq!((status, &answer["pdus"][&message_id]), (200, &json!({})), "{answer}");
+    let message = stored(message_id.clone()).await.expect("the message is stored");
+    assert_eq!(message.pdu.content_value(), json!({}), "stored redacted");
+    let synced = bob.sync(None, 0).await.to_string();
+    assert!(!synced.contains("forked words"), "{synced}");
+    gw.stop().await;
+    host.stop().await;
+}
+both_backends!(h19_an_event_arriving_after_its_redaction_is_stored_redacted);

@@ -189,6 +189,14 @@ diesel::table! {
 }
 
 diesel::table! {
+    redactions (redacts, event_id) {
+        redacts -> Text,
+        event_id -> Text,
+        room_id -> Text,
+    }
+}
+
+diesel::table! {
     outbound_claims (room_id) {
         room_id -> Text,
         owner -> Text,
@@ -225,6 +233,7 @@ diesel::joinable!(events -> rooms (room_id));
 
 diesel::allow_tables_to_appear_in_same_query!(
     server_keys,
+    redactions,
     outbound_claims,
     server_key_responses,
     rooms,

@@ -504,6 +504,23 @@ impl TestPeer {
         prev_events: &[String],
         depth: i64,
     ) -> (Value, String) {
+        let event = (kind, state_key, content);
+        self.build_pdu_with(version, room_id, localpart, event, auth_events, prev_events, depth, &[])
+    }
+
+    /// [`TestPeer::build_pdu`] with extra top-level fields (a v10 redaction's `redacts`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn build_pdu_with(
+        &self,
+        version: &str,
+        room_id: &str,
+        localpart: &str,
+        (kind, state_key, content): (&str, Option<&str>, Value),
+        auth_events: &[String],
+        prev_events: &[String],
+        depth: i64,
+        extra: &[(&str, Value)],
+    ) -> (Value, String) {
         let mut pdu = json!({
             "room_id": room_id,
             "sender": format!("@{localpart}:{}", self.name),
@@ -519,6 +536,9 @@ impl TestPeer {
         }
         if version == "10" {
             pdu["origin"] = Value::from(self.name.clone());
+        }
+        for (key, value) in extra {
+            pdu[*key] = value.clone();
         }
         pdu["hashes"] = json!({ "sha256": verify::content_hash(&pdu) });
         let redacted = verify::redact(&pdu, version);

@@ -86,6 +86,26 @@ impl PeerRoom {
         pdu
     }
 
+    /// A non-state event from `@{localpart}:{peer}` on top of `prev` (not necessarily the newest
+    /// event: a fork), with extra top-level fields; recorded in the room. Returns the PDU and
+    /// its ID.
+    pub fn fork(
+        &mut self,
+        peer: &TestPeer,
+        localpart: &str,
+        (kind, content): (&str, Value),
+        prev: &[String],
+        extra: &[(&str, Value)],
+    ) -> (Value, String) {
+        let sender = format!("@{localpart}:{}", peer.name);
+        let auth = self.auth_events(kind, &sender, None);
+        let depth = self.events.len() as i64 + 1;
+        let (pdu, id) =
+            peer.build_pdu_with(VERSION, &self.room_id, localpart, (kind, None, content), &auth, prev, depth, extra);
+        self.events.push((id.clone(), pdu.clone()));
+        (pdu, id)
+    }
+
     fn by_id(&self, id: &str) -> Option<&Value> {
         self.events.iter().find(|(e, _)| e == id).map(|(_, pdu)| pdu)
     }

@@ -195,10 +195,9 @@ pub fn store_event(
     diesel::update(rooms::table.filter(rooms::room_id.eq(&room.room_id)))
         .set((rooms::current_state_group.eq(after), rooms::max_depth.eq(room.max_depth.max(pdu.depth))))
         .execute(conn)?;
-    // H19: a redaction rewrites the event it names, in the same transaction.
-    if pdu.event_type() == "m.room.redaction" {
-        super::redactions::apply(conn, room, pdu)?;
-    }
+    // H19: a redaction rewrites the event it names, and an event arriving after its redaction
+    // is rewritten at once, in the same transaction.
+    super::redactions::after_store(conn, room, pdu)?;
     // In the same transaction, the registered hooks: peeks end when the room stops being
     // peekable (RE-3, RE-4, CP-11) and a local user's peeks end when they join (CP-10).
     if pdu.is_state() {
@@ -367,6 +366,7 @@ pub fn purge_remote_room(conn: &mut DbConnection, room_id: &str) -> Result<bool,
     diesel::delete(state_group_entries::table.filter(state_group_entries::group_id.eq_any(groups))).execute(conn)?;
     diesel::delete(state_groups::table.filter(state_groups::room_id.eq(room_id))).execute(conn)?;
     diesel::delete(events::table.filter(events::room_id.eq(room_id))).execute(conn)?;
+    super::redactions::forget_room(conn, room_id)?;
     diesel::delete(current_state::table.filter(current_state::room_id.eq(room_id))).execute(conn)?;
     diesel::delete(forward_extremities::table.filter(forward_extremities::room_id.eq(room_id))).execute(conn)?;
     diesel::delete(rooms::table.filter(rooms::room_id.eq(room_id))).execute(conn)?;

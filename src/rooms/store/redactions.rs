@@ -6,8 +6,9 @@
 //!
 //! A redaction applies when its sender's server is the redacted event's sender's server, or its
 //! sender's power level reaches the room's `redact` level (the spec's rule for room versions 3
-//! and later, where the auth rules leave this check to the receiving server). A redaction that
-//! arrives before the event it names is kept but not applied (see the closing note of #11).
+//! and later, where the auth rules leave this check to the receiving server). Every redaction is
+//! also recorded in `redactions` by the event it names: an event stored after its redaction (a
+//! backfilled event, or one on another branch of the room's graph) is redacted as it is stored.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -15,9 +16,10 @@ use diesel::prelude::*;
 use serde_json::Value;
 
 use super::{current_state_id, event_by_id, RoomError, RoomRow};
-use crate::db::schema::events;
+use crate::db::schema::{events, redactions};
 use crate::db::DbConnection;
 use crate::events::Pdu;
+use crate::on_backend;
 
 /// Bumped whenever this process applies a redaction or hears that another instance did:
 /// in-memory copies of events read before are stale (see `EventCache`).
@@ -33,14 +35,51 @@ pub fn note_applied_elsewhere() {
     EPOCH.fetch_add(1, Ordering::AcqRel);
 }
 
-/// Applies `redaction` (just stored in `room`) to the event it names, if that event is known,
-/// in the same room, and the redaction is allowed to apply.
-pub(super) fn apply(conn: &mut DbConnection, room: &RoomRow, redaction: &Pdu) -> Result<(), RoomError> {
+/// Called by the append path for every event it stores in `room`: a redaction is recorded and
+/// applied to the event it names; any other event gets the redactions stored before it.
+pub(super) fn after_store(conn: &mut DbConnection, room: &RoomRow, pdu: &Pdu) -> Result<(), RoomError> {
+    if pdu.event_type() == "m.room.redaction" {
+        let Some(target_id) = pdu.redacts.as_ref() else {
+            return Ok(());
+        };
+        let row = (
+            redactions::redacts.eq(target_id.to_string()),
+            redactions::event_id.eq(pdu.event_id.to_string()),
+            redactions::room_id.eq(room.room_id.clone()),
+        );
+        on_backend!(&mut *conn, |c| diesel::insert_into(redactions::table)
+            .values(row.clone())
+            .on_conflict_do_nothing()
+            .execute(c))?;
+        return apply(conn, room, pdu);
+    }
+    let earlier: Vec<String> = redactions::table
+        .filter(redactions::redacts.eq(pdu.event_id.as_str()))
+        .filter(redactions::room_id.eq(&room.room_id))
+        .select(redactions::event_id)
+        .load(conn)?;
+    for redaction_id in earlier {
+        if let Some(redaction) = event_by_id(conn, &redaction_id)? {
+            apply(conn, room, &redaction.pdu)?;
+        }
+    }
+    Ok(())
+}
+
+/// Forgets the room's redactions (its events are being purged).
+pub(super) fn forget_room(conn: &mut DbConnection, room_id: &str) -> Result<(), RoomError> {
+    diesel::delete(redactions::table.filter(redactions::room_id.eq(room_id))).execute(conn)?;
+    Ok(())
+}
+
+/// Applies `redaction` (stored in `room`) to the event it names, if that event is stored, in
+/// the same room, and the redaction is allowed to apply.
+fn apply(conn: &mut DbConnection, room: &RoomRow, redaction: &Pdu) -> Result<(), RoomError> {
     let Some(target_id) = redaction.redacts.as_ref() else {
         return Ok(());
     };
     let Some(target) = event_by_id(conn, target_id.as_str())? else {
-        tracing::info!(redaction = %redaction.event_id, target = %target_id, "redaction of an event we do not hold; not applied");
+        tracing::info!(redaction = %redaction.event_id, target = %target_id, "redaction of an event we do not hold yet; applied when it arrives");
         return Ok(());
     };
     if target.pdu.room_id != redaction.room_id || !may_redact(conn, &room.room_id, redaction, &target.pdu)? {
