@@ -6,12 +6,14 @@
 mod support;
 
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use reqwest::Method;
 use serde_json::json;
 use support::client::{enc, request, Client};
 use support::peer::{KeyMode, TestPeer};
+use support::peer_room::PeerRoom;
 use support::pg_cluster::PgCluster;
 use support::process::{get_json, spawn_serve};
 use support::{wait_until, DbKind, ServerSpec, TestDb};
@@ -190,7 +192,8 @@ fn lease_owner(db_url: &str, destination: &str) -> Option<String> {
 /// SIGKILL mid-delivery: another takes the destination over and delivers everything, in order;
 /// the transactions the peeker received come from one sender at a time (the dead one's, then
 /// the new owner's, never interleaved); renewals go on through the others; and lapsed peeks are
-/// evicted exactly once over all three instances.
+/// evicted exactly once over all three instances, and a remote room a local device peeks is
+/// renewed by one instance at a time (never twice at once).
 #[test]
 fn three_instances_one_killed_mid_delivery() {
     support::run_async(three_instances());
@@ -200,10 +203,14 @@ async fn three_instances() {
     use diesel::prelude::*;
     let db = TestDb::new(DbKind::Postgres);
     let peer = TestPeer::start("peeker.test", KeyMode::Good);
+    let host = TestPeer::start("one.test", KeyMode::Good);
+    let hosted = Arc::new(Mutex::new(PeerRoom::create(&host, "host")));
+    let remote_room = hosted.lock().unwrap().room_id.clone();
+    *host.inbox.hosted.lock().unwrap() = Some(hosted);
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &db.url, &[&peer]);
+    let config = write_config(dir.path(), &db.url, &[&peer, &host]);
     let mut text = std::fs::read_to_string(&config).unwrap();
-    text.push_str("[schedule]\nevict_inbound = \"* * * * * *\"\n");
+    text.push_str("[schedule]\nevict_inbound = \"* * * * * *\"\nrenew_outbound = \"* * * * * *\"\n");
     std::fs::write(&config, text).unwrap();
     let mut instances = Vec::new();
     for _ in 0..3 {
@@ -214,6 +221,7 @@ async fn three_instances() {
         instances.push((child, base, metrics_port));
     }
     peer.trust(GW, &instances[0].1);
+    host.trust(GW, &instances[0].1);
     let alice = Client::register(&instances[0].1, "alice").await;
     let room = alice.create_world_readable_room("lobby", "10").await;
     peek(&peer, &instances[0].1, &room, "live").await;
@@ -238,6 +246,17 @@ async fn three_instances() {
     wait_until("the lapsed peeks are evicted", || async { evictions().await >= 6.0 }).await;
     tokio::time::sleep(Duration::from_millis(2500)).await; // two more runs of the job on each instance
     assert_eq!(evictions().await, 6.0, "each lapsed peek is evicted once over the three instances");
+
+    // A local device peeks a room of one.test (renewal interval 2 s: renewed every second by
+    // whichever instance claims it). Two instances renewing at once would show as two PUTs
+    // within moments of each other; one at a time, they are about a second apart.
+    let bob = Client::register(&instances[2].1, "bob").await;
+    bob.sync(None, 0).await;
+    assert_eq!(bob.peek(&remote_room, &[]).await.0, 200);
+    wait_until("four renewals", || async { host.inbox.peek_put_times.lock().unwrap().len() >= 5 }).await;
+    let puts = host.inbox.peek_put_times.lock().unwrap().clone();
+    let closest = puts.windows(2).map(|pair| pair[1] - pair[0]).min().unwrap();
+    assert!(closest >= Duration::from_millis(400), "two renewals {closest:?} apart: renewed twice at once");
 
     // Delivery to a slow peeker; the instance holding its destination is killed mid-way.
     peer.inbox.send_delay_ms.store(150, std::sync::atomic::Ordering::SeqCst);
@@ -284,6 +303,7 @@ async fn three_instances() {
     let (status, answer) = peer.call(&instances[0].1, GW, Method::PUT, &path, Some(&json!({}))).await;
     assert_eq!((status, answer), (200, json!({})), "a renewal through another instance");
     assert!(peer.inbox.problems.lock().unwrap().is_empty(), "{:?}", peer.inbox.problems.lock().unwrap());
+    assert!(host.inbox.problems.lock().unwrap().is_empty(), "{:?}", host.inbox.problems.lock().unwrap());
     for (mut child, _, _) in instances {
         let _ = child.kill();
         let _ = child.wait();

@@ -72,6 +72,8 @@ pub struct Inbox {
     pub peek_answer: Mutex<Option<(u16, Value)>>,
     /// Every peek request that reached the peer: `(method, path)`.
     pub peek_requests: Mutex<Vec<(String, String)>>,
+    /// When each `PUT /peek` arrived (renewals included), in order.
+    pub peek_put_times: Mutex<Vec<std::time::Instant>>,
     /// A room the peer serves as a peek target (answers built from it; renewals of a peek_id
     /// it answered before get `{}`), and whose missing events it hands out.
     pub hosted: Mutex<Option<Arc<Mutex<PeerRoom>>>>,
@@ -369,6 +371,9 @@ async fn peek_target(req: HttpRequest, peer: web::Data<(String, Arc<Inbox>)>) ->
     let seen =
         inbox.peek_requests.lock().unwrap().iter().any(|(m, p)| m == "PUT" && p.split('?').next() == Some(&bare));
     inbox.peek_requests.lock().unwrap().push((req.method().to_string(), path));
+    if req.method() == actix_web::http::Method::PUT {
+        inbox.peek_put_times.lock().unwrap().push(std::time::Instant::now());
+    }
     if req.method() == actix_web::http::Method::DELETE {
         return HttpResponse::Ok().json(json!({}));
     }
