@@ -319,3 +319,38 @@ async fn h4_one_sender() {
     second.stop().await;
     s.finish().await;
 }
+
+/// The renewal job runs while a device's `/peek` of a remote room has established the room's
+/// federation peek but not yet recorded the device's peek: it must not cancel the federation
+/// peek for want of a watching device (found by `renewals_keep_the_peek_alive` under load). The
+/// `/peek` now records the device's peek before releasing the room's lock, and the job decides
+/// under that lock.
+async fn a_device_peek_in_flight_keeps_its_new_federation_peek(db: DbKind) {
+    let p = pair(db, |_| {}, |b| b.schedule.renew_outbound = "0 0 0 1 1 *".into(), &[]).await;
+    p.bob.sync(None, 0).await;
+    let held = pause::hold(points::DEVICE_PEEK_RECORD, &p.room);
+    let jobs = p.b.state().jobs();
+    let renewals = async {
+        held.reached().await;
+        let job = peekgate::schedule::renew_outbound(&jobs);
+        tokio::pin!(job);
+        // Without the fix the job finishes at once, cancelling the peek; with it, it waits for
+        // the room's lock, which the paused /peek holds.
+        let finished = tokio::time::timeout(std::time::Duration::from_millis(1000), &mut job).await.ok();
+        drop(held);
+        match finished {
+            Some(result) => result,
+            None => job.await,
+        }
+    };
+    let ((status, body), renewals) = tokio::join!(p.bob.peek(&p.room, &[]), renewals);
+    renewals.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(p.a.state().inbound.live_count().await.unwrap(), 1, "the federation peek was cancelled");
+    let room_id = ruma::RoomId::parse(&p.room).unwrap();
+    let peek = peekgate::peeks::outbound::get(&p.b.state().outbound, &room_id).await.unwrap().unwrap();
+    assert!(peek.ended_ts.is_none());
+    p.a.stop().await;
+    p.b.stop().await;
+}
+both_backends!(a_device_peek_in_flight_keeps_its_new_federation_peek);

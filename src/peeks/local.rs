@@ -52,11 +52,17 @@ pub async fn start(
     // A device that peeks is active: it counts as live for TBD-1 before its first sync.
     state.device_peeks.touch_device(user_id.as_str(), device_id).await?;
     let local = state.rooms.room(&room_id).await?.is_some_and(|r| r.is_local);
+    // A room of another server: its federation peek, and the room's lock held until this
+    // device's peek is recorded (else the renewal job could cancel the new federation peek
+    // for want of a device in between).
+    let mut room_guard = None;
     if !local {
         if room_id.server_name() == Some(&*state.settings.server_name) {
             return Err(LocalPeekError::NotFound("Room not found"));
         }
-        if outbound::ensure(state, &room_id, candidates).await? {
+        let (gappy, guard) = outbound::ensure_held(state, &room_id, candidates).await?;
+        room_guard = Some(guard);
+        if gappy {
             // Re-established after a gap: every device still peeking gets a limited timeline.
             state.device_peeks.mark_gappy(room_id.as_str()).await?;
         }
@@ -67,6 +73,7 @@ pub async fn start(
     let limits = &state.settings.raw.client.peek;
     let caps = devices::Caps { per_device: limits.max_per_device.into(), per_user: limits.max_per_user.into() };
     let started = state.device_peeks.start(user_id.as_str(), device_id, room_id.as_str(), caps).await?;
+    drop(room_guard);
     let refused = match started {
         Started::AtCap => Some(LocalPeekError::AtCap),
         Started::NotPeekable(why) => Some(LocalPeekError::NotPeekable(why.to_owned())),

@@ -6,10 +6,21 @@ use super::*;
 /// OP-2: reuses the room's live federation peek, or establishes one through the candidates.
 /// Returns whether a new peek was established after an earlier one (the timeline may have a gap).
 pub async fn ensure(state: &OutboundPeeks, room_id: &RoomId, candidates: Vec<String>) -> Result<bool, OutboundError> {
-    let _room = lock_room(state, room_id).await?;
+    Ok(ensure_held(state, room_id, candidates).await?.0)
+}
+
+/// [`ensure`], still holding the room's lock: a device's `/peek` records the device's peek
+/// before letting go, so that the renewal job never sees a federation peek nobody watches in
+/// between and cancels it (found by `renewals_keep_the_peek_alive` under load).
+pub async fn ensure_held(
+    state: &OutboundPeeks,
+    room_id: &RoomId,
+    candidates: Vec<String>,
+) -> Result<(bool, RoomGuard), OutboundError> {
+    let room = lock_room(state, room_id).await?;
     let existing = get(state, room_id).await?;
     if existing.as_ref().is_some_and(|p| p.ended_ts.is_none()) {
-        return Ok(false);
+        return Ok((false, room));
     }
     let mut all = candidates;
     if let Some(old) = &existing {
@@ -19,7 +30,7 @@ pub async fn ensure(state: &OutboundPeeks, room_id: &RoomId, candidates: Vec<Str
         );
     }
     let gappy = establish(state, room_id, &all).await?;
-    Ok(existing.is_some() || gappy)
+    Ok((existing.is_some() || gappy, room))
 }
 
 /// OP-3..5: tries each candidate in order with a fresh peek_id until one answer validates.
@@ -186,10 +197,28 @@ pub(super) async fn delete_remote(state: &OutboundPeeks, target: &ServerName, ro
 /// OP-8: nobody watches the room any more: DELETE its federation peek and mark it ended (PDUs
 /// in flight are still accepted for a minute).
 pub async fn cancel(state: &OutboundPeeks, room_id: &RoomId) -> Result<(), RoomError> {
+    cancel_unless_watched(state, room_id, None).await.map(|_| ())
+}
+
+/// [`cancel`], unless (checked under the room's lock) a device that synced after `live_since`
+/// peeks the room: the renewal job's decision, which a `/peek` finishing meanwhile overrides.
+/// Returns whether it cancelled.
+pub async fn cancel_unless_watched(
+    state: &OutboundPeeks,
+    room_id: &RoomId,
+    live_since: Option<i64>,
+) -> Result<bool, RoomError> {
     let _room = lock_room(state, room_id).await?;
     let Some(peek) = get(state, room_id).await?.filter(|p| p.ended_ts.is_none()) else {
-        return Ok(());
+        return Ok(false);
     };
+    if let Some(live_since) = live_since {
+        let room = room_id.to_string();
+        let live = state.db.run::<_, RoomError, _>(move |conn| devices::live_count(conn, &room, live_since)).await?;
+        if live > 0 {
+            return Ok(false);
+        }
+    }
     if let Ok(target) = server(&peek.target) {
         delete_remote(state, &target, room_id, &peek.peek_id).await;
     }
@@ -204,7 +233,7 @@ pub async fn cancel(state: &OutboundPeeks, room_id: &RoomId) -> Result<(), RoomE
         })
         .await?;
     tracing::info!(room = %room_id, target = %peek.target, "outbound peek deleted: no local device watches the room");
-    Ok(())
+    Ok(true)
 }
 
 /// Cancels the room's federation peek when no local device peeks it any more (unpeek, CP-8).

@@ -39,8 +39,10 @@ pub async fn run_renewals(state: &OutboundPeeks) -> Result<RenewalRun, RoomError
         let room = peek.room_id.clone();
         let live = state.db.run::<_, RoomError, _>(move |conn| devices::live_count(conn, &room, live_since)).await?;
         if live == 0 {
-            cancel(state, &room_id).await?;
-            run.cancelled += 1;
+            // Checked again under the room's lock: a device's /peek may be finishing.
+            if cancel_unless_watched(state, &room_id, Some(live_since)).await? {
+                run.cancelled += 1;
+            }
             continue;
         }
         if peek.next_renewal_ts > now || !claim(state, &peek, now).await? {
