@@ -12,7 +12,7 @@ use reqwest::Method;
 use ruma::ServerName;
 use serde_json::{json, Value};
 use support::peer::{sign_value, signing_bytes, KeyMode, TestPeer, OLD_KEY_ID};
-use support::{DbKind, ServerSpec, TestServer};
+use support::{wait_until, DbKind, ServerSpec, TestServer};
 
 const WHOAMI: &str = "/_peekgate/federation/v1/whoami";
 
@@ -260,6 +260,31 @@ fn header_signed_by(peer: &TestPeer, key: &ed25519_dalek::SigningKey, key_id: &s
     let sig = sign_value(key, &peer.request_object("GET", WHOAMI, gw, None));
     format!("X-Matrix origin=\"{}\",destination=\"{gw}\",key=\"{key_id}\",sig=\"{sig}\"", peer.name)
 }
+
+/// H14: an unauthenticated request naming a key ID its claimed origin does not publish makes
+/// us refetch that origin's keys. Such a probe used to hold the origin's refetch slot for the
+/// whole interval (5 min), so an origin that rotated its key right after a probe was refused
+/// until then. A refetch that misses now holds the slot for 10 s: the rotated key is accepted
+/// after that (the wait below is bounded at 60 s; five minutes would fail it).
+async fn h14_a_probe_does_not_block_a_rotated_key_for_long(db: DbKind) {
+    let peer = TestPeer::start("rotating.test", KeyMode::Good);
+    let gateway = ServerSpec::new("gw.test", db).destination("rotating.test", &peer.url).start().await;
+    let header = header_signed_by(&peer, &peer.other_key, TestPeer::ROTATED_KEY_ID, "gw.test");
+    let (status, _) = call(&gateway.base, Method::GET, WHOAMI, None, std::slice::from_ref(&header)).await;
+    assert_eq!(status, 401, "the probe: a key the origin does not publish");
+    peer.rotate();
+    let (status, answer) = call(&gateway.base, Method::GET, WHOAMI, None, std::slice::from_ref(&header)).await;
+    assert_eq!(status, 401, "right after the probe, the slot is still held: {answer}");
+    let started = std::time::Instant::now();
+    wait_until("the rotated key is accepted", || async {
+        call(&gateway.base, Method::GET, WHOAMI, None, std::slice::from_ref(&header)).await.0 == 200
+    })
+    .await;
+    eprintln!("the rotated key was accepted after {:?}", started.elapsed());
+    gateway.stop().await;
+    peer.stop().await;
+}
+both_backends!(h14_a_probe_does_not_block_a_rotated_key_for_long);
 
 /// The cached `(public key, valid_until_ts, is_old)` of one of `origin`'s keys.
 async fn cached_key(server: &TestServer, origin: &str, key_id: &str) -> (String, i64, bool) {

@@ -24,6 +24,10 @@ use crate::on_backend;
 const MAX_TRUST_MS: i64 = 7 * 24 * 3600 * 1000;
 /// At most one refetch per server in this window when a key is unknown or stale.
 pub const REFETCH_INTERVAL: Duration = Duration::from_secs(300);
+/// A refetch that did not turn up the key it was made for holds the server's slot only this
+/// long (H14): any unauthenticated request naming an unknown key ID makes one, and holding the
+/// slot for the whole interval let it block the server's real new key for five minutes.
+pub const MISSED_REFETCH_HOLD: Duration = Duration::from_secs(10);
 /// Bound on the in-memory key cache (it is only a copy of the database table).
 const MEMORY_CACHE_MAX: usize = 10_000;
 /// Per-server bookkeeping (fetch locks, last fetch times) is pruned when it grows past this
@@ -34,7 +38,7 @@ const PER_SERVER_MAX: usize = 1_024;
 pub enum KeyError {
     #[error("{server} has no key {key_id} valid at {at}")]
     NotValid { server: String, key_id: String, at: i64 },
-    #[error("keys of {0} were fetched less than 5 minutes ago; not refetching")]
+    #[error("keys of {0} were fetched moments ago; not refetching yet")]
     RateLimited(String),
     #[error("fetching keys of {server}: {source}")]
     Fetch { server: String, source: FederationError },
@@ -232,12 +236,21 @@ impl RemoteKeys {
             return Ok(key);
         }
         let fetched = self.fetch_and_store(server).await?;
-        fetched
-            .keys
-            .iter()
-            .find(|k| k.key_id == key_id && k.serves(valid_at, current_only))
-            .map(|k| k.public_key)
-            .ok_or_else(not_valid)
+        let found = fetched.keys.iter().find(|k| k.key_id == key_id && k.serves(valid_at, current_only));
+        if found.is_none() {
+            self.shorten_fetch_slot(server);
+        }
+        found.map(|k| k.public_key).ok_or_else(not_valid)
+    }
+
+    /// The refetch just made for `server` did not find the key asked for: let the next one
+    /// come after [`MISSED_REFETCH_HOLD`] instead of the whole interval.
+    fn shorten_fetch_slot(&self, server: &ServerName) {
+        if let Some(at) = self.last_fetch.lock().unwrap().get_mut(server) {
+            if let Some(earlier) = Instant::now().checked_sub(REFETCH_INTERVAL - MISSED_REFETCH_HOLD) {
+                *at = earlier;
+            }
+        }
     }
 
     /// A cached key valid at `valid_at`: from memory, else from the database (then remembered).

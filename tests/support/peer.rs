@@ -460,6 +460,16 @@ impl TestPeer {
         object
     }
 
+    /// The key ID [`TestPeer::rotate`] publishes `other_key` under.
+    pub const ROTATED_KEY_ID: &'static str = "ed25519:rotated";
+
+    /// The peer's key endpoint publishes `other_key` under [`TestPeer::ROTATED_KEY_ID`] from
+    /// now on (self-signed by it), as after a key rotation.
+    pub fn rotate(&self) {
+        let response = key_response(&self.name, &self.other_key, Self::ROTATED_KEY_ID, &self.key, KeyMode::Good);
+        *self.inbox.key_response.lock().unwrap() = Some(response);
+    }
+
     /// A correct `Authorization` header for the request.
     pub fn authorization(&self, method: &str, uri: &str, destination: &str, content: Option<&Value>) -> String {
         let sig = sign_value(&self.key, &self.request_object(method, uri, destination, content));
