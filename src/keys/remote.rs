@@ -285,10 +285,8 @@ impl RemoteKeys {
 
     fn fetch_lock(&self, server: &ServerName) -> Arc<tokio::sync::Mutex<()>> {
         let mut locks = self.fetch_locks.lock().unwrap();
-        if locks.len() >= PER_SERVER_MAX {
-            // Forget the locks nobody holds or waits for.
-            locks.retain(|_, lock| Arc::strong_count(lock) > 1);
-        }
+        // Forget the locks nobody holds or waits for.
+        prune_per_server(&mut locks, |lock| Arc::strong_count(lock) > 1);
         locks.entry(server.to_owned()).or_default().clone()
     }
 
@@ -356,10 +354,8 @@ impl RemoteKeys {
 
     fn take_fetch_slot(&self, server: &ServerName) -> Result<(), KeyError> {
         let mut last = self.last_fetch.lock().unwrap();
-        if last.len() >= PER_SERVER_MAX {
-            // Only fetches within the interval still limit anything.
-            last.retain(|_, at| at.elapsed() < REFETCH_INTERVAL);
-        }
+        // Only fetches within the interval still limit anything.
+        prune_per_server(&mut last, |at| at.elapsed() < REFETCH_INTERVAL);
         if let Some(at) = last.get(server) {
             if at.elapsed() < REFETCH_INTERVAL {
                 return Err(KeyError::RateLimited(server.to_string()));
@@ -487,9 +483,48 @@ impl RemoteKeys {
     }
 }
 
+/// Keeps a map keyed by server names others choose bounded (H14): once it holds
+/// [`PER_SERVER_MAX`] entries, only those `still_needed` keeps stay.
+fn prune_per_server<V>(map: &mut HashMap<OwnedServerName, V>, mut still_needed: impl FnMut(&V) -> bool) {
+    if map.len() >= PER_SERVER_MAX {
+        map.retain(|_, value| still_needed(value));
+    }
+}
+
 #[async_trait::async_trait]
 impl crate::xmatrix::RequestKeys for RemoteKeys {
     async fn request_key(&self, server: &ServerName, key_id: &str) -> Result<[u8; 32], String> {
         RemoteKeys::request_key(self, server, key_id).await.map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name(i: usize) -> OwnedServerName {
+        OwnedServerName::try_from(format!("s{i}.example")).unwrap()
+    }
+
+    /// H14: fetch locks nobody holds and fetch times older than the interval are forgotten once
+    /// the maps are full, whatever names requests brought in.
+    #[test]
+    fn per_server_maps_stay_bounded() {
+        let mut locks: HashMap<OwnedServerName, Arc<tokio::sync::Mutex<()>>> =
+            (0..PER_SERVER_MAX).map(|i| (name(i), Arc::default())).collect();
+        let held = locks[&name(7)].clone();
+        prune_per_server(&mut locks, |lock| Arc::strong_count(lock) > 1);
+        assert_eq!(locks.keys().cloned().collect::<Vec<_>>(), vec![name(7)], "only the lock in use stays");
+        drop(held);
+
+        let long_ago = Instant::now().checked_sub(REFETCH_INTERVAL * 2).unwrap_or_else(Instant::now);
+        let mut last: HashMap<OwnedServerName, Instant> = (0..PER_SERVER_MAX).map(|i| (name(i), long_ago)).collect();
+        last.insert(name(3), Instant::now());
+        prune_per_server(&mut last, |at| at.elapsed() < REFETCH_INTERVAL);
+        assert_eq!(last.len(), 1, "only the recent fetch still limits anything");
+        // Below the bound nothing is pruned.
+        let mut small: HashMap<OwnedServerName, Instant> = (0..10).map(|i| (name(i), long_ago)).collect();
+        prune_per_server(&mut small, |at| at.elapsed() < REFETCH_INTERVAL);
+        assert_eq!(small.len(), 10);
     }
 }
