@@ -83,16 +83,19 @@ async fn sigkill_during_fan_out() {
     let room = alice.create_world_readable_room("lobby", "10").await;
     for (i, peer) in peers.iter().enumerate() {
         peek(peer, &base, &room, &format!("k{i}")).await;
-        peer.inbox.send_delay_ms.store(150, std::sync::atomic::Ordering::SeqCst);
+        // Each transaction takes the peer 1.5 s to answer.
+        peer.inbox.send_delay_ms.store(1500, std::sync::atomic::Ordering::SeqCst);
     }
-    let mut sent = Vec::new();
-    for i in 0..30 {
-        sent.push(alice.say(&room, &format!("m{i}")).await);
-    }
+    // The first event's transactions are in flight (one per destination at a time), then the
+    // rest is appended and acknowledged, and the gateway is killed before it can send them.
+    let mut sent = vec![alice.say(&room, "m0").await];
     wait_until("transactions in flight", || async {
         peers.iter().all(|p| p.inbox.attempts.load(std::sync::atomic::Ordering::SeqCst) > 0)
     })
     .await;
+    for i in 1..30 {
+        sent.push(alice.say(&room, &format!("m{i}")).await);
+    }
     first.kill().unwrap(); // SIGKILL: no shutdown, nothing flushed
     first.wait().unwrap();
     assert!(
@@ -258,23 +261,27 @@ async fn three_instances() {
     let closest = puts.windows(2).map(|pair| pair[1] - pair[0]).min().unwrap();
     assert!(closest >= Duration::from_millis(400), "two renewals {closest:?} apart: renewed twice at once");
 
-    // Delivery to a slow peeker; the instance holding its destination is killed mid-way.
-    peer.inbox.send_delay_ms.store(150, std::sync::atomic::Ordering::SeqCst);
-    let mut sent = Vec::new();
-    for i in 0..20 {
-        sent.push(alice.say(&room, &format!("m{i}")).await);
-    }
+    // Delivery to a slow peeker (1.5 s per transaction): the first event's transaction is in
+    // flight, the rest is appended, and the instance holding the destination is killed before
+    // it can send them. The delay stays: a transaction the dead instance had in flight is then
+    // recorded before any of its successor's.
+    peer.inbox.send_delay_ms.store(1500, std::sync::atomic::Ordering::SeqCst);
+    let attempts_before = peer.inbox.attempts.load(std::sync::atomic::Ordering::SeqCst);
+    let mut sent = vec![alice.say(&room, "m0").await];
     wait_until("a transaction in flight", || async {
-        peer.inbox.attempts.load(std::sync::atomic::Ordering::SeqCst) > 0
+        peer.inbox.attempts.load(std::sync::atomic::Ordering::SeqCst) > attempts_before
     })
     .await;
+    for i in 1..20 {
+        sent.push(alice.say(&room, &format!("m{i}")).await);
+    }
     let owner = lease_owner(&db.url, "peeker.test").expect("a sender holds the destination");
     let owner_pid: u32 = owner.split('-').next().unwrap().parse().unwrap();
     let victim = instances.iter().position(|(child, _, _)| child.id() == owner_pid).expect("the owner is one of ours");
     let (mut killed, _, _) = instances.remove(victim);
     killed.kill().unwrap();
     killed.wait().unwrap();
-    peer.inbox.send_delay_ms.store(0, std::sync::atomic::Ordering::SeqCst);
+    assert!(first_arrivals(&peer, &sent).len() < sent.len(), "the kill came before everything was delivered");
     wait_until("everything delivered after the kill", || async { first_arrivals(&peer, &sent).len() == sent.len() })
         .await;
     assert_eq!(first_arrivals(&peer, &sent), sent, "in order");
