@@ -43,6 +43,9 @@ const POLL: Duration = Duration::from_millis(5);
 /// `(point, subject)`: where and for whom a gate is armed.
 type GateKey = (&'static str, String);
 
+/// How long [`Held::reached`] waits for a task.
+const REACH_LIMIT: Duration = Duration::from_secs(60);
+
 static ARMED: AtomicUsize = AtomicUsize::new(0);
 static GATES: LazyLock<Mutex<HashMap<GateKey, Arc<Gate>>>> = LazyLock::new(Default::default);
 
@@ -94,9 +97,12 @@ pub fn hold(point: &'static str, subject: &str) -> Held {
 }
 
 impl Held {
-    /// Waits until a task stops at the point.
+    /// Waits until a task stops at the point; panics after [`REACH_LIMIT`] (a test whose task
+    /// never gets there fails instead of hanging).
     pub async fn reached(&self) {
+        let deadline = std::time::Instant::now() + REACH_LIMIT;
         while !self.gate.state.lock().unwrap().reached {
+            assert!(std::time::Instant::now() < deadline, "no task reached the pause point {}", self.key.0);
             tokio::time::sleep(POLL).await;
         }
     }
