@@ -106,6 +106,11 @@ pub async fn body_read_deadline(
         .unwrap_or(Duration::from_secs(30));
     let expired = Arc::new(AtomicBool::new(false));
     let (http_req, payload) = req.into_parts();
+    if matches!(payload, Payload::None) {
+        // No body (most reads): nothing to time.
+        let req = ServiceRequest::from_parts(http_req, payload);
+        return Ok(next.call(req).await?.map_into_left_body());
+    }
     let deadline = DeadlineBody {
         inner: payload,
         sleep: Box::pin(tokio::time::sleep(timeout)),

@@ -126,17 +126,16 @@ pub(super) async fn save_progress(
                 let mine = destinations::table
                     .filter(destinations::server_name.eq(&destination))
                     .filter(destinations::lease_owner.eq(&me));
-                let held: i64 = mine.count().get_result(conn)?;
-                if held == 0 {
-                    return Ok(false);
-                }
-                diesel::update(mine)
+                let held = diesel::update(mine)
                     .set((
                         destinations::failure_count.eq(0),
                         destinations::retry_at.eq(None::<i64>),
                         destinations::last_success_ts.eq(now_ms()),
                     ))
                     .execute(conn)?;
+                if held == 0 {
+                    return Ok(false);
+                }
                 diesel::update(mine.filter(destinations::last_sent_pos.lt(cursor)))
                     .set(destinations::last_sent_pos.eq(cursor))
                     .execute(conn)?;

@@ -197,7 +197,7 @@ pub fn store_event(
         .execute(conn)?;
     // H19: a redaction rewrites the event it names, and an event arriving after its redaction
     // is rewritten at once, in the same transaction.
-    super::redactions::after_store(conn, room, pdu)?;
+    super::redactions::after_store(conn, room, pdu, hooks.server_name())?;
     // In the same transaction, the registered hooks: peeks end when the room stops being
     // peekable (RE-3, RE-4, CP-11) and a local user's peeks end when they join (CP-10).
     if pdu.is_state() {

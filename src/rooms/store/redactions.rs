@@ -36,8 +36,15 @@ pub fn note_applied_elsewhere() {
 }
 
 /// Called by the append path for every event it stores in `room`: a redaction is recorded and
-/// applied to the event it names; any other event gets the redactions stored before it.
-pub(super) fn after_store(conn: &mut DbConnection, room: &RoomRow, pdu: &Pdu) -> Result<(), RoomError> {
+/// applied to the event it names; any other event of another server gets the redactions stored
+/// before it. Our own events are new when stored (their IDs are hashes of what we just built),
+/// so the local append path skips that lookup.
+pub(super) fn after_store(
+    conn: &mut DbConnection,
+    room: &RoomRow,
+    pdu: &Pdu,
+    our_server: &str,
+) -> Result<(), RoomError> {
     if pdu.event_type() == "m.room.redaction" {
         let Some(target_id) = pdu.redacts.as_ref() else {
             return Ok(());
@@ -52,6 +59,9 @@ pub(super) fn after_store(conn: &mut DbConnection, room: &RoomRow, pdu: &Pdu) ->
             .on_conflict_do_nothing()
             .execute(c))?;
         return apply(conn, room, pdu);
+    }
+    if pdu.sender.server_name().as_str() == our_server {
+        return Ok(());
     }
     let earlier: Vec<String> = redactions::table
         .filter(redactions::redacts.eq(pdu.event_id.as_str()))
