@@ -69,6 +69,7 @@ pub fn postgres_admin_url() -> String {
     URL.get_or_init(|| {
         let configured = std::env::var("PEEKGATE_TEST_POSTGRES_URL")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
+        let configured = without_tls(&configured);
         if PgConnection::establish(&configured).is_ok() {
             return configured;
         }
@@ -81,6 +82,18 @@ pub fn postgres_admin_url() -> String {
         }
     })
     .clone()
+}
+
+/// The URL with `sslmode=disable` unless it names a mode. The tests' server is on loopback, and
+/// a connection without TLS keeps OpenSSL out of libpq: a test binary exits while in-process
+/// servers' pools still hold connections, and OpenSSL's exit-time clean-up under a connection
+/// in use corrupted the heap ("free(): invalid size", SIGABRT after every test had passed).
+pub fn without_tls(url: &str) -> String {
+    if url.contains("sslmode=") {
+        return url.to_owned();
+    }
+    let separator = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{separator}sslmode=disable")
 }
 
 /// Why no throwaway cluster could be started, for the failing tests' message.
@@ -207,7 +220,7 @@ impl TestDb {
                 });
                 conn.batch_execute(&format!("CREATE DATABASE {name}")).expect("create test database");
                 let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin);
-                TestDb { url: format!("{base}/{name}"), kind, pg_name: Some(name), _dir: None }
+                TestDb { url: without_tls(&format!("{base}/{name}")), kind, pg_name: Some(name), _dir: None }
             }
             DbKind::Sqlite => {
                 let dir = tempfile::tempdir().expect("temp dir");
