@@ -66,8 +66,11 @@ pub async fn build_state(settings: Settings, dns: Option<Arc<dyn Dns>>) -> anyho
         settings.raw.signing.old_keys.clone(),
     );
     // The append path publishes; the peek modules subscribe (design.md §1).
-    let state_event_hooks: Vec<StateEventHook> =
-        vec![crate::peeks::inbound::after_state_event, crate::peeks::devices::after_state_event];
+    let state_event_hooks: Vec<StateEventHook> = vec![
+        crate::peeks::inbound::after_state_event,
+        crate::peeks::devices::after_state_event,
+        crate::membership::spans::after_state_event,
+    ];
     let rooms = Rooms::new(db.clone(), key.clone(), settings.server_name.clone(), state_event_hooks);
     let accounts = Accounts::new(db.clone());
     let inbound = InboundPeeks::new(db.clone(), &settings);

@@ -148,6 +148,24 @@ impl From<crate::rooms::RoomError> for MatrixError {
     }
 }
 
+impl From<crate::membership::MembershipError> for MatrixError {
+    fn from(e: crate::membership::MembershipError) -> Self {
+        use crate::membership::MembershipError as E;
+        match e {
+            E::UnknownRoom => MatrixError::not_found("Unknown room"),
+            E::IncompatibleVersion(version) => MatrixError::new(
+                StatusCode::BAD_REQUEST,
+                "M_INCOMPATIBLE_ROOM_VERSION",
+                format!("The room's version {version} is not among those your server offered"),
+            )
+            .with_field("room_version", version),
+            E::Forbidden(reason) => MatrixError::forbidden(reason),
+            E::BadEvent(reason) => MatrixError::bad_json(reason),
+            E::Room(e) => e.into(),
+        }
+    }
+}
+
 impl From<crate::ids::IdError> for MatrixError {
     fn from(e: crate::ids::IdError) -> Self {
         MatrixError::invalid_param(e.to_string())

@@ -21,6 +21,7 @@ pub mod ids;
 pub mod keys;
 pub mod limits;
 pub mod logging;
+pub mod membership;
 pub mod metrics;
 pub mod pause;
 pub mod peeks;

@@ -189,6 +189,15 @@ diesel::table! {
 }
 
 diesel::table! {
+    joined_servers (room_id, server_name, start_stream_pos) {
+        room_id -> Text,
+        server_name -> Text,
+        start_stream_pos -> BigInt,
+        end_stream_pos -> Nullable<BigInt>,
+    }
+}
+
+diesel::table! {
     redactions (redacts, event_id) {
         redacts -> Text,
         event_id -> Text,
@@ -233,6 +242,7 @@ diesel::joinable!(events -> rooms (room_id));
 
 diesel::allow_tables_to_appear_in_same_query!(
     server_keys,
+    joined_servers,
     redactions,
     outbound_claims,
     server_key_responses,

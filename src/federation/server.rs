@@ -5,7 +5,7 @@ use actix_web::{web, HttpResponse};
 use serde_json::json;
 
 use super::auth::SignedRequest;
-use super::{peek, reads, send};
+use super::{membership, peek, reads, send};
 use crate::http::resource;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -27,7 +27,16 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .service(resource("/backfill/{room_id}").route(web::get().to(reads::backfill)))
             .service(resource("/event_auth/{room_id}/{event_id}").route(web::get().to(reads::event_auth)))
             .service(resource("/get_missing_events/{room_id}").route(web::post().to(reads::get_missing_events)))
-            .service(resource("/query/directory").route(web::get().to(reads::query_directory))),
+            .service(resource("/query/directory").route(web::get().to(reads::query_directory)))
+            .service(resource("/make_join/{room_id}/{user_id}").route(web::get().to(membership::make_join)))
+            .service(resource("/send_join/{room_id}/{event_id}").route(web::put().to(membership::send_join_v1)))
+            .service(resource("/make_leave/{room_id}/{user_id}").route(web::get().to(membership::make_leave)))
+            .service(resource("/send_leave/{room_id}/{event_id}").route(web::put().to(membership::send_leave_v1))),
+    )
+    .service(
+        web::scope("/_matrix/federation/v2")
+            .service(resource("/send_join/{room_id}/{event_id}").route(web::put().to(membership::send_join_v2)))
+            .service(resource("/send_leave/{room_id}/{event_id}").route(web::put().to(membership::send_leave_v2))),
     )
     .service(resource("/_peekgate/federation/v1/whoami").route(web::get().to(whoami)).route(web::post().to(whoami)));
 }

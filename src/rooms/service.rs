@@ -184,6 +184,51 @@ impl Rooms {
         Ok(appended)
     }
 
+    /// A template for `user`'s `membership` event at the end of one of our rooms (the
+    /// `make_join`/`make_leave` answer, JN-1, JN-4): prev events, auth events and depth from
+    /// the current state, no hashes or signatures. Refused with [`RoomError::Forbidden`] when
+    /// the auth rules would refuse it now. For room version 10, `origin` names `origin`.
+    pub async fn membership_template(
+        &self,
+        room_id: &RoomId,
+        user: &UserId,
+        membership: &str,
+        origin: &ServerName,
+    ) -> Result<(crate::events::RoomVersion, Value), RoomError> {
+        let (key, server_name) = (self.key.clone(), self.server_name.clone());
+        let draft = EventDraft {
+            room_id: room_id.to_owned(),
+            sender: user.to_owned(),
+            kind: "m.room.member".to_owned(),
+            state_key: Some(user.to_string()),
+            content: serde_json::json!({ "membership": membership }),
+            prev_events: Vec::new(),
+            auth_events: Vec::new(),
+            depth: 0,
+            origin_server_ts: now_ms(),
+        };
+        let room = room_id.to_string();
+        let (version, pdu) = self
+            .read(move |conn| {
+                let row = store::room(conn, &room)?.ok_or(RoomError::NotFound)?;
+                // Signed with our key only so that it is a complete event for the auth check;
+                // the joining server hashes and signs the template itself.
+                let pdu = store::prepare_at_end(conn, &key, server_name.as_str(), &row, draft)?;
+                Ok((row.version, pdu))
+            })
+            .await?;
+        let mut template = pdu.federation_json();
+        if let Some(fields) = template.as_object_mut() {
+            fields.remove("hashes");
+            fields.remove("signatures");
+            fields.remove("event_id");
+            if fields.contains_key("origin") {
+                fields.insert("origin".into(), Value::String(origin.to_string()));
+            }
+        }
+        Ok((version, template))
+    }
+
     /// Stores a validated peek answer as the starting point of a room of another server (see
     /// [`store::store_snapshot`]), all or nothing.
     pub async fn store_snapshot(

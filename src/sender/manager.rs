@@ -11,12 +11,13 @@ use diesel::prelude::*;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
 
-use super::queue::{fan_out_inputs, save_many, NewEvent};
+use super::queue::{fan_out_inputs, save_many};
+use super::subscriptions::NewEvent;
 
 use super::shared::{Prepared, PreparedBody, SenderContext, Shared, WorkerStatus};
 use super::{destinations, worker};
 use crate::clock::now_ms;
-use crate::db::schema::{self, events, inbound_peeks, peek_notices};
+use crate::db::schema::{self, events, inbound_peeks, joined_servers, peek_notices};
 use crate::db::DbError;
 
 /// How often the manager looks for destinations with work, besides wake-ups.
@@ -207,7 +208,7 @@ async fn fan_out_chunk(
     head: i64,
 ) -> Option<BTreeSet<String>> {
     let mut served = BTreeSet::new();
-    let (new_events, peeks) = match fan_out_inputs(shared, since, head, FAN_OUT_MAX_EVENTS).await {
+    let (new_events, subscriptions) = match fan_out_inputs(shared, since, head, FAN_OUT_MAX_EVENTS).await {
         Ok(inputs) => inputs,
         Err(e) => {
             tracing::warn!(error = %e, "sender: fan-out read failed; the queue path will deliver");
@@ -216,9 +217,9 @@ async fn fan_out_chunk(
     };
     let now = now_ms();
     let mut wanted: BTreeMap<String, Vec<usize>> = BTreeMap::new();
-    for peek in &peeks {
-        let entry = wanted.entry(peek.origin.clone()).or_default();
-        entry.extend(new_events.iter().enumerate().filter(|(_, e)| peek.wants(e, now)).map(|(i, _)| i));
+    for subscription in &subscriptions {
+        let entry = wanted.entry(subscription.destination.clone()).or_default();
+        entry.extend(new_events.iter().enumerate().filter(|(_, e)| subscription.wants(e, now)).map(|(i, _)| i));
     }
     let mut bodies: HashMap<Vec<usize>, Arc<PreparedBody>> = HashMap::new();
     for (destination, mut indices) in wanted {
@@ -316,26 +317,50 @@ async fn destinations_with_work(shared: &Shared, since: Option<i64>) -> Result<(
             let mut list: Vec<String> = match since {
                 Some(since) if since >= head => Vec::new(),
                 Some(since) => {
-                    let changed_rooms = events::table
-                        .filter(events::stream_pos.gt(since))
-                        .filter(events::stream_pos.le(head))
-                        .select(events::room_id);
-                    inbound_peeks::table
-                        .filter(inbound_peeks::room_id.eq_any(changed_rooms))
+                    let changed_rooms = || {
+                        events::table
+                            .filter(events::stream_pos.gt(since))
+                            .filter(events::stream_pos.le(head))
+                            .select(events::room_id)
+                    };
+                    let mut servers: Vec<String> = inbound_peeks::table
+                        .filter(inbound_peeks::room_id.eq_any(changed_rooms()))
                         .filter(inbound_peeks::end_stream_pos.is_null().or(inbound_peeks::end_stream_pos.gt(since)))
                         .select(inbound_peeks::origin)
                         .distinct()
-                        .load(conn)?
+                        .load(conn)?;
+                    servers.extend(
+                        joined_servers::table
+                            .filter(joined_servers::room_id.eq_any(changed_rooms()))
+                            .filter(
+                                joined_servers::end_stream_pos.is_null().or(joined_servers::end_stream_pos.gt(since)),
+                            )
+                            .select(joined_servers::server_name)
+                            .distinct()
+                            .load::<String>(conn)?,
+                    );
+                    servers
                 }
                 // Only destinations behind the head: a peeker that is caught up has no work,
                 // however many peeks it holds.
                 None => schema::destinations::table
                     .filter(schema::destinations::last_sent_pos.lt(head))
-                    .filter(diesel::dsl::exists(
-                        inbound_peeks::table
-                            .filter(inbound_peeks::origin.eq(schema::destinations::server_name))
-                            .filter(inbound_peeks::expires_ts.ge(now).or(inbound_peeks::end_stream_pos.is_not_null())),
-                    ))
+                    .filter(
+                        diesel::dsl::exists(
+                            inbound_peeks::table
+                                .filter(inbound_peeks::origin.eq(schema::destinations::server_name))
+                                .filter(
+                                    inbound_peeks::expires_ts.ge(now).or(inbound_peeks::end_stream_pos.is_not_null()),
+                                ),
+                        )
+                        .or(diesel::dsl::exists(
+                            joined_servers::table
+                                .filter(joined_servers::server_name.eq(schema::destinations::server_name))
+                                .filter(joined_servers::end_stream_pos.is_null().or(
+                                    joined_servers::end_stream_pos.gt(schema::destinations::last_sent_pos.nullable()),
+                                )),
+                        )),
+                    )
                     .select(schema::destinations::server_name)
                     .load(conn)?,
             };

@@ -16,6 +16,7 @@ pub mod destinations;
 mod manager;
 mod queue;
 mod shared;
+mod subscriptions;
 mod worker;
 
 pub use manager::{start, SenderHandle};

@@ -8,11 +8,11 @@ use rand::RngExt;
 use serde_json::Value;
 
 use super::shared::Shared;
+use super::subscriptions::{self, NewEvent, Subscription};
 use crate::clock::now_ms;
-use crate::db::schema::{destinations, events, inbound_peeks, peek_notices};
+use crate::db::schema::{destinations, events, inbound_peeks, joined_servers, peek_notices};
 use crate::db::write_transaction;
 use crate::db::{DbConnection, DbError};
-use crate::ids;
 
 /// Spec limit of PDUs per transaction.
 pub const MAX_PDUS_PER_TXN: i64 = 50;
@@ -52,27 +52,37 @@ pub struct DestinationRow {
 /// events back (PE-2). Then the `expired_peeks` notices whose peek's last event is delivered.
 pub(super) async fn next_batch(shared: &Shared, destination: &str, cursor: i64) -> Result<Batch, DbError> {
     let destination = destination.to_owned();
-    shared.state.db.run(move |conn| next_batch_blocking(conn, &destination, cursor)).await
+    let our_server = shared.state.settings.server_name.to_string();
+    shared.state.db.run(move |conn| next_batch_blocking(conn, &our_server, &destination, cursor)).await
 }
 
-fn next_batch_blocking(conn: &mut DbConnection, destination: &str, cursor: i64) -> Result<Batch, DbError> {
+fn next_batch_blocking(
+    conn: &mut DbConnection,
+    our_server: &str,
+    destination: &str,
+    cursor: i64,
+) -> Result<Batch, DbError> {
     let now = now_ms();
     // Read the head first: every event up to it has committed (appends commit in order), so
     // what the query below does not return up to the head is not for this destination.
     let head = crate::rooms::store::stream_head(conn)?;
-    // The rooms where this destination has a peek that may still want events narrow the scan;
-    // which of their events it gets is the one rule in `PeekRow::wants`, shared with the
-    // fan-out path, applied to the peeks of the rooms the page touches.
-    let candidate_rooms = inbound_peeks::table
+    // The rooms where this destination has a peek or a joined span that may still want events
+    // narrow the scan; which of their events it gets is the one rule in `Subscription::wants`,
+    // shared with the fan-out path, applied to its subscriptions in the rooms the page touches.
+    let peeked_rooms = inbound_peeks::table
         .filter(inbound_peeks::origin.eq(destination))
         .filter(inbound_peeks::end_stream_pos.is_null().or(inbound_peeks::end_stream_pos.gt(cursor)))
         .select(inbound_peeks::room_id);
+    let joined_rooms = joined_servers::table
+        .filter(joined_servers::server_name.eq(destination))
+        .filter(joined_servers::end_stream_pos.is_null().or(joined_servers::end_stream_pos.gt(cursor)))
+        .select(joined_servers::room_id);
     let rows: Vec<(i64, String, String, String)> = events::table
         .filter(events::stream_pos.gt(cursor))
         .filter(events::stream_pos.le(head))
         .filter(events::outlier.eq(false))
         .filter(events::rejected.eq(false))
-        .filter(events::room_id.eq_any(candidate_rooms))
+        .filter(events::room_id.eq_any(peeked_rooms).or(events::room_id.eq_any(joined_rooms)))
         .order(events::stream_pos.asc())
         .limit(MAX_PDUS_PER_TXN)
         .select((events::stream_pos, events::room_id, events::sender, events::json))
@@ -83,18 +93,11 @@ fn next_batch_blocking(conn: &mut DbConnection, destination: &str, cursor: i64) 
     let mut page_rooms: Vec<&str> = rows.iter().map(|r| r.1.as_str()).collect();
     page_rooms.sort_unstable();
     page_rooms.dedup();
-    let peeks: Vec<PeekRow> = inbound_peeks::table
-        .filter(inbound_peeks::origin.eq(destination))
-        .filter(inbound_peeks::room_id.eq_any(page_rooms))
-        .select(PEEK_ROW_COLUMNS)
-        .load::<(String, String, i64, Option<i64>, i64)>(conn)?
-        .into_iter()
-        .map(PeekRow::from)
-        .collect();
+    let subscriptions = subscriptions::of_destination(conn, our_server, destination, &page_rooms)?;
     let rows: Vec<(i64, String)> = rows
         .into_iter()
         .map(|(pos, room_id, sender, json)| NewEvent { pos, room_id, sender, json })
-        .filter(|event| peeks.iter().any(|peek| peek.wants(event, now)))
+        .filter(|event| subscriptions.iter().any(|s| s.wants(event, now)))
         .map(|event| (event.pos, event.json))
         .collect();
     let pdus = rows.into_iter().filter_map(|(_, json)| serde_json::from_str(&json).ok()).collect();
@@ -301,101 +304,49 @@ pub(super) async fn save_many(shared: &Shared, moves: Vec<(String, i64)>) -> Res
         .await
 }
 
-/// New events after `since` (up to `head`, at most `limit`) and the peeks on their rooms, for
-/// the fan-out path: `(events, peeks)`.
+/// New events after `since` (up to `head`, at most `limit`) and the subscriptions in their
+/// rooms, for the fan-out path: `(events, subscriptions)`.
 pub(super) async fn fan_out_inputs(
     shared: &Shared,
     since: i64,
     head: i64,
     limit: i64,
-) -> Result<(Vec<NewEvent>, Vec<PeekRow>), DbError> {
+) -> Result<(Vec<NewEvent>, Vec<Subscription>), DbError> {
+    let our_server = shared.state.settings.server_name.to_string();
     shared
         .state
         .db
         .run(move |conn| {
-            // Peeks first: most appends are in rooms nobody peeks, and then no event JSON is read.
-            let changed_rooms = events::table
+            // Subscriptions first: most appends are in rooms nobody else reads, and then no
+            // event JSON is read.
+            let changed_rooms: Vec<String> = events::table
                 .filter(events::stream_pos.gt(since))
                 .filter(events::stream_pos.le(head))
-                .select(events::room_id);
-            let peeks: Vec<(String, String, i64, Option<i64>, i64)> = inbound_peeks::table
-                .filter(inbound_peeks::room_id.eq_any(changed_rooms))
-                .filter(inbound_peeks::end_stream_pos.is_null().or(inbound_peeks::end_stream_pos.gt(since)))
-                .select(PEEK_ROW_COLUMNS)
+                .select(events::room_id)
+                .distinct()
                 .load(conn)?;
-            if peeks.is_empty() {
+            let subscriptions = subscriptions::in_rooms_after(conn, &our_server, &changed_rooms, since)?;
+            if subscriptions.is_empty() {
                 return Ok((Vec::new(), Vec::new()));
             }
-            let mut peeked_rooms: Vec<&String> = peeks.iter().map(|p| &p.1).collect();
-            peeked_rooms.sort();
-            peeked_rooms.dedup();
+            let mut rooms: Vec<&String> = subscriptions.iter().map(|s| &s.room_id).collect();
+            rooms.sort();
+            rooms.dedup();
             let rows: Vec<(i64, String, String, String)> = events::table
                 .filter(events::stream_pos.gt(since))
                 .filter(events::stream_pos.le(head))
                 .filter(events::outlier.eq(false))
                 .filter(events::rejected.eq(false))
-                .filter(events::room_id.eq_any(peeked_rooms))
+                .filter(events::room_id.eq_any(rooms))
                 .order(events::stream_pos.asc())
                 .limit(limit)
                 .select((events::stream_pos, events::room_id, events::sender, events::json))
                 .load(conn)?;
             let events =
                 rows.into_iter().map(|(pos, room_id, sender, json)| NewEvent { pos, room_id, sender, json }).collect();
-            let peeks = peeks.into_iter().map(PeekRow::from).collect();
-            Ok((events, peeks))
+            Ok((events, subscriptions))
         })
         .await
-}
-
-pub struct NewEvent {
-    pub pos: i64,
-    pub room_id: String,
-    pub sender: String,
-    pub json: String,
-}
-
-/// The columns a [`PeekRow`] is loaded from, on both paths.
-type PeekRowColumns = (
-    inbound_peeks::origin,
-    inbound_peeks::room_id,
-    inbound_peeks::start_stream_pos,
-    inbound_peeks::end_stream_pos,
-    inbound_peeks::expires_ts,
-);
-const PEEK_ROW_COLUMNS: PeekRowColumns = (
-    inbound_peeks::origin,
-    inbound_peeks::room_id,
-    inbound_peeks::start_stream_pos,
-    inbound_peeks::end_stream_pos,
-    inbound_peeks::expires_ts,
-);
-
-pub struct PeekRow {
-    pub origin: String,
-    pub room_id: String,
-    pub start: i64,
-    pub end: Option<i64>,
-    pub expires_ts: i64,
-}
-
-/// `(origin, room_id, start_stream_pos, end_stream_pos, expires_ts)` as both paths load it.
-impl From<(String, String, i64, Option<i64>, i64)> for PeekRow {
-    fn from((origin, room_id, start, end, expires_ts): (String, String, i64, Option<i64>, i64)) -> PeekRow {
-        PeekRow { origin, room_id, start, end, expires_ts }
-    }
-}
-
-impl PeekRow {
-    /// Which events a peeking destination gets, for both the queue and the fan-out path: after
-    /// the peek started, while live or up to its end, and never the peeker's own events (PE-2,
-    /// PE-3, RE-2, RE-3).
-    pub fn wants(&self, event: &NewEvent, now: i64) -> bool {
-        let live = match self.end {
-            Some(end) => event.pos <= end,
-            None => self.expires_ts >= now,
-        };
-        self.room_id == event.room_id && self.start < event.pos && live && !ids::is_user_of(&event.sender, &self.origin)
-    }
 }
 
 #[cfg(test)]

@@ -562,6 +562,19 @@ impl TestPeer {
         (pdu, id)
     }
 
+    /// Completes an event template (a `make_join`/`make_leave` answer) as the joining server
+    /// does: a fresh `origin_server_ts`, then our content hash and signature. Returns the
+    /// event and its ID.
+    pub fn complete_template(&self, template: &Value, version: &str) -> (Value, String) {
+        let mut pdu = template.clone();
+        pdu["origin_server_ts"] = Value::from(chrono::Utc::now().timestamp_millis());
+        pdu["hashes"] = json!({ "sha256": verify::content_hash(&pdu) });
+        let redacted = verify::redact(&pdu, version);
+        pdu["signatures"] = json!({ self.name.clone(): { self.key_id.clone(): sign_value(&self.key, &redacted) } });
+        let id = verify::event_id(&pdu, version);
+        (pdu, id)
+    }
+
     pub async fn stop(self) {
         self.handle.stop(false).await;
     }

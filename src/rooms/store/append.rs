@@ -53,8 +53,23 @@ pub fn append_local(
     key: &SigningKey,
     hooks: &AppendHooks,
     room: &RoomRow,
-    mut draft: EventDraft,
+    draft: EventDraft,
 ) -> Result<Appended, RoomError> {
+    let pdu = prepare_at_end(conn, key, hooks.server_name(), room, draft)?;
+    store_event(conn, hooks, room, &pdu)
+}
+
+/// Fills in an event for the end of the room (auth events from the current state, the forward
+/// extremities as prev events, the next depth), signs it with our key and checks the auth rules
+/// against the current state. Nothing is stored: [`append_local`] stores it, a `make_join`
+/// template is made from it.
+pub fn prepare_at_end(
+    conn: &mut DbConnection,
+    key: &SigningKey,
+    server_name: &str,
+    room: &RoomRow,
+    mut draft: EventDraft,
+) -> Result<Pdu, RoomError> {
     let auth_types =
         pdus::auth_types(room.version, &draft.kind, &draft.sender, draft.state_key.as_deref(), &draft.content)
             .map_err(|e| RoomError::BadEvent(e.to_string()))?;
@@ -68,10 +83,9 @@ pub fn append_local(
         .load(conn)?;
     draft.prev_events = prev.iter().map(|id| EventId::parse(id).expect("stored IDs are valid")).collect();
     draft.depth = room.max_depth + 1;
-    let pdu =
-        pdus::build(key, hooks.server_name(), room.version, draft).map_err(|e| RoomError::BadEvent(e.to_string()))?;
+    let pdu = pdus::build(key, server_name, room.version, draft).map_err(|e| RoomError::BadEvent(e.to_string()))?;
     authorise(conn, room, &pdu, &needed)?;
-    store_event(conn, hooks, room, &pdu)
+    Ok(pdu)
 }
 
 /// Authorises and stores an event another server sent (already signature-checked): its

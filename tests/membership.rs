@@ -1,0 +1,321 @@
+//! Membership over federation, inbound (spec/membership.md JN-1, JN-2, JN-4, JN-10): another
+//! server's user joins one of our rooms through `make_join`/`send_join`, receives our events
+//! while joined, sends its own, and leaves through `make_leave`/`send_leave`. The joining
+//! servers are test peers with their own keys that verify everything they receive; bad joins
+//! get clear Matrix errors and leave nothing stored.
+
+mod support;
+
+use reqwest::Method;
+use ruma::{RoomId, UserId};
+use serde_json::{json, Value};
+use support::client::{enc, request, Client};
+use support::peer::{KeyMode, TestPeer};
+use support::verify::{check_event, event_id};
+use support::{wait_until, DbKind, ServerSpec, TestServer};
+
+const GW: &str = "gw.test";
+
+struct Setup {
+    gw: TestServer,
+    alice: Client,
+    peers: Vec<TestPeer>,
+}
+
+async fn setup(db: DbKind, peer_names: &[&str]) -> Setup {
+    let peers: Vec<TestPeer> = peer_names.iter().map(|n| TestPeer::start(n, KeyMode::Good)).collect();
+    let mut spec = ServerSpec::new(GW, db).configure(support::gateways::open_registration);
+    for peer in &peers {
+        spec = spec.destination(&peer.name, &peer.url);
+    }
+    let gw = spec.start().await;
+    for peer in &peers {
+        peer.trust(GW, &gw.base);
+    }
+    let alice = Client::register(&gw.base, "alice").await;
+    Setup { gw, alice, peers }
+}
+
+async fn finish(setup: Setup) {
+    for peer in &setup.peers {
+        let problems = peer.inbox.problems.lock().unwrap().clone();
+        assert!(problems.is_empty(), "{}: {problems:?}", peer.name);
+    }
+    setup.gw.stop().await;
+    for peer in setup.peers {
+        peer.stop().await;
+    }
+}
+
+/// A public room (anyone may join; history `shared`, so not peekable) of `version`.
+async fn public_room(alice: &Client, version: &str) -> String {
+    alice.create_room(json!({ "preset": "public_chat", "room_version": version })).await
+}
+
+async fn gateway_keys(gw: &TestServer) -> Vec<(String, String)> {
+    let (_, keys) = request(&gw.base, None, Method::GET, "/_matrix/key/v2/server", None).await;
+    keys["verify_keys"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(id, k)| (id.clone(), k["key"].as_str().unwrap().to_owned()))
+        .collect()
+}
+
+async fn make(peer: &TestPeer, gw: &TestServer, kind: &str, room: &str, user: &str, query: &str) -> (u16, Value) {
+    let path = format!("/_matrix/federation/v1/make_{kind}/{}/{}{query}", enc(room), enc(user));
+    peer.call(&gw.base, GW, Method::GET, &path, None).await
+}
+
+async fn send(peer: &TestPeer, gw: &TestServer, path: &str, room: &str, id: &str, event: &Value) -> (u16, Value) {
+    let path = format!("/_matrix/federation/{path}/{}/{}", enc(room), enc(id));
+    peer.call(&gw.base, GW, Method::PUT, &path, Some(event)).await
+}
+
+/// `make_join` then `send_join` (v2) for `@{localpart}:{peer}`: the answer.
+async fn join(peer: &TestPeer, gw: &TestServer, room: &str, localpart: &str, version: &str) -> (String, Value) {
+    let user = format!("@{localpart}:{}", peer.name);
+    let (status, made) = make(peer, gw, "join", room, &user, "?ver=10&ver=11").await;
+    assert_eq!(status, 200, "make_join: {made}");
+    let (event, id) = peer.complete_template(&made["event"], version);
+    let (status, answer) = send(peer, gw, "v2/send_join", room, &id, &event).await;
+    assert_eq!(status, 200, "send_join: {answer}");
+    (id, answer)
+}
+
+async fn state_id(gw: &TestServer, room: &str, kind: &str, state_key: &str) -> Option<String> {
+    let room_id = RoomId::parse(room).unwrap();
+    gw.state().rooms.state_event(&room_id, kind, state_key).await.unwrap().map(|e| e.event_id.to_string())
+}
+
+async fn membership(gw: &TestServer, room: &str, user: &str) -> Option<String> {
+    let (room_id, user) = (RoomId::parse(room).unwrap(), UserId::parse(user).unwrap());
+    gw.state().rooms.membership(&room_id, &user).await.unwrap()
+}
+
+async fn stored(gw: &TestServer, event_id: &str) -> bool {
+    gw.state().rooms.event(event_id).await.unwrap().is_some()
+}
+
+/// The message bodies a peer has received, in order.
+fn bodies(peer: &TestPeer) -> Vec<String> {
+    peer.inbox.pdus().iter().filter_map(|p| p["content"]["body"].as_str().map(str::to_owned)).collect()
+}
+
+/// JN-1, JN-2, JN-4, JN-10: a template from the current state; the join answered with the
+/// state before it and its auth chain, all signed by us; our events reach the joined server
+/// (and only ours); its own messages are accepted; after its leave it gets nothing more.
+async fn a_remote_user_joins_talks_and_leaves(db: DbKind, version: &str) {
+    let s = setup(db, &["joiner.test", "stays.test"]).await;
+    let (joiner, stays) = (&s.peers[0], &s.peers[1]);
+    let room = public_room(&s.alice, version).await;
+    let before = s.alice.say(&room, "before the join").await;
+    let bob = "@bob:joiner.test";
+
+    // JN-1: the template.
+    let (status, made) = make(joiner, &s.gw, "join", &room, bob, "?ver=10&ver=11").await;
+    assert_eq!(status, 200, "{made}");
+    assert_eq!(made["room_version"], version);
+    let template = &made["event"];
+    assert_eq!(template["type"], "m.room.member");
+    assert_eq!(template["sender"], bob);
+    assert_eq!(template["state_key"], bob);
+    assert_eq!(template["content"]["membership"], "join");
+    assert_eq!(template["prev_events"], json!([before]));
+    assert!(template.get("signatures").is_none() && template.get("hashes").is_none(), "{template}");
+    let mut auth: Vec<String> =
+        template["auth_events"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_owned()).collect();
+    auth.sort();
+    let mut expected = vec![
+        state_id(&s.gw, &room, "m.room.create", "").await.unwrap(),
+        state_id(&s.gw, &room, "m.room.power_levels", "").await.unwrap(),
+        state_id(&s.gw, &room, "m.room.join_rules", "").await.unwrap(),
+    ];
+    expected.sort();
+    assert_eq!(auth, expected, "a first join is authorised by create, power levels and join rules");
+
+    // JN-2: the join, and the answer.
+    let (event, join_id) = joiner.complete_template(template, version);
+    let (status, answer) = send(joiner, &s.gw, "v2/send_join", &room, &join_id, &event).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["origin"], GW);
+    assert_eq!(answer["members_omitted"], false);
+    assert_eq!(event_id(&answer["event"], version), join_id);
+    let keys = gateway_keys(&s.gw).await;
+    let state = answer["state"].as_array().unwrap();
+    let chain = answer["auth_chain"].as_array().unwrap();
+    for pdu in state.iter().chain(chain) {
+        check_event(pdu, version, GW, &keys, None).unwrap_or_else(|e| panic!("{}: {e}", pdu["type"]));
+    }
+    let state_keys: Vec<(String, String)> = state
+        .iter()
+        .map(|e| (e["type"].as_str().unwrap().to_owned(), e["state_key"].as_str().unwrap().to_owned()))
+        .collect();
+    assert!(state_keys.contains(&("m.room.member".into(), s.alice.user_id.clone())), "{state_keys:?}");
+    assert!(!state_keys.iter().any(|(_, k)| k == bob), "the state is the state before the join: {state_keys:?}");
+    // The auth chain holds every auth event of the state and of the join.
+    let known: Vec<String> = state.iter().chain(chain).map(|e| event_id(e, version)).collect();
+    for pdu in state.iter().chain(std::iter::once(&event)) {
+        for auth in pdu["auth_events"].as_array().unwrap() {
+            assert!(known.contains(&auth.as_str().unwrap().to_owned()), "{auth} missing from the answer");
+        }
+    }
+    assert_eq!(membership(&s.gw, &room, bob).await.as_deref(), Some("join"));
+
+    // A retried send_join gets the same answer and stores nothing twice.
+    let (status, again) = send(joiner, &s.gw, "v2/send_join", &room, &join_id, &event).await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["state"], answer["state"]);
+
+    // A second server joins and stays, as the control for what the first gets after leaving.
+    join(stays, &s.gw, &room, "carol", version).await;
+
+    // JN-10: our events reach the joined servers, signed (the peers verify every PDU).
+    s.alice.say(&room, "hello servers").await;
+    wait_until("the joined servers receive our message", || async {
+        bodies(joiner).contains(&"hello servers".to_owned()) && bodies(stays).contains(&"hello servers".to_owned())
+    })
+    .await;
+    assert!(!bodies(joiner).contains(&"before the join".to_owned()), "history before the join is not sent");
+
+    // The joined server's own message is accepted through /send and not echoed back to it;
+    // the other joined server gets it from its origin, not from us.
+    let bob_member = state_id(&s.gw, &room, "m.room.member", bob).await.unwrap();
+    let create = state_id(&s.gw, &room, "m.room.create", "").await.unwrap();
+    let power = state_id(&s.gw, &room, "m.room.power_levels", "").await.unwrap();
+    let latest = s.gw.state().rooms.forward_extremities(&RoomId::parse(&room).unwrap()).await.unwrap();
+    let depth = 100;
+    let (pdu, bob_says) = joiner.build_pdu(
+        version,
+        &room,
+        "bob",
+        "m.room.message",
+        None,
+        json!({ "msgtype": "m.text", "body": "hi from bob" }),
+        &[create, power, bob_member],
+        &latest,
+        depth,
+    );
+    let (status, result) = joiner.send_transaction(&s.gw.base, GW, vec![pdu]).await;
+    assert_eq!(status, 200, "{result}");
+    assert_eq!(result["pdus"][&bob_says], json!({}), "{result}");
+    assert!(stored(&s.gw, &bob_says).await);
+    s.alice.say(&room, "after bob").await;
+    wait_until("the control receives the next message", || async { bodies(stays).contains(&"after bob".to_owned()) })
+        .await;
+    assert!(!bodies(stays).contains(&"hi from bob".to_owned()), "another server's event is not relayed to members");
+    wait_until("bob's server receives the next message", || async { bodies(joiner).contains(&"after bob".to_owned()) })
+        .await;
+    assert!(!bodies(joiner).contains(&"hi from bob".to_owned()), "its own event is not echoed");
+
+    // JN-4: the leave.
+    let (status, made) = make(joiner, &s.gw, "leave", &room, bob, "").await;
+    assert_eq!(status, 200, "{made}");
+    assert_eq!(made["event"]["content"]["membership"], "leave");
+    let (leave, leave_id) = joiner.complete_template(&made["event"], version);
+    let (status, answer) = send(joiner, &s.gw, "v2/send_leave", &room, &leave_id, &leave).await;
+    assert_eq!((status, answer), (200, json!({})));
+    assert_eq!(membership(&s.gw, &room, bob).await.as_deref(), Some("leave"));
+    s.alice.say(&room, "after the leave").await;
+    wait_until("the control receives the message after the leave", || async {
+        bodies(stays).contains(&"after the leave".to_owned())
+    })
+    .await;
+    // Both destinations are served by the same sender pass; give a wrongly sent copy time to land.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(!bodies(joiner).contains(&"after the leave".to_owned()), "a server that left gets nothing more");
+    finish(s).await;
+}
+
+async fn joins_in_room_version_10(db: DbKind) {
+    a_remote_user_joins_talks_and_leaves(db, "10").await;
+}
+both_backends!(joins_in_room_version_10);
+
+async fn joins_in_room_version_11(db: DbKind) {
+    a_remote_user_joins_talks_and_leaves(db, "11").await;
+}
+both_backends!(joins_in_room_version_11);
+
+/// JN-1, JN-2 bad input: each refusal is a clear Matrix error and leaves nothing stored.
+async fn bad_joins_are_refused_and_change_nothing(db: DbKind) {
+    let s = setup(db, &["joiner.test", "impostor.test"]).await;
+    let (joiner, impostor) = (&s.peers[0], &s.peers[1]);
+    let room = public_room(&s.alice, "10").await;
+    let bob = "@bob:joiner.test";
+    let errcode = |answer: &Value| answer["errcode"].as_str().unwrap_or_default().to_owned();
+
+    // make_join: a user of another server, an unknown room, versions we don't have.
+    let (status, answer) = make(joiner, &s.gw, "join", &room, "@bob:impostor.test", "?ver=10").await;
+    assert_eq!((status, errcode(&answer)), (403, "M_FORBIDDEN".into()), "{answer}");
+    let (status, answer) = make(joiner, &s.gw, "join", "!nowhere:gw.test", bob, "?ver=10").await;
+    assert_eq!((status, errcode(&answer)), (404, "M_NOT_FOUND".into()), "{answer}");
+    for query in ["?ver=1&ver=9", ""] {
+        let (status, answer) = make(joiner, &s.gw, "join", &room, bob, query).await;
+        assert_eq!((status, errcode(&answer)), (400, "M_INCOMPATIBLE_ROOM_VERSION".into()), "{answer}");
+        assert_eq!(answer["room_version"], "10");
+    }
+
+    // An invite-only room refuses the template, and a join built by hand is refused by the
+    // auth rules.
+    let private = s.alice.create_room(json!({ "preset": "private_chat", "room_version": "10" })).await;
+    let (status, answer) = make(joiner, &s.gw, "join", &private, bob, "?ver=10").await;
+    assert_eq!((status, errcode(&answer)), (403, "M_FORBIDDEN".into()), "{answer}");
+    let auth = [
+        state_id(&s.gw, &private, "m.room.create", "").await.unwrap(),
+        state_id(&s.gw, &private, "m.room.power_levels", "").await.unwrap(),
+        state_id(&s.gw, &private, "m.room.join_rules", "").await.unwrap(),
+    ];
+    let prev = s.gw.state().rooms.forward_extremities(&RoomId::parse(&private).unwrap()).await.unwrap();
+    let content = json!({ "membership": "join" });
+    let (uninvited, uninvited_id) =
+        joiner.build_pdu("10", &private, "bob", "m.room.member", Some(bob), content.clone(), &auth, &prev, 10);
+    let (status, answer) = send(joiner, &s.gw, "v2/send_join", &private, &uninvited_id, &uninvited).await;
+    assert_eq!((status, errcode(&answer)), (403, "M_FORBIDDEN".into()), "{answer}");
+    assert!(!stored(&s.gw, &uninvited_id).await);
+    assert_eq!(membership(&s.gw, &private, bob).await, None);
+
+    // send_join with a good template but a wrong path ID, the wrong membership, someone
+    // else's user, or a signature by the wrong server.
+    let (_, made) = make(joiner, &s.gw, "join", &room, bob, "?ver=10").await;
+    let (event, id) = joiner.complete_template(&made["event"], "10");
+    let (status, answer) = send(joiner, &s.gw, "v2/send_join", &room, "$notthisone", &event).await;
+    assert_eq!((status, errcode(&answer)), (400, "M_BAD_JSON".into()), "{answer}");
+    let mut as_leave = made["event"].clone();
+    as_leave["content"]["membership"] = json!("leave");
+    let (as_leave, as_leave_id) = joiner.complete_template(&as_leave, "10");
+    let (status, answer) = send(joiner, &s.gw, "v2/send_join", &room, &as_leave_id, &as_leave).await;
+    assert_eq!((status, errcode(&answer)), (400, "M_BAD_JSON".into()), "{answer}");
+    let (forged, forged_id) = impostor.complete_template(&made["event"], "10");
+    let (status, answer) = send(joiner, &s.gw, "v2/send_join", &room, &forged_id, &forged).await;
+    assert_eq!((status, errcode(&answer)), (403, "M_FORBIDDEN".into()), "signed by impostor.test only: {answer}");
+    let (status, answer) = send(impostor, &s.gw, "v2/send_join", &room, &id, &event).await;
+    assert_eq!((status, errcode(&answer)), (403, "M_FORBIDDEN".into()), "sent by another server: {answer}");
+    let mut altered = event.clone();
+    altered["content"]["displayname"] = json!("changed after signing");
+    let altered_id = event_id(&altered, "10");
+    let (status, answer) = send(joiner, &s.gw, "v2/send_join", &room, &altered_id, &altered).await;
+    assert_eq!((status, errcode(&answer)), (400, "M_BAD_JSON".into()), "content hash mismatch: {answer}");
+    let (status, answer) = send(joiner, &s.gw, "v2/send_join", &room, &id, &json!("not an object")).await;
+    assert_eq!(status, 400, "{answer}");
+    for refused in [&as_leave_id, &forged_id, &altered_id] {
+        assert!(!stored(&s.gw, refused).await, "{refused} was stored");
+    }
+    assert_eq!(membership(&s.gw, &room, bob).await, None, "nothing was stored");
+
+    // The good event still joins, through v1 (answered as `[200, {...}]`).
+    let (status, answer) = send(joiner, &s.gw, "v1/send_join", &room, &id, &event).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer[0], 200);
+    assert_eq!(event_id(&answer[1]["event"], "10"), id);
+    assert_eq!(membership(&s.gw, &room, bob).await.as_deref(), Some("join"));
+    // A leave through send_leave v1 for a user of another server is refused.
+    let (_, made) = make(joiner, &s.gw, "leave", &room, bob, "").await;
+    let (leave, leave_id) = joiner.complete_template(&made["event"], "10");
+    let (status, answer) = send(impostor, &s.gw, "v1/send_leave", &room, &leave_id, &leave).await;
+    assert_eq!((status, errcode(&answer)), (403, "M_FORBIDDEN".into()), "{answer}");
+    let (status, answer) = send(joiner, &s.gw, "v1/send_leave", &room, &leave_id, &leave).await;
+    assert_eq!((status, answer), (200, json!([200, {}])));
+    finish(s).await;
+}
+both_backends!(bad_joins_are_refused_and_change_nothing);
