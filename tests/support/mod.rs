@@ -15,6 +15,7 @@ pub mod peer;
 pub mod peer_room;
 pub mod pg_cluster;
 pub mod process;
+pub mod synapse;
 pub mod verify;
 
 use std::collections::BTreeMap;

@@ -1,0 +1,168 @@
+//! Interop with real Synapse (JN-13), over TLS on loopback: Synapse is installed from PyPI in a
+//! virtualenv by the test support (see `support::synapse`) and never skipped. peekgate runs on
+//! SQLite with server name `localhost:<TLS port>`, so Synapse reaches it without SRV or
+//! `.well-known`; peekgate reaches Synapse through a `federation.destinations` override.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use peekgate::federation::client::{FedRequest, FederationError};
+use reqwest::Method;
+use ruma::ServerName;
+use serde_json::{json, Value};
+use support::client::{enc, Client};
+use support::synapse::Synapse;
+use support::{run_async, DbKind, TestServer};
+
+fn server_name(name: &str) -> &ServerName {
+    <&ServerName>::try_from(name).unwrap()
+}
+
+/// Synapse's published `(key_id, public key)`, fetched by peekgate's federation client.
+async fn synapse_key(gateway: &TestServer, synapse: &Synapse) -> (String, String) {
+    let keys =
+        gateway.state().federation.get_unsigned(server_name(&synapse.server_name), "/_matrix/key/v2/server").await;
+    let keys = keys.unwrap_or_else(|e| panic!("Synapse's keys over TLS: {e}\n{}", synapse.log_tail()));
+    assert_eq!(keys["server_name"], synapse.server_name.as_str());
+    let (key_id, key) = keys["verify_keys"].as_object().unwrap().iter().next().unwrap();
+    (key_id.clone(), key["key"].as_str().unwrap().to_owned())
+}
+
+fn directory_path(alias: &str) -> String {
+    format!("/_matrix/federation/v1/query/directory?room_alias={}", enc(alias))
+}
+
+/// a. Synapse starts, registers a user, and hosts a public world-readable room with an alias.
+#[test]
+fn synapse_hosts_a_world_readable_room() {
+    run_async(async {
+        let synapse = Synapse::start().await;
+        let (alice, token) = synapse.register("alice").await;
+        assert_eq!(alice, format!("@alice:{}", synapse.server_name));
+        let room = synapse.create_world_readable_room(&token, "lobby", "10").await;
+        assert!(room.starts_with('!'), "{room}");
+
+        let alias = format!("#lobby:{}", synapse.server_name);
+        let (status, answer) = synapse.resolve_alias(&token, &alias).await;
+        assert_eq!((status, answer["room_id"].as_str()), (200, Some(room.as_str())), "{answer}");
+        let path = format!("/_matrix/client/v3/rooms/{}/state/m.room.history_visibility/", enc(&room));
+        let (status, answer) = synapse.call(Some(&token), Method::GET, &path, None).await;
+        assert_eq!((status, &answer["history_visibility"]), (200, &json!("world_readable")), "{answer}");
+        let path = format!("/_matrix/client/v3/rooms/{}/state/m.room.create/", enc(&room));
+        let (status, answer) = synapse.call(Some(&token), Method::GET, &path, None).await;
+        assert_eq!((status, &answer["room_version"]), (200, &json!("10")), "{answer}");
+
+        synapse.send_message(&token, &room, "hello from synapse").await;
+        assert_eq!(synapse.timeline_bodies(&token, &room).await, vec!["hello from synapse"]);
+    });
+}
+
+/// b. Keys and X-Matrix both ways over TLS: peekgate's signed directory query is accepted by
+/// Synapse (which fetched peekgate's key from its TLS listener), and Synapse's directory query
+/// for a peekgate alias is accepted by peekgate (which fetched Synapse's key).
+#[test]
+fn federation_requests_are_authenticated_both_ways() {
+    run_async(async {
+        let synapse = Synapse::start().await;
+        let (_, syn_token) = synapse.register("alice").await;
+        let syn_room = synapse.create_world_readable_room(&syn_token, "lobby", "10").await;
+        let certs = tempfile::tempdir().unwrap();
+        let gateway = synapse.gateway_spec(DbKind::Sqlite, certs.path()).start().await;
+        let syn = server_name(&synapse.server_name);
+
+        // peekgate -> Synapse, signed: Synapse answers with the room.
+        let syn_alias = format!("#lobby:{}", synapse.server_name);
+        let answer = gateway.state().federation.get(syn, &directory_path(&syn_alias)).await;
+        let answer =
+            answer.unwrap_or_else(|e| panic!("signed query/directory to Synapse: {e}\n{}", synapse.log_tail()));
+        assert_eq!(answer["room_id"].as_str(), Some(syn_room.as_str()), "{answer}");
+        assert!(answer["servers"].as_array().unwrap().contains(&json!(synapse.server_name)), "{answer}");
+        // An unknown alias: Synapse's own 404, after authenticating us.
+        let missing =
+            gateway.state().federation.get(syn, &directory_path(&format!("#nothing:{}", synapse.server_name))).await;
+        assert!(
+            matches!(&missing, Err(FederationError::Status { status: 404, errcode, .. }) if errcode == "M_NOT_FOUND"),
+            "{missing:?}"
+        );
+        // The same query unsigned is refused: the signature is what Synapse accepted above.
+        let unsigned = FedRequest {
+            method: Method::GET,
+            destination: syn,
+            path: &directory_path(&syn_alias),
+            body: None,
+            signed: false,
+        };
+        let refused = gateway.state().federation.send(unsigned).await;
+        assert!(
+            matches!(&refused, Err(FederationError::Status { status: 401, errcode, .. }) if errcode == "M_UNAUTHORIZED"),
+            "{refused:?}"
+        );
+
+        // Synapse -> peekgate, signed: a Synapse user resolves an alias of a peekgate room.
+        let bob = Client::register(&gateway.base, "bob").await;
+        let pg_room = bob.create_world_readable_room("hall", "10").await;
+        let pg_alias = format!("#hall:{}", gateway.server_name);
+        let (status, answer) = synapse.resolve_alias(&syn_token, &pg_alias).await;
+        assert_eq!(status, 200, "Synapse resolving {pg_alias}: {answer}\n{}", synapse.log_tail());
+        assert_eq!(answer["room_id"].as_str(), Some(pg_room.as_str()), "{answer}");
+        assert!(answer["servers"].as_array().unwrap().contains(&json!(gateway.server_name)), "{answer}");
+        // An alias peekgate does not know: peekgate's 404 reaches Synapse's user as 404.
+        let (status, answer) = synapse.resolve_alias(&syn_token, &format!("#nothing:{}", gateway.server_name)).await;
+        assert_eq!((status, answer["errcode"].as_str()), (404, Some("M_NOT_FOUND")), "{answer}");
+
+        // peekgate authenticated Synapse with the key Synapse publishes, and refused nothing.
+        let (key_id, public) = synapse_key(&gateway, &synapse).await;
+        let cached = gateway.state().keys.cached(syn, &key_id).await.unwrap();
+        let cached = cached.expect("peekgate cached Synapse's key while verifying its request");
+        assert_eq!(peekgate::keys::encode_base64(&cached.public_key), public);
+        for reason in [
+            "missing_header",
+            "malformed_header",
+            "wrong_destination",
+            "unknown_algorithm",
+            "key_unavailable",
+            "bad_signature",
+        ] {
+            let series = format!("peekgate_xmatrix_auth_failures_total{{reason=\"{reason}\"}}");
+            assert_eq!(gateway.metric(&series).await, 0.0, "{series}");
+        }
+        gateway.stop().await;
+    });
+}
+
+/// c. Synapse implements no MSC2444: a peekgate device peeking a Synapse room gets a clear
+/// Matrix error in bounded time, and no peek is left behind.
+#[test]
+fn peeking_a_synapse_room_fails_clearly() {
+    run_async(async {
+        let synapse = Synapse::start().await;
+        let (_, syn_token) = synapse.register("alice").await;
+        let syn_room = synapse.create_world_readable_room(&syn_token, "lobby", "10").await;
+        let certs = tempfile::tempdir().unwrap();
+        let gateway = synapse.gateway_spec(DbKind::Sqlite, certs.path()).start().await;
+        let bob = Client::register(&gateway.base, "bob").await;
+        bob.sync(None, 0).await;
+
+        let syn_alias = format!("#lobby:{}", synapse.server_name);
+        let by_room_id = (syn_room.as_str(), vec![synapse.server_name.as_str()]);
+        for (target, servers) in [(syn_alias.as_str(), vec![]), by_room_id] {
+            let started = Instant::now();
+            let (status, answer) = bob.peek(target, &servers).await;
+            let took = started.elapsed();
+            eprintln!("peek {target} via Synapse: {status} {answer} after {:.1} s", took.as_secs_f64());
+            assert!(took < Duration::from_secs(30), "peek {target} took {took:?}");
+            assert_eq!((status, answer["errcode"].as_str()), (404, Some("M_NOT_FOUND")), "{target}: {answer}");
+            assert!(answer["error"].as_str().is_some_and(|e| !e.is_empty()), "{answer}");
+        }
+        // Synapse was really asked: it logged the unknown peek endpoint twice.
+        let puts = synapse.log().matches("PUT /_matrix/federation/v1/peek/").count();
+        assert!(puts >= 2, "Synapse saw {puts} peek PUTs\n{}", synapse.log_tail());
+        // Nothing is left: no outbound peek, no device peek in /sync.
+        assert_eq!(gateway.metric("peekgate_outbound_peeks").await, 0.0);
+        assert_eq!(gateway.metric("peekgate_device_peeks").await, 0.0);
+        let sync: Value = bob.sync(None, 0).await;
+        assert!(sync["rooms"]["peek"].as_object().is_none_or(|p| p.is_empty()), "{sync}");
+        gateway.stop().await;
+    });
+}
