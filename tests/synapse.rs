@@ -13,7 +13,7 @@ use ruma::ServerName;
 use serde_json::{json, Value};
 use support::client::{enc, Client};
 use support::synapse::Synapse;
-use support::{run_async, DbKind, TestServer};
+use support::{run_async, wait_until, DbKind, TestServer};
 
 fn server_name(name: &str) -> &ServerName {
     <&ServerName>::try_from(name).unwrap()
@@ -166,3 +166,70 @@ fn peeking_a_synapse_room_fails_clearly() {
         gateway.stop().await;
     });
 }
+
+/// Message bodies of a room on peekgate, oldest first, as its local user reads them.
+async fn peekgate_bodies(client: &Client, room: &str) -> Vec<String> {
+    let path = format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=100", enc(room));
+    let (status, answer) = client.call(Method::GET, &path, None).await;
+    assert_eq!(status, 200, "/messages: {answer}");
+    let mut bodies: Vec<String> = answer["chunk"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["content"]["body"].as_str().map(str::to_owned))
+        .collect();
+    bodies.reverse();
+    bodies
+}
+
+/// JN-13 with JN-1, JN-2, JN-4, JN-10: a Synapse user joins a peekgate room by its alias
+/// (Synapse's `make_join`/`send_join` against peekgate, and its checks of peekgate's answer),
+/// both sides exchange messages over signed `/send`s, and the Synapse user leaves through
+/// `make_leave`/`send_leave`.
+async fn a_synapse_user_joins_a_peekgate_room_talks_and_leaves(db: DbKind) {
+    let synapse = Synapse::start().await;
+    let (carol, carol_token) = synapse.register("carol").await;
+    let certs = tempfile::tempdir().unwrap();
+    let gateway = synapse.gateway_spec(db, certs.path()).start().await;
+    let alice = Client::register(&gateway.base, "alice").await;
+    let room =
+        alice.create_room(json!({ "preset": "public_chat", "room_alias_name": "square", "room_version": "10" })).await;
+    alice.say(&room, "before carol").await;
+    let membership = |user: String| {
+        let (state, room) = (gateway.state(), ruma::RoomId::parse(&room).unwrap());
+        async move { state.rooms.membership(&room, &ruma::UserId::parse(&user).unwrap()).await.unwrap() }
+    };
+
+    let alias = format!("#square:{}", gateway.server_name);
+    let (status, answer) = synapse.join(&carol_token, &alias, &[]).await;
+    assert_eq!(status, 200, "Synapse joining {alias}: {answer}\n{}", synapse.log_tail());
+    assert_eq!(answer["room_id"].as_str(), Some(room.as_str()), "{answer}");
+    assert_eq!(membership(carol.clone()).await.as_deref(), Some("join"));
+
+    alice.say(&room, "hello carol").await;
+    wait_until("Synapse shows peekgate's message", || async {
+        synapse.timeline_bodies(&carol_token, &room).await.contains(&"hello carol".to_owned())
+    })
+    .await;
+    synapse.send_message(&carol_token, &room, "hello alice").await;
+    wait_until("peekgate stores Synapse's message", || async {
+        peekgate_bodies(&alice, &room).await.contains(&"hello alice".to_owned())
+    })
+    .await;
+    assert_eq!(
+        peekgate_bodies(&alice, &room).await,
+        ["before carol", "hello carol", "hello alice"],
+        "one copy each, in order"
+    );
+
+    let (status, answer) = synapse.leave(&carol_token, &room).await;
+    assert_eq!(status, 200, "Synapse leaving: {answer}\n{}", synapse.log_tail());
+    wait_until("peekgate stores the leave", || async { membership(carol.clone()).await.as_deref() == Some("leave") })
+        .await;
+    let joined = gateway.state().rooms.joined_servers(&ruma::RoomId::parse(&room).unwrap()).await.unwrap();
+    assert!(!joined.contains(&synapse.server_name), "{joined:?}");
+    // Nothing Synapse sent was refused.
+    assert_eq!(gateway.metric("peekgate_federation_received_pdus_total{result=\"rejected\"}").await, 0.0);
+    gateway.stop().await;
+}
+both_backends!(a_synapse_user_joins_a_peekgate_room_talks_and_leaves);
