@@ -319,3 +319,54 @@ async fn bad_joins_are_refused_and_change_nothing(db: DbKind) {
     finish(s).await;
 }
 both_backends!(bad_joins_are_refused_and_change_nothing);
+
+async fn read_event(peer: &TestPeer, gw: &TestServer, id: &str) -> (u16, Value) {
+    let path = format!("/_matrix/federation/v1/event/{}", enc(id));
+    peer.call(&gw.base, GW, Method::GET, &path, None).await
+}
+
+/// JN-11: a joined server reads history as the spec's per-server rule allows: under `joined`
+/// visibility nothing from before its join, under `shared` everything while it is joined; a
+/// server with no member reads neither.
+async fn joined_servers_read_only_the_history_their_users_could_see(db: DbKind) {
+    let s = setup(db, &["joiner.test", "outsider.test"]).await;
+    let (joiner, outsider) = (&s.peers[0], &s.peers[1]);
+    let joined_only = s
+        .alice
+        .create_room(json!({
+            "preset": "public_chat",
+            "room_version": "10",
+            "initial_state": [{ "type": "m.room.history_visibility", "content": { "history_visibility": "joined" } }],
+        }))
+        .await;
+    let shared = public_room(&s.alice, "10").await;
+    let secret = s.alice.say(&joined_only, "before the join").await;
+    let earlier = s.alice.say(&shared, "shared before the join").await;
+    join(joiner, &s.gw, &joined_only, "bob", "10").await;
+    join(joiner, &s.gw, &shared, "bob", "10").await;
+    let open = s.alice.say(&joined_only, "after the join").await;
+
+    let (status, answer) = read_event(joiner, &s.gw, &secret).await;
+    assert_eq!((status, answer["errcode"].as_str()), (403, Some("M_FORBIDDEN")), "{answer}");
+    let (status, answer) = read_event(joiner, &s.gw, &open).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["pdus"][0]["content"]["body"], "after the join");
+    let (status, answer) = read_event(joiner, &s.gw, &earlier).await;
+    assert_eq!(status, 200, "shared history is readable once joined: {answer}");
+    for id in [&secret, &open, &earlier] {
+        let (status, answer) = read_event(outsider, &s.gw, id).await;
+        assert_eq!(status, 403, "a server with no member: {answer}");
+    }
+
+    // Backfill walks past the join but hands out only what the joined server may see.
+    let path = format!("/_matrix/federation/v1/backfill/{}?v={}&limit=50", enc(&joined_only), enc(&open));
+    let (status, answer) = joiner.call(&s.gw.base, GW, Method::GET, &path, None).await;
+    assert_eq!(status, 200, "{answer}");
+    let bodies: Vec<&str> =
+        answer["pdus"].as_array().unwrap().iter().filter_map(|p| p["content"]["body"].as_str()).collect();
+    assert_eq!(bodies, ["after the join"], "{answer}");
+    let ids: Vec<String> = answer["pdus"].as_array().unwrap().iter().map(|p| event_id(p, "10")).collect();
+    assert!(!ids.contains(&secret));
+    finish(s).await;
+}
+both_backends!(joined_servers_read_only_the_history_their_users_could_see);

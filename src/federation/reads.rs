@@ -1,6 +1,6 @@
-//! Read endpoints for servers with no member in the room (WR-1..4): only `world_readable`
-//! history, judged at each event (WR-2). Servers that do have a joined member keep the normal
-//! membership rules (WR-4).
+//! Read endpoints (WR-1..4, JN-11): servers with no member in the room read only
+//! `world_readable` history, judged at each event (WR-2); servers with members read what the
+//! spec's per-server history-visibility rule allows (`rooms::visibility::server_may_see`).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -14,7 +14,7 @@ use crate::clock::now_ms;
 use crate::error::MatrixError;
 use crate::federation::auth::SignedRequest;
 use crate::ids;
-use crate::rooms::{StoredEvent, Visibility};
+use crate::rooms::StoredEvent;
 use crate::state::AppState;
 
 /// Most events one backfill or get_missing_events answer carries.
@@ -27,9 +27,14 @@ fn query_values(req: &HttpRequest, name: &str) -> Vec<String> {
         .collect()
 }
 
-/// May a server see `event`? Joined servers (`joined`): yes; others: only world-readable history.
-async fn may_see(state: &AppState, event: &StoredEvent, joined: bool) -> Result<bool, MatrixError> {
-    Ok(joined || state.rooms.visibility_of(event).await? == Visibility::WorldReadable)
+/// May `origin` see `event` (JN-11)? `joined`: it has a member in the room now.
+async fn may_see(
+    state: &AppState,
+    origin: &ServerName,
+    event: &StoredEvent,
+    joined: bool,
+) -> Result<bool, MatrixError> {
+    Ok(state.rooms.server_may_see(event, origin, joined).await?)
 }
 
 async fn known_room(state: &AppState, raw: &str) -> Result<OwnedRoomId, MatrixError> {
@@ -190,7 +195,7 @@ async fn walk_back(
             }
         }
         enqueue(prevs, &mut queue);
-        if may_see(state, &event, joined).await? {
+        if may_see(state, origin, &event, joined).await? {
             out.push(event.pdu.federation_json());
         }
     }

@@ -431,8 +431,7 @@ impl Rooms {
         self.read(move |conn| joined_servers(conn, &joined, &room)).await
     }
 
-    /// An event and whether `server` may see it (joined servers: always; others: WR-2), in one
-    /// database round trip. `None` when the event is unknown.
+    /// An event and whether `server` may see it (JN-11, WR-2), in one database round trip. `None` when the event is unknown.
     pub async fn event_for_server(
         &self,
         event_id: &str,
@@ -444,11 +443,22 @@ impl Rooms {
             let Some(event) = events.get_or_load(conn, &id)? else {
                 return Ok(None);
             };
-            let visible = joined_servers(conn, &joined, event.pdu.room_id.as_str())?.contains(&server)
-                || visibility::of_event(conn, &event, &cache)? == Visibility::WorldReadable;
+            let joined_now = joined_servers(conn, &joined, event.pdu.room_id.as_str())?.contains(&server);
+            let visible = visibility::server_may_see(conn, &event, &server, joined_now, &cache)?;
             Ok(Some(((*event).clone(), visible)))
         })
         .await
+    }
+
+    /// Whether `server` may see `event` (JN-11); `joined_now`: it has a member in the room now.
+    pub async fn server_may_see(
+        &self,
+        event: &StoredEvent,
+        server: &ServerName,
+        joined_now: bool,
+    ) -> Result<bool, RoomError> {
+        let (event, server, cache) = (event.clone(), server.to_string(), self.visibility.clone());
+        self.read(move |conn| visibility::server_may_see(conn, &event, &server, joined_now, &cache)).await
     }
 
     pub async fn resolve_alias(&self, alias: &str) -> Result<Option<OwnedRoomId>, RoomError> {

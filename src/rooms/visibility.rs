@@ -1,7 +1,8 @@
-//! History visibility (WR-2): which events a server with no member in the room may see.
-//! An event is visible to such a server iff the `m.room.history_visibility` in the state before
-//! it is `world_readable`, or the event is itself the visibility change and the new setting is
-//! (the spec's "before or after" rule for the visibility event).
+//! History visibility (WR-2, JN-11): which events a server may see. An event is visible to a
+//! server with no member in the room iff the `m.room.history_visibility` in the state before it
+//! is `world_readable`, or the event is itself the visibility change and the new setting is
+//! (the spec's "before or after" rule for the visibility event); servers with members follow
+//! the per-server rule of [`server_may_see`].
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -124,6 +125,49 @@ pub fn of_event(
         }
     }
     Ok(before)
+}
+
+/// JN-11, the spec's rule for servers: may `server` read `event`? World-readable history: any
+/// server. Otherwise a server may read what one of its users could see, judged at the event
+/// (the membership in the state after it, so a member sees their own join): `shared` history
+/// when the server has a member joined now or joined at the event, `invited` history when one
+/// was invited or joined at the event, `joined` history only when one was joined at the event.
+/// A server that joins a `joined` room today does not read what came before.
+pub fn server_may_see(
+    conn: &mut DbConnection,
+    event: &StoredEvent,
+    server: &str,
+    joined_now: bool,
+    cache: &VisibilityCache,
+) -> Result<bool, RoomError> {
+    let visibility = of_event(conn, event, cache)?;
+    if visibility == Visibility::WorldReadable || (visibility == Visibility::Shared && joined_now) {
+        return Ok(true);
+    }
+    let memberships = server_memberships_at_group(conn, event.state_group, server)?;
+    let has = |wanted: &str| memberships.iter().any(|m| m == wanted);
+    Ok(match visibility {
+        Visibility::WorldReadable => true,
+        Visibility::Shared | Visibility::Joined => has("join"),
+        Visibility::Invited => has("join") || has("invite"),
+    })
+}
+
+/// The memberships of `server`'s users in a state group.
+fn server_memberships_at_group(conn: &mut DbConnection, group: i64, server: &str) -> Result<Vec<String>, RoomError> {
+    let suffix = format!(":{server}");
+    let ids: Vec<String> = store::state_map_at_group(conn, group)?
+        .into_iter()
+        .filter(|((kind, user), _)| kind == "m.room.member" && user.ends_with(&suffix))
+        .map(|(_, id)| id)
+        .collect();
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    Ok(store::events_by_ids(conn, &ids)?
+        .iter()
+        .filter_map(|e| e.pdu.content_value()["membership"].as_str().map(str::to_owned))
+        .collect())
 }
 
 /// RE-3 / CP-11, the event-side of [`peekability`]: whether this state event makes the room
