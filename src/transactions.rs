@@ -114,9 +114,10 @@ async fn receive_pdu(state: &Inbox<'_>, origin: &ServerName, pdu: Value) -> (Str
     let (Some(room_id), Some(row)) = (room, row) else {
         return (event_id, Err("Unknown room".into()));
     };
-    // OP-9: a room of another server is accepted only from the target we peek it through.
-    if !row.is_local && !outbound::accepts_from(state.outbound, &room_id, origin).await.unwrap_or(false) {
-        return (event_id, Err("This server does not peek the room through you".into()));
+    // OP-9: a room of another server is accepted only from the target we peek it through, or
+    // (JN-8) from a server with a member in it while one of our users is in it too.
+    if !row.is_local && !accepts_from(state, &room_id, origin).await {
+        return (event_id, Err("This server does not peek the room through you, nor share it with you".into()));
     }
     let pdu = match intake::check(state.keys, &room_id, version, object, Hashes::Redact).await {
         Ok(pdu) => pdu,
@@ -124,7 +125,8 @@ async fn receive_pdu(state: &Inbox<'_>, origin: &ServerName, pdu: Value) -> (Str
     };
     match state.rooms.append_remote(&room_id, pdu.clone()).await {
         Ok(appended) => (event_id, Ok(appended.is_some())),
-        // OP-9: fill the gap from the target (WR-1 lets a peeker ask), then try once more.
+        // OP-9: fill the gap from the target (WR-1 lets a peeker ask) or the joined server
+        // that sent it, then try once more.
         Err(RoomError::MissingPrevEvents(_)) if !row.is_local => {
             if let Err(e) = outbound::fill_gap(state.outbound, origin, &room_id, vec![event_id.clone()]).await {
                 resync_in_background(state, &room_id);
@@ -137,6 +139,16 @@ async fn receive_pdu(state: &Inbox<'_>, origin: &ServerName, pdu: Value) -> (Str
         }
         Err(e) => (event_id, Err(e.to_string())),
     }
+}
+
+/// Whether a PDU of a room of another server is taken from `origin`: the target we peek the
+/// room through, or a server in the room while we are in it too.
+async fn accepts_from(state: &Inbox<'_>, room_id: &RoomId, origin: &ServerName) -> bool {
+    if outbound::accepts_from(state.outbound, room_id, origin).await.unwrap_or(false) {
+        return true;
+    }
+    let joined = state.rooms.joined_servers(room_id).await.unwrap_or_default();
+    joined.contains(origin.as_str()) && joined.contains(state.rooms.server_name().as_str())
 }
 
 /// A peeked room whose gap could not be filled would refuse every later PDU too: re-peek it

@@ -370,3 +370,115 @@ async fn joined_servers_read_only_the_history_their_users_could_see(db: DbKind) 
     finish(s).await;
 }
 both_backends!(joined_servers_read_only_the_history_their_users_could_see);
+
+/// The message bodies of a room as a local user of `client`'s server reads them, oldest first.
+async fn read_bodies(client: &Client, room: &str) -> Vec<String> {
+    let path = format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=100", enc(room));
+    let (status, answer) = client.call(Method::GET, &path, None).await;
+    assert_eq!(status, 200, "/messages: {answer}");
+    let mut bodies: Vec<String> = answer["chunk"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["content"]["body"].as_str().map(str::to_owned))
+        .collect();
+    bodies.reverse();
+    bodies
+}
+
+fn sync_token(answer: &Value) -> String {
+    answer["next_batch"].as_str().unwrap().to_owned()
+}
+
+/// JN-6, JN-7 (leave), JN-8, JN-10 between two peekgates: bob on B joins a room on A by its
+/// alias (make_join and send_join from B, the answer validated before B stores it); messages go
+/// both ways, each once; bob's leave is B's own event, sent to A.
+async fn a_user_joins_a_room_on_another_peekgate(db: DbKind) {
+    use support::gateways::{pair, A};
+    let p = pair(db, |_| {}, |_| {}, &[]).await;
+    let square = p
+        .alice
+        .create_room(json!({ "preset": "public_chat", "room_alias_name": "square", "room_version": "10" }))
+        .await;
+    p.alice.say(&square, "before bob").await;
+
+    let (status, answer) = p.bob.join(&format!("#square:{A}")).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["room_id"].as_str(), Some(square.as_str()));
+    assert_eq!(membership(&p.a, &square, &p.bob.user_id).await.as_deref(), Some("join"));
+    assert_eq!(membership(&p.b, &square, &p.bob.user_id).await.as_deref(), Some("join"));
+    assert_eq!(membership(&p.b, &square, &p.alice.user_id).await.as_deref(), Some("join"), "B has the room's state");
+
+    p.alice.say(&square, "hello bob").await;
+    wait_until("B stores A's message", || async { read_bodies(&p.bob, &square).await.contains(&"hello bob".into()) })
+        .await;
+    p.bob.say(&square, "hello alice").await;
+    wait_until("A stores B's message", || async {
+        read_bodies(&p.alice, &square).await.contains(&"hello alice".into())
+    })
+    .await;
+    assert_eq!(read_bodies(&p.alice, &square).await, ["before bob", "hello bob", "hello alice"]);
+    wait_until("B has both messages", || async { read_bodies(&p.bob, &square).await.len() >= 2 }).await;
+    assert_eq!(read_bodies(&p.bob, &square).await, ["hello bob", "hello alice"], "once each, in order");
+
+    let path = format!("/_matrix/client/v3/rooms/{}/leave", enc(&square));
+    assert_eq!(p.bob.call(Method::POST, &path, Some(&json!({}))).await.0, 200);
+    wait_until("A stores bob's leave", || async {
+        membership(&p.a, &square, &p.bob.user_id).await.as_deref() == Some("leave")
+    })
+    .await;
+    // Joining again works the same way (B is no longer in the room, so through A again).
+    assert_eq!(p.bob.join(&square).await.0, 200, "rejoin by room ID (A is the ID's server)");
+    assert_eq!(membership(&p.a, &square, &p.bob.user_id).await.as_deref(), Some("join"));
+}
+both_backends!(a_user_joins_a_room_on_another_peekgate);
+
+/// JN-6 refusals: an invite-only room on A refuses bob (403 from A, told to the client as 403
+/// within the request), a room nobody serves is 404, and nothing is stored on B either way.
+async fn joins_that_cannot_happen_are_clear_and_store_nothing(db: DbKind) {
+    use support::gateways::pair;
+    let p = pair(db, |_| {}, |_| {}, &[]).await;
+    let private = p.alice.create_room(json!({ "preset": "private_chat", "room_version": "10" })).await;
+    let (status, answer) = p.bob.join(&private).await;
+    assert_eq!((status, answer["errcode"].as_str()), (403, Some("M_FORBIDDEN")), "{answer}");
+    assert!(p.b.state().rooms.room(&RoomId::parse(&private).unwrap()).await.unwrap().is_none());
+    let (status, answer) = p.bob.join("!nowhere:a.test").await;
+    assert_eq!((status, answer["errcode"].as_str()), (404, Some("M_NOT_FOUND")), "{answer}");
+    let (status, answer) = p.bob.join("!serverless").await;
+    assert_eq!((status, answer["errcode"].as_str()), (404, Some("M_NOT_FOUND")), "{answer}");
+    assert_eq!(membership(&p.a, &private, &p.bob.user_id).await, None);
+}
+both_backends!(joins_that_cannot_happen_are_clear_and_store_nothing);
+
+/// JN-9: a device peeking a room on A joins it: its next sync shows the room in `join` with
+/// the join and without the state it already has, not in `peek`; the federation peek is
+/// DELETEd once no device peeks (B's renewal job runs every second here).
+async fn a_peeked_remote_room_moves_to_join(db: DbKind) {
+    use support::gateways::pair;
+    let p = pair(db, |_| {}, |_| {}, &[]).await;
+    let t = sync_token(&p.bob.sync(None, 0).await);
+    assert_eq!(p.bob.peek(&p.room, &[]).await.0, 200);
+    let first = p.bob.sync(Some(&t), 0).await;
+    assert!(first["rooms"]["peek"].get(&p.room).is_some(), "{first}");
+    assert_eq!(p.a.state().inbound.live_count().await.unwrap(), 1);
+
+    let (status, answer) = p.bob.join(&p.room).await;
+    assert_eq!(status, 200, "{answer}");
+    let joined = p.bob.sync(Some(&sync_token(&first)), 0).await;
+    let entry = &joined["rooms"]["join"][&p.room];
+    let timeline = entry["timeline"]["events"].as_array().unwrap_or_else(|| panic!("not in join: {joined}"));
+    assert!(
+        timeline.iter().any(|e| e["type"] == "m.room.member" && e["state_key"] == p.bob.user_id.as_str()),
+        "{joined}"
+    );
+    assert_eq!(entry["state"]["events"], json!([]), "state resent: {joined}");
+    assert!(joined["rooms"].get("peek").is_none_or(|peek| peek.get(&p.room).is_none()), "{joined}");
+    wait_until("B deletes its federation peek", || async { p.a.state().inbound.live_count().await.unwrap() == 0 })
+        .await;
+    p.alice.say(&p.room, "to a member now").await;
+    wait_until("bob reads A's message as a member", || async {
+        read_bodies(&p.bob, &p.room).await.contains(&"to a member now".into())
+    })
+    .await;
+}
+both_backends!(a_peeked_remote_room_moves_to_join);

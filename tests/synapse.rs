@@ -233,3 +233,56 @@ async fn a_synapse_user_joins_a_peekgate_room_talks_and_leaves(db: DbKind) {
     gateway.stop().await;
 }
 both_backends!(a_synapse_user_joins_a_peekgate_room_talks_and_leaves);
+
+/// JN-13 with JN-6, JN-7, JN-8, JN-10: a peekgate user joins a Synapse room by its alias
+/// (peekgate's `make_join`/`send_join` against Synapse, and peekgate's validation of Synapse's
+/// answer), messages go both ways, and the peekgate user leaves (peekgate's own leave event,
+/// sent to Synapse).
+async fn a_peekgate_user_joins_a_synapse_room_talks_and_leaves(db: DbKind) {
+    let synapse = Synapse::start().await;
+    let (_, carol_token) = synapse.register("carol").await;
+    let room = synapse
+        .create_room(&carol_token, json!({ "preset": "public_chat", "room_alias_name": "plaza", "room_version": "10" }))
+        .await;
+    synapse.send_message(&carol_token, &room, "before alice").await;
+    let certs = tempfile::tempdir().unwrap();
+    let gateway = synapse.gateway_spec(db, certs.path()).start().await;
+    let alice = Client::register(&gateway.base, "alice").await;
+
+    let alias = format!("#plaza:{}", synapse.server_name);
+    let (status, answer) = alice.join(&alias).await;
+    assert_eq!(status, 200, "joining {alias}: {answer}\n{}", synapse.log_tail());
+    assert_eq!(answer["room_id"].as_str(), Some(room.as_str()), "{answer}");
+    let room_id = ruma::RoomId::parse(&room).unwrap();
+    let member = |user: &str| {
+        let (rooms, room_id, user) =
+            (gateway.state().rooms.clone(), room_id.clone(), ruma::UserId::parse(user).unwrap());
+        async move { rooms.membership(&room_id, &user).await.unwrap() }
+    };
+    assert_eq!(member(&alice.user_id).await.as_deref(), Some("join"));
+
+    synapse.send_message(&carol_token, &room, "hello alice").await;
+    wait_until("peekgate stores Synapse's message", || async {
+        peekgate_bodies(&alice, &room).await.contains(&"hello alice".to_owned())
+    })
+    .await;
+    alice.say(&room, "hello carol").await;
+    wait_until("Synapse shows peekgate's message", || async {
+        synapse.timeline_bodies(&carol_token, &room).await.contains(&"hello carol".to_owned())
+    })
+    .await;
+    assert_eq!(synapse.timeline_bodies(&carol_token, &room).await, ["before alice", "hello alice", "hello carol"]);
+
+    let path = format!("/_matrix/client/v3/rooms/{}/leave", enc(&room));
+    let (status, answer) = alice.call(Method::POST, &path, Some(&json!({}))).await;
+    assert_eq!(status, 200, "{answer}");
+    let members_path = format!("/_matrix/client/v3/rooms/{}/state/m.room.member/{}", enc(&room), enc(&alice.user_id));
+    wait_until("Synapse stores alice's leave", || async {
+        let (status, answer) = synapse.call(Some(&carol_token), Method::GET, &members_path, None).await;
+        status == 200 && answer["membership"] == "leave"
+    })
+    .await;
+    assert_eq!(gateway.metric("peekgate_federation_received_pdus_total{result=\"rejected\"}").await, 0.0);
+    gateway.stop().await;
+}
+both_backends!(a_peekgate_user_joins_a_synapse_room_talks_and_leaves);

@@ -2,27 +2,15 @@
 //! messages and the room directory.
 
 use actix_web::{web, HttpRequest, HttpResponse};
-use ruma::{OwnedRoomId, RoomId};
+use ruma::RoomId;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::auth::Authed;
 use crate::error::{parse_json, MatrixError};
-use crate::ids::{self, RoomRef};
+use crate::ids;
 use crate::rooms::{CreateRoomRequest, Visibility};
 use crate::state::AppState;
-
-/// A room ID, or an alias of one of our rooms.
-async fn resolve_room(state: &AppState, id_or_alias: &str) -> Result<OwnedRoomId, MatrixError> {
-    match ids::room_id_or_alias(id_or_alias)? {
-        RoomRef::Id(room_id) => Ok(room_id),
-        RoomRef::Alias(alias) => state
-            .rooms
-            .resolve_alias(alias.as_str())
-            .await?
-            .ok_or_else(|| MatrixError::not_found("Room alias not found")),
-    }
-}
 
 /// Readers must be joined, or the room must be world-readable now.
 async fn require_reader(
@@ -171,45 +159,40 @@ pub async fn get_full_state(
     Ok(HttpResponse::Ok().json(events))
 }
 
+/// `POST /join/{roomIdOrAlias}?server_name=...&via=...`
 pub async fn join_by_id_or_alias(
     state: web::Data<AppState>,
     Authed(session): Authed,
     path: web::Path<String>,
+    req: HttpRequest,
 ) -> Result<HttpResponse, MatrixError> {
-    let room_id = resolve_room(&state, &path).await?;
-    join(&state, &session, &room_id).await
+    let servers: Vec<String> = url::form_urlencoded::parse(req.query_string().as_bytes())
+        .filter(|(k, _)| k == "server_name" || k == "via")
+        .map(|(_, v)| v.into_owned())
+        .collect();
+    join(&state, &session, &path, servers).await
 }
 
+/// `POST /rooms/{roomId}/join`
 pub async fn join_by_id(
     state: web::Data<AppState>,
     Authed(session): Authed,
     path: web::Path<String>,
 ) -> Result<HttpResponse, MatrixError> {
-    let room_id = ids::room_id(&path)?;
-    join(&state, &session, &room_id).await
+    ids::room_id(&path)?;
+    join(&state, &session, &path, Vec::new()).await
 }
 
-/// Joins one of our own rooms. Rooms hosted elsewhere need federated joins, which peekgate does
-/// not do yet: those get a clear error and change nothing.
+/// Joins a room of ours, or of another server through the OP-1 candidates (JN-6). CP-10: the
+/// user's device peeks of the room end with the join, in the same transaction.
 async fn join(
     state: &AppState,
     session: &crate::accounts::Session,
-    room_id: &RoomId,
+    target: &str,
+    servers: Vec<String>,
 ) -> Result<HttpResponse, MatrixError> {
-    match state.rooms.room(room_id).await? {
-        Some(room) if room.is_local => {}
-        Some(_) => {
-            return Err(MatrixError::new(
-                actix_web::http::StatusCode::BAD_REQUEST,
-                "M_UNRECOGNIZED",
-                "Joining rooms hosted on other servers is not supported yet",
-            ))
-        }
-        None => return Err(MatrixError::not_found("Room not found on this server")),
-    }
-    let member = session.user_id.as_str();
-    state.rooms.send(room_id, &session.user_id, "m.room.member", Some(member), json!({ "membership": "join" })).await?;
-    // CP-10: the append path ended the user's peeks on the room in the same transaction.
+    let (room_id, candidates) = crate::peeks::local::resolve(&state.outbound, target, servers).await?;
+    crate::membership::outbound::join_room(&state.outbound, &session.user_id, &room_id, &candidates).await?;
     Ok(HttpResponse::Ok().json(json!({ "room_id": room_id })))
 }
 

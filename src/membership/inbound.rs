@@ -40,6 +40,12 @@ pub enum MembershipError {
     Forbidden(String),
     #[error("bad event: {0}")]
     BadEvent(String),
+    /// JN-6: no candidate server to join a room of another server through.
+    #[error("no server to join the room through")]
+    NoJoinServer,
+    /// JN-6: every candidate failed; the last one's failure.
+    #[error("no server could join you to the room: {0}")]
+    JoinFailed(String),
     #[error(transparent)]
     Room(RoomError),
 }

@@ -7,7 +7,7 @@
 
 use diesel::prelude::*;
 
-use crate::db::schema::{current_state, joined_servers};
+use crate::db::schema::joined_servers;
 use crate::db::DbConnection;
 use crate::events::Pdu;
 use crate::rooms::{store, RoomError};
@@ -25,7 +25,7 @@ pub fn after_state_event(conn: &mut DbConnection, our_server: &str, pdu: &Pdu, p
         return Ok(());
     }
     let room_id = pdu.room_id.as_str();
-    let joined = has_joined_member(conn, room_id, server)?;
+    let joined = store::has_joined_member_of(conn, room_id, server)?;
     let open = joined_servers::table
         .filter(joined_servers::room_id.eq(room_id))
         .filter(joined_servers::server_name.eq(server))
@@ -52,19 +52,44 @@ pub fn after_state_event(conn: &mut DbConnection, our_server: &str, pdu: &Pdu, p
     Ok(())
 }
 
-/// Does `server` have a user whose membership in the room's current state is `join`?
-fn has_joined_member(conn: &mut DbConnection, room_id: &str, server: &str) -> Result<bool, RoomError> {
-    let suffix = format!(":{server}");
-    // `LIKE` narrows the rows; the exact suffix test below decides (`_` is a LIKE wildcard).
-    let ids: Vec<(String, String)> = current_state::table
-        .filter(current_state::room_id.eq(room_id))
-        .filter(current_state::event_type.eq("m.room.member"))
-        .filter(current_state::state_key.like(format!("%{suffix}")))
-        .select((current_state::state_key, current_state::event_id))
-        .load(conn)?;
-    let ids: Vec<String> = ids.into_iter().filter(|(user, _)| user.ends_with(&suffix)).map(|(_, id)| id).collect();
-    if ids.is_empty() {
-        return Ok(false);
+/// After one of our users joined a room of another server from a `send_join` answer (JN-6):
+/// every other server with a joined member in the room's current state gets a span from the
+/// join on (the spans of a room we were already in stay as they are).
+pub fn open_for_current_members(
+    conn: &mut DbConnection,
+    our_server: &str,
+    room_id: &str,
+    position: i64,
+) -> Result<(), RoomError> {
+    let members: Vec<String> = store::current_state_map(conn, room_id)?
+        .into_iter()
+        .filter(|((kind, _), _)| kind == "m.room.member")
+        .map(|(_, id)| id)
+        .collect();
+    let mut servers: Vec<String> = store::events_by_ids(conn, &members)?
+        .iter()
+        .filter(|e| e.pdu.content_value()["membership"] == "join")
+        .filter_map(|e| e.pdu.state_key.as_deref()?.split_once(':').map(|(_, server)| server.to_owned()))
+        .filter(|server| server != our_server)
+        .collect();
+    servers.sort();
+    servers.dedup();
+    for server in servers {
+        let open = joined_servers::table
+            .filter(joined_servers::room_id.eq(room_id))
+            .filter(joined_servers::server_name.eq(&server))
+            .filter(joined_servers::end_stream_pos.is_null());
+        if diesel::select(diesel::dsl::exists(open)).get_result::<bool>(conn)? {
+            continue;
+        }
+        diesel::insert_into(joined_servers::table)
+            .values((
+                joined_servers::room_id.eq(room_id),
+                joined_servers::server_name.eq(&server),
+                joined_servers::start_stream_pos.eq(position),
+            ))
+            .execute(conn)?;
+        crate::sender::destinations::ensure_cursor(conn, &server, position, false)?;
     }
-    Ok(store::events_by_ids(conn, &ids)?.iter().any(|e| e.pdu.content_value()["membership"] == "join"))
+    Ok(())
 }

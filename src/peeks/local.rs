@@ -106,8 +106,9 @@ pub async fn stop(
     Ok(())
 }
 
-/// CP-2, OP-1: the room ID and the ordered candidate servers for a room ID or an alias.
-async fn resolve(
+/// CP-2, OP-1: the room ID and the ordered candidate servers for a room ID or an alias (also
+/// what a client's join of a room of another server goes through, JN-6).
+pub async fn resolve(
     state: &OutboundPeeks,
     target: &str,
     client_servers: Vec<String>,

@@ -240,6 +240,23 @@ impl Rooms {
         latest: Pdu,
         timeline: Vec<Pdu>,
     ) -> Result<i64, RoomError> {
+        let no_more = |_: &mut DbConnection, _: &Pdu, _: i64| Ok(());
+        self.store_snapshot_then(room_id, version, state, outliers, latest, timeline, no_more).await
+    }
+
+    /// [`Rooms::store_snapshot`], then `then(conn, latest, its position)` in the same
+    /// transaction (a join records who else is in the room, JN-6/JN-10).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn store_snapshot_then(
+        &self,
+        room_id: &RoomId,
+        version: crate::events::RoomVersion,
+        state: StateMap,
+        outliers: Vec<Pdu>,
+        latest: Pdu,
+        timeline: Vec<Pdu>,
+        then: impl FnOnce(&mut DbConnection, &Pdu, i64) -> Result<(), RoomError> + Send + 'static,
+    ) -> Result<i64, RoomError> {
         let room = room_id.to_string();
         let (pos, newest) = self
             .db
@@ -248,12 +265,38 @@ impl Rooms {
                     let snapshot =
                         store::Snapshot { state: &state, outliers: &outliers, latest: &latest, timeline: &timeline };
                     let pos = store::store_snapshot(conn, &room, version, now_ms(), snapshot)?;
+                    then(conn, &latest, pos)?;
                     Ok((pos, store::max_stream_pos(conn)?))
                 })
             })
             .await?;
         self.appended(newest);
         Ok(pos)
+    }
+
+    /// Our copy of a template another server made for one of our users (`make_join`, JN-6):
+    /// `origin_server_ts` now, `origin` us (room version 10), then hashed and signed with our
+    /// key. Other fields are the template's; the caller checks they are what it asked for.
+    pub fn complete_template(
+        &self,
+        template: &serde_json::Map<String, Value>,
+        version: crate::events::RoomVersion,
+    ) -> Result<Pdu, RoomError> {
+        let mut event = template.clone();
+        for unsigned_only in ["signatures", "hashes", "unsigned", "event_id"] {
+            event.remove(unsigned_only);
+        }
+        event.insert("origin_server_ts".into(), Value::from(now_ms()));
+        if version == crate::events::RoomVersion::V10 {
+            event.insert("origin".into(), Value::String(self.server_name.to_string()));
+        }
+        let mut object = match ruma::CanonicalJsonValue::try_from(Value::Object(event)) {
+            Ok(ruma::CanonicalJsonValue::Object(object)) => object,
+            _ => return Err(RoomError::BadEvent("the template is not canonical JSON".into())),
+        };
+        crate::events::hash_and_sign(&self.key, self.server_name.as_str(), &mut object, version)
+            .map_err(|e| RoomError::BadEvent(e.to_string()))?;
+        Pdu::from_federation(object, version).map_err(|e| RoomError::BadEvent(e.to_string()))
     }
 
     /// The newest stream position over all rooms.

@@ -206,6 +206,7 @@ pub(super) async fn forget_ended(state: &OutboundPeeks, now: i64) -> Result<(), 
         // Under the room's claim, so that an instance starting a peek in this room right now
         // either finishes first (and we see its peek) or waits for us.
         let _room = lock_room(state, &room_id).await?;
+        let our_server = state.settings.server_name.to_string();
         let purged = state
             .db
             .run::<_, RoomError, _>(move |conn| {
@@ -219,7 +220,7 @@ pub(super) async fn forget_ended(state: &OutboundPeeks, now: i64) -> Result<(), 
                         return Ok(false);
                     }
                     diesel::delete(outbound_peeks::table.find(&room)).execute(conn)?;
-                    crate::rooms::store::purge_remote_room(conn, &room)
+                    crate::rooms::store::purge_remote_room(conn, &our_server, &room)
                 })
             })
             .await?;

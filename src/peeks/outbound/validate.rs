@@ -1,5 +1,5 @@
-//! OP-4: a peek answer from another server is checked like a `send_join` answer before any of
-//! it is stored: every PDU's signatures (by its sender's server) and hash, its `room_id`, the
+//! OP-4: a peek answer from another server is checked like a `send_join` answer (and a
+//! `send_join` answer the same way, JN-6) before any of it is stored: every PDU's signatures (by its sender's server) and hash, its `room_id`, the
 //! auth rules against its own auth events, exactly one create event, one event per state key,
 //! and a room that is world-readable and not encrypted.
 
@@ -70,6 +70,40 @@ pub async fn validate(keys: &RemoteKeys, room_id: &RoomId, body: &Value) -> Resu
     let raw_version = body.get("room_version").and_then(Value::as_str).unwrap_or("1");
     let version =
         RoomVersion::parse(raw_version).ok_or_else(|| InvalidPeek::UnsupportedVersion(raw_version.to_owned()))?;
+    let ValidState { state, state_events, all, accepted } = validate_state(keys, room_id, version, body).await?;
+    check_peekable(&state, &all)?;
+    // 6. Recent history (`messages`, some targets' shape) and the latest event, in whichever
+    // shape the target sent it.
+    let messages = messages(keys, room_id, version, body, &accepted).await?;
+    let latest = latest_event(keys, room_id, version, body, &accepted, &messages, &state_events).await?;
+    let mut timeline: Vec<Pdu> =
+        messages.into_iter().filter(|p| p.depth <= latest.depth && p.event_id != latest.event_id).collect();
+    timeline.sort_by_key(|p| p.depth);
+    let renewal_interval_ms = body.get("renewal_interval").and_then(Value::as_i64).unwrap_or(3_600_000).max(1);
+    Ok(ValidPeek { version, state, events: all.into_values().collect(), latest, timeline, renewal_interval_ms })
+}
+
+/// A room's state and auth chain as another server answered them (a peek or `send_join`
+/// answer), every check passed.
+pub struct ValidState {
+    pub state: StateMap,
+    /// The events of `state`, as listed.
+    pub state_events: Vec<Pdu>,
+    /// Every event of the state and the auth chain, by ID.
+    pub all: BTreeMap<String, Pdu>,
+    /// The same events once authorised against their own auth events.
+    pub accepted: HashMap<String, Pdu>,
+}
+
+/// OP-4 steps 2-5 on `state` and `auth_chain`, shared by peek and `send_join` answers (JN-6):
+/// every PDU on its own, exactly one create event (from the room ID's server where the ID has
+/// one), the auth rules for each event against its auth events, one event per state key.
+pub async fn validate_state(
+    keys: &RemoteKeys,
+    room_id: &RoomId,
+    version: RoomVersion,
+    body: &Value,
+) -> Result<ValidState, InvalidPeek> {
     let list = |name: &str| -> Result<Vec<Value>, InvalidPeek> {
         match body.get(name) {
             Some(Value::Array(items)) => Ok(items.clone()),
@@ -101,7 +135,7 @@ pub async fn validate(keys: &RemoteKeys, room_id: &RoomId, body: &Value) -> Resu
         tokio::task::spawn_blocking(move || authorise_all(version, &all).map(|accepted| (all, accepted)))
             .await
             .map_err(|e| InvalidPeek::Malformed(format!("the authorisation task failed: {e}")))??;
-    // 5. One event per state key, the create event among them, and a peekable room.
+    // 5. One event per state key, the create event among them.
     let mut state = StateMap::new();
     for pdu in &state_events {
         let key = (pdu.event_type(), pdu.state_key.clone().unwrap_or_default());
@@ -115,16 +149,27 @@ pub async fn validate(keys: &RemoteKeys, room_id: &RoomId, body: &Value) -> Resu
     if !state.contains_key(&("m.room.create".to_owned(), String::new())) {
         return Err(InvalidPeek::Malformed("the state has no create event".into()));
     }
-    check_peekable(&state, &all)?;
-    // 6. Recent history (`messages`, some targets' shape) and the latest event, in whichever
-    // shape the target sent it.
-    let messages = messages(keys, room_id, version, body, &accepted).await?;
-    let latest = latest_event(keys, room_id, version, body, &accepted, &messages, &state_events).await?;
-    let mut timeline: Vec<Pdu> =
-        messages.into_iter().filter(|p| p.depth <= latest.depth && p.event_id != latest.event_id).collect();
-    timeline.sort_by_key(|p| p.depth);
-    let renewal_interval_ms = body.get("renewal_interval").and_then(Value::as_i64).unwrap_or(3_600_000).max(1);
-    Ok(ValidPeek { version, state, events: all.into_values().collect(), latest, timeline, renewal_interval_ms })
+    Ok(ValidState { state, state_events, all, accepted })
+}
+
+/// JN-6: our join, checked against a `send_join` answer's validated state: its auth events are
+/// in the answer, and it passes the auth rules against them and against the state before it.
+/// Returns the state after the join.
+pub fn check_join_against(version: RoomVersion, join: &Pdu, valid: &ValidState) -> Result<StateMap, InvalidPeek> {
+    let id = join.event_id.to_string();
+    if let Some(missing) = join.auth_events.iter().find(|a| !valid.accepted.contains_key(a.as_str())) {
+        return Err(bad(&id, format!("auth event {missing} is not in the answer")));
+    }
+    check_against_auth_events(version, join, &valid.accepted)?;
+    let fetch_event = |event_id: &EventId| valid.accepted.get(event_id.as_str()).cloned();
+    let fetch_state = |kind: &StateEventType, state_key: &str| {
+        valid.state.get(&(kind.to_string(), state_key.to_owned())).and_then(|e| valid.accepted.get(e)).cloned()
+    };
+    events::check_auth(version, join, fetch_event, fetch_state)
+        .map_err(|e| bad(&id, format!("against the state before it: {e}")))?;
+    let mut after = valid.state.clone();
+    after.insert(("m.room.member".to_owned(), join.state_key.clone().unwrap_or_default()), id);
+    Ok(after)
 }
 
 /// OP-4.6: the `messages` list some targets send instead of `latest_event` (recent events,

@@ -368,13 +368,34 @@ pub(super) fn insert_event_row(
         .get_result(conn)?)
 }
 
+/// Does `server` have a user whose current membership in the room is `join`?
+pub fn has_joined_member_of(conn: &mut DbConnection, room_id: &str, server: &str) -> Result<bool, RoomError> {
+    let suffix = format!(":{server}");
+    // `LIKE` narrows the rows; the exact suffix test decides (`_` is a LIKE wildcard).
+    let rows: Vec<(String, String)> = current_state::table
+        .filter(current_state::room_id.eq(room_id))
+        .filter(current_state::event_type.eq("m.room.member"))
+        .filter(current_state::state_key.like(format!("%{suffix}")))
+        .select((current_state::state_key, current_state::event_id))
+        .load(conn)?;
+    let ids: Vec<String> = rows.into_iter().filter(|(user, _)| user.ends_with(&suffix)).map(|(_, id)| id).collect();
+    if ids.is_empty() {
+        return Ok(false);
+    }
+    Ok(events_by_ids(conn, &ids)?.iter().any(|e| e.pdu.content_value()["membership"] == "join"))
+}
+
 /// Deletes everything stored about a room of another server (its events, state and
-/// extremities): what a peek left behind once nobody peeks the room. Our own rooms are never
-/// purged. Returns whether the room was there.
-pub fn purge_remote_room(conn: &mut DbConnection, room_id: &str) -> Result<bool, RoomError> {
+/// extremities): what a peek left behind once nobody peeks the room. Our own rooms, and rooms
+/// one of our users has joined, are never purged. Returns whether the room was purged.
+pub fn purge_remote_room(conn: &mut DbConnection, our_server: &str, room_id: &str) -> Result<bool, RoomError> {
     match room(conn, room_id)? {
         Some(row) if !row.is_local => {}
         _ => return Ok(false),
+    }
+    // A room one of our users has joined is theirs to read, peeked or not (JN-6).
+    if has_joined_member_of(conn, room_id, our_server)? {
+        return Ok(false);
     }
     let groups = state_groups::table.filter(state_groups::room_id.eq(room_id)).select(state_groups::id);
     diesel::delete(state_group_entries::table.filter(state_group_entries::group_id.eq_any(groups))).execute(conn)?;
