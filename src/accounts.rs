@@ -163,6 +163,17 @@ impl Accounts {
         self.registrations.check().map_err(limited)
     }
 
+    /// Whether the user exists (has an account here).
+    pub async fn exists(&self, user_id: &UserId) -> Result<bool, AccountError> {
+        let user_id = user_id.to_string();
+        self.db
+            .run(move |conn| {
+                let found = users::table.find(&user_id).select(users::user_id).first::<String>(conn).optional()?;
+                Ok(found.is_some())
+            })
+            .await
+    }
+
     /// Creates a user; fails with `UserInUse` when the ID exists.
     pub async fn create_user(&self, user_id: &UserId, password: &str, admin: bool) -> Result<(), AccountError> {
         let user_id = user_id.to_string();

@@ -161,6 +161,7 @@ impl From<crate::membership::MembershipError> for MatrixError {
             .with_field("room_version", version),
             E::Forbidden(reason) => MatrixError::forbidden(reason),
             E::BadEvent(reason) => MatrixError::bad_json(reason),
+            E::NotFound(reason) => MatrixError::not_found(reason),
             E::NoJoinServer => MatrixError::not_found("No server to join the room through: give one with `via`"),
             E::JoinFailed(reason) => MatrixError::not_found(format!("No server could join you to the room: {reason}")),
             E::Room(e) => e.into(),

@@ -47,6 +47,7 @@ impl AppState {
         SyncContext {
             settings: &self.settings,
             rooms: &self.rooms,
+            db: &self.db,
             device_peeks: &self.device_peeks,
             outbound: &self.outbound,
         }

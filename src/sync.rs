@@ -63,13 +63,14 @@ struct RoomsResponse {
     join: Map<String, Value>,
     peek: Map<String, Value>,
     leave: Map<String, Value>,
+    invite: Map<String, Value>,
     /// Peeks whose gap the device is told about in this response.
     gaps_reported: Vec<String>,
 }
 
 impl RoomsResponse {
     fn is_empty(&self) -> bool {
-        self.join.is_empty() && self.peek.is_empty() && self.leave.is_empty()
+        self.join.is_empty() && self.peek.is_empty() && self.leave.is_empty() && self.invite.is_empty()
     }
 }
 
@@ -77,6 +78,8 @@ impl RoomsResponse {
 pub struct SyncContext<'a> {
     pub settings: &'a Settings,
     pub rooms: &'a Rooms,
+    /// The invites of our users to rooms we are not in (`rooms.invite`, JN-5).
+    pub db: &'a crate::db::Db,
     pub device_peeks: &'a DevicePeeks,
     /// A device's sync keeps its rooms' federation peeks alive, and re-establishes them (TBD-1).
     pub outbound: &'a OutboundPeeks,
@@ -119,7 +122,7 @@ pub async fn sync(state: &SyncContext<'_>, session: &Session, params: SyncParams
 }
 
 fn render(rooms: RoomsResponse, now: Token) -> Value {
-    let mut body = json!({ "join": rooms.join, "leave": rooms.leave });
+    let mut body = json!({ "join": rooms.join, "leave": rooms.leave, "invite": rooms.invite });
     // The `peek` key is omitted when empty, as Dendrite does.
     if !rooms.peek.is_empty() {
         body["peek"] = Value::Object(rooms.peek);
@@ -174,7 +177,10 @@ async fn build(
     let joined: Vec<(String, i64)> =
         memberships.iter().filter(|(_, m, _)| m == "join").map(|(room, _, pos)| (room.clone(), *pos)).collect();
     let joined_ids: BTreeSet<&str> = joined.iter().map(|(room, _)| room.as_str()).collect();
-    let mut out = RoomsResponse::default();
+    let invite =
+        crate::membership::invites::for_sync(state.rooms, state.db, &session.user_id, since.map(|t| t.pos), now.pos)
+            .await?;
+    let mut out = RoomsResponse { invite, ..RoomsResponse::default() };
     // Rooms the user left (or was removed from) since the last sync: once, with the events up
     // to the leave.
     if let Some(since) = since {

@@ -482,3 +482,245 @@ async fn a_peeked_remote_room_moves_to_join(db: DbKind) {
     .await;
 }
 both_backends!(a_peeked_remote_room_moves_to_join);
+
+/// JN-5, JN-7 between two peekgates: alice on A invites bob on B to a private room; B signs
+/// the invite, bob's sync shows it in `rooms.invite` with the room's stripped state, and bob
+/// joins through A; the invite then leaves his sync.
+async fn invites_between_two_peekgates(db: DbKind) {
+    use support::gateways::pair;
+    let p = pair(db, |_| {}, |_| {}, &[]).await;
+    let private =
+        p.alice.create_room(json!({ "preset": "private_chat", "room_version": "10", "name": "backstage" })).await;
+    let since = sync_token(&p.bob.sync(None, 0).await);
+    let path = format!("/_matrix/client/v3/rooms/{}/invite", enc(&private));
+    let (status, answer) = p.alice.call(Method::POST, &path, Some(&json!({ "user_id": p.bob.user_id }))).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(membership(&p.a, &private, &p.bob.user_id).await.as_deref(), Some("invite"));
+
+    let invited = p.bob.sync(Some(&since), 0).await;
+    let state = invited["rooms"]["invite"][&private]["invite_state"]["events"].as_array().cloned().unwrap_or_default();
+    assert!(state.iter().any(|e| e["type"] == "m.room.name" && e["content"]["name"] == "backstage"), "{invited}");
+    assert!(
+        state.iter().any(|e| e["type"] == "m.room.member"
+            && e["state_key"] == p.bob.user_id.as_str()
+            && e["content"]["membership"] == "invite"),
+        "{invited}"
+    );
+    let again = p.bob.sync(Some(&sync_token(&invited)), 0).await;
+    assert!(again["rooms"]["invite"].get(&private).is_none(), "an invite shows once: {again}");
+
+    let (status, answer) = p.bob.join(&private).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(membership(&p.a, &private, &p.bob.user_id).await.as_deref(), Some("join"));
+    let joined = p.bob.sync(None, 0).await;
+    assert!(joined["rooms"]["join"].get(&private).is_some(), "{joined}");
+    assert!(joined["rooms"]["invite"].get(&private).is_none(), "{joined}");
+}
+both_backends!(invites_between_two_peekgates);
+
+async fn put_invite(
+    peer: &TestPeer,
+    gw: &TestServer,
+    room: &str,
+    id: &str,
+    event: &Value,
+    version: &str,
+) -> (u16, Value) {
+    let path = format!("/_matrix/federation/v2/invite/{}/{}", enc(room), enc(id));
+    let body = json!({ "event": event, "room_version": version, "invite_room_state": [] });
+    peer.call(&gw.base, GW, Method::PUT, &path, Some(&body)).await
+}
+
+/// JN-5 bad input: invites for users we don't have, from a server that is not the sender's,
+/// with a forged signature or an unknown room version are refused and nothing is shown.
+async fn bad_invites_are_refused(db: DbKind) {
+    let s = setup(db, &["inviter.test", "impostor.test"]).await;
+    let (inviter, impostor) = (&s.peers[0], &s.peers[1]);
+    let room = "!elsewhere:inviter.test";
+    let invite_for = |peer: &TestPeer, invitee: &str| {
+        let fake = format!("$fake{}", uuid::Uuid::new_v4().simple());
+        peer.build_pdu(
+            "10",
+            room,
+            "carol",
+            "m.room.member",
+            Some(invitee),
+            json!({ "membership": "invite" }),
+            std::slice::from_ref(&fake),
+            std::slice::from_ref(&fake),
+            5,
+        )
+    };
+    let alice = s.alice.user_id.clone();
+    let errcode = |answer: &Value| answer["errcode"].as_str().unwrap_or_default().to_owned();
+
+    let (event, id) = invite_for(inviter, "@nobody:gw.test");
+    let (status, answer) = put_invite(inviter, &s.gw, room, &id, &event, "10").await;
+    assert_eq!((status, errcode(&answer)), (404, "M_NOT_FOUND".into()), "{answer}");
+    let (event, id) = invite_for(inviter, &alice);
+    let (status, answer) = put_invite(impostor, &s.gw, room, &id, &event, "10").await;
+    assert_eq!((status, errcode(&answer)), (403, "M_FORBIDDEN".into()), "{answer}");
+    let (status, answer) = put_invite(inviter, &s.gw, room, &id, &event, "1").await;
+    assert_eq!((status, errcode(&answer)), (400, "M_INCOMPATIBLE_ROOM_VERSION".into()), "{answer}");
+    let mut forged = event.clone();
+    forged["signatures"] = impostor
+        .build_pdu("10", room, "carol", "m.room.member", Some(&alice), json!({ "membership": "invite" }), &[], &[], 5)
+        .0["signatures"]
+        .clone();
+    let (status, answer) = put_invite(inviter, &s.gw, room, &id, &forged, "10").await;
+    assert_eq!((status, errcode(&answer)), (403, "M_FORBIDDEN".into()), "{answer}");
+    let sync = s.alice.sync(None, 0).await;
+    assert!(sync["rooms"]["invite"].as_object().is_none_or(|i| i.is_empty()), "{sync}");
+
+    // The good one is signed by us and shown.
+    let (status, answer) = put_invite(inviter, &s.gw, room, &id, &event, "10").await;
+    assert_eq!(status, 200, "{answer}");
+    check_event(&answer["event"], "10", GW, &gateway_keys(&s.gw).await, Some(&id)).unwrap();
+    check_event(&answer["event"], "10", "inviter.test", &inviter.public_keys(), Some(&id)).unwrap();
+    let sync = s.alice.sync(None, 0).await;
+    assert!(sync["rooms"]["invite"].get(room).is_some(), "{sync}");
+    finish(s).await;
+}
+both_backends!(bad_invites_are_refused);
+
+/// JN-6 bad input: a hostile first candidate answers `make_join` with a template for someone
+/// else, or `send_join` with a forged, altered, foreign, doubled or unauthorised state. Each is
+/// refused before anything is stored and the next candidate (A) is used; with no other
+/// candidate the client gets a clear 404 and nothing of the room is kept.
+async fn hostile_join_answers_are_refused(db: DbKind) {
+    use support::gateways::{pair, A};
+    let evil = TestPeer::start("evil.test", KeyMode::Good);
+    let p = pair(db, |_| {}, |_| {}, &[&evil]).await;
+    // The room's real state and auth chain (the lobby is world-readable: the peer peeks it).
+    let path = format!("/_matrix/federation/v1/peek/{}/genuine?ver=10", enc(&p.room));
+    let (status, genuine) = evil.call(&p.a.base, A, Method::PUT, &path, Some(&json!({}))).await;
+    assert_eq!(status, 200, "{genuine}");
+    let state: Vec<Value> = genuine["state"].as_array().unwrap().clone();
+    let id_of = |kind: &str| event_id(state.iter().find(|e| e["type"] == kind).unwrap(), "10");
+    let (create, power, rules) = (id_of("m.room.create"), id_of("m.room.power_levels"), id_of("m.room.join_rules"));
+    let latest = genuine["latest_event_id"].as_str().unwrap().to_owned();
+    let answer =
+        json!({ "origin": "evil.test", "state": state, "auth_chain": genuine["auth_chain"], "members_omitted": false });
+    let template_for = |room: &str, user: &str| {
+        json!({ "room_version": "10", "event": {
+            "room_id": room, "sender": user, "state_key": user, "type": "m.room.member",
+            "content": { "membership": "join" }, "auth_events": [create, power, rules], "prev_events": [latest],
+            "depth": 100, "origin_server_ts": 1, "origin": "b.test",
+        } })
+    };
+
+    let mut forged = answer.clone();
+    let (mut topic, _) =
+        evil.build_pdu("10", &p.room, "x", "m.room.topic", Some(""), json!({ "topic": "forged" }), &[], &[], 9);
+    topic["sender"] = json!(p.alice.user_id);
+    forged["state"].as_array_mut().unwrap().push(topic);
+    let mut altered = answer.clone();
+    let rules_event =
+        altered["state"].as_array_mut().unwrap().iter_mut().find(|e| e["type"] == "m.room.join_rules").unwrap();
+    rules_event["content"]["join_rule"] = json!("invite");
+    let mut foreign = answer.clone();
+    foreign["state"].as_array_mut().unwrap()[0]["room_id"] = json!("!other:a.test");
+    let mut two_creates = answer.clone();
+    let (other_create, _) = evil.build_pdu("10", &p.room, "mallory", "m.room.create", Some(""), json!({}), &[], &[], 1);
+    two_creates["auth_chain"].as_array_mut().unwrap().push(other_create);
+    let mut unauthorised = answer.clone();
+    let (name, _) = evil.build_pdu(
+        "10",
+        &p.room,
+        "mallory",
+        "m.room.name",
+        Some(""),
+        json!({ "name": "mine" }),
+        &[create.clone(), power.clone()],
+        std::slice::from_ref(&latest),
+        9,
+    );
+    unauthorised["state"].as_array_mut().unwrap().push(name);
+
+    let cases = [
+        ("a template for another user", None, answer.clone()),
+        ("a forged signature", Some(()), forged),
+        ("an altered event", Some(()), altered),
+        ("an event of another room", Some(()), foreign),
+        ("two create events", Some(()), two_creates),
+        ("an event the auth rules refuse", Some(()), unauthorised),
+    ];
+    for (i, (case, asks_send_join, send_join_answer)) in cases.into_iter().enumerate() {
+        let user = Client::register(&p.b.base, &format!("joiner{i}")).await;
+        let template_user = if asks_send_join.is_some() { user.user_id.clone() } else { "@mallory:evil.test".into() };
+        *evil.inbox.make_join_answer.lock().unwrap() = Some(template_for(&p.room, &template_user));
+        *evil.inbox.send_join_answer.lock().unwrap() = Some(send_join_answer);
+        let before = evil.inbox.joins_received.lock().unwrap().len();
+        let path = format!("/_matrix/client/v3/join/{}?server_name=evil.test", enc(&p.room));
+        let (status, answer) = user.call(Method::POST, &path, Some(&json!({}))).await;
+        assert_eq!(status, 200, "{case}: the next candidate (A) should have been used: {answer}");
+        let asked = evil.inbox.joins_received.lock().unwrap().len() - before;
+        assert_eq!(asked, usize::from(asks_send_join.is_some()), "{case}: send_join requests");
+        assert_eq!(membership(&p.a, &p.room, &user.user_id).await.as_deref(), Some("join"), "{case}");
+        let topic = p.b.state().rooms.state_event(&RoomId::parse(&p.room).unwrap(), "m.room.topic", "").await.unwrap();
+        assert!(topic.is_none(), "{case}: the forged topic was stored");
+        let name = p.b.state().rooms.state_event(&RoomId::parse(&p.room).unwrap(), "m.room.name", "").await.unwrap();
+        assert!(name.is_none(), "{case}: the unauthorised name was stored");
+        // Leave again, so that B is not in the room and the next join is a federated one.
+        let leave = format!("/_matrix/client/v3/rooms/{}/leave", enc(&p.room));
+        assert_eq!(user.call(Method::POST, &leave, Some(&json!({}))).await.0, 200, "{case}");
+    }
+
+    // With the hostile server as the only candidate: a clear error, and no room kept.
+    let elsewhere = "!hideout:evil.test";
+    let carol = Client::register(&p.b.base, "carol").await;
+    *evil.inbox.make_join_answer.lock().unwrap() = Some(template_for(elsewhere, &carol.user_id));
+    *evil.inbox.send_join_answer.lock().unwrap() = Some(answer);
+    let started = std::time::Instant::now();
+    let (status, answer) = carol.join(elsewhere).await;
+    assert_eq!((status, answer["errcode"].as_str()), (404, Some("M_NOT_FOUND")), "{answer}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+    assert!(p.b.state().rooms.room(&RoomId::parse(elsewhere).unwrap()).await.unwrap().is_none());
+    evil.stop().await;
+}
+both_backends!(hostile_join_answers_are_refused);
+
+/// JN-12: room version 12 between two peekgates. A's room ID is the create event's reference
+/// hash (no server part; the create event names no room and is in no auth events; alice is not
+/// in the power levels); bob on B peeks it and joins it by alias (the only candidate source),
+/// and messages go both ways.
+async fn room_version_12_between_two_peekgates(db: DbKind) {
+    use support::gateways::{pair, A};
+    let p = pair(db, |_| {}, |_| {}, &[]).await;
+    let room = p
+        .alice
+        .create_room(json!({
+            "preset": "public_chat", "room_alias_name": "twelve", "room_version": "12",
+            "initial_state": [{ "type": "m.room.history_visibility", "content": { "history_visibility": "world_readable" } }],
+        }))
+        .await;
+    assert!(!room.contains(':'), "a v12 room ID has no server part: {room}");
+    let room_id = RoomId::parse(&room).unwrap();
+    let create = p.a.state().rooms.state_event(&room_id, "m.room.create", "").await.unwrap().unwrap();
+    assert_eq!(format!("!{}", &create.event_id.as_str()[1..]), room);
+    assert!(create.federation_json().get("room_id").is_none(), "{}", create.federation_json());
+    let power = p.a.state().rooms.state_event(&room_id, "m.room.power_levels", "").await.unwrap().unwrap();
+    assert!(power.content_value()["users"].get(&p.alice.user_id).is_none());
+    let member = p.a.state().rooms.state_event(&room_id, "m.room.member", &p.alice.user_id).await.unwrap().unwrap();
+    assert!(!member.auth_events.contains(&create.event_id), "v12: the create event is in no auth events");
+    p.alice.say(&room, "twelve before").await;
+
+    let alias = format!("#twelve:{A}");
+    let (status, answer) = p.bob.peek(&alias, &[]).await;
+    assert_eq!(status, 200, "peek of a v12 room: {answer}");
+    let (status, answer) = p.bob.join(&alias).await;
+    assert_eq!(status, 200, "join of a v12 room: {answer}");
+    assert_eq!(answer["room_id"].as_str(), Some(room.as_str()));
+    assert_eq!(membership(&p.a, &room, &p.bob.user_id).await.as_deref(), Some("join"));
+    p.bob.say(&room, "twelve from bob").await;
+    wait_until("A stores bob's message", || async {
+        read_bodies(&p.alice, &room).await.contains(&"twelve from bob".into())
+    })
+    .await;
+    p.alice.say(&room, "twelve from alice").await;
+    wait_until("B stores alice's message", || async {
+        read_bodies(&p.bob, &room).await.contains(&"twelve from alice".into())
+    })
+    .await;
+}
+both_backends!(room_version_12_between_two_peekgates);

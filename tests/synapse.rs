@@ -286,3 +286,94 @@ async fn a_peekgate_user_joins_a_synapse_room_talks_and_leaves(db: DbKind) {
     gateway.stop().await;
 }
 both_backends!(a_peekgate_user_joins_a_synapse_room_talks_and_leaves);
+
+/// JN-13 with JN-5 and JN-7: invites both ways. A Synapse user invites a peekgate user to a
+/// private Synapse room (peekgate signs the invite, the user's sync shows it, they join); a
+/// peekgate user invites a Synapse user to a private peekgate room (Synapse signs it, its user
+/// sees the invite and joins through peekgate).
+async fn invites_both_ways_with_synapse(db: DbKind) {
+    let synapse = Synapse::start().await;
+    let (carol, carol_token) = synapse.register("carol").await;
+    let certs = tempfile::tempdir().unwrap();
+    let gateway = synapse.gateway_spec(db, certs.path()).start().await;
+    let alice = Client::register(&gateway.base, "alice").await;
+    let since = alice.sync(None, 0).await["next_batch"].as_str().unwrap().to_owned();
+
+    // Synapse -> peekgate.
+    let syn_room = synapse
+        .create_room(&carol_token, json!({ "preset": "private_chat", "room_version": "10", "name": "den" }))
+        .await;
+    let (status, answer) = synapse.invite(&carol_token, &syn_room, &alice.user_id).await;
+    assert_eq!(status, 200, "Synapse inviting {}: {answer}\n{}", alice.user_id, synapse.log_tail());
+    let invited = alice.sync(Some(&since), 5_000).await;
+    let state = invited["rooms"]["invite"][&syn_room]["invite_state"]["events"].as_array().cloned().unwrap_or_default();
+    assert!(state.iter().any(|e| e["type"] == "m.room.name" && e["content"]["name"] == "den"), "{invited}");
+    let (status, answer) = alice.join(&syn_room).await;
+    assert_eq!(status, 200, "joining the Synapse room after the invite: {answer}\n{}", synapse.log_tail());
+    let path = format!("/_matrix/client/v3/rooms/{}/state/m.room.member/{}", enc(&syn_room), enc(&alice.user_id));
+    let (status, answer) = synapse.call(Some(&carol_token), Method::GET, &path, None).await;
+    assert_eq!((status, answer["membership"].as_str()), (200, Some("join")), "{answer}");
+
+    // peekgate -> Synapse.
+    let pg_room = alice.create_room(json!({ "preset": "private_chat", "room_version": "10", "name": "attic" })).await;
+    let path = format!("/_matrix/client/v3/rooms/{}/invite", enc(&pg_room));
+    let (status, answer) = alice.call(Method::POST, &path, Some(&json!({ "user_id": carol }))).await;
+    assert_eq!(status, 200, "inviting {carol}: {answer}\n{}", synapse.log_tail());
+    wait_until("Synapse shows the invite", || async {
+        let (_, sync) = synapse.call(Some(&carol_token), Method::GET, "/_matrix/client/v3/sync?timeout=0", None).await;
+        sync["rooms"]["invite"].get(&pg_room).is_some()
+    })
+    .await;
+    let (status, answer) = synapse.join(&carol_token, &pg_room, &[&gateway.server_name]).await;
+    assert_eq!(status, 200, "Synapse joining after the invite: {answer}\n{}", synapse.log_tail());
+    let room_id = ruma::RoomId::parse(&pg_room).unwrap();
+    let carol_id = ruma::UserId::parse(&carol).unwrap();
+    assert_eq!(gateway.state().rooms.membership(&room_id, &carol_id).await.unwrap().as_deref(), Some("join"));
+    gateway.stop().await;
+}
+both_backends!(invites_both_ways_with_synapse);
+
+/// JN-13 with JN-12: a room version 12 room on Synapse joined from peekgate by alias, messages
+/// both ways; and a Synapse user joins a peekgate v12 room.
+async fn room_version_12_with_synapse(db: DbKind) {
+    let synapse = Synapse::start().await;
+    let (_, carol_token) = synapse.register("carol").await;
+    let syn_room = synapse
+        .create_room(
+            &carol_token,
+            json!({ "preset": "public_chat", "room_alias_name": "twelve", "room_version": "12" }),
+        )
+        .await;
+    let certs = tempfile::tempdir().unwrap();
+    let gateway = synapse.gateway_spec(db, certs.path()).start().await;
+    let alice = Client::register(&gateway.base, "alice").await;
+
+    let alias = format!("#twelve:{}", synapse.server_name);
+    let (status, answer) = alice.join(&alias).await;
+    assert_eq!(status, 200, "joining the v12 room {alias}: {answer}\n{}", synapse.log_tail());
+    assert_eq!(answer["room_id"].as_str(), Some(syn_room.as_str()));
+    synapse.send_message(&carol_token, &syn_room, "v12 hello alice").await;
+    wait_until("peekgate stores Synapse's v12 message", || async {
+        peekgate_bodies(&alice, &syn_room).await.contains(&"v12 hello alice".to_owned())
+    })
+    .await;
+    alice.say(&syn_room, "v12 hello carol").await;
+    wait_until("Synapse shows peekgate's v12 message", || async {
+        synapse.timeline_bodies(&carol_token, &syn_room).await.contains(&"v12 hello carol".to_owned())
+    })
+    .await;
+
+    let pg_room =
+        alice.create_room(json!({ "preset": "public_chat", "room_alias_name": "ours12", "room_version": "12" })).await;
+    let pg_alias = format!("#ours12:{}", gateway.server_name);
+    let (status, answer) = synapse.join(&carol_token, &pg_alias, &[]).await;
+    assert_eq!(status, 200, "Synapse joining the peekgate v12 room: {answer}\n{}", synapse.log_tail());
+    alice.say(&pg_room, "v12 welcome").await;
+    wait_until("Synapse shows the message in peekgate's v12 room", || async {
+        synapse.timeline_bodies(&carol_token, &pg_room).await.contains(&"v12 welcome".to_owned())
+    })
+    .await;
+    assert_eq!(gateway.metric("peekgate_federation_received_pdus_total{result=\"rejected\"}").await, 0.0);
+    gateway.stop().await;
+}
+both_backends!(room_version_12_with_synapse);

@@ -46,6 +46,7 @@ fn scoped_routes(cfg: &mut web::ServiceConfig) {
         .service(resource("/join/{room_id_or_alias}").route(web::post().to(rooms::join_by_id_or_alias)))
         .service(resource("/rooms/{room_id}/join").route(web::post().to(rooms::join_by_id)))
         .service(resource("/rooms/{room_id}/leave").route(web::post().to(rooms::leave)))
+        .service(resource("/rooms/{room_id}/invite").route(web::post().to(rooms::invite)))
         .service(resource("/rooms/{room_id}/messages").route(web::get().to(rooms::messages)))
         .service(resource("/directory/room/{alias}").route(web::get().to(rooms::directory_lookup)))
         .service(resource("/sync").route(web::get().to(peek::sync)));

@@ -196,6 +196,26 @@ async fn join(
     Ok(HttpResponse::Ok().json(json!({ "room_id": room_id })))
 }
 
+#[derive(Deserialize)]
+pub struct InviteBody {
+    user_id: String,
+}
+
+/// `POST /rooms/{roomId}/invite`: a user of ours or of another server (JN-7).
+pub async fn invite(
+    state: web::Data<AppState>,
+    Authed(session): Authed,
+    path: web::Path<String>,
+    body: web::Bytes,
+) -> Result<HttpResponse, MatrixError> {
+    let room_id = ids::room_id(&path)?;
+    let body: InviteBody = parse_json(&body)?;
+    let invitee = ruma::UserId::parse(&body.user_id).map_err(|e| MatrixError::invalid_param(e.to_string()))?;
+    let (rooms, keys, federation) = (&state.rooms, &state.keys, &state.federation);
+    crate::membership::invites::invite(rooms, keys, federation, &room_id, &session.user_id, &invitee).await?;
+    Ok(HttpResponse::Ok().json(json!({})))
+}
+
 pub async fn leave(
     state: web::Data<AppState>,
     Authed(session): Authed,

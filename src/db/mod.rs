@@ -162,7 +162,7 @@ impl Target {
                     SqliteConnection::establish(&self.connect_string).map_err(|e| DbError::Connect(e.to_string()))?;
                 // Without these a pool of writers hits "database is locked".
                 conn.batch_execute(
-                    "PRAGMA journal_mode=WAL; PRAGMA busy_timeout=5000; \
+                    "PRAGMA busy_timeout=5000; PRAGMA journal_mode=WAL; \
                      PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON;",
                 )
                 .map_err(|e| DbError::Connect(e.to_string()))?;

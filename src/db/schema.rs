@@ -189,6 +189,16 @@ diesel::table! {
 }
 
 diesel::table! {
+    invites (user_id, room_id) {
+        user_id -> Text,
+        room_id -> Text,
+        event_id -> Text,
+        stream_pos -> BigInt,
+        invite_state -> Text,
+    }
+}
+
+diesel::table! {
     joined_servers (room_id, server_name, start_stream_pos) {
         room_id -> Text,
         server_name -> Text,
@@ -242,6 +252,7 @@ diesel::joinable!(events -> rooms (room_id));
 
 diesel::allow_tables_to_appear_in_same_query!(
     server_keys,
+    invites,
     joined_servers,
     redactions,
     outbound_claims,

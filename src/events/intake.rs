@@ -77,11 +77,17 @@ pub async fn check(
 ) -> Result<Pdu, IntakeError> {
     check_format(&object, version)?;
     let claimed = match object.get("room_id") {
-        Some(CanonicalJsonValue::String(claimed)) => claimed.as_str(),
-        _ => "",
+        Some(CanonicalJsonValue::String(claimed)) => claimed.to_owned(),
+        // v12: a create event names no room; the room's ID is its reference hash.
+        None if version.room_id_is_create_hash()
+            && object.get("type") == Some(&CanonicalJsonValue::String("m.room.create".into())) =>
+        {
+            format!("!{}", event_id(&object, version).trim_start_matches('$'))
+        }
+        _ => String::new(),
     };
     if claimed != room_id.as_str() {
-        return Err(IntakeError::WrongRoom(claimed.to_owned()));
+        return Err(IntakeError::WrongRoom(claimed));
     }
     if hashes == Hashes::Strict {
         let expected = match object.get("hashes") {

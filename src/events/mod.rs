@@ -15,7 +15,7 @@ use ruma::{CanonicalJsonObject, CanonicalJsonValue, EventId, Int, OwnedEventId, 
 use serde_json::value::RawValue as RawJsonValue;
 use serde_json::Value;
 
-pub use pdu::Pdu;
+pub use pdu::{create_room_id, Pdu};
 pub use version::{EventError, RoomVersion};
 
 use crate::keys::{RemoteKeys, SigningKey};
@@ -65,7 +65,10 @@ pub fn build(key: &SigningKey, server_name: &str, version: RoomVersion, draft: E
     json.insert("content".into(), CanonicalJsonValue::Object(content));
     json.insert("depth".into(), CanonicalJsonValue::Integer(Int::new_saturating(draft.depth)));
     json.insert("origin_server_ts".into(), CanonicalJsonValue::Integer(Int::new_saturating(draft.origin_server_ts)));
-    json.insert("room_id".into(), CanonicalJsonValue::String(draft.room_id.to_string()));
+    // v12: the create event names no room (its reference hash becomes the room ID).
+    if !(version.room_id_is_create_hash() && draft.kind == "m.room.create") {
+        json.insert("room_id".into(), CanonicalJsonValue::String(draft.room_id.to_string()));
+    }
     json.insert("sender".into(), CanonicalJsonValue::String(draft.sender.to_string()));
     json.insert("type".into(), CanonicalJsonValue::String(draft.kind));
     if let Some(state_key) = draft.state_key {

@@ -79,8 +79,15 @@ impl Pdu {
         json: CanonicalJsonObject,
         version: RoomVersion,
     ) -> Result<Pdu, EventError> {
-        let room_id =
-            RoomId::parse(string(&json, "room_id")?).map_err(|e| EventError::Malformed(format!("room_id: {e}")))?;
+        let room_id = match json.get("room_id") {
+            // v12: the create event names no room; the room's ID is derived from its own.
+            None if version.room_id_is_create_hash() && string(&json, "type")? == "m.room.create" => {
+                create_room_id(&event_id)?
+            }
+            _ => {
+                RoomId::parse(string(&json, "room_id")?).map_err(|e| EventError::Malformed(format!("room_id: {e}")))?
+            }
+        };
         let sender =
             UserId::parse(string(&json, "sender")?).map_err(|e| EventError::Malformed(format!("sender: {e}")))?;
         let origin_server_ts = match field(&json, "origin_server_ts")? {
@@ -160,11 +167,11 @@ impl Pdu {
     }
 }
 
-/// v10 carries `redacts` at the top level; v11 moved it into `content`.
+/// v10 carries `redacts` at the top level; v11 (and v12) moved it into `content`.
 fn redacts(json: &CanonicalJsonObject, version: RoomVersion) -> Result<Option<OwnedEventId>, EventError> {
     let raw = match version {
         RoomVersion::V10 => json.get("redacts"),
-        RoomVersion::V11 => match json.get("content") {
+        RoomVersion::V11 | RoomVersion::V12 => match json.get("content") {
             Some(CanonicalJsonValue::Object(content)) => content.get("redacts"),
             _ => None,
         },
@@ -178,6 +185,11 @@ fn redacts(json: &CanonicalJsonObject, version: RoomVersion) -> Result<Option<Ow
     }
 }
 
+/// The room ID a v12 create event makes: `!` and its event ID's hash.
+pub fn create_room_id(event_id: &EventId) -> Result<OwnedRoomId, EventError> {
+    RoomId::parse(format!("!{}", &event_id.as_str()[1..])).map_err(|e| EventError::Malformed(format!("room_id: {e}")))
+}
+
 impl ruma::state_res::Event for Pdu {
     type Id = OwnedEventId;
 
@@ -186,7 +198,8 @@ impl ruma::state_res::Event for Pdu {
     }
 
     fn room_id(&self) -> Option<&RoomId> {
-        Some(&self.room_id)
+        // A v12 create event has no `room_id`, and the auth rules check that it has none.
+        self.json.contains_key("room_id").then_some(&*self.room_id)
     }
 
     fn sender(&self) -> &UserId {

@@ -1,5 +1,5 @@
 //! `make_join`/`send_join` and `make_leave`/`send_leave` (JN-1, JN-2, JN-4): another server's
-//! user joins or leaves one of our rooms. The logic lives in `membership::inbound`; `v1`
+//! user joins or leaves one of our rooms; `invite` (JN-5): one of our users is invited. The logic lives in `membership::inbound`; `v1`
 //! `send_*` answers are wrapped as `[200, answer]`, as that version of the spec has it.
 
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -7,7 +7,7 @@ use serde_json::json;
 
 use crate::error::MatrixError;
 use crate::federation::auth::SignedRequest;
-use crate::membership::{inbound, Membership};
+use crate::membership::{inbound, invites, Membership};
 use crate::state::AppState;
 
 /// `GET /_matrix/federation/v1/make_join/{roomId}/{userId}?ver=...`
@@ -85,4 +85,17 @@ async fn send(
 /// An ID that cannot be a room ID names no room of ours.
 fn room(raw: &str) -> Result<ruma::OwnedRoomId, MatrixError> {
     crate::ids::room_id(raw).map_err(|_| MatrixError::not_found("Unknown room"))
+}
+
+/// `PUT /_matrix/federation/v2/invite/{roomId}/{eventId}` (JN-5): one of our users is invited.
+pub async fn invite_v2(
+    state: web::Data<AppState>,
+    request: SignedRequest,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse, MatrixError> {
+    let room_id = room(&path.0)?;
+    let body = request.body.as_ref().ok_or_else(|| MatrixError::not_json("The body must be a JSON object"))?;
+    let (rooms, keys, accounts) = (&state.rooms, &state.keys, &state.accounts);
+    let answer = invites::receive(rooms, keys, &request.origin, &room_id, &path.1, body, accounts).await?;
+    Ok(HttpResponse::Ok().json(answer))
 }

@@ -36,7 +36,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     .service(
         web::scope("/_matrix/federation/v2")
             .service(resource("/send_join/{room_id}/{event_id}").route(web::put().to(membership::send_join_v2)))
-            .service(resource("/send_leave/{room_id}/{event_id}").route(web::put().to(membership::send_leave_v2))),
+            .service(resource("/send_leave/{room_id}/{event_id}").route(web::put().to(membership::send_leave_v2)))
+            .service(resource("/invite/{room_id}/{event_id}").route(web::put().to(membership::invite_v2))),
     )
     .service(resource("/_peekgate/federation/v1/whoami").route(web::get().to(whoami)).route(web::post().to(whoami)));
 }

@@ -40,6 +40,8 @@ pub enum MembershipError {
     Forbidden(String),
     #[error("bad event: {0}")]
     BadEvent(String),
+    #[error("not found: {0}")]
+    NotFound(String),
     /// JN-6: no candidate server to join a room of another server through.
     #[error("no server to join the room through")]
     NoJoinServer,
@@ -180,7 +182,7 @@ fn check_shape(
 }
 
 /// Intake failures: a bad signature is a refusal (403), anything else a bad event (400).
-fn refused(e: IntakeError) -> MembershipError {
+pub(super) fn refused(e: IntakeError) -> MembershipError {
     match e {
         IntakeError::Event(EventError::Signature(reason)) => MembershipError::Forbidden(format!("signature: {reason}")),
         other => MembershipError::BadEvent(other.to_string()),

@@ -4,6 +4,7 @@
 //! receive our events because they have a joined member ([`spans`], JN-10).
 
 pub mod inbound;
+pub mod invites;
 pub mod outbound;
 pub mod spans;
 

@@ -103,6 +103,7 @@ async fn join_via(
     let our_server = state.settings.server_name.to_string();
     let record = move |conn: &mut crate::db::DbConnection, join: &Pdu, position: i64| {
         crate::membership::spans::open_for_current_members(conn, &our_server, join.room_id.as_str(), position)?;
+        crate::membership::invites::forget(conn, join.sender.as_str(), join.room_id.as_str())?;
         crate::peeks::devices::after_state_event(conn, &our_server, join, position)
     };
     state.rooms.store_snapshot_then(room_id, version, state_after, outliers, join, Vec::new(), record).await?;

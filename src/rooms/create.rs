@@ -12,7 +12,7 @@ use super::store;
 use crate::clock::now_ms;
 use crate::db::schema::room_aliases;
 use crate::db::DbConnection;
-use crate::events::{EventDraft, RoomVersion};
+use crate::events::{EventDraft, Pdu, RoomVersion};
 use crate::keys::SigningKey;
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -92,6 +92,10 @@ pub fn plan(
         },
         "events_default": 0, "state_default": 50, "ban": 50, "kick": 50, "redact": 50, "invite": 0,
     });
+    if version.room_id_is_create_hash() {
+        // v12: the creator has unlimited power from the create event and is not listed.
+        power_levels["users"] = json!({});
+    }
     if let Some(overrides) = request.power_level_content_override {
         for (k, v) in overrides {
             power_levels[k] = v;
@@ -129,8 +133,39 @@ pub fn plan(
     Ok(Plan { version, alias, events })
 }
 
-/// Runs inside a transaction: the room row, the alias, then every event via the append path.
-/// Returns the stream position of the last event.
+impl Plan {
+    pub fn version(&self) -> RoomVersion {
+        self.version
+    }
+}
+
+/// Room version 12: the create event is built (and signed) before anything is stored, as its
+/// reference hash is the room's ID. `provisional` only fills the draft; it is not in the event.
+pub fn build_create(
+    key: &SigningKey,
+    server_name: &ServerName,
+    creator: &UserId,
+    provisional: &RoomId,
+    plan: &Plan,
+) -> Result<Pdu, RoomError> {
+    let (kind, _, content) = plan.events.first().ok_or_else(|| RoomError::Internal("no create event".into()))?;
+    let draft = EventDraft {
+        room_id: provisional.to_owned(),
+        sender: creator.to_owned(),
+        kind: kind.clone(),
+        state_key: Some(String::new()),
+        content: content.clone(),
+        prev_events: Vec::new(),
+        auth_events: Vec::new(),
+        depth: 1,
+        origin_server_ts: now_ms(),
+    };
+    crate::events::build(key, server_name.as_str(), plan.version, draft).map_err(|e| RoomError::BadEvent(e.to_string()))
+}
+
+/// Runs inside a transaction: the room row, the alias, then every event via the append path
+/// (`create`: the create event built beforehand, room version 12). Returns the stream position
+/// of the last event.
 pub fn execute(
     conn: &mut DbConnection,
     key: &SigningKey,
@@ -138,6 +173,7 @@ pub fn execute(
     room_id: &RoomId,
     creator: &UserId,
     plan: Plan,
+    mut create: Option<Pdu>,
 ) -> Result<i64, RoomError> {
     if let Some(alias) = &plan.alias {
         let taken: i64 = room_aliases::table.filter(room_aliases::alias.eq(alias)).count().get_result(conn)?;
@@ -158,6 +194,10 @@ pub fn execute(
     let mut last = 0;
     for (kind, state_key, content) in plan.events {
         let room = store::lock_for_append(conn, room_id.as_str())?;
+        if let Some(create) = create.take() {
+            last = store::append_prepared(conn, hooks, &room, &create)?.stream_pos;
+            continue;
+        }
         let draft = EventDraft {
             room_id: room_id.to_owned(),
             sender: creator.to_owned(),

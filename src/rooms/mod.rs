@@ -5,6 +5,7 @@
 mod create;
 mod error;
 pub mod hooks;
+mod membership_events;
 mod service;
 pub mod store;
 pub mod visibility;

@@ -24,9 +24,9 @@ use diesel::prelude::*;
 
 /// The room service shared by the client and federation APIs.
 pub struct Rooms {
-    db: Db,
-    key: Arc<SigningKey>,
-    server_name: OwnedServerName,
+    pub(super) db: Db,
+    pub(super) key: Arc<SigningKey>,
+    pub(super) server_name: OwnedServerName,
     hooks: hooks::AppendHooks,
     /// The newest stream position; the sender and `/sync` wait on changes.
     stream: watch::Sender<i64>,
@@ -80,7 +80,7 @@ impl Rooms {
         advance(&self.stream, stream_pos);
     }
 
-    fn appended(&self, stream_pos: i64) {
+    pub(super) fn appended(&self, stream_pos: i64) {
         advance(&self.stream, stream_pos);
         advance(&self.local, stream_pos);
     }
@@ -91,6 +91,13 @@ impl Rooms {
             RoomId::parse(format!("!{}:{}", Alphanumeric.sample_string(&mut rand::rng(), 18), self.server_name))
                 .map_err(|e| RoomError::Internal(e.to_string()))?;
         let plan = create::plan(&self.server_name, creator, &room_id, request)?;
+        // v12: the room ID is the create event's reference hash.
+        let (room_id, create) = if plan.version().room_id_is_create_hash() {
+            let create = create::build_create(&self.key, &self.server_name, creator, &room_id, &plan)?;
+            (create.room_id.clone(), Some(create))
+        } else {
+            (room_id, None)
+        };
         let (key, hooks) = (self.key.clone(), self.hooks.clone());
         let creator = creator.to_owned();
         let rid = room_id.clone();
@@ -98,7 +105,7 @@ impl Rooms {
             .db
             .run(move |conn| {
                 write_transaction::<_, RoomError, _>(conn, |conn| {
-                    create::execute(conn, &key, &hooks, &rid, &creator, plan)
+                    create::execute(conn, &key, &hooks, &rid, &creator, plan, create)
                 })
             })
             .await?;
@@ -184,51 +191,6 @@ impl Rooms {
         Ok(appended)
     }
 
-    /// A template for `user`'s `membership` event at the end of one of our rooms (the
-    /// `make_join`/`make_leave` answer, JN-1, JN-4): prev events, auth events and depth from
-    /// the current state, no hashes or signatures. Refused with [`RoomError::Forbidden`] when
-    /// the auth rules would refuse it now. For room version 10, `origin` names `origin`.
-    pub async fn membership_template(
-        &self,
-        room_id: &RoomId,
-        user: &UserId,
-        membership: &str,
-        origin: &ServerName,
-    ) -> Result<(crate::events::RoomVersion, Value), RoomError> {
-        let (key, server_name) = (self.key.clone(), self.server_name.clone());
-        let draft = EventDraft {
-            room_id: room_id.to_owned(),
-            sender: user.to_owned(),
-            kind: "m.room.member".to_owned(),
-            state_key: Some(user.to_string()),
-            content: serde_json::json!({ "membership": membership }),
-            prev_events: Vec::new(),
-            auth_events: Vec::new(),
-            depth: 0,
-            origin_server_ts: now_ms(),
-        };
-        let room = room_id.to_string();
-        let (version, pdu) = self
-            .read(move |conn| {
-                let row = store::room(conn, &room)?.ok_or(RoomError::NotFound)?;
-                // Signed with our key only so that it is a complete event for the auth check;
-                // the joining server hashes and signs the template itself.
-                let pdu = store::prepare_at_end(conn, &key, server_name.as_str(), &row, draft)?;
-                Ok((row.version, pdu))
-            })
-            .await?;
-        let mut template = pdu.federation_json();
-        if let Some(fields) = template.as_object_mut() {
-            fields.remove("hashes");
-            fields.remove("signatures");
-            fields.remove("event_id");
-            if fields.contains_key("origin") {
-                fields.insert("origin".into(), Value::String(origin.to_string()));
-            }
-        }
-        Ok((version, template))
-    }
-
     /// Stores a validated peek answer as the starting point of a room of another server (see
     /// [`store::store_snapshot`]), all or nothing.
     pub async fn store_snapshot(
@@ -272,31 +234,6 @@ impl Rooms {
             .await?;
         self.appended(newest);
         Ok(pos)
-    }
-
-    /// Our copy of a template another server made for one of our users (`make_join`, JN-6):
-    /// `origin_server_ts` now, `origin` us (room version 10), then hashed and signed with our
-    /// key. Other fields are the template's; the caller checks they are what it asked for.
-    pub fn complete_template(
-        &self,
-        template: &serde_json::Map<String, Value>,
-        version: crate::events::RoomVersion,
-    ) -> Result<Pdu, RoomError> {
-        let mut event = template.clone();
-        for unsigned_only in ["signatures", "hashes", "unsigned", "event_id"] {
-            event.remove(unsigned_only);
-        }
-        event.insert("origin_server_ts".into(), Value::from(now_ms()));
-        if version == crate::events::RoomVersion::V10 {
-            event.insert("origin".into(), Value::String(self.server_name.to_string()));
-        }
-        let mut object = match ruma::CanonicalJsonValue::try_from(Value::Object(event)) {
-            Ok(ruma::CanonicalJsonValue::Object(object)) => object,
-            _ => return Err(RoomError::BadEvent("the template is not canonical JSON".into())),
-        };
-        crate::events::hash_and_sign(&self.key, self.server_name.as_str(), &mut object, version)
-            .map_err(|e| RoomError::BadEvent(e.to_string()))?;
-        Pdu::from_federation(object, version).map_err(|e| RoomError::BadEvent(e.to_string()))
     }
 
     /// The newest stream position over all rooms.
@@ -517,7 +454,7 @@ impl Rooms {
         .await
     }
 
-    async fn read<T, F>(&self, work: F) -> Result<T, RoomError>
+    pub(super) async fn read<T, F>(&self, work: F) -> Result<T, RoomError>
     where
         F: FnOnce(&mut DbConnection) -> Result<T, RoomError> + Send + 'static,
         T: Send + 'static,

@@ -96,6 +96,11 @@ pub struct Inbox {
     pub backfill_requests: AtomicUsize,
     /// `/backfill` answers carry events altered after signing (their signatures fail).
     pub forge_backfill: std::sync::atomic::AtomicBool,
+    /// What `make_join` and `send_join` answer (a hostile room server, JN-6); `None`: 404.
+    pub make_join_answer: Mutex<Option<Value>>,
+    pub send_join_answer: Mutex<Option<Value>>,
+    /// The join events `send_join` received.
+    pub joins_received: Mutex<Vec<Value>>,
 }
 
 impl Inbox {
@@ -359,6 +364,25 @@ async fn directory(req: HttpRequest, peer: web::Data<(String, Arc<Inbox>)>) -> H
     }
 }
 
+/// `GET make_join`: the template the test set (JN-6 tests of a hostile room server).
+async fn make_join(peer: web::Data<(String, Arc<Inbox>)>) -> HttpResponse {
+    match peer.1.make_join_answer.lock().unwrap().clone() {
+        Some(body) => HttpResponse::Ok().json(body),
+        None => HttpResponse::NotFound().json(json!({ "errcode": "M_NOT_FOUND", "error": "no such room" })),
+    }
+}
+
+/// `PUT /v2/send_join`: records the join and answers what the test set.
+async fn send_join(body: web::Bytes, peer: web::Data<(String, Arc<Inbox>)>) -> HttpResponse {
+    if let Ok(event) = serde_json::from_slice::<Value>(&body) {
+        peer.1.joins_received.lock().unwrap().push(event);
+    }
+    match peer.1.send_join_answer.lock().unwrap().clone() {
+        Some(body) => HttpResponse::Ok().json(body),
+        None => HttpResponse::NotFound().json(json!({ "errcode": "M_NOT_FOUND", "error": "no such room" })),
+    }
+}
+
 /// `PUT` and `DELETE /_matrix/federation/v1/peek/{roomId}/{peekId}`: the peer as a peek target
 /// that answers whatever the test set (a hostile or a non-implementing server).
 async fn peek_target(req: HttpRequest, peer: web::Data<(String, Arc<Inbox>)>) -> HttpResponse {
@@ -417,6 +441,8 @@ impl TestPeer {
                     }),
                 )
                 .route("/_matrix/federation/v1/send/{txn}", web::put().to(receive))
+                .route("/_matrix/federation/v1/make_join/{room}/{user}", web::get().to(make_join))
+                .route("/_matrix/federation/v2/send_join/{room}/{event}", web::put().to(send_join))
                 .route("/_matrix/federation/v1/peek/{room}/{peek_id}", web::put().to(peek_target))
                 .route("/_matrix/federation/v1/peek/{room}/{peek_id}", web::delete().to(peek_target))
                 .route("/_matrix/federation/v1/get_missing_events/{room}", web::post().to(missing_events))

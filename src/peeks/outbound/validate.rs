@@ -229,6 +229,13 @@ fn authorise_all(version: RoomVersion, all: &BTreeMap<String, Pdu>) -> Result<Ha
         if let Some(missing) = auth.iter().find(|id| !all.contains_key(**id)) {
             return Err(bad(pdu.event_id.as_str(), format!("auth event {missing} is not in the answer")));
         }
+        // v12: every event also needs the create event its room ID names (in no auth events).
+        if version.room_id_is_create_hash() && pdu.event_type() != "m.room.create" {
+            let create = format!("${}", pdu.room_id.as_str().trim_start_matches('!'));
+            if let Some((id, _)) = all.get_key_value(&create) {
+                auth.push(id.as_str());
+            }
+        }
         auth.sort_unstable();
         auth.dedup();
         edges.push(auth.into_iter().map(|id| ids.binary_search(&id).expect("checked above")).collect());
@@ -288,12 +295,18 @@ fn check_against_auth_events(
     pdu: &Pdu,
     accepted: &HashMap<String, Pdu>,
 ) -> Result<(), InvalidPeek> {
-    let by_key: HashMap<(String, String), &Pdu> = pdu
+    let mut by_key: HashMap<(String, String), &Pdu> = pdu
         .auth_events
         .iter()
         .filter_map(|id| accepted.get(id.as_str()))
         .map(|p| ((p.event_type(), p.state_key.clone().unwrap_or_default()), p))
         .collect();
+    // v12: the create event is in no auth events; the room ID names it.
+    if version.room_id_is_create_hash() && pdu.event_type() != "m.room.create" {
+        if let Some(create) = accepted.get(&format!("${}", pdu.room_id.as_str().trim_start_matches('!'))) {
+            by_key.insert(("m.room.create".to_owned(), String::new()), create);
+        }
+    }
     let fetch_event = |id: &EventId| accepted.get(id.as_str()).cloned();
     let fetch_state = |kind: &StateEventType, state_key: &str| {
         by_key.get(&(kind.to_string(), state_key.to_owned())).map(|p| (*p).clone())

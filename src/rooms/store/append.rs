@@ -88,6 +88,22 @@ pub fn prepare_at_end(
     Ok(pdu)
 }
 
+/// Authorises against the current state and stores an event of ours built beforehand (a v12
+/// create event, whose ID names the room; an invite its invitee's server signed too).
+pub fn append_prepared(
+    conn: &mut DbConnection,
+    hooks: &AppendHooks,
+    room: &RoomRow,
+    pdu: &Pdu,
+) -> Result<Appended, RoomError> {
+    let auth_types =
+        pdus::auth_types(room.version, &pdu.event_type(), &pdu.sender, pdu.state_key.as_deref(), &pdu.content_value())
+            .map_err(|e| RoomError::BadEvent(e.to_string()))?;
+    let state = current_state_for(conn, &room.room_id, &auth_types)?;
+    authorise(conn, room, pdu, &state)?;
+    store_event(conn, hooks, room, pdu)
+}
+
 /// Authorises and stores an event another server sent (already signature-checked): its
 /// `room_id` must be the room's, its auth events known, and it must pass the auth rules against
 /// them and against the current state. `None` when we already have it.
@@ -150,6 +166,15 @@ pub(super) fn authorise(
     pdu: &Pdu,
     state: &HashMap<(String, String), String>,
 ) -> Result<(), RoomError> {
+    // The rules always read the create event from the state, also in v12 where it is in no
+    // event's auth events.
+    let mut state = state.clone();
+    if let std::collections::hash_map::Entry::Vacant(slot) = state.entry(("m.room.create".to_owned(), String::new())) {
+        if let Some(id) = current_state_id(conn, &room.room_id, "m.room.create", "")? {
+            slot.insert(id);
+        }
+    }
+    let state = &state;
     let mut ids: Vec<String> = pdu.auth_events.iter().map(|id| id.to_string()).chain(state.values().cloned()).collect();
     ids.sort();
     ids.dedup();
@@ -366,6 +391,27 @@ pub(super) fn insert_event_row(
         ))
         .returning(events::stream_pos)
         .get_result(conn)?)
+}
+
+/// An invite to a room of another server that we are not in (JN-5): stored as an outlier of
+/// that room (a room row without state is made for it) so that it has a stream position for
+/// `/sync`, under the append lock like any event. An invite stored before keeps its position.
+pub fn store_invite_outlier(
+    conn: &mut DbConnection,
+    room_id: &str,
+    version: RoomVersion,
+    now: i64,
+    pdu: &Pdu,
+) -> Result<i64, RoomError> {
+    if room(conn, room_id)?.is_none() {
+        insert_room(conn, room_id, version, false, now)?;
+    }
+    lock_for_append(conn, room_id)?;
+    if let Some(stored) = event_by_id(conn, pdu.event_id.as_str())? {
+        return Ok(stored.stream_pos);
+    }
+    let group = insert_group(conn, room_id, None, 0, &StateMap::new())?;
+    insert_event_row(conn, room_id, pdu, None, group, true)
 }
 
 /// Does `server` have a user whose current membership in the room is `join`?
