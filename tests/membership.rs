@@ -724,3 +724,108 @@ async fn room_version_12_between_two_peekgates(db: DbKind) {
     .await;
 }
 both_backends!(room_version_12_between_two_peekgates);
+
+/// JN-8 with hostile and concurrent servers in one of our rooms (bob on joiner.test, carol on
+/// stays.test, both joined):
+/// - an event whose prev events lead to a state where its sender was not in the room is
+///   rejected, although the current state would allow it;
+/// - an event allowed by the state before it but not by the current state (bob was banned
+///   meanwhile) is soft-failed: accepted, stored, never shown to clients;
+/// - concurrent state is resolved by state resolution: bob's topic applied first, then carol's
+///   concurrent demotion of bob arrives; the resolved state keeps the demotion and drops the
+///   topic, which the demoted bob could not set.
+async fn concurrent_events_are_checked_and_resolved(db: DbKind) {
+    let s = setup(db, &["joiner.test", "stays.test"]).await;
+    let (joiner, stays) = (&s.peers[0], &s.peers[1]);
+    let room = public_room(&s.alice, "10").await;
+    let before_bob = s.alice.say(&room, "before bob").await;
+    join(joiner, &s.gw, &room, "bob", "10").await;
+    join(stays, &s.gw, &room, "carol", "10").await;
+    let (bob, carol) = ("@bob:joiner.test", "@carol:stays.test");
+    let power_content = json!({
+        "users": { s.alice.user_id.clone(): 100, carol: 100, bob: 50 },
+        "users_default": 0, "events_default": 0, "state_default": 50, "ban": 50, "kick": 50, "redact": 50, "invite": 0,
+        "events": { "m.room.power_levels": 100 },
+    });
+    let (status, answer) = s.alice.put_state(&room, "m.room.power_levels", "", power_content.clone()).await;
+    assert_eq!(status, 200, "{answer}");
+    let id = |kind: &'static str, key: &'static str| {
+        let (gw, room) = (&s.gw, room.clone());
+        async move { state_id(gw, &room, kind, key).await.unwrap() }
+    };
+    let (create, power) = (id("m.room.create", "").await, id("m.room.power_levels", "").await);
+    let (bob_member, carol_member) = (id("m.room.member", bob).await, id("m.room.member", carol).await);
+    let fork_point = s.alice.say(&room, "the fork point").await;
+    let text = |body: &str| json!({ "msgtype": "m.text", "body": body });
+
+    // Rejected: its prev event is from before bob joined.
+    let auth = [create.clone(), power.clone(), bob_member.clone()];
+    let (early, early_id) =
+        joiner.build_pdu("10", &room, "bob", "m.room.message", None, text("from the past"), &auth, &[before_bob], 60);
+    let (_, result) = joiner.send_transaction(&s.gw.base, GW, vec![early]).await;
+    assert!(result["pdus"][&early_id]["error"].is_string(), "{result}");
+    assert!(!stored(&s.gw, &early_id).await);
+
+    // Resolved: bob's topic (extends the current state) then carol's concurrent demotion.
+    let (topic, topic_id) = joiner.build_pdu(
+        "10",
+        &room,
+        "bob",
+        "m.room.topic",
+        Some(""),
+        json!({ "topic": "bob's topic" }),
+        &auth,
+        std::slice::from_ref(&fork_point),
+        60,
+    );
+    let (_, result) = joiner.send_transaction(&s.gw.base, GW, vec![topic]).await;
+    assert_eq!(result["pdus"][&topic_id], json!({}), "{result}");
+    assert_eq!(state_id(&s.gw, &room, "m.room.topic", "").await.as_deref(), Some(topic_id.as_str()));
+    let mut demoted = power_content.clone();
+    demoted["users"][bob] = json!(0);
+    let carol_auth = [create.clone(), power.clone(), carol_member.clone()];
+    let (demotion, demotion_id) = stays.build_pdu(
+        "10",
+        &room,
+        "carol",
+        "m.room.power_levels",
+        Some(""),
+        demoted,
+        &carol_auth,
+        std::slice::from_ref(&fork_point),
+        60,
+    );
+    let (_, result) = stays.send_transaction(&s.gw.base, GW, vec![demotion]).await;
+    assert_eq!(result["pdus"][&demotion_id], json!({}), "{result}");
+    assert_eq!(state_id(&s.gw, &room, "m.room.power_levels", "").await.as_deref(), Some(demotion_id.as_str()));
+    assert_eq!(state_id(&s.gw, &room, "m.room.topic", "").await, None, "the demoted bob's topic is resolved away");
+    assert!(stored(&s.gw, &topic_id).await, "the topic stays stored");
+
+    // Soft-failed: alice bans bob; bob's message from before the ban arrives after it.
+    let ban = s
+        .alice
+        .call(Method::POST, &format!("/_matrix/client/v3/rooms/{}/ban", enc(&room)), Some(&json!({ "user_id": bob })))
+        .await;
+    if ban.0 != 200 {
+        let (status, answer) = s.alice.put_state(&room, "m.room.member", bob, json!({ "membership": "ban" })).await;
+        assert_eq!(status, 200, "{answer}");
+    }
+    assert_eq!(membership(&s.gw, &room, bob).await.as_deref(), Some("ban"));
+    let (late, late_id) = joiner.build_pdu(
+        "10",
+        &room,
+        "bob",
+        "m.room.message",
+        None,
+        text("sent before the ban"),
+        &[create, power, bob_member],
+        std::slice::from_ref(&topic_id),
+        61,
+    );
+    let (_, result) = joiner.send_transaction(&s.gw.base, GW, vec![late]).await;
+    assert_eq!(result["pdus"][&late_id], json!({}), "soft-failed events are accepted: {result}");
+    assert!(stored(&s.gw, &late_id).await, "a soft-failed event is stored");
+    assert!(!read_bodies(&s.alice, &room).await.contains(&"sent before the ban".to_owned()), "but never shown");
+    finish(s).await;
+}
+both_backends!(concurrent_events_are_checked_and_resolved);

@@ -134,6 +134,13 @@ pub fn append_remote(
         pdus::auth_types(room.version, &pdu.event_type(), &pdu.sender, pdu.state_key.as_deref(), &pdu.content_value())
             .map_err(|e| RoomError::BadEvent(e.to_string()))?;
     let state = current_state_for(conn, &room.room_id, &auth_types)?;
+    // JN-8: an event that does not follow the current state is checked against the state
+    // before it (rejected when refused), then against the current state (soft-failed).
+    if let Some(before) = super::resolve::fork_state_before(conn, room, pdu)? {
+        authorise(conn, room, pdu, &super::resolve::needed_from(&before, &auth_types))?;
+        let soft_failed = authorise(conn, room, pdu, &state).is_err();
+        return super::resolve::store_forked(conn, hooks, room, pdu, &before, soft_failed).map(Some);
+    }
     authorise(conn, room, pdu, &state)?;
     store_event(conn, hooks, room, pdu).map(Some)
 }
@@ -337,22 +344,7 @@ pub fn store_snapshot(
         Some(stored) => stored.stream_pos,
         None => insert_event_row(conn, room_id, snapshot.latest, Some(group), group, false)?,
     };
-    diesel::delete(current_state::table.filter(current_state::room_id.eq(room_id))).execute(conn)?;
-    let rows: Vec<_> = snapshot
-        .state
-        .iter()
-        .map(|((t, k), id)| {
-            (
-                current_state::room_id.eq(room_id.to_owned()),
-                current_state::event_type.eq(t.clone()),
-                current_state::state_key.eq(k.clone()),
-                current_state::event_id.eq(id.clone()),
-            )
-        })
-        .collect();
-    for chunk in rows.chunks(500) {
-        on_backend!(&mut *conn, |c| diesel::insert_into(current_state::table).values(chunk).execute(c))?;
-    }
+    super::resolve::reset_current_state(conn, room_id, snapshot.state)?;
     diesel::delete(forward_extremities::table.filter(forward_extremities::room_id.eq(room_id))).execute(conn)?;
     diesel::insert_into(forward_extremities::table)
         .values((

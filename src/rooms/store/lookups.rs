@@ -72,7 +72,11 @@ pub fn events_in_range(
 ) -> Result<Vec<StoredEvent>, RoomError> {
     let version = version_of(conn, room_id)?;
     let select = EVENT_COLUMNS;
-    let base = events::table.filter(events::room_id.eq(room_id)).filter(events::outlier.eq(false));
+    // Soft-failed events (JN-8, `rejected`) are kept but never served.
+    let base = events::table
+        .filter(events::room_id.eq(room_id))
+        .filter(events::outlier.eq(false))
+        .filter(events::rejected.eq(false));
     let rows: Vec<EventRow> = if forwards {
         base.filter(events::stream_pos.gt(from))
             .order(events::stream_pos.asc())

@@ -8,6 +8,7 @@ mod append;
 mod groups;
 mod lookups;
 pub mod redactions;
+mod resolve;
 
 pub use append::*;
 pub use groups::*;
