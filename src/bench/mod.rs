@@ -3,6 +3,7 @@
 //! benchmark runs in-process servers on 127.0.0.1 on throwaway databases.
 
 mod dead_peers;
+mod joins;
 mod peeks;
 mod receiver;
 mod rooms;
@@ -16,6 +17,7 @@ use diesel::connection::SimpleConnection;
 use diesel::{Connection, PgConnection};
 
 pub use dead_peers::dead_peers;
+pub use joins::joins;
 pub use peeks::peeks;
 pub use receiver::receiver;
 pub use rooms::rooms;
