@@ -140,6 +140,18 @@ enum BenchCommand {
         #[arg(long, default_value_t = 1000)]
         events: usize,
     },
+    /// Joining a 1,000-member room hosted by another peekgate (make_join, send_join, validated and
+    /// stored), and send_join served for it (issue #12; PostgreSQL).
+    Joins {
+        #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable")]
+        postgres: String,
+        /// Local members of the room besides its creator.
+        #[arg(long, default_value_t = 1000)]
+        members: usize,
+        /// Runs of each figure; each run is a different joining user.
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+    },
     /// The lightweight receiver `bench peeks` runs as a child process.
     #[command(hide = true)]
     Receiver {
@@ -255,6 +267,7 @@ fn bench(command: BenchCommand) -> Result<(), String> {
             BenchCommand::DeadPeers { postgres, healthy, events, rounds } => {
                 bench::dead_peers(&postgres, healthy, events, rounds).await
             }
+            BenchCommand::Joins { postgres, members, runs } => bench::joins(&postgres, members, runs).await,
             BenchCommand::Receiver { bind } => bench::receiver(&bind).await,
         }
     });

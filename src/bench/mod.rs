@@ -3,6 +3,7 @@
 //! benchmark runs in-process servers on 127.0.0.1 on throwaway databases.
 
 mod dead_peers;
+mod joins;
 mod peeks;
 mod receiver;
 mod rooms;
@@ -16,6 +17,7 @@ use diesel::connection::SimpleConnection;
 use diesel::{Connection, PgConnection};
 
 pub use dead_peers::dead_peers;
+pub use joins::joins;
 pub use peeks::peeks;
 pub use receiver::receiver;
 pub use rooms::rooms;
@@ -83,9 +85,14 @@ impl ScratchDb {
                 let name = format!("peekgate_bench_{}", random_suffix());
                 let mut conn = PgConnection::establish(postgres_admin).context("connect to PostgreSQL")?;
                 conn.batch_execute(&format!("CREATE DATABASE {name}"))?;
-                let base = postgres_admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(postgres_admin);
+                // The scratch database's URL keeps the admin URL's query (`?sslmode=disable`).
+                let (path, query) = match postgres_admin.split_once('?') {
+                    Some((path, query)) => (path, format!("?{query}")),
+                    None => (postgres_admin, String::new()),
+                };
+                let base = path.rsplit_once('/').map(|(b, _)| b).unwrap_or(path);
                 Ok(ScratchDb {
-                    url: format!("{base}/{name}"),
+                    url: format!("{base}/{name}{query}"),
                     admin: Some((postgres_admin.to_owned(), name)),
                     _dir: None,
                 })
