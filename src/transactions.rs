@@ -17,6 +17,7 @@ use crate::db::{Db, DbError};
 use crate::events::intake::{self, Hashes};
 use crate::events::RoomVersion;
 use crate::keys::RemoteKeys;
+use crate::membership::catch_up;
 use crate::metrics::Metrics;
 use crate::on_backend;
 use crate::peeks::outbound::{self, OutboundPeeks};
@@ -127,10 +128,18 @@ async fn receive_pdu(state: &Inbox<'_>, origin: &ServerName, pdu: Value) -> (Str
         Ok(appended) => (event_id, Ok(appended.is_some())),
         // OP-9: fill the gap from the target (WR-1 lets a peeker ask) or the joined server
         // that sent it, then try once more.
-        Err(RoomError::MissingPrevEvents(_)) if !row.is_local => {
+        Err(RoomError::MissingPrevEvents(missing)) => {
             if let Err(e) = outbound::fill_gap(state.outbound, origin, &room_id, vec![event_id.clone()]).await {
-                resync_in_background(state, &room_id);
-                return (event_id, Err(format!("prev events unknown and not fetched: {e}")));
+                // JN-8: in a room we are in, the state at the missing prev events instead.
+                if !we_are_in(state, &room_id).await {
+                    if !row.is_local {
+                        resync_in_background(state, &room_id);
+                    }
+                    return (event_id, Err(format!("prev events unknown and not fetched: {e}")));
+                }
+                if let Err(e) = catch_up::fetch_state_at(state.outbound, origin, &room_id, version, &missing).await {
+                    return (event_id, Err(format!("prev events unknown, and the state at them not fetched: {e}")));
+                }
             }
             match state.rooms.append_remote(&room_id, pdu).await {
                 Ok(appended) => (event_id, Ok(appended.is_some())),
@@ -139,6 +148,11 @@ async fn receive_pdu(state: &Inbox<'_>, origin: &ServerName, pdu: Value) -> (Str
         }
         Err(e) => (event_id, Err(e.to_string())),
     }
+}
+
+/// Whether one of our users is joined to the room.
+async fn we_are_in(state: &Inbox<'_>, room_id: &RoomId) -> bool {
+    state.rooms.server_is_joined(room_id, state.rooms.server_name()).await.unwrap_or(false)
 }
 
 /// Whether a PDU of a room of another server is taken from `origin`: the target we peek the

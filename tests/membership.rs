@@ -829,3 +829,91 @@ async fn concurrent_events_are_checked_and_resolved(db: DbKind) {
     finish(s).await;
 }
 both_backends!(concurrent_events_are_checked_and_resolved);
+
+/// JN-3: a restricted room (version 10) refuses a remote join clearly until restricted joins
+/// are authorised.
+async fn restricted_joins_are_refused_clearly(db: DbKind) {
+    let s = setup(db, &["joiner.test"]).await;
+    let joiner = &s.peers[0];
+    let other = public_room(&s.alice, "10").await;
+    let room = s
+        .alice
+        .create_room(json!({
+            "preset": "public_chat", "room_version": "10",
+            "initial_state": [{ "type": "m.room.join_rules", "content": {
+                "join_rule": "restricted", "allow": [{ "type": "m.room_membership", "room_id": other }],
+            } }],
+        }))
+        .await;
+    let (status, answer) = make(joiner, &s.gw, "join", &room, "@bob:joiner.test", "?ver=10").await;
+    assert_eq!((status, answer["errcode"].as_str()), (403, Some("M_FORBIDDEN")), "{answer}");
+    assert!(answer["error"].as_str().unwrap().contains("restricted"), "{answer}");
+    finish(s).await;
+}
+both_backends!(restricted_joins_are_refused_clearly);
+
+/// JN-8: a joined server sends an event whose prev event we never got, and cannot give it
+/// through `get_missing_events`; we fetch the state at the missing event (`/state_ids`, then
+/// `/event` for what we lack), check it, keep the missing event as an outlier and place the new
+/// one. A state naming a forged event is refused, and so is the new event.
+async fn a_gap_is_closed_with_a_state_fetch(db: DbKind) {
+    let s = setup(db, &["joiner.test"]).await;
+    let joiner = &s.peers[0];
+    let room = public_room(&s.alice, "10").await;
+    join(joiner, &s.gw, &room, "bob", "10").await;
+    let latest = s.gw.state().rooms.forward_extremities(&RoomId::parse(&room).unwrap()).await.unwrap();
+    let bob = "@bob:joiner.test";
+    let ids = |kind: &'static str, key: &'static str| {
+        let (gw, room) = (&s.gw, room.clone());
+        async move { state_id(gw, &room, kind, key).await.unwrap() }
+    };
+    let auth = [ids("m.room.create", "").await, ids("m.room.power_levels", "").await, ids("m.room.member", bob).await];
+    let state_now: Vec<String> =
+        s.gw.state()
+            .rooms
+            .current_state(&RoomId::parse(&room).unwrap())
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.event_id.to_string())
+            .collect();
+    let text = |body: &str| json!({ "msgtype": "m.text", "body": body });
+    let (missed, missed_id) =
+        joiner.build_pdu("10", &room, "bob", "m.room.message", None, text("missed"), &auth, &latest, 80);
+    joiner.inbox.served_events.lock().unwrap().insert(missed_id.clone(), missed);
+
+    // A state that names an event nobody can verify: refused, nothing stored.
+    let forged_id = "$forgedforgedforgedforgedforgedforgedforg".to_owned();
+    let mut with_forged = state_now.clone();
+    with_forged.push(forged_id.clone());
+    let (mut forged, _) =
+        joiner.build_pdu("10", &room, "bob", "m.room.topic", Some(""), json!({ "topic": "x" }), &auth, &latest, 80);
+    forged["content"]["topic"] = json!("changed after signing");
+    joiner.inbox.served_events.lock().unwrap().insert(forged_id, forged);
+    *joiner.inbox.state_ids_answer.lock().unwrap() = Some(json!({ "pdu_ids": with_forged, "auth_chain_ids": [] }));
+    let (next, next_id) = joiner.build_pdu(
+        "10",
+        &room,
+        "bob",
+        "m.room.message",
+        None,
+        text("after the gap"),
+        &auth,
+        std::slice::from_ref(&missed_id),
+        81,
+    );
+    let (_, result) = joiner.send_transaction(&s.gw.base, GW, vec![next.clone()]).await;
+    assert!(result["pdus"][&next_id]["error"].is_string(), "{result}");
+    assert!(!stored(&s.gw, &missed_id).await && !stored(&s.gw, &next_id).await);
+
+    // The real state: the gap closes.
+    *joiner.inbox.state_ids_answer.lock().unwrap() = Some(json!({ "pdu_ids": state_now, "auth_chain_ids": [] }));
+    let (_, result) = joiner.send_transaction(&s.gw.base, GW, vec![next]).await;
+    assert_eq!(result["pdus"][&next_id], json!({}), "{result}");
+    assert!(stored(&s.gw, &missed_id).await, "the missed event is kept (as an outlier)");
+    let bodies = read_bodies(&s.alice, &room).await;
+    assert!(bodies.contains(&"after the gap".to_owned()), "{bodies:?}");
+    assert!(!bodies.contains(&"missed".to_owned()), "an outlier is not in the timeline: {bodies:?}");
+    finish(s).await;
+}
+both_backends!(a_gap_is_closed_with_a_state_fetch);

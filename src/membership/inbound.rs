@@ -89,7 +89,11 @@ pub async fn make(
         }
     }
     check_acl(rooms, room_id, origin).await?;
-    let (version, event) = rooms.membership_template(room_id, &user, membership.as_str(), origin).await?;
+    let template = rooms.membership_template(room_id, &user, membership.as_str(), origin).await;
+    if membership == Membership::Join && matches!(template, Err(RoomError::Forbidden(_))) {
+        refuse_restricted(rooms, room_id).await?;
+    }
+    let (version, event) = template?;
     Ok(json!({ "room_version": version.as_str(), "event": event }))
 }
 
@@ -122,6 +126,21 @@ pub async fn send(
         Membership::Leave => Ok(json!({})),
         Membership::Join => join_answer(rooms, event_id).await,
     }
+}
+
+/// JN-3: a join the rules refuse in a `restricted` room would need one of our members to
+/// authorise it (`join_authorised_via_users_server`), which peekgate does not do yet: say so.
+async fn refuse_restricted(rooms: &Rooms, room_id: &RoomId) -> Result<(), MembershipError> {
+    let rules = rooms.state_event(room_id, "m.room.join_rules", "").await?;
+    let rule = rules.map(|e| e.content_value()["join_rule"].as_str().unwrap_or_default().to_owned());
+    if matches!(rule.as_deref(), Some("restricted" | "knock_restricted")) {
+        return Err(MembershipError::Forbidden(
+            "This room's joins are restricted to members of other rooms; this server does not authorise \
+             restricted joins yet: ask for an invite"
+                .into(),
+        ));
+    }
+    Ok(())
 }
 
 /// The room must be one we host (a room we only peek is another server's to join).

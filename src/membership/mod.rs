@@ -3,6 +3,7 @@
 //! JN-4), our users joining rooms of other servers ([`outbound`], JN-6), and which servers
 //! receive our events because they have a joined member ([`spans`], JN-10).
 
+pub mod catch_up;
 pub mod inbound;
 pub mod invites;
 pub mod outbound;

@@ -148,4 +148,24 @@ impl Rooms {
             .map_err(|e| RoomError::BadEvent(e.to_string()))?;
         Pdu::from_federation(object, version).map_err(|e| RoomError::BadEvent(e.to_string()))
     }
+
+    /// Stores an event we missed with the state around it (see
+    /// [`store::store_outlier_with_state`]), all or nothing.
+    pub async fn store_fetched_state(
+        &self,
+        room_id: &RoomId,
+        outliers: Vec<Pdu>,
+        event: Pdu,
+        before: store::StateMap,
+        after: store::StateMap,
+    ) -> Result<(), RoomError> {
+        let room = room_id.to_string();
+        self.db
+            .run(move |conn| {
+                write_transaction::<_, RoomError, _>(conn, |conn| {
+                    store::store_outlier_with_state(conn, &room, &outliers, &event, &before, &after)
+                })
+            })
+            .await
+    }
 }

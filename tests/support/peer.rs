@@ -101,6 +101,10 @@ pub struct Inbox {
     pub send_join_answer: Mutex<Option<Value>>,
     /// The join events `send_join` received.
     pub joins_received: Mutex<Vec<Value>>,
+    /// What `/state_ids` answers, and the events `/event/{id}` serves (JN-8 state fetches),
+    /// unless the peer is in the dialect.
+    pub state_ids_answer: Mutex<Option<Value>>,
+    pub served_events: Mutex<HashMap<String, Value>>,
 }
 
 impl Inbox {
@@ -340,11 +344,23 @@ async fn backfill(req: HttpRequest, peer: web::Data<(String, Arc<Inbox>)>) -> Ht
 }
 
 /// `/event`, `/state`, `/state_ids`: refused to non-members in the dialect, not served otherwise.
-async fn other_reads(peer: web::Data<(String, Arc<Inbox>)>) -> HttpResponse {
+async fn other_reads(req: HttpRequest, peer: web::Data<(String, Arc<Inbox>)>) -> HttpResponse {
     let inbox = &peer.1;
     if inbox.dialect.load(Ordering::SeqCst) {
         inbox.refused_reads.fetch_add(1, Ordering::SeqCst);
         return forbidden_to_non_members();
+    }
+    let path = req.uri().path();
+    if path.contains("/state_ids/") {
+        if let Some(answer) = inbox.state_ids_answer.lock().unwrap().clone() {
+            return HttpResponse::Ok().json(answer);
+        }
+    }
+    if let Some(id) = path.strip_prefix("/_matrix/federation/v1/event/") {
+        let id = url::form_urlencoded::parse(format!("x={id}").as_bytes()).next().unwrap().1.into_owned();
+        if let Some(event) = inbox.served_events.lock().unwrap().get(&id).cloned() {
+            return HttpResponse::Ok().json(json!({ "origin": peer.0, "origin_server_ts": 1, "pdus": [event] }));
+        }
     }
     HttpResponse::NotFound().json(json!({ "errcode": "M_UNRECOGNIZED", "error": "Unrecognized request" }))
 }

@@ -152,10 +152,16 @@ pub async fn validate_state(
     Ok(ValidState { state, state_events, all, accepted })
 }
 
-/// JN-6: our join, checked against a `send_join` answer's validated state: its auth events are
-/// in the answer, and it passes the auth rules against them and against the state before it.
-/// Returns the state after the join.
+/// JN-6: our join, checked against a `send_join` answer's validated state (see
+/// [`check_event_against`]). Returns the state after the join.
 pub fn check_join_against(version: RoomVersion, join: &Pdu, valid: &ValidState) -> Result<StateMap, InvalidPeek> {
+    check_event_against(version, join, valid)
+}
+
+/// An event checked against a validated state before it (a `send_join` answer, JN-6; a state
+/// fetched for a gap, JN-8): its auth events are among the validated events, and it passes the
+/// auth rules against them and against that state. Returns the state after it.
+pub fn check_event_against(version: RoomVersion, join: &Pdu, valid: &ValidState) -> Result<StateMap, InvalidPeek> {
     let id = join.event_id.to_string();
     if let Some(missing) = join.auth_events.iter().find(|a| !valid.accepted.contains_key(a.as_str())) {
         return Err(bad(&id, format!("auth event {missing} is not in the answer")));
@@ -168,7 +174,9 @@ pub fn check_join_against(version: RoomVersion, join: &Pdu, valid: &ValidState) 
     events::check_auth(version, join, fetch_event, fetch_state)
         .map_err(|e| bad(&id, format!("against the state before it: {e}")))?;
     let mut after = valid.state.clone();
-    after.insert(("m.room.member".to_owned(), join.state_key.clone().unwrap_or_default()), id);
+    if let Some(state_key) = &join.state_key {
+        after.insert((join.event_type(), state_key.clone()), id);
+    }
     Ok(after)
 }
 

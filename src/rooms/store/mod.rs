@@ -13,6 +13,7 @@ mod resolve;
 pub use append::*;
 pub use groups::*;
 pub use lookups::*;
+pub use resolve::store_outlier_with_state;
 
 use std::collections::{BTreeMap, HashMap};
 

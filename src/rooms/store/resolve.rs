@@ -224,3 +224,30 @@ fn reaches_conflicted<'a>(
     memo.insert(id, answer);
     answer
 }
+
+/// JN-8: an event we missed, with the state before and after it as another server gave them
+/// (checked by the caller), stored as an outlier carrying that state so that later events
+/// naming it as a prev event can be placed; the state's and auth chain's events we lack are
+/// stored as outliers too. Nothing enters the timeline or the current state.
+pub fn store_outlier_with_state(
+    conn: &mut DbConnection,
+    room_id: &str,
+    outliers: &[Pdu],
+    event: &Pdu,
+    before: &StateMap,
+    after: &StateMap,
+) -> Result<(), RoomError> {
+    lock_for_append(conn, room_id)?;
+    if event_by_id(conn, event.event_id.as_str())?.is_some() {
+        return Ok(());
+    }
+    let group_before = insert_group(conn, room_id, None, 0, before)?;
+    let group_after = if after == before { group_before } else { insert_group(conn, room_id, None, 0, after)? };
+    for pdu in outliers.iter().filter(|p| p.event_id != event.event_id) {
+        if event_by_id(conn, pdu.event_id.as_str())?.is_none() {
+            insert_event_row(conn, room_id, pdu, None, group_before, true)?;
+        }
+    }
+    insert_event_row(conn, room_id, event, Some(group_before), group_after, true)?;
+    Ok(())
+}
