@@ -917,3 +917,27 @@ async fn a_gap_is_closed_with_a_state_fetch(db: DbKind) {
     finish(s).await;
 }
 both_backends!(a_gap_is_closed_with_a_state_fetch);
+
+/// JN-7: bob on B declines alice's invite to a room on A that B is not in: `make_leave` and
+/// `send_leave` through A; A records the leave and bob's sync no longer shows the invite.
+async fn an_invite_to_another_server_is_declined(db: DbKind) {
+    use support::gateways::pair;
+    let p = pair(db, |_| {}, |_| {}, &[]).await;
+    let private = p.alice.create_room(json!({ "preset": "private_chat", "room_version": "10" })).await;
+    let path = format!("/_matrix/client/v3/rooms/{}/invite", enc(&private));
+    assert_eq!(p.alice.call(Method::POST, &path, Some(&json!({ "user_id": p.bob.user_id }))).await.0, 200);
+    let invited = p.bob.sync(None, 0).await;
+    assert!(invited["rooms"]["invite"].get(&private).is_some(), "{invited}");
+
+    let leave = format!("/_matrix/client/v3/rooms/{}/leave", enc(&private));
+    let (status, answer) = p.bob.call(Method::POST, &leave, Some(&json!({}))).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(membership(&p.a, &private, &p.bob.user_id).await.as_deref(), Some("leave"));
+    let after = p.bob.sync(None, 0).await;
+    assert!(after["rooms"]["invite"].get(&private).is_none(), "{after}");
+    // Without an invite there is nobody to decline: a room B does not know.
+    let (status, _) =
+        p.bob.call(Method::POST, &leave.replace(&enc(&private), &enc("!nowhere:a.test")), Some(&json!({}))).await;
+    assert_eq!(status, 404);
+}
+both_backends!(an_invite_to_another_server_is_declined);

@@ -222,11 +222,7 @@ pub async fn leave(
     path: web::Path<String>,
 ) -> Result<HttpResponse, MatrixError> {
     let room_id = ids::room_id(&path)?;
-    let member = session.user_id.as_str();
-    state
-        .rooms
-        .send(&room_id, &session.user_id, "m.room.member", Some(member), json!({ "membership": "leave" }))
-        .await?;
+    crate::membership::outbound::leave_room(&state.outbound, &session.user_id, &room_id).await?;
     Ok(HttpResponse::Ok().json(json!({})))
 }
 

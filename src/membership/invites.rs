@@ -275,3 +275,30 @@ fn signed_by(pdu: &Pdu, server: &ServerName) -> bool {
 fn enc(segment: &str) -> String {
     url::form_urlencoded::byte_serialize(segment.as_bytes()).collect::<String>().replace('+', "%20")
 }
+
+/// The server of the user who invited `user` to a room we are not in (from the stored invite).
+pub async fn inviting_server(
+    state: &crate::peeks::outbound::OutboundPeeks,
+    user: &UserId,
+    room_id: &RoomId,
+) -> Result<Option<String>, RoomError> {
+    let (user, room) = (user.to_string(), room_id.to_string());
+    let event_id: Option<String> = state
+        .db
+        .run::<_, RoomError, _>(move |conn| {
+            Ok(invites::table.find((&user, &room)).select(invites::event_id).first(conn).optional()?)
+        })
+        .await?;
+    let Some(event_id) = event_id else { return Ok(None) };
+    Ok(state.rooms.event(&event_id).await?.map(|e| e.pdu.sender.server_name().to_string()))
+}
+
+/// Forgets `user`'s invite to a room (declined, JN-7).
+pub async fn forget_invite(
+    state: &crate::peeks::outbound::OutboundPeeks,
+    user: &UserId,
+    room_id: &RoomId,
+) -> Result<(), RoomError> {
+    let (user, room) = (user.to_string(), room_id.to_string());
+    state.db.run::<_, RoomError, _>(move |conn| forget(conn, &user, &room)).await
+}

@@ -152,3 +152,72 @@ pub async fn join_room(
     }
     join(state, user, room_id, candidates).await
 }
+
+/// A client's `/rooms/{roomId}/leave`: in a room we host or one of our users is in, our own leave
+/// event, appended and sent to the servers in the room; otherwise (an invite to a room we are
+/// not in is declined, JN-7) `make_leave`/`send_leave` through the inviting server and the room
+/// ID's server, and the invite is forgotten.
+pub async fn leave_room(state: &OutboundPeeks, user: &UserId, room_id: &RoomId) -> Result<(), MembershipError> {
+    let row = state.rooms.room(room_id).await?.ok_or(MembershipError::UnknownRoom)?;
+    let resident = row.is_local || state.rooms.server_is_joined(room_id, &state.settings.server_name).await?;
+    if resident {
+        let content = serde_json::json!({ "membership": "leave" });
+        state.rooms.send(room_id, user, "m.room.member", Some(user.as_str()), content).await?;
+        return Ok(());
+    }
+    let inviter = super::invites::inviting_server(state, user, room_id).await?;
+    let candidates: Vec<String> = inviter.into_iter().chain(room_id.server_name().map(|s| s.to_string())).collect();
+    let mut last = None;
+    for candidate in candidates.iter().take(MAX_JOIN_CANDIDATES) {
+        let Ok(server) = <&ServerName>::try_from(candidate.as_str()) else { continue };
+        match leave_via(state, server, user, room_id).await {
+            Ok(()) => {
+                super::invites::forget_invite(state, user, room_id).await?;
+                tracing::info!(room = %room_id, user = %user, via = %server, "declined an invite");
+                return Ok(());
+            }
+            Err(e) => {
+                tracing::warn!(room = %room_id, user = %user, via = %server, error = %e, "leave through a candidate failed");
+                last = Some(e);
+            }
+        }
+    }
+    Err(match last {
+        None => MembershipError::NoJoinServer,
+        Some(e) => MembershipError::JoinFailed(format!("the leave could not be sent: {e}")),
+    })
+}
+
+async fn leave_via(
+    state: &OutboundPeeks,
+    server: &ServerName,
+    user: &UserId,
+    room_id: &RoomId,
+) -> Result<(), JoinAttemptError> {
+    let path = format!("/_matrix/federation/v1/make_leave/{}/{}", enc(room_id.as_str()), enc(user.as_str()));
+    let made = state.federation.get(server, &path).await?;
+    let raw_version = made.get("room_version").and_then(Value::as_str).unwrap_or("1");
+    let version =
+        RoomVersion::parse(raw_version).ok_or_else(|| JoinAttemptError::UnsupportedVersion(raw_version.to_owned()))?;
+    let template =
+        made.get("event").and_then(Value::as_object).ok_or_else(|| JoinAttemptError::BadTemplate("no event".into()))?;
+    let leave = state.rooms.complete_template(template, version)?;
+    if leave.room_id != room_id
+        || leave.sender != user
+        || leave.state_key.as_deref() != Some(user.as_str())
+        || leave.event_type() != "m.room.member"
+        || leave.content_value()["membership"] != "leave"
+    {
+        return Err(JoinAttemptError::BadTemplate("not a leave of this user from this room".into()));
+    }
+    let path = format!("/_matrix/federation/v2/send_leave/{}/{}", enc(room_id.as_str()), enc(leave.event_id.as_str()));
+    let request = FedRequest {
+        method: reqwest::Method::PUT,
+        destination: server,
+        path: &path,
+        body: Some(leave.federation_json()),
+        signed: true,
+    };
+    state.federation.send(request).await?;
+    Ok(())
+}
