@@ -51,6 +51,11 @@ pub fn is_user_of(user: &str, server: &str) -> bool {
     user.starts_with('@') && user.split_once(':').is_some_and(|(_, name)| name == server)
 }
 
+/// A path segment percent-encoded for a federation URL (room IDs, event IDs, user IDs).
+pub fn path_segment(segment: &str) -> String {
+    url::form_urlencoded::byte_serialize(segment.as_bytes()).collect::<String>().replace('+', "%20")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -371,21 +371,6 @@ async fn joined_servers_read_only_the_history_their_users_could_see(db: DbKind) 
 }
 both_backends!(joined_servers_read_only_the_history_their_users_could_see);
 
-/// The message bodies of a room as a local user of `client`'s server reads them, oldest first.
-async fn read_bodies(client: &Client, room: &str) -> Vec<String> {
-    let path = format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=100", enc(room));
-    let (status, answer) = client.call(Method::GET, &path, None).await;
-    assert_eq!(status, 200, "/messages: {answer}");
-    let mut bodies: Vec<String> = answer["chunk"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|e| e["content"]["body"].as_str().map(str::to_owned))
-        .collect();
-    bodies.reverse();
-    bodies
-}
-
 fn sync_token(answer: &Value) -> String {
     answer["next_batch"].as_str().unwrap().to_owned()
 }
@@ -410,16 +395,13 @@ async fn a_user_joins_a_room_on_another_peekgate(db: DbKind) {
     assert_eq!(membership(&p.b, &square, &p.alice.user_id).await.as_deref(), Some("join"), "B has the room's state");
 
     p.alice.say(&square, "hello bob").await;
-    wait_until("B stores A's message", || async { read_bodies(&p.bob, &square).await.contains(&"hello bob".into()) })
-        .await;
+    wait_until("B stores A's message", || async { p.bob.bodies(&square).await.contains(&"hello bob".into()) }).await;
     p.bob.say(&square, "hello alice").await;
-    wait_until("A stores B's message", || async {
-        read_bodies(&p.alice, &square).await.contains(&"hello alice".into())
-    })
-    .await;
-    assert_eq!(read_bodies(&p.alice, &square).await, ["before bob", "hello bob", "hello alice"]);
-    wait_until("B has both messages", || async { read_bodies(&p.bob, &square).await.len() >= 2 }).await;
-    assert_eq!(read_bodies(&p.bob, &square).await, ["hello bob", "hello alice"], "once each, in order");
+    wait_until("A stores B's message", || async { p.alice.bodies(&square).await.contains(&"hello alice".into()) })
+        .await;
+    assert_eq!(p.alice.bodies(&square).await, ["before bob", "hello bob", "hello alice"]);
+    wait_until("B has both messages", || async { p.bob.bodies(&square).await.len() >= 2 }).await;
+    assert_eq!(p.bob.bodies(&square).await, ["hello bob", "hello alice"], "once each, in order");
 
     let path = format!("/_matrix/client/v3/rooms/{}/leave", enc(&square));
     assert_eq!(p.bob.call(Method::POST, &path, Some(&json!({}))).await.0, 200);
@@ -477,7 +459,7 @@ async fn a_peeked_remote_room_moves_to_join(db: DbKind) {
         .await;
     p.alice.say(&p.room, "to a member now").await;
     wait_until("bob reads A's message as a member", || async {
-        read_bodies(&p.bob, &p.room).await.contains(&"to a member now".into())
+        p.bob.bodies(&p.room).await.contains(&"to a member now".into())
     })
     .await;
 }
@@ -713,13 +695,11 @@ async fn room_version_12_between_two_peekgates(db: DbKind) {
     assert_eq!(answer["room_id"].as_str(), Some(room.as_str()));
     assert_eq!(membership(&p.a, &room, &p.bob.user_id).await.as_deref(), Some("join"));
     p.bob.say(&room, "twelve from bob").await;
-    wait_until("A stores bob's message", || async {
-        read_bodies(&p.alice, &room).await.contains(&"twelve from bob".into())
-    })
-    .await;
+    wait_until("A stores bob's message", || async { p.alice.bodies(&room).await.contains(&"twelve from bob".into()) })
+        .await;
     p.alice.say(&room, "twelve from alice").await;
     wait_until("B stores alice's message", || async {
-        read_bodies(&p.bob, &room).await.contains(&"twelve from alice".into())
+        p.bob.bodies(&room).await.contains(&"twelve from alice".into())
     })
     .await;
 }
@@ -825,7 +805,7 @@ async fn concurrent_events_are_checked_and_resolved(db: DbKind) {
     let (_, result) = joiner.send_transaction(&s.gw.base, GW, vec![late]).await;
     assert_eq!(result["pdus"][&late_id], json!({}), "soft-failed events are accepted: {result}");
     assert!(stored(&s.gw, &late_id).await, "a soft-failed event is stored");
-    assert!(!read_bodies(&s.alice, &room).await.contains(&"sent before the ban".to_owned()), "but never shown");
+    assert!(!s.alice.bodies(&room).await.contains(&"sent before the ban".to_owned()), "but never shown");
     finish(s).await;
 }
 both_backends!(concurrent_events_are_checked_and_resolved);
@@ -911,7 +891,7 @@ async fn a_gap_is_closed_with_a_state_fetch(db: DbKind) {
     let (_, result) = joiner.send_transaction(&s.gw.base, GW, vec![next]).await;
     assert_eq!(result["pdus"][&next_id], json!({}), "{result}");
     assert!(stored(&s.gw, &missed_id).await, "the missed event is kept (as an outlier)");
-    let bodies = read_bodies(&s.alice, &room).await;
+    let bodies = s.alice.bodies(&room).await;
     assert!(bodies.contains(&"after the gap".to_owned()), "{bodies:?}");
     assert!(!bodies.contains(&"missed".to_owned()), "an outlier is not in the timeline: {bodies:?}");
     finish(s).await;

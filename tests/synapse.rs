@@ -167,21 +167,6 @@ fn peeking_a_synapse_room_fails_clearly() {
     });
 }
 
-/// Message bodies of a room on peekgate, oldest first, as its local user reads them.
-async fn peekgate_bodies(client: &Client, room: &str) -> Vec<String> {
-    let path = format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=100", enc(room));
-    let (status, answer) = client.call(Method::GET, &path, None).await;
-    assert_eq!(status, 200, "/messages: {answer}");
-    let mut bodies: Vec<String> = answer["chunk"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|e| e["content"]["body"].as_str().map(str::to_owned))
-        .collect();
-    bodies.reverse();
-    bodies
-}
-
 /// JN-13 with JN-1, JN-2, JN-4, JN-10: a Synapse user joins a peekgate room by its alias
 /// (Synapse's `make_join`/`send_join` against peekgate, and its checks of peekgate's answer),
 /// both sides exchange messages over signed `/send`s, and the Synapse user leaves through
@@ -213,14 +198,10 @@ async fn a_synapse_user_joins_a_peekgate_room_talks_and_leaves(db: DbKind) {
     .await;
     synapse.send_message(&carol_token, &room, "hello alice").await;
     wait_until("peekgate stores Synapse's message", || async {
-        peekgate_bodies(&alice, &room).await.contains(&"hello alice".to_owned())
+        alice.bodies(&room).await.contains(&"hello alice".to_owned())
     })
     .await;
-    assert_eq!(
-        peekgate_bodies(&alice, &room).await,
-        ["before carol", "hello carol", "hello alice"],
-        "one copy each, in order"
-    );
+    assert_eq!(alice.bodies(&room).await, ["before carol", "hello carol", "hello alice"], "one copy each, in order");
 
     let (status, answer) = synapse.leave(&carol_token, &room).await;
     assert_eq!(status, 200, "Synapse leaving: {answer}\n{}", synapse.log_tail());
@@ -263,7 +244,7 @@ async fn a_peekgate_user_joins_a_synapse_room_talks_and_leaves(db: DbKind) {
 
     synapse.send_message(&carol_token, &room, "hello alice").await;
     wait_until("peekgate stores Synapse's message", || async {
-        peekgate_bodies(&alice, &room).await.contains(&"hello alice".to_owned())
+        alice.bodies(&room).await.contains(&"hello alice".to_owned())
     })
     .await;
     alice.say(&room, "hello carol").await;
@@ -354,7 +335,7 @@ async fn room_version_12_with_synapse(db: DbKind) {
     assert_eq!(answer["room_id"].as_str(), Some(syn_room.as_str()));
     synapse.send_message(&carol_token, &syn_room, "v12 hello alice").await;
     wait_until("peekgate stores Synapse's v12 message", || async {
-        peekgate_bodies(&alice, &syn_room).await.contains(&"v12 hello alice".to_owned())
+        alice.bodies(&syn_room).await.contains(&"v12 hello alice".to_owned())
     })
     .await;
     alice.say(&syn_room, "v12 hello carol").await;

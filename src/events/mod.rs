@@ -11,7 +11,9 @@ use std::collections::BTreeMap;
 use ruma::events::{StateEventType, TimelineEventType};
 use ruma::serde::Base64;
 use ruma::signatures::Verified;
-use ruma::{CanonicalJsonObject, CanonicalJsonValue, EventId, Int, OwnedEventId, OwnedRoomId, OwnedUserId, UserId};
+use ruma::{
+    CanonicalJsonObject, CanonicalJsonValue, EventId, Int, OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, UserId,
+};
 use serde_json::value::RawValue as RawJsonValue;
 use serde_json::Value;
 
@@ -47,6 +49,24 @@ pub struct EventDraft {
     pub auth_events: Vec<OwnedEventId>,
     pub depth: i64,
     pub origin_server_ts: i64,
+}
+
+impl EventDraft {
+    /// A draft to be placed at the end of a room: `prev_events`, `auth_events` and `depth` are
+    /// filled in by the append path; the timestamp is now.
+    pub fn new(room_id: &RoomId, sender: &UserId, kind: &str, state_key: Option<&str>, content: Value) -> EventDraft {
+        EventDraft {
+            room_id: room_id.to_owned(),
+            sender: sender.to_owned(),
+            kind: kind.to_owned(),
+            state_key: state_key.map(str::to_owned),
+            content,
+            prev_events: Vec::new(),
+            auth_events: Vec::new(),
+            depth: 0,
+            origin_server_ts: crate::clock::now_ms(),
+        }
+    }
 }
 
 /// Builds, hashes and signs one of our own events.

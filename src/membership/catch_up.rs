@@ -46,7 +46,11 @@ pub async fn fetch_state_at(
         if state.rooms.event(prev).await?.is_some() {
             continue;
         }
-        let path = format!("/_matrix/federation/v1/state_ids/{}?event_id={}", enc(room_id.as_str()), enc(prev));
+        let path = format!(
+            "/_matrix/federation/v1/state_ids/{}?event_id={}",
+            crate::ids::path_segment(room_id.as_str()),
+            crate::ids::path_segment(prev)
+        );
         let ids = state.federation.get(origin, &path).await?;
         let list = |name: &str| -> Vec<String> {
             ids.get(name)
@@ -93,13 +97,12 @@ async fn events(
             out.push(stored.pdu.federation_json());
             continue;
         }
-        let answer = state.federation.get(origin, &format!("/_matrix/federation/v1/event/{}", enc(id))).await?;
+        let answer = state
+            .federation
+            .get(origin, &format!("/_matrix/federation/v1/event/{}", crate::ids::path_segment(id)))
+            .await?;
         let pdu = answer.get("pdus").and_then(Value::as_array).and_then(|p| p.first()).cloned();
         out.push(pdu.ok_or_else(|| CatchUpError::Malformed(format!("/event {id} answered no PDU")))?);
     }
     Ok(out)
-}
-
-fn enc(segment: &str) -> String {
-    url::form_urlencoded::byte_serialize(segment.as_bytes()).collect::<String>().replace('+', "%20")
 }

@@ -248,7 +248,11 @@ pub async fn invite_remote(
         rooms.prepare_event(room_id, inviter, "m.room.member", Some(invitee.as_str()), content).await?;
     let invite_room_state = current_stripped(rooms, room_id, inviter).await?;
     let body = json!({ "event": pdu.federation_json(), "room_version": version.as_str(), "invite_room_state": invite_room_state });
-    let path = format!("/_matrix/federation/v2/invite/{}/{}", enc(room_id.as_str()), enc(pdu.event_id.as_str()));
+    let path = format!(
+        "/_matrix/federation/v2/invite/{}/{}",
+        crate::ids::path_segment(room_id.as_str()),
+        crate::ids::path_segment(pdu.event_id.as_str())
+    );
     let server = invitee.server_name();
     let request =
         FedRequest { method: reqwest::Method::PUT, destination: server, path: &path, body: Some(body), signed: true };
@@ -270,10 +274,6 @@ pub async fn invite_remote(
 
 fn signed_by(pdu: &Pdu, server: &ServerName) -> bool {
     matches!(pdu.json.get("signatures"), Some(CanonicalJsonValue::Object(s)) if s.contains_key(server.as_str()))
-}
-
-fn enc(segment: &str) -> String {
-    url::form_urlencoded::byte_serialize(segment.as_bytes()).collect::<String>().replace('+', "%20")
 }
 
 /// The server of the user who invited `user` to a room we are not in (from the stored invite).

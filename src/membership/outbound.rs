@@ -51,17 +51,13 @@ pub async fn join(
     candidates: &[String],
 ) -> Result<(), MembershipError> {
     let mut last = None;
-    for candidate in candidates.iter().take(MAX_JOIN_CANDIDATES) {
-        let Ok(server) = <&ServerName>::try_from(candidate.as_str()) else { continue };
+    for server in servers(candidates) {
         match join_via(state, server, user, room_id).await {
             Ok(()) => {
                 tracing::info!(room = %room_id, user = %user, via = %server, "joined a room of another server");
                 return Ok(());
             }
-            Err(e) => {
-                tracing::warn!(room = %room_id, user = %user, via = %server, error = %e, "join through a candidate failed");
-                last = Some(e);
-            }
+            Err(e) => last = Some(failed(room_id, user, server, "join", e)),
         }
     }
     Err(match last {
@@ -78,17 +74,19 @@ async fn join_via(
     room_id: &RoomId,
 ) -> Result<(), JoinAttemptError> {
     let versions: String = RoomVersion::SUPPORTED.iter().map(|v| format!("&ver={}", v.as_str())).collect();
-    let path =
-        format!("/_matrix/federation/v1/make_join/{}/{}?{}", enc(room_id.as_str()), enc(user.as_str()), &versions[1..]);
-    let made = state.federation.get(server, &path).await?;
-    let raw_version = made.get("room_version").and_then(Value::as_str).unwrap_or("1");
-    let version =
-        RoomVersion::parse(raw_version).ok_or_else(|| JoinAttemptError::UnsupportedVersion(raw_version.to_owned()))?;
-    let template =
-        made.get("event").and_then(Value::as_object).ok_or_else(|| JoinAttemptError::BadTemplate("no event".into()))?;
-    let join = state.rooms.complete_template(template, version)?;
+    let path = format!(
+        "/_matrix/federation/v1/make_join/{}/{}?{}",
+        crate::ids::path_segment(room_id.as_str()),
+        crate::ids::path_segment(user.as_str()),
+        &versions[1..]
+    );
+    let (version, join) = our_copy_of_template(state, server, &path).await?;
     check_template(&join, user, room_id)?;
-    let path = format!("/_matrix/federation/v2/send_join/{}/{}", enc(room_id.as_str()), enc(join.event_id.as_str()));
+    let path = format!(
+        "/_matrix/federation/v2/send_join/{}/{}",
+        crate::ids::path_segment(room_id.as_str()),
+        crate::ids::path_segment(join.event_id.as_str())
+    );
     let request = FedRequest {
         method: reqwest::Method::PUT,
         destination: server,
@@ -125,10 +123,6 @@ fn check_template(join: &Pdu, user: &UserId, room_id: &RoomId) -> Result<(), Joi
         None
     };
     problem.map_or(Ok(()), |p| Err(JoinAttemptError::BadTemplate(p.into())))
-}
-
-fn enc(segment: &str) -> String {
-    url::form_urlencoded::byte_serialize(segment.as_bytes()).collect::<String>().replace('+', "%20")
 }
 
 /// A client's join (`/join/{roomIdOrAlias}`, `/rooms/{roomId}/join`): in a room we host, or one
@@ -168,18 +162,14 @@ pub async fn leave_room(state: &OutboundPeeks, user: &UserId, room_id: &RoomId) 
     let inviter = super::invites::inviting_server(state, user, room_id).await?;
     let candidates: Vec<String> = inviter.into_iter().chain(room_id.server_name().map(|s| s.to_string())).collect();
     let mut last = None;
-    for candidate in candidates.iter().take(MAX_JOIN_CANDIDATES) {
-        let Ok(server) = <&ServerName>::try_from(candidate.as_str()) else { continue };
+    for server in servers(&candidates) {
         match leave_via(state, server, user, room_id).await {
             Ok(()) => {
                 super::invites::forget_invite(state, user, room_id).await?;
                 tracing::info!(room = %room_id, user = %user, via = %server, "declined an invite");
                 return Ok(());
             }
-            Err(e) => {
-                tracing::warn!(room = %room_id, user = %user, via = %server, error = %e, "leave through a candidate failed");
-                last = Some(e);
-            }
+            Err(e) => last = Some(failed(room_id, user, server, "leave", e)),
         }
     }
     Err(match last {
@@ -194,14 +184,12 @@ async fn leave_via(
     user: &UserId,
     room_id: &RoomId,
 ) -> Result<(), JoinAttemptError> {
-    let path = format!("/_matrix/federation/v1/make_leave/{}/{}", enc(room_id.as_str()), enc(user.as_str()));
-    let made = state.federation.get(server, &path).await?;
-    let raw_version = made.get("room_version").and_then(Value::as_str).unwrap_or("1");
-    let version =
-        RoomVersion::parse(raw_version).ok_or_else(|| JoinAttemptError::UnsupportedVersion(raw_version.to_owned()))?;
-    let template =
-        made.get("event").and_then(Value::as_object).ok_or_else(|| JoinAttemptError::BadTemplate("no event".into()))?;
-    let leave = state.rooms.complete_template(template, version)?;
+    let path = format!(
+        "/_matrix/federation/v1/make_leave/{}/{}",
+        crate::ids::path_segment(room_id.as_str()),
+        crate::ids::path_segment(user.as_str())
+    );
+    let (_, leave) = our_copy_of_template(state, server, &path).await?;
     if leave.room_id != room_id
         || leave.sender != user
         || leave.state_key.as_deref() != Some(user.as_str())
@@ -210,7 +198,11 @@ async fn leave_via(
     {
         return Err(JoinAttemptError::BadTemplate("not a leave of this user from this room".into()));
     }
-    let path = format!("/_matrix/federation/v2/send_leave/{}/{}", enc(room_id.as_str()), enc(leave.event_id.as_str()));
+    let path = format!(
+        "/_matrix/federation/v2/send_leave/{}/{}",
+        crate::ids::path_segment(room_id.as_str()),
+        crate::ids::path_segment(leave.event_id.as_str())
+    );
     let request = FedRequest {
         method: reqwest::Method::PUT,
         destination: server,
@@ -220,4 +212,31 @@ async fn leave_via(
     };
     state.federation.send(request).await?;
     Ok(())
+}
+
+/// The first [`MAX_JOIN_CANDIDATES`] candidates that are server names.
+fn servers(candidates: &[String]) -> impl Iterator<Item = &ServerName> {
+    candidates.iter().take(MAX_JOIN_CANDIDATES).filter_map(|c| <&ServerName>::try_from(c.as_str()).ok())
+}
+
+/// Logs a candidate's failure (the next one is tried) and returns it.
+fn failed(room_id: &RoomId, user: &UserId, server: &ServerName, what: &str, e: JoinAttemptError) -> JoinAttemptError {
+    tracing::warn!(room = %room_id, user = %user, via = %server, error = %e, "{what} through a candidate failed");
+    e
+}
+
+/// `make_join`/`make_leave` at `server` (`path`): the room version and our signed copy of the
+/// template (the caller checks it is what it asked for).
+async fn our_copy_of_template(
+    state: &OutboundPeeks,
+    server: &ServerName,
+    path: &str,
+) -> Result<(RoomVersion, Pdu), JoinAttemptError> {
+    let made = state.federation.get(server, path).await?;
+    let raw_version = made.get("room_version").and_then(Value::as_str).unwrap_or("1");
+    let version =
+        RoomVersion::parse(raw_version).ok_or_else(|| JoinAttemptError::UnsupportedVersion(raw_version.to_owned()))?;
+    let template =
+        made.get("event").and_then(Value::as_object).ok_or_else(|| JoinAttemptError::BadTemplate("no event".into()))?;
+    Ok((version, state.rooms.complete_template(template, version)?))
 }

@@ -26,17 +26,8 @@ impl Rooms {
         origin: &ServerName,
     ) -> Result<(crate::events::RoomVersion, Value), RoomError> {
         let (key, server_name) = (self.key.clone(), self.server_name.clone());
-        let draft = EventDraft {
-            room_id: room_id.to_owned(),
-            sender: user.to_owned(),
-            kind: "m.room.member".to_owned(),
-            state_key: Some(user.to_string()),
-            content: serde_json::json!({ "membership": membership }),
-            prev_events: Vec::new(),
-            auth_events: Vec::new(),
-            depth: 0,
-            origin_server_ts: now_ms(),
-        };
+        let content = serde_json::json!({ "membership": membership });
+        let draft = EventDraft::new(room_id, user, "m.room.member", Some(user.as_str()), content);
         let room = room_id.to_string();
         let (version, pdu) = self
             .read(move |conn| {
@@ -104,17 +95,7 @@ impl Rooms {
         content: Value,
     ) -> Result<(crate::events::RoomVersion, Pdu), RoomError> {
         let (key, server_name) = (self.key.clone(), self.server_name.clone());
-        let draft = EventDraft {
-            room_id: room_id.to_owned(),
-            sender: sender.to_owned(),
-            kind: kind.to_owned(),
-            state_key: state_key.map(str::to_owned),
-            content,
-            prev_events: Vec::new(),
-            auth_events: Vec::new(),
-            depth: 0,
-            origin_server_ts: now_ms(),
-        };
+        let draft = EventDraft::new(room_id, sender, kind, state_key, content);
         let room = room_id.to_string();
         self.read(move |conn| {
             let row = store::room(conn, &room)?.ok_or(RoomError::NotFound)?;

@@ -137,17 +137,7 @@ impl Rooms {
         txn: Option<(String, String)>,
     ) -> Result<Appended, RoomError> {
         let (key, hooks) = (self.key.clone(), self.hooks.clone());
-        let draft = EventDraft {
-            room_id: room_id.to_owned(),
-            sender: sender.to_owned(),
-            kind: kind.to_owned(),
-            state_key: state_key.map(str::to_owned),
-            content,
-            prev_events: Vec::new(),
-            auth_events: Vec::new(),
-            depth: 0,
-            origin_server_ts: now_ms(),
-        };
+        let draft = EventDraft::new(room_id, sender, kind, state_key, content);
         let room = room_id.to_string();
         let appended = self
             .db

@@ -119,6 +119,21 @@ impl Client {
         self.call(Method::POST, &format!("/_matrix/client/v3/join/{}", enc(room_id_or_alias)), Some(&json!({}))).await
     }
 
+    /// The message bodies of a room as this user reads them (`/messages`), oldest first.
+    pub async fn bodies(&self, room_id: &str) -> Vec<String> {
+        let path = format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=100", enc(room_id));
+        let (status, answer) = self.call(Method::GET, &path, None).await;
+        assert_eq!(status, 200, "/messages: {answer}");
+        let mut bodies: Vec<String> = answer["chunk"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|e| e["content"]["body"].as_str().map(str::to_owned))
+            .collect();
+        bodies.reverse();
+        bodies
+    }
+
     /// Logs in as the same user again: a second device.
     pub async fn login_device(&self) -> Client {
         let localpart = self.user_id.trim_start_matches('@').split(':').next().unwrap().to_owned();

@@ -24,7 +24,7 @@ pub fn candidates<'a>(ours: &ServerName, lists: impl IntoIterator<Item = &'a str
 }
 
 pub(super) fn enc(segment: &str) -> String {
-    url::form_urlencoded::byte_serialize(segment.as_bytes()).collect()
+    crate::ids::path_segment(segment)
 }
 
 pub(super) fn peek_path(room_id: &str, peek_id: &str, with_versions: bool) -> String {

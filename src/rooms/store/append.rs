@@ -225,19 +225,7 @@ pub fn store_event(
             .set(row.3.clone())
             .execute(c))?;
     }
-    let prevs: Vec<String> = pdu.prev_events.iter().map(|id| id.to_string()).collect();
-    diesel::delete(
-        forward_extremities::table
-            .filter(forward_extremities::room_id.eq(&room.room_id))
-            .filter(forward_extremities::event_id.eq_any(prevs)),
-    )
-    .execute(conn)?;
-    diesel::insert_into(forward_extremities::table)
-        .values((
-            forward_extremities::room_id.eq(&room.room_id),
-            forward_extremities::event_id.eq(pdu.event_id.as_str()),
-        ))
-        .execute(conn)?;
+    replace_prev_extremities(conn, &room.room_id, pdu)?;
     diesel::update(rooms::table.filter(rooms::room_id.eq(&room.room_id)))
         .set((rooms::current_state_group.eq(after), rooms::max_depth.eq(room.max_depth.max(pdu.depth))))
         .execute(conn)?;
@@ -250,6 +238,21 @@ pub fn store_event(
         hooks.after_state_event(conn, pdu, stream_pos)?;
     }
     Ok(Appended { event_id: pdu.event_id.clone(), stream_pos })
+}
+
+/// The event replaces its prev events among the room's forward extremities.
+pub(super) fn replace_prev_extremities(conn: &mut DbConnection, room_id: &str, pdu: &Pdu) -> Result<(), RoomError> {
+    let prevs: Vec<String> = pdu.prev_events.iter().map(|id| id.to_string()).collect();
+    diesel::delete(
+        forward_extremities::table
+            .filter(forward_extremities::room_id.eq(room_id))
+            .filter(forward_extremities::event_id.eq_any(prevs)),
+    )
+    .execute(conn)?;
+    diesel::insert_into(forward_extremities::table)
+        .values((forward_extremities::room_id.eq(room_id), forward_extremities::event_id.eq(pdu.event_id.as_str())))
+        .execute(conn)?;
+    Ok(())
 }
 
 /// The event a client transaction created, if it ran before.

@@ -82,19 +82,7 @@ pub(super) fn store_forked(
         tracing::info!(room = %room.room_id, event_id = %pdu.event_id, "soft-failed: not allowed by the current state");
         return Ok(appended);
     }
-    let prevs: Vec<String> = pdu.prev_events.iter().map(|id| id.to_string()).collect();
-    diesel::delete(
-        forward_extremities::table
-            .filter(forward_extremities::room_id.eq(&room.room_id))
-            .filter(forward_extremities::event_id.eq_any(prevs)),
-    )
-    .execute(conn)?;
-    diesel::insert_into(forward_extremities::table)
-        .values((
-            forward_extremities::room_id.eq(&room.room_id),
-            forward_extremities::event_id.eq(pdu.event_id.as_str()),
-        ))
-        .execute(conn)?;
+    replace_prev_extremities(conn, &room.room_id, pdu)?;
     diesel::update(rooms::table.filter(rooms::room_id.eq(&room.room_id)))
         .set(rooms::max_depth.eq(room.max_depth.max(pdu.depth)))
         .execute(conn)?;
