@@ -177,9 +177,9 @@ async fn build(
     let joined: Vec<(String, i64)> =
         memberships.iter().filter(|(_, m, _)| m == "join").map(|(room, _, pos)| (room.clone(), *pos)).collect();
     let joined_ids: BTreeSet<&str> = joined.iter().map(|(room, _)| room.as_str()).collect();
+    let (user_id, since_pos) = (&session.user_id, since.map(|t| t.pos));
     let invite =
-        crate::membership::invites::for_sync(state.rooms, state.db, &session.user_id, since.map(|t| t.pos), now.pos)
-            .await?;
+        crate::membership::invites::for_sync(state.rooms, state.db, user_id, &memberships, since_pos, now.pos).await?;
     let mut out = RoomsResponse { invite, ..RoomsResponse::default() };
     // Rooms the user left (or was removed from) since the last sync: once, with the events up
     // to the leave.

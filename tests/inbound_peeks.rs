@@ -55,16 +55,6 @@ async fn setup(
     Setup { gw, alice, room, peers }
 }
 
-async fn gateway_keys(gw: &TestServer) -> Vec<(String, String)> {
-    let (_, keys) = support::client::request(&gw.base, None, Method::GET, "/_matrix/key/v2/server", None).await;
-    keys["verify_keys"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .map(|(id, k)| (id.clone(), k["key"].as_str().unwrap().to_owned()))
-        .collect()
-}
-
 async fn put_peek(peer: &TestPeer, gw: &TestServer, room: &str, peek_id: &str, query: &str) -> (u16, Value) {
     let path = format!("{}{query}", peek_path(room, peek_id));
     peer.call(&gw.base, GW, Method::PUT, &path, Some(&json!({}))).await
@@ -100,7 +90,7 @@ async fn finish(setup: Setup) {
 /// FP-1, FP-5, FP-7, FP-9: the Rev A body, verified event by event; renewal; two origins.
 async fn fp7_new_peek_returns_verified_state_and_renewal_is_empty(db: DbKind) {
     let s = setup(db, &["peeker.test", "other.test"], |_| {}).await;
-    let keys = gateway_keys(&s.gw).await;
+    let keys = s.gw.published_keys().await;
     let last = s.alice.say(&s.room, "before the peek").await;
     let (status, body) = put_peek(&s.peers[0], &s.gw, &s.room, "Ab3xZ9q", "?ver=10&ver=11").await;
     assert_eq!(status, 200, "{body}");

@@ -9,7 +9,7 @@ mod support;
 use reqwest::Method;
 use ruma::{RoomId, UserId};
 use serde_json::{json, Value};
-use support::client::{enc, request, Client};
+use support::client::{enc, Client};
 use support::peer::{KeyMode, TestPeer};
 use support::verify::{check_event, event_id};
 use support::{wait_until, DbKind, ServerSpec, TestServer};
@@ -50,16 +50,6 @@ async fn finish(setup: Setup) {
 /// A public room (anyone may join; history `shared`, so not peekable) of `version`.
 async fn public_room(alice: &Client, version: &str) -> String {
     alice.create_room(json!({ "preset": "public_chat", "room_version": version })).await
-}
-
-async fn gateway_keys(gw: &TestServer) -> Vec<(String, String)> {
-    let (_, keys) = request(&gw.base, None, Method::GET, "/_matrix/key/v2/server", None).await;
-    keys["verify_keys"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .map(|(id, k)| (id.clone(), k["key"].as_str().unwrap().to_owned()))
-        .collect()
 }
 
 async fn make(peer: &TestPeer, gw: &TestServer, kind: &str, room: &str, user: &str, query: &str) -> (u16, Value) {
@@ -141,7 +131,7 @@ async fn a_remote_user_joins_talks_and_leaves(db: DbKind, version: &str) {
     assert_eq!(answer["origin"], GW);
     assert_eq!(answer["members_omitted"], false);
     assert_eq!(event_id(&answer["event"], version), join_id);
-    let keys = gateway_keys(&s.gw).await;
+    let keys = s.gw.published_keys().await;
     let state = answer["state"].as_array().unwrap();
     let chain = answer["auth_chain"].as_array().unwrap();
     for pdu in state.iter().chain(chain) {
@@ -443,6 +433,16 @@ async fn a_peeked_remote_room_moves_to_join(db: DbKind) {
     let first = p.bob.sync(Some(&t), 0).await;
     assert!(first["rooms"]["peek"].get(&p.room).is_some(), "{first}");
     assert_eq!(p.a.state().inbound.live_count().await.unwrap(), 1);
+    // Peeking sends nothing: the room's servers are not destinations of B (JN-10) until it
+    // joins, not even when a member event reaches B through the peek.
+    let carol = Client::register(&p.a.base, "carol").await;
+    assert_eq!(carol.join(&p.room).await.0, 200);
+    wait_until("B stores carol's join", || async { membership(&p.b, &p.room, &carol.user_id).await.is_some() }).await;
+    let destinations = || async {
+        let list = peekgate::admin::destinations(&p.b.state().db).await.unwrap();
+        list.into_iter().map(|d| d.server_name).collect::<Vec<_>>()
+    };
+    assert_eq!(destinations().await, Vec::<String>::new());
 
     let (status, answer) = p.bob.join(&p.room).await;
     assert_eq!(status, 200, "{answer}");
@@ -455,6 +455,7 @@ async fn a_peeked_remote_room_moves_to_join(db: DbKind) {
     );
     assert_eq!(entry["state"]["events"], json!([]), "state resent: {joined}");
     assert!(joined["rooms"].get("peek").is_none_or(|peek| peek.get(&p.room).is_none()), "{joined}");
+    assert_eq!(destinations().await, [support::gateways::A]);
     wait_until("B deletes its federation peek", || async { p.a.state().inbound.live_count().await.unwrap() == 0 })
         .await;
     p.alice.say(&p.room, "to a member now").await;
@@ -557,7 +558,7 @@ async fn bad_invites_are_refused(db: DbKind) {
     // The good one is signed by us and shown.
     let (status, answer) = put_invite(inviter, &s.gw, room, &id, &event, "10").await;
     assert_eq!(status, 200, "{answer}");
-    check_event(&answer["event"], "10", GW, &gateway_keys(&s.gw).await, Some(&id)).unwrap();
+    check_event(&answer["event"], "10", GW, &s.gw.published_keys().await, Some(&id)).unwrap();
     check_event(&answer["event"], "10", "inviter.test", &inviter.public_keys(), Some(&id)).unwrap();
     let sync = s.alice.sync(None, 0).await;
     assert!(sync["rooms"]["invite"].get(room).is_some(), "{sync}");

@@ -21,17 +21,6 @@ fn server_name(name: &str) -> &ServerName {
     <&ServerName>::try_from(name).unwrap()
 }
 
-/// `(key_id, public key)` pairs a server publishes.
-async fn published_keys(server: &TestServer) -> Vec<(String, String)> {
-    let (_, keys) = request(&server.base, None, Method::GET, "/_matrix/key/v2/server", None).await;
-    keys["verify_keys"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .map(|(id, k)| (id.clone(), k["key"].as_str().unwrap().to_owned()))
-        .collect()
-}
-
 async fn client_api_round_trip(db: DbKind) {
     let server = ServerSpec::new("a.test", db).configure(open_registration).start().await;
     let base = &server.base;
@@ -269,7 +258,7 @@ both_backends!(auth_rules_refuse_and_leave_no_trace);
 async fn events_pass_an_independent_check(db: DbKind) {
     let server = ServerSpec::new("a.test", db).configure(open_registration).start().await;
     let alice = Client::register(&server.base, "alice").await;
-    let keys = published_keys(&server).await;
+    let keys = server.published_keys().await;
     for version in ["10", "11"] {
         let room = alice.create_world_readable_room(&format!("v{version}"), version).await;
         alice.say(&room, "checked").await;
@@ -333,7 +322,7 @@ async fn non_member_server_reads_world_readable_room(db: DbKind) {
     let (a_url, b_url) = (a_spec.url(), b_spec.url());
     let a = a_spec.destination("b.test", &b_url).start().await;
     let b = b_spec.destination("a.test", &a_url).start().await;
-    let keys = published_keys(&a).await;
+    let keys = a.published_keys().await;
     let alice = Client::register(&a.base, "alice").await;
     let room = alice.create_world_readable_room("open", "10").await;
     let mut sent = Vec::new();

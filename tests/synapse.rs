@@ -215,6 +215,26 @@ async fn a_synapse_user_joins_a_peekgate_room_talks_and_leaves(db: DbKind) {
 }
 both_backends!(a_synapse_user_joins_a_peekgate_room_talks_and_leaves);
 
+/// A peekgate user joins a Synapse room by alias; the join must name the room.
+async fn join_synapse_room(synapse: &Synapse, user: &Client, alias: &str, room: &str) {
+    let (status, answer) = user.join(alias).await;
+    assert_eq!(status, 200, "joining {alias}: {answer}\n{}", synapse.log_tail());
+    assert_eq!(answer["room_id"].as_str(), Some(room), "{answer}");
+}
+
+/// A message from the Synapse user to the peekgate user and one back, each waited for on the
+/// other side.
+async fn messages_both_ways(synapse: &Synapse, token: &str, user: &Client, room: &str, tag: &str) {
+    let (to_peekgate, to_synapse) = (format!("{tag} hello alice"), format!("{tag} hello carol"));
+    synapse.send_message(token, room, &to_peekgate).await;
+    wait_until("peekgate stores Synapse's message", || async { user.bodies(room).await.contains(&to_peekgate) }).await;
+    user.say(room, &to_synapse).await;
+    wait_until("Synapse shows peekgate's message", || async {
+        synapse.timeline_bodies(token, room).await.contains(&to_synapse)
+    })
+    .await;
+}
+
 /// JN-13 with JN-6, JN-7, JN-8, JN-10: a peekgate user joins a Synapse room by its alias
 /// (peekgate's `make_join`/`send_join` against Synapse, and peekgate's validation of Synapse's
 /// answer), messages go both ways, and the peekgate user leaves (peekgate's own leave event,
@@ -230,10 +250,7 @@ async fn a_peekgate_user_joins_a_synapse_room_talks_and_leaves(db: DbKind) {
     let gateway = synapse.gateway_spec(db, certs.path()).start().await;
     let alice = Client::register(&gateway.base, "alice").await;
 
-    let alias = format!("#plaza:{}", synapse.server_name);
-    let (status, answer) = alice.join(&alias).await;
-    assert_eq!(status, 200, "joining {alias}: {answer}\n{}", synapse.log_tail());
-    assert_eq!(answer["room_id"].as_str(), Some(room.as_str()), "{answer}");
+    join_synapse_room(&synapse, &alice, &format!("#plaza:{}", synapse.server_name), &room).await;
     let room_id = ruma::RoomId::parse(&room).unwrap();
     let member = |user: &str| {
         let (rooms, room_id, user) =
@@ -242,17 +259,11 @@ async fn a_peekgate_user_joins_a_synapse_room_talks_and_leaves(db: DbKind) {
     };
     assert_eq!(member(&alice.user_id).await.as_deref(), Some("join"));
 
-    synapse.send_message(&carol_token, &room, "hello alice").await;
-    wait_until("peekgate stores Synapse's message", || async {
-        alice.bodies(&room).await.contains(&"hello alice".to_owned())
-    })
-    .await;
-    alice.say(&room, "hello carol").await;
-    wait_until("Synapse shows peekgate's message", || async {
-        synapse.timeline_bodies(&carol_token, &room).await.contains(&"hello carol".to_owned())
-    })
-    .await;
-    assert_eq!(synapse.timeline_bodies(&carol_token, &room).await, ["before alice", "hello alice", "hello carol"]);
+    messages_both_ways(&synapse, &carol_token, &alice, &room, "v10").await;
+    assert_eq!(
+        synapse.timeline_bodies(&carol_token, &room).await,
+        ["before alice", "v10 hello alice", "v10 hello carol"]
+    );
 
     let path = format!("/_matrix/client/v3/rooms/{}/leave", enc(&room));
     let (status, answer) = alice.call(Method::POST, &path, Some(&json!({}))).await;
@@ -329,20 +340,8 @@ async fn room_version_12_with_synapse(db: DbKind) {
     let gateway = synapse.gateway_spec(db, certs.path()).start().await;
     let alice = Client::register(&gateway.base, "alice").await;
 
-    let alias = format!("#twelve:{}", synapse.server_name);
-    let (status, answer) = alice.join(&alias).await;
-    assert_eq!(status, 200, "joining the v12 room {alias}: {answer}\n{}", synapse.log_tail());
-    assert_eq!(answer["room_id"].as_str(), Some(syn_room.as_str()));
-    synapse.send_message(&carol_token, &syn_room, "v12 hello alice").await;
-    wait_until("peekgate stores Synapse's v12 message", || async {
-        alice.bodies(&syn_room).await.contains(&"v12 hello alice".to_owned())
-    })
-    .await;
-    alice.say(&syn_room, "v12 hello carol").await;
-    wait_until("Synapse shows peekgate's v12 message", || async {
-        synapse.timeline_bodies(&carol_token, &syn_room).await.contains(&"v12 hello carol".to_owned())
-    })
-    .await;
+    join_synapse_room(&synapse, &alice, &format!("#twelve:{}", synapse.server_name), &syn_room).await;
+    messages_both_ways(&synapse, &carol_token, &alice, &syn_room, "v12").await;
 
     let pg_room =
         alice.create_room(json!({ "preset": "public_chat", "room_alias_name": "ours12", "room_version": "12" })).await;

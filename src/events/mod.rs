@@ -17,7 +17,7 @@ use ruma::{
 use serde_json::value::RawValue as RawJsonValue;
 use serde_json::Value;
 
-pub use pdu::{create_room_id, Pdu};
+pub use pdu::{create_event_id_of, create_room_id, Pdu};
 pub use version::{EventError, RoomVersion};
 
 use crate::keys::{RemoteKeys, SigningKey};

@@ -185,6 +185,12 @@ fn redacts(json: &CanonicalJsonObject, version: RoomVersion) -> Result<Option<Ow
     }
 }
 
+/// The create event a v12 room ID names: `$` and the ID's hash (the inverse of
+/// [`create_room_id`]).
+pub fn create_event_id_of(room_id: &RoomId) -> String {
+    format!("${}", room_id.as_str().trim_start_matches('!'))
+}
+
 /// The room ID a v12 create event makes: `!` and its event ID's hash.
 pub fn create_room_id(event_id: &EventId) -> Result<OwnedRoomId, EventError> {
     RoomId::parse(format!("!{}", &event_id.as_str()[1..])).map_err(|e| EventError::Malformed(format!("room_id: {e}")))

@@ -161,18 +161,18 @@ pub fn forget(conn: &mut DbConnection, user: &str, room: &str) -> Result<(), Roo
 
 /// The rooms `user` is invited to with an invite after `since` (all pending ones when `None`)
 /// up to `now`, with what `rooms.invite` shows: invites to rooms we are not in (stored above)
-/// and invites in rooms we are in (the membership in the room's current state).
+/// and invites in rooms we are in (`memberships`: the user's, from the rooms' current state).
 pub async fn for_sync(
     rooms: &Rooms,
     db: &crate::db::Db,
     user: &UserId,
+    memberships: &[(String, String, i64)],
     since: Option<i64>,
     now: i64,
 ) -> Result<serde_json::Map<String, Value>, RoomError> {
-    let memberships = rooms.memberships(user).await?;
     let in_window = |pos: i64| since.is_none_or(|since| pos > since) && pos <= now;
     let mut out = serde_json::Map::new();
-    for (room, membership, pos) in &memberships {
+    for (room, membership, pos) in memberships {
         if membership == "invite" && in_window(*pos) {
             let room_id = RoomId::parse(room).map_err(|e| RoomError::Internal(e.to_string()))?;
             out.insert(

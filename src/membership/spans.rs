@@ -25,30 +25,44 @@ pub fn after_state_event(conn: &mut DbConnection, our_server: &str, pdu: &Pdu, p
         return Ok(());
     }
     let room_id = pdu.room_id.as_str();
+    // Only rooms we are in: a room we merely peek sends nobody anything of ours.
+    let ours = store::room(conn, room_id)?.is_some_and(|r| r.is_local);
+    if !ours && !store::has_joined_member_of(conn, room_id, our_server)? {
+        return Ok(());
+    }
     let joined = store::has_joined_member_of(conn, room_id, server)?;
+    if joined {
+        open_span(conn, room_id, server, position)?;
+    } else {
+        // Its own leave is the last event it gets from us (a kick or ban is news to it).
+        diesel::update(joined_servers::table)
+            .filter(joined_servers::room_id.eq(room_id))
+            .filter(joined_servers::server_name.eq(server))
+            .filter(joined_servers::end_stream_pos.is_null())
+            .set(joined_servers::end_stream_pos.eq(position))
+            .execute(conn)?;
+    }
+    Ok(())
+}
+
+/// Opens a span for `server` from `position` unless one is open; the server becomes a
+/// destination, starting after that position.
+fn open_span(conn: &mut DbConnection, room_id: &str, server: &str, position: i64) -> Result<(), RoomError> {
     let open = joined_servers::table
         .filter(joined_servers::room_id.eq(room_id))
         .filter(joined_servers::server_name.eq(server))
         .filter(joined_servers::end_stream_pos.is_null());
-    let is_open = diesel::select(diesel::dsl::exists(open)).get_result::<bool>(conn)?;
-    match (joined, is_open) {
-        (true, false) => {
-            diesel::insert_into(joined_servers::table)
-                .values((
-                    joined_servers::room_id.eq(room_id),
-                    joined_servers::server_name.eq(server),
-                    joined_servers::start_stream_pos.eq(position),
-                ))
-                .execute(conn)?;
-            // The server becomes a destination, starting after its join.
-            crate::sender::destinations::ensure_cursor(conn, server, position, false)?;
-        }
-        (false, true) => {
-            // Its own leave is the last event it gets from us (a kick or ban is news to it).
-            diesel::update(open).set(joined_servers::end_stream_pos.eq(position)).execute(conn)?;
-        }
-        _ => {}
+    if diesel::select(diesel::dsl::exists(open)).get_result::<bool>(conn)? {
+        return Ok(());
     }
+    diesel::insert_into(joined_servers::table)
+        .values((
+            joined_servers::room_id.eq(room_id),
+            joined_servers::server_name.eq(server),
+            joined_servers::start_stream_pos.eq(position),
+        ))
+        .execute(conn)?;
+    crate::sender::destinations::ensure_cursor(conn, server, position, false)?;
     Ok(())
 }
 
@@ -61,35 +75,10 @@ pub fn open_for_current_members(
     room_id: &str,
     position: i64,
 ) -> Result<(), RoomError> {
-    let members: Vec<String> = store::current_state_map(conn, room_id)?
-        .into_iter()
-        .filter(|((kind, _), _)| kind == "m.room.member")
-        .map(|(_, id)| id)
-        .collect();
-    let mut servers: Vec<String> = store::events_by_ids(conn, &members)?
-        .iter()
-        .filter(|e| e.pdu.content_value()["membership"] == "join")
-        .filter_map(|e| e.pdu.state_key.as_deref()?.split_once(':').map(|(_, server)| server.to_owned()))
-        .filter(|server| server != our_server)
-        .collect();
-    servers.sort();
-    servers.dedup();
-    for server in servers {
-        let open = joined_servers::table
-            .filter(joined_servers::room_id.eq(room_id))
-            .filter(joined_servers::server_name.eq(&server))
-            .filter(joined_servers::end_stream_pos.is_null());
-        if diesel::select(diesel::dsl::exists(open)).get_result::<bool>(conn)? {
-            continue;
+    for server in store::joined_servers_now(conn, room_id)? {
+        if server != our_server {
+            open_span(conn, room_id, &server, position)?;
         }
-        diesel::insert_into(joined_servers::table)
-            .values((
-                joined_servers::room_id.eq(room_id),
-                joined_servers::server_name.eq(&server),
-                joined_servers::start_stream_pos.eq(position),
-            ))
-            .execute(conn)?;
-        crate::sender::destinations::ensure_cursor(conn, &server, position, false)?;
     }
     Ok(())
 }

@@ -61,18 +61,12 @@ impl Rooms {
         then: impl FnOnce(&mut DbConnection, i64) -> Result<(), RoomError> + Send + 'static,
     ) -> Result<i64, RoomError> {
         let room = room_id.to_string();
-        let (pos, newest) = self
-            .db
-            .run(move |conn| {
-                write_transaction::<_, RoomError, _>(conn, |conn| {
-                    let pos = store::store_invite_outlier(conn, &room, version, now_ms(), &pdu)?;
-                    then(conn, pos)?;
-                    Ok((pos, store::max_stream_pos(conn)?))
-                })
-            })
-            .await?;
-        self.appended(newest);
-        Ok(pos)
+        self.write_and_publish(move |conn| {
+            let pos = store::store_invite_outlier(conn, &room, version, now_ms(), &pdu)?;
+            then(conn, pos)?;
+            Ok(pos)
+        })
+        .await
     }
 
     /// Adds our signature to another server's event (an invite of one of our users, JN-5).

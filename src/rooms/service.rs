@@ -210,14 +210,26 @@ impl Rooms {
         then: impl FnOnce(&mut DbConnection, &Pdu, i64) -> Result<(), RoomError> + Send + 'static,
     ) -> Result<i64, RoomError> {
         let room = room_id.to_string();
+        self.write_and_publish(move |conn| {
+            let snapshot = store::Snapshot { state: &state, outliers: &outliers, latest: &latest, timeline: &timeline };
+            let pos = store::store_snapshot(conn, &room, version, now_ms(), snapshot)?;
+            then(conn, &latest, pos)?;
+            Ok(pos)
+        })
+        .await
+    }
+
+    /// Runs `work` (which stores events out of the usual append order, returning a position) in
+    /// one write transaction, then tells `/sync` and the sender about the newest position.
+    pub(super) async fn write_and_publish(
+        &self,
+        work: impl FnOnce(&mut DbConnection) -> Result<i64, RoomError> + Send + 'static,
+    ) -> Result<i64, RoomError> {
         let (pos, newest) = self
             .db
             .run(move |conn| {
                 write_transaction::<_, RoomError, _>(conn, |conn| {
-                    let snapshot =
-                        store::Snapshot { state: &state, outliers: &outliers, latest: &latest, timeline: &timeline };
-                    let pos = store::store_snapshot(conn, &room, version, now_ms(), snapshot)?;
-                    then(conn, &latest, pos)?;
+                    let pos = work(conn)?;
                     Ok((pos, store::max_stream_pos(conn)?))
                 })
             })
@@ -401,7 +413,8 @@ impl Rooms {
         self.read(move |conn| joined_servers(conn, &joined, &room)).await
     }
 
-    /// An event and whether `server` may see it (JN-11, WR-2), in one database round trip. `None` when the event is unknown.
+    /// An event and whether `server` may see it (JN-11, WR-2), in one database round trip.
+    /// `None` when the event is unknown.
     pub async fn event_for_server(
         &self,
         event_id: &str,
@@ -478,17 +491,7 @@ fn joined_servers(
             return Ok(servers.clone());
         }
     }
-    let members: Vec<String> = store::current_state_map(conn, room_id)?
-        .into_iter()
-        .filter(|((kind, _), _)| kind == "m.room.member")
-        .map(|(_, id)| id)
-        .collect();
-    let servers: BTreeSet<String> = store::events_by_ids(conn, &members)?
-        .iter()
-        .filter(|e| e.pdu.content_value()["membership"] == "join")
-        .filter_map(|e| e.pdu.state_key.as_deref().and_then(|k| k.split_once(':')).map(|(_, s)| s.to_owned()))
-        .collect();
-    let servers = Arc::new(servers);
+    let servers = Arc::new(store::joined_servers_now(conn, room_id)?);
     cache.lock().unwrap().insert(room_id.to_owned(), (group, servers.clone()));
     Ok(servers)
 }

@@ -155,19 +155,12 @@ pub fn server_may_see(
 
 /// The memberships of `server`'s users in a state group.
 fn server_memberships_at_group(conn: &mut DbConnection, group: i64, server: &str) -> Result<Vec<String>, RoomError> {
-    let suffix = format!(":{server}");
-    let ids: Vec<String> = store::state_map_at_group(conn, group)?
+    let members: Vec<(String, String)> = store::state_map_at_group(conn, group)?
         .into_iter()
-        .filter(|((kind, user), _)| kind == "m.room.member" && user.ends_with(&suffix))
-        .map(|(_, id)| id)
+        .filter(|((kind, _), _)| kind == "m.room.member")
+        .map(|((_, user), id)| (user, id))
         .collect();
-    if ids.is_empty() {
-        return Ok(Vec::new());
-    }
-    Ok(store::events_by_ids(conn, &ids)?
-        .iter()
-        .filter_map(|e| e.pdu.content_value()["membership"].as_str().map(str::to_owned))
-        .collect())
+    store::memberships_of_server(conn, members, server)
 }
 
 /// RE-3 / CP-11, the event-side of [`peekability`]: whether this state event makes the room

@@ -319,13 +319,7 @@ pub(super) async fn fan_out_inputs(
         .run(move |conn| {
             // Subscriptions first: most appends are in rooms nobody else reads, and then no
             // event JSON is read.
-            let changed_rooms: Vec<String> = events::table
-                .filter(events::stream_pos.gt(since))
-                .filter(events::stream_pos.le(head))
-                .select(events::room_id)
-                .distinct()
-                .load(conn)?;
-            let subscriptions = subscriptions::in_rooms_after(conn, &our_server, &changed_rooms, since)?;
+            let subscriptions = subscriptions::in_changed_rooms(conn, &our_server, since, head)?;
             if subscriptions.is_empty() {
                 return Ok((Vec::new(), Vec::new()));
             }

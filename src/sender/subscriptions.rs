@@ -5,7 +5,7 @@
 
 use diesel::prelude::*;
 
-use crate::db::schema::{inbound_peeks, joined_servers};
+use crate::db::schema::{events, inbound_peeks, joined_servers};
 use crate::db::DbConnection;
 use crate::ids;
 
@@ -107,20 +107,24 @@ pub fn of_destination(
     Ok(peeks.into_iter().map(from_peek).chain(spans.into_iter().map(from_span(our_server))).collect())
 }
 
-/// Every subscription in `rooms` that may still want an event after `since`.
-pub fn in_rooms_after(
+/// Every subscription that may still want an event after `since`, in the rooms with events in
+/// `(since, head]` (found by a subquery: no extra round trip on the fan-out path).
+pub fn in_changed_rooms(
     conn: &mut DbConnection,
     our_server: &str,
-    rooms: &[String],
     since: i64,
+    head: i64,
 ) -> Result<Vec<Subscription>, diesel::result::Error> {
+    let changed_rooms = || {
+        events::table.filter(events::stream_pos.gt(since)).filter(events::stream_pos.le(head)).select(events::room_id)
+    };
     let peeks = inbound_peeks::table
-        .filter(inbound_peeks::room_id.eq_any(rooms))
+        .filter(inbound_peeks::room_id.eq_any(changed_rooms()))
         .filter(inbound_peeks::end_stream_pos.is_null().or(inbound_peeks::end_stream_pos.gt(since)))
         .select(PEEK_COLUMNS)
         .load(conn)?;
     let spans = joined_servers::table
-        .filter(joined_servers::room_id.eq_any(rooms))
+        .filter(joined_servers::room_id.eq_any(changed_rooms()))
         .filter(joined_servers::end_stream_pos.is_null().or(joined_servers::end_stream_pos.gt(since)))
         .select(SPAN_COLUMNS)
         .load(conn)?;

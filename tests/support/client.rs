@@ -124,14 +124,7 @@ impl Client {
         let path = format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=100", enc(room_id));
         let (status, answer) = self.call(Method::GET, &path, None).await;
         assert_eq!(status, 200, "/messages: {answer}");
-        let mut bodies: Vec<String> = answer["chunk"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter_map(|e| e["content"]["body"].as_str().map(str::to_owned))
-            .collect();
-        bodies.reverse();
-        bodies
+        chunk_bodies(&answer)
     }
 
     /// Logs in as the same user again: a second device.
@@ -174,4 +167,16 @@ impl Client {
         assert_eq!(status, 200, "sync: {answer}");
         answer
     }
+}
+
+/// The message bodies of a backwards `/messages` answer, oldest first.
+pub fn chunk_bodies(answer: &Value) -> Vec<String> {
+    let mut bodies: Vec<String> = answer["chunk"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["content"]["body"].as_str().map(str::to_owned))
+        .collect();
+    bodies.reverse();
+    bodies
 }

@@ -390,6 +390,17 @@ impl TestServer {
     }
 
     /// The value of a counter or gauge series in this server's `/metrics` text (0 when absent).
+    /// The `(key_id, public key)` pairs the server publishes at `/_matrix/key/v2/server`.
+    pub async fn published_keys(&self) -> Vec<(String, String)> {
+        let (_, keys) = client::request(&self.base, None, reqwest::Method::GET, "/_matrix/key/v2/server", None).await;
+        keys["verify_keys"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(id, k)| (id.clone(), k["key"].as_str().unwrap().to_owned()))
+            .collect()
+    }
+
     pub async fn metric(&self, series: &str) -> f64 {
         let addr = self.running().metrics_addr.expect("metrics listener");
         let text = reqwest::get(format!("http://{addr}/metrics")).await.unwrap().text().await.unwrap();

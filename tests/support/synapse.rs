@@ -233,7 +233,7 @@ impl Synapse {
                     started.elapsed().as_secs_f64(),
                     self.dir.path().display()
                 );
-                return;
+                break;
             }
             if let Some(status) = self.keeper.try_wait().unwrap() {
                 panic!("Synapse exited ({status}) before answering /health:\n{}", self.log_tail());
@@ -328,14 +328,7 @@ impl Synapse {
         let path = format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=100", enc(room_id));
         let (status, answer) = self.call(Some(token), Method::GET, &path, None).await;
         assert_eq!(status, 200, "Synapse /messages: {answer}");
-        let mut bodies: Vec<String> = answer["chunk"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter_map(|e| e["content"]["body"].as_str().map(str::to_owned))
-            .collect();
-        bodies.reverse();
-        bodies
+        super::client::chunk_bodies(&answer)
     }
 
     /// `GET /directory/room/{alias}`: Synapse asks the alias's server over federation when the

@@ -239,8 +239,7 @@ fn authorise_all(version: RoomVersion, all: &BTreeMap<String, Pdu>) -> Result<Ha
         }
         // v12: every event also needs the create event its room ID names (in no auth events).
         if version.room_id_is_create_hash() && pdu.event_type() != "m.room.create" {
-            let create = format!("${}", pdu.room_id.as_str().trim_start_matches('!'));
-            if let Some((id, _)) = all.get_key_value(&create) {
+            if let Some((id, _)) = all.get_key_value(&events::create_event_id_of(&pdu.room_id)) {
                 auth.push(id.as_str());
             }
         }
@@ -311,7 +310,7 @@ fn check_against_auth_events(
         .collect();
     // v12: the create event is in no auth events; the room ID names it.
     if version.room_id_is_create_hash() && pdu.event_type() != "m.room.create" {
-        if let Some(create) = accepted.get(&format!("${}", pdu.room_id.as_str().trim_start_matches('!'))) {
+        if let Some(create) = accepted.get(&events::create_event_id_of(&pdu.room_id)) {
             by_key.insert(("m.room.create".to_owned(), String::new()), create);
         }
     }

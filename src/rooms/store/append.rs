@@ -409,23 +409,6 @@ pub fn store_invite_outlier(
     insert_event_row(conn, room_id, pdu, None, group, true)
 }
 
-/// Does `server` have a user whose current membership in the room is `join`?
-pub fn has_joined_member_of(conn: &mut DbConnection, room_id: &str, server: &str) -> Result<bool, RoomError> {
-    let suffix = format!(":{server}");
-    // `LIKE` narrows the rows; the exact suffix test decides (`_` is a LIKE wildcard).
-    let rows: Vec<(String, String)> = current_state::table
-        .filter(current_state::room_id.eq(room_id))
-        .filter(current_state::event_type.eq("m.room.member"))
-        .filter(current_state::state_key.like(format!("%{suffix}")))
-        .select((current_state::state_key, current_state::event_id))
-        .load(conn)?;
-    let ids: Vec<String> = rows.into_iter().filter(|(user, _)| user.ends_with(&suffix)).map(|(_, id)| id).collect();
-    if ids.is_empty() {
-        return Ok(false);
-    }
-    Ok(events_by_ids(conn, &ids)?.iter().any(|e| e.pdu.content_value()["membership"] == "join"))
-}
-
 /// Deletes everything stored about a room of another server (its events, state and
 /// extremities): what a peek left behind once nobody peeks the room. Our own rooms, and rooms
 /// one of our users has joined, are never purged. Returns whether the room was purged.

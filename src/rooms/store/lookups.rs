@@ -168,3 +168,50 @@ pub fn forward_extremities(conn: &mut DbConnection, room_id: &str) -> Result<Vec
         .select(forward_extremities::event_id)
         .load(conn)?)
 }
+
+/// The memberships of `server`'s users among member state entries `(user ID, event ID)`.
+pub fn memberships_of_server(
+    conn: &mut DbConnection,
+    members: impl IntoIterator<Item = (String, String)>,
+    server: &str,
+) -> Result<Vec<String>, RoomError> {
+    let suffix = format!(":{server}");
+    let ids: Vec<String> = members.into_iter().filter(|(user, _)| user.ends_with(&suffix)).map(|(_, id)| id).collect();
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    Ok(events_by_ids(conn, &ids)?
+        .iter()
+        .filter_map(|e| e.pdu.content_value()["membership"].as_str().map(str::to_owned))
+        .collect())
+}
+
+/// Does `server` have a user whose current membership in the room is `join`?
+pub fn has_joined_member_of(conn: &mut DbConnection, room_id: &str, server: &str) -> Result<bool, RoomError> {
+    // `LIKE` narrows the rows; `memberships_of_server` tests the exact suffix (`_` is a LIKE
+    // wildcard).
+    let members: Vec<(String, String)> = current_state::table
+        .filter(current_state::room_id.eq(room_id))
+        .filter(current_state::event_type.eq("m.room.member"))
+        .filter(current_state::state_key.like(format!("%:{server}")))
+        .select((current_state::state_key, current_state::event_id))
+        .load(conn)?;
+    Ok(memberships_of_server(conn, members, server)?.iter().any(|m| m == "join"))
+}
+
+/// The servers with a joined member in the room's current state.
+pub fn joined_servers_now(
+    conn: &mut DbConnection,
+    room_id: &str,
+) -> Result<std::collections::BTreeSet<String>, RoomError> {
+    let members: Vec<String> = current_state_map(conn, room_id)?
+        .into_iter()
+        .filter(|((kind, _), _)| kind == "m.room.member")
+        .map(|(_, id)| id)
+        .collect();
+    Ok(events_by_ids(conn, &members)?
+        .iter()
+        .filter(|e| e.pdu.content_value()["membership"] == "join")
+        .filter_map(|e| e.pdu.state_key.as_deref().and_then(|k| k.split_once(':')).map(|(_, s)| s.to_owned()))
+        .collect())
+}
