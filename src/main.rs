@@ -119,6 +119,12 @@ enum BenchCommand {
         /// Seconds of wrk load on renewal PUTs.
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+        /// Single events fanned out one at a time (for the latency percentiles).
+        #[arg(long, default_value_t = 100)]
+        rounds: usize,
+        /// Concurrent senders in the sustained run.
+        #[arg(long, default_value_t = 4)]
+        appenders: usize,
     },
     /// Time to deliver a burst to healthy peeking destinations, alone and beside 20 silent
     /// destinations and one that answers 400 (issue #11 H5; PostgreSQL).
@@ -260,8 +266,8 @@ fn bench(command: BenchCommand) -> Result<(), String> {
     let result = runtime.block_on(async {
         match command {
             BenchCommand::Rooms { postgres, appends, seconds } => bench::rooms(&postgres, appends, seconds).await,
-            BenchCommand::Peeks { postgres, destinations, sustained, seconds } => {
-                bench::peeks(&postgres, destinations, sustained, seconds).await
+            BenchCommand::Peeks { postgres, destinations, sustained, seconds, rounds, appenders } => {
+                bench::peeks(&postgres, destinations, sustained, seconds, rounds, appenders).await
             }
             BenchCommand::Sync { postgres, events } => bench::sync(&postgres, events).await,
             BenchCommand::DeadPeers { postgres, healthy, events, rounds } => {

@@ -12,7 +12,9 @@ use diesel::prelude::*;
 use ruma::{RoomId, ServerName, UserId};
 use serde_json::{json, Value};
 
-use super::{encode, process_cpu_ns, rss_mib, run_wrk, start, world_readable_room};
+use super::{
+    distinct_requests_script, encode, process_cpu_ns, remove_script, rss_mib, run_wrk, start, world_readable_room,
+};
 use peekgate::clock::now_ms;
 use peekgate::db::{Backend, DbError};
 use peekgate::federation::client::FedRequest;
@@ -37,23 +39,19 @@ impl Receiver {
         Ok(Receiver { child, url })
     }
 
-    async fn count(&self, marker: &str) -> anyhow::Result<(u64, i64)> {
-        let stats: Value = reqwest::get(format!("{}/stats/{marker}", self.url)).await?.json().await?;
-        Ok((stats["count"].as_u64().unwrap_or(0), stats["last_ms"].as_i64().unwrap_or(0)))
-    }
-
     /// Waits until `expected` PDUs with `marker` arrived; returns the arrival time of the last.
+    /// The receiver holds each request until then (at most 10 s), so waiting is one request.
     pub(super) async fn wait_for(&self, marker: &str, expected: u64) -> anyhow::Result<i64> {
         let deadline = Instant::now() + Duration::from_secs(300);
         loop {
-            let (count, last) = self.count(marker).await?;
+            let stats: Value = reqwest::get(format!("{}/wait/{marker}/{expected}", self.url)).await?.json().await?;
+            let (count, last) = (stats["count"].as_u64().unwrap_or(0), stats["last_ms"].as_i64().unwrap_or(0));
             if count >= expected {
                 return Ok(last);
             }
             if Instant::now() > deadline {
                 bail!("only {count} of {expected} deliveries of {marker}");
             }
-            tokio::time::sleep(Duration::from_millis(2)).await;
         }
     }
 }
@@ -74,7 +72,10 @@ pub async fn peeks(
     destinations: usize,
     sustained: usize,
     wrk_seconds: u64,
+    rounds: usize,
+    appenders: usize,
 ) -> anyhow::Result<()> {
+    anyhow::ensure!(rounds > 0 && appenders > 0, "--rounds and --appenders must be at least 1");
     println!("peekgate bench peeks (release build: {}), PostgreSQL", !cfg!(debug_assertions));
     let receiver = Receiver::spawn()?;
     let host_listener = TcpListener::bind("127.0.0.1:0")?;
@@ -98,10 +99,16 @@ pub async fn peeks(
     let room = world_readable_room(&state, &alice).await?;
     let head = state.rooms.latest_stream_pos(&room).await?;
     insert_peeks(&state.db, &room, "d", 0, destinations, head, false).await?;
-    let say = |body: String| {
+    let say = {
         let (state, room, alice) = (state.clone(), room.clone(), alice.clone());
-        async move {
-            state.rooms.send(&room, &alice, "m.room.message", None, json!({ "msgtype": "m.text", "body": body })).await
+        move |body: String| {
+            let (state, room, alice) = (state.clone(), room.clone(), alice.clone());
+            async move {
+                state
+                    .rooms
+                    .send(&room, &alice, "m.room.message", None, json!({ "msgtype": "m.text", "body": body }))
+                    .await
+            }
         }
     };
     let n = destinations as u64;
@@ -110,11 +117,12 @@ pub async fn peeks(
     say("warm".into()).await?;
     receiver.wait_for("warm", n).await?;
 
-    // 1. One event to N destinations: time to the last 200 and CPU used by this process.
+    // 1. One event to N destinations: time from the append to the last 200, and the CPU this
+    // process used meanwhile, over `rounds` events (one at a time, 100 ms apart).
     let mut times = Vec::new();
     let mut cpus = Vec::new();
-    for round in 0..5 {
-        tokio::time::sleep(Duration::from_millis(500)).await;
+    for round in 0..rounds {
+        tokio::time::sleep(Duration::from_millis(100)).await;
         let marker = format!("one-{round}");
         let cpu_before = process_cpu_ns();
         let sent_at = now_ms();
@@ -125,16 +133,29 @@ pub async fn peeks(
     }
     times.sort_by(f64::total_cmp);
     cpus.sort_by(f64::total_cmp);
+    let at = |sorted: &[f64], p: f64| sorted[((sorted.len() as f64 - 1.0) * p).round() as usize];
     println!(
-        "one event to {destinations} destinations: time to the last 200 median {:.0} ms (min {:.0}, max {:.0}); CPU of the gateway process median {:.0} ms (min {:.0}, max {:.0}) over 5 rounds",
-        times[2], times[0], times[4], cpus[2], cpus[0], cpus[4]
+        "one event to {destinations} destinations, {rounds} rounds: append to the last 200 p50 {:.0} ms, p99 {:.0} ms (min {:.0}, max {:.0}); CPU of the gateway process p50 {:.1} ms (min {:.1}, p99 {:.1})",
+        at(&times, 0.5), at(&times, 0.99), times[0], times[rounds - 1], at(&cpus, 0.5), cpus[0], at(&cpus, 0.99)
     );
 
-    // 2. Sustained: `sustained` events appended back to back, all delivered to every destination.
+    // 2. Sustained: `sustained` events appended by `appenders` concurrent senders (as clients of
+    // a busy server would), all delivered to every destination.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let started = now_ms();
-    for i in 0..sustained {
-        say(format!("s{i}")).await?;
+    let senders: Vec<_> = (0..appenders)
+        .map(|a| {
+            let say = say.clone();
+            tokio::spawn(async move {
+                for i in (a..sustained).step_by(appenders) {
+                    say(format!("s{i}")).await?;
+                }
+                anyhow::Ok(())
+            })
+        })
+        .collect();
+    for sender in senders {
+        sender.await??;
     }
     let appended = now_ms();
     let mut last = 0;
@@ -143,14 +164,14 @@ pub async fn peeks(
     }
     let secs = (last - started) as f64 / 1000.0;
     println!(
-        "sustained: {sustained} events to {destinations} destinations ({} PDUs) in {secs:.2} s = {:.0} events/s delivered ({:.0} PDUs/s); appending took {:.2} s",
+        "sustained: {sustained} events from {appenders} concurrent senders to {destinations} destinations ({} PDUs) in {secs:.2} s = {:.0} events/s delivered ({:.0} PDUs/s); appending took {:.2} s",
         sustained as u64 * n,
         sustained as f64 / secs,
         sustained as f64 * n as f64 / secs,
         (appended - started) as f64 / 1000.0
     );
 
-    // 3. Authenticated renewal PUTs: the reader holds a live peek; wrk repeats its signed PUT.
+    // 3. Authenticated renewal PUTs: one real peek first (the host fetches the reader's keys).
     let host_name = <&ServerName>::try_from("host.bench")?;
     let path = format!("/_matrix/federation/v1/peek/{}/renew1?ver=10", encode(room.as_str()));
     let first = reader
@@ -167,15 +188,8 @@ pub async fn peeks(
         .await?;
     anyhow::ensure!(first.get("state").is_some(), "the first PUT creates the peek");
     let header = signed_put(&reader.running.state.key, &path);
-    let script = std::env::temp_dir().join(format!("peekgate-renew-{}.lua", std::process::id()));
-    std::fs::write(
-        &script,
-        "wrk.method = \"PUT\"\nwrk.body = \"{}\"\nwrk.headers[\"Content-Type\"] = \"application/json\"\n",
-    )?;
-    run_wrk("renewal PUT", &format!("{host_url}{path}"), &header, wrk_seconds, Some(&script))?;
-    let _ = std::fs::remove_file(&script);
 
-    // 3b. The same over 1,000 distinct live peeks of the reader (inserted directly; each request
+    // Then wrk renews 1,000 distinct live peeks of the reader (inserted directly; each request
     // signed for its own path), so that batched renewals cannot fold repeats of one peek.
     let distinct = 1000;
     let now = now_ms();
@@ -193,26 +207,27 @@ pub async fn peeks(
             Ok(())
         })
         .await?;
-    // Formatted in init(), once wrk has set the host for the thread.
-    let mut lua = String::from("wrk.method = \"PUT\"\nwrk.body = \"{}\"\nsigned = {}\n");
-    for i in 0..distinct {
-        let path = format!("/_matrix/federation/v1/peek/{}/r{i}?ver=10", encode(room.as_str()));
-        let header = signed_put(&reader.running.state.key, &path);
-        lua += &format!("signed[{}] = {{ \"{path}\", '{header}' }}\n", i + 1);
+    // Each peek renewed under several distinct URIs (a query parameter the server ignores), so
+    // no request repeats within the run.
+    let variants = (wrk_seconds as usize * 20).max(1);
+    let mut requests = Vec::with_capacity(distinct * variants);
+    for v in 0..variants {
+        for i in 0..distinct {
+            let path = format!("/_matrix/federation/v1/peek/{}/r{i}?ver=10&n={v}", encode(room.as_str()));
+            let header = signed_put(&reader.running.state.key, &path);
+            requests.push((path, header));
+        }
     }
-    lua += "requests = {}\ncounter = 0\n\
-            function init(args)\n\
-              for i, r in ipairs(signed) do\n\
-                requests[i] = wrk.format(\"PUT\", r[1], { [\"Authorization\"] = r[2], [\"Content-Type\"] = \"application/json\" }, \"{}\")\n\
-              end\n\
-            end\n\
-            function request()\n\
-              counter = counter % #requests + 1\n\
-              return requests[counter]\n\
-            end\n";
-    std::fs::write(&script, lua)?;
-    run_wrk("renewal PUT, 1,000 distinct peeks", &format!("{host_url}{path}"), &header, wrk_seconds, Some(&script))?;
-    let _ = std::fs::remove_file(&script);
+    let script = distinct_requests_script("renew", "PUT", Some("{}"), &requests)?;
+    run_wrk(
+        &format!("renewal PUT, {distinct} distinct peeks, {} distinct requests", requests.len()),
+        &format!("{host_url}{path}"),
+        &header,
+        wrk_seconds,
+        64,
+        Some(&script),
+    )?;
+    remove_script(&script);
     let renewals = state.metrics.render();
     let ok_line = renewals
         .lines()

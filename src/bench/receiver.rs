@@ -4,34 +4,52 @@
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
+use std::time::Duration;
 
 use actix_web::{web, App, HttpResponse, HttpServer};
 use serde_json::{json, Value};
+use tokio::sync::Notify;
 
 use peekgate::clock::now_ms;
 
-/// marker -> (PDUs received, time of the last one in ms)
-type Counts = Arc<Mutex<HashMap<String, (u64, i64)>>>;
+/// marker -> (PDUs received, time of the last one in ms), and a wake-up for `/wait`.
+#[derive(Default)]
+struct Counts {
+    by_marker: Mutex<HashMap<String, (u64, i64)>>,
+    changed: Notify,
+}
 
 async fn send(body: web::Bytes, counts: web::Data<Counts>) -> HttpResponse {
     let txn: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let now = now_ms();
     if let Some(pdus) = txn["pdus"].as_array() {
-        let mut counts = counts.lock().unwrap();
+        let mut by_marker = counts.by_marker.lock().unwrap();
         for pdu in pdus {
             let marker = pdu["content"]["body"].as_str().unwrap_or("").to_owned();
-            let entry = counts.entry(marker).or_insert((0, 0));
+            let entry = by_marker.entry(marker).or_insert((0, 0));
             entry.0 += 1;
             entry.1 = now;
         }
     }
+    counts.changed.notify_waiters();
     HttpResponse::Ok().json(json!({ "pdus": {} }))
 }
 
-async fn stats(marker: web::Path<String>, counts: web::Data<Counts>) -> HttpResponse {
-    let (count, last_ms) = counts.lock().unwrap().get(marker.as_str()).copied().unwrap_or((0, 0));
-    HttpResponse::Ok().json(json!({ "count": count, "last_ms": last_ms }))
+/// Answers once `count` PDUs with `marker` arrived, or after 10 s with what arrived so far: the
+/// bench waits with one request instead of polling, so its waiting costs the measured process
+/// almost nothing.
+async fn wait(path: web::Path<(String, u64)>, counts: web::Data<Counts>) -> HttpResponse {
+    let (marker, expected) = path.into_inner();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let changed = counts.changed.notified();
+        let (count, last_ms) = counts.by_marker.lock().unwrap().get(marker.as_str()).copied().unwrap_or((0, 0));
+        if count >= expected || tokio::time::Instant::now() >= deadline {
+            return HttpResponse::Ok().json(json!({ "count": count, "last_ms": last_ms }));
+        }
+        let _ = tokio::time::timeout_at(deadline, changed).await;
+    }
 }
 
 /// Serves until the process is killed; prints `listening on <url>` first.
@@ -39,13 +57,13 @@ pub async fn receiver(bind: &str) -> anyhow::Result<()> {
     let listener = std::net::TcpListener::bind(bind)?;
     println!("listening on http://{}", listener.local_addr()?);
     std::io::stdout().flush()?;
-    let counts: web::Data<Counts> = web::Data::new(Arc::default());
+    let counts: web::Data<Counts> = web::Data::new(Counts::default());
     HttpServer::new(move || {
         App::new()
             .app_data(counts.clone())
             .app_data(web::PayloadConfig::new(64 * 1024 * 1024))
             .route("/_matrix/federation/v1/send/{txn}", web::put().to(send))
-            .route("/stats/{marker}", web::get().to(stats))
+            .route("/wait/{marker}/{count}", web::get().to(wait))
     })
     .workers(2)
     .backlog(4096)

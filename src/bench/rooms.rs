@@ -8,7 +8,7 @@ use std::time::Instant;
 use ruma::{ServerName, UserId};
 use serde_json::json;
 
-use super::{encode, percentile, run_wrk, start, world_readable_room};
+use super::{distinct_requests_script, encode, percentile, remove_script, run_wrk, start, world_readable_room};
 use peekgate::db::Backend;
 
 /// Runs every room benchmark on both backends and prints the figures.
@@ -37,11 +37,13 @@ async fn rooms_on(backend: Backend, postgres_admin: &str, appends: usize, wrk_se
 
     // 1. Appends: sequential messages through the append path (sign, authorise, store).
     let started = Instant::now();
+    let mut messages = Vec::with_capacity(appends);
     for i in 0..appends {
-        state
+        let event = state
             .rooms
             .send(&room, &alice, "m.room.message", None, json!({ "msgtype": "m.text", "body": format!("m{i}") }))
             .await?;
+        messages.push(event.event_id);
     }
     let elapsed = started.elapsed();
     println!("appends: {appends} events in {:.2?} = {:.0} events/s", elapsed, appends as f64 / elapsed.as_secs_f64());
@@ -91,7 +93,9 @@ async fn rooms_on(backend: Backend, postgres_admin: &str, appends: usize, wrk_se
         );
     }
 
-    // 3. Signed GET /event from the non-member reader, warm key cache, load from wrk.
+    // 3. Signed GET /event from the non-member reader, warm key cache, load from wrk: distinct
+    // events, each request signed on its own (a query parameter the server ignores keeps every
+    // URI distinct for the whole run), 16 connections.
     let path = format!("/_matrix/federation/v1/event/{event_enc}");
     client.get(host_name, &path).await?;
     let header = peekgate::xmatrix::authorization_header(
@@ -102,7 +106,32 @@ async fn rooms_on(backend: Backend, postgres_admin: &str, appends: usize, wrk_se
         &path,
         None,
     );
-    run_wrk("GET /event", &format!("{host_url}{path}"), &header, wrk_seconds, None)?;
+    let wanted = wrk_seconds as usize * 20_000;
+    let requests: Vec<(String, String)> = (0..wanted)
+        .map(|i| {
+            let event = &messages[i % messages.len()];
+            let path = format!("/_matrix/federation/v1/event/{}?n={}", encode(event.as_str()), i / messages.len());
+            let header = peekgate::xmatrix::authorization_header(
+                &reader.running.state.key,
+                "reader.bench",
+                "host.bench",
+                "GET",
+                &path,
+                None,
+            );
+            (path, header)
+        })
+        .collect();
+    let script = distinct_requests_script("event", "GET", None, &requests)?;
+    run_wrk(
+        &format!("GET /event, {} events, {wanted} distinct requests", messages.len()),
+        &format!("{host_url}{path}"),
+        &header,
+        wrk_seconds,
+        16,
+        Some(&script),
+    )?;
+    remove_script(&script);
 
     reader.running.stop().await;
     host.running.stop().await;
