@@ -425,12 +425,16 @@ async fn shared_history_is_refused_and_visibility_is_judged_per_event(db: DbKind
     assert_eq!(status, 200);
     let change = change["event_id"].as_str().unwrap().to_owned();
     let late = alice.say(&room, "late").await;
-    assert!(fed_get(&b, &format!("/_matrix/federation/v1/event/{}", enc(&early))).await.is_ok());
-    assert!(
-        fed_get(&b, &format!("/_matrix/federation/v1/event/{}", enc(&change))).await.is_ok(),
-        "the change itself is visible (before rule)"
-    );
-    assert_eq!(fed_get(&b, &format!("/_matrix/federation/v1/event/{}", enc(&late))).await, Err(403));
+    // Twice: the second answers come from the event and visibility caches (#13), and must be
+    // the same as the first.
+    for _ in 0..2 {
+        assert!(fed_get(&b, &format!("/_matrix/federation/v1/event/{}", enc(&early))).await.is_ok());
+        assert!(
+            fed_get(&b, &format!("/_matrix/federation/v1/event/{}", enc(&change))).await.is_ok(),
+            "the change itself is visible (before rule)"
+        );
+        assert_eq!(fed_get(&b, &format!("/_matrix/federation/v1/event/{}", enc(&late))).await, Err(403));
+    }
     let backfill =
         fed_get(&b, &format!("/_matrix/federation/v1/backfill/{}?v={}&limit=3", enc(&room), enc(&late))).await.unwrap();
     let ids: Vec<&str> = backfill["pdus"].as_array().unwrap().iter().map(|p| p["type"].as_str().unwrap()).collect();

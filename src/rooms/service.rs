@@ -420,6 +420,14 @@ impl Rooms {
         event_id: &str,
         server: &ServerName,
     ) -> Result<Option<(StoredEvent, bool)>, RoomError> {
+        // World-readable history needs no database round trip (nor a hop to the blocking pool):
+        // an event's visibility to a server that is not in the room follows from the state before
+        // it, which never changes, and a cached event is dropped when a redaction changes it.
+        if let Some(event) = self.events.cached(event_id) {
+            if visibility::of_event_cached(&event, &self.visibility) == Some(Visibility::WorldReadable) {
+                return Ok(Some(((*event).clone(), true)));
+            }
+        }
         let (id, server) = (event_id.to_owned(), server.to_string());
         let (joined, cache, events) = (self.joined.clone(), self.visibility.clone(), self.events.clone());
         self.read(move |conn| {
@@ -505,12 +513,18 @@ pub struct EventCache(Mutex<HashMap<String, (u64, Arc<StoredEvent>)>>);
 const EVENT_CACHE_MAX: usize = 10_000;
 
 impl EventCache {
+    /// The event if it is cached and no redaction came since it was read.
+    fn cached(&self, event_id: &str) -> Option<Arc<StoredEvent>> {
+        let epoch = store::redactions::epoch();
+        let map = self.0.lock().unwrap();
+        let (read_at, event) = map.get(event_id)?;
+        (*read_at == epoch).then(|| event.clone())
+    }
+
     fn get_or_load(&self, conn: &mut DbConnection, event_id: &str) -> Result<Option<Arc<StoredEvent>>, RoomError> {
         let epoch = store::redactions::epoch();
-        if let Some((read_at, event)) = self.0.lock().unwrap().get(event_id) {
-            if *read_at == epoch {
-                return Ok(Some(event.clone()));
-            }
+        if let Some(event) = self.cached(event_id) {
+            return Ok(Some(event));
         }
         let Some(event) = store::event_by_id(conn, event_id)? else {
             return Ok(None);

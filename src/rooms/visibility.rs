@@ -116,15 +116,28 @@ pub fn of_event(
     event: &StoredEvent,
     cache: &VisibilityCache,
 ) -> Result<Visibility, RoomError> {
-    let before = visibility_at_group(conn, event.state_group_before, cache)?;
+    Ok(given_before(event, visibility_at_group(conn, event.state_group_before, cache)?))
+}
+
+/// [`of_event`] from the cache alone; `None` when the setting before the event is not cached.
+pub fn of_event_cached(event: &StoredEvent, cache: &VisibilityCache) -> Option<Visibility> {
+    let before = match event.state_group_before {
+        None => Visibility::Shared,
+        Some(group) => cache.get(group)?,
+    };
+    Some(given_before(event, before))
+}
+
+/// The event's visibility, given the setting before it (the "before or after" rule).
+fn given_before(event: &StoredEvent, before: Visibility) -> Visibility {
     let is_change = event.pdu.event_type() == "m.room.history_visibility" && event.pdu.state_key.as_deref() == Some("");
     if is_change && before != Visibility::WorldReadable {
         let after = Visibility::parse(event.pdu.content_value()["history_visibility"].as_str());
         if after == Visibility::WorldReadable {
-            return Ok(after);
+            return after;
         }
     }
-    Ok(before)
+    before
 }
 
 /// JN-11, the spec's rule for servers: may `server` read `event`? World-readable history: any
