@@ -53,8 +53,8 @@ const EVICTION_BATCH: i64 = 50_000;
 
 /// Connections sweeping lapsed peeks at once on PostgreSQL. A sweep is CPU work in the database
 /// server (index entries, WAL records); batches claimed with `SKIP LOCKED` on two connections
-/// use two cores and never touch the same rows. 100,000 lapsed peeks: ~560 ms on one
-/// connection, ~450 ms on two (BENCHMARKS.md, issue #13).
+/// use two cores and never touch the same rows. Four connections (batches of 25,000) were
+/// slower than two on the 2-core machine (BENCHMARKS.md, issue #13).
 const EVICTION_CONNECTIONS: usize = 2;
 
 pub struct ScheduleHandle {

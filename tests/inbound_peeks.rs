@@ -887,3 +887,52 @@ async fn dead_destinations_are_forgotten(db: DbKind) {
     assert_eq!(notices, 0);
 }
 both_backends!(dead_destinations_are_forgotten);
+
+/// RE-2 / PE-7 (#13): the sweep queues notices with plain inserts; a peek that lapses while a
+/// notice for the same peek is still pending (it lapsed, came back under its ID and lapsed
+/// again) is evicted all the same, beside the others, with one notice each.
+async fn a_pending_notice_does_not_stop_the_sweep(db: DbKind) {
+    let gw = ServerSpec::new(GW, db).start().await;
+    let now = chrono::Utc::now().timestamp_millis();
+    let lapsed = |origin: &str| {
+        format!(
+            "INSERT INTO inbound_peeks (origin, room_id, peek_id, created_ts, renewed_ts, renewal_interval_ms, expires_ts, start_stream_pos) \
+             VALUES ('{origin}', '!r:gw.test', 'p', {now}, {now}, 3600000, {}, 0)",
+            now - 1
+        )
+    };
+    let statements = vec![
+        "INSERT INTO peek_notices (destination, room_id, peek_id, after_pos) VALUES ('again.test', '!r:gw.test', 'p', 0)"
+            .to_owned(),
+        lapsed("again.test"),
+        lapsed("other.test"),
+    ];
+    let state = gw.state();
+    state
+        .db
+        .run::<_, peekgate::db::DbError, _>(move |conn| {
+            for statement in statements {
+                diesel::RunQueryDsl::execute(diesel::sql_query(statement), conn)?;
+            }
+            Ok(())
+        })
+        .await
+        .unwrap();
+    let (lapsed, _) = peekgate::schedule::evict_inbound(&state.jobs()).await.unwrap();
+    assert_eq!(lapsed, 2);
+    let (peeks, notices) = state
+        .db
+        .run::<_, peekgate::db::DbError, _>(|conn| {
+            use diesel::prelude::*;
+            use peekgate::db::schema::{inbound_peeks, peek_notices};
+            let peeks = inbound_peeks::table.count().get_result::<i64>(conn)?;
+            let notices: Vec<String> =
+                peek_notices::table.select(peek_notices::destination).order(peek_notices::destination).load(conn)?;
+            Ok((peeks, notices))
+        })
+        .await
+        .unwrap();
+    assert_eq!(peeks, 0);
+    assert_eq!(notices, ["again.test", "other.test"]);
+}
+both_backends!(a_pending_notice_does_not_stop_the_sweep);

@@ -110,10 +110,15 @@ pub fn queue_expired_peek(
 /// The statement that queues `expired_peeks` for every `(origin, room_id, peek_id)` row of
 /// `source` (a table expression: a CTE name, or `inbound_peeks WHERE ...`), as SQL text, so
 /// that a set-based sweep queues its notices in the same statement (both backends).
-pub fn queue_expired_peeks_sql(source: &str, after_pos: i64) -> String {
+/// `skip_pending`: a notice already pending for the same peek is kept and no second one queued;
+/// without it such a duplicate fails the statement with a unique violation, and the insert is a
+/// plain one (on PostgreSQL `ON CONFLICT` makes each row a speculative insertion, the larger
+/// part of a sweep's cost).
+pub fn queue_expired_peeks_sql(source: &str, after_pos: i64, skip_pending: bool) -> String {
+    let on_conflict = if skip_pending { " ON CONFLICT DO NOTHING" } else { "" };
     format!(
         "INSERT INTO peek_notices (destination, room_id, peek_id, after_pos) \
-         SELECT origin, room_id, peek_id, {after_pos} FROM {source} ON CONFLICT DO NOTHING"
+         SELECT origin, room_id, peek_id, {after_pos} FROM {source}{on_conflict}"
     )
 }
 
