@@ -112,7 +112,88 @@ pub struct FederationClient {
     guarded_dns: Arc<GuardedDns>,
     resolver: Resolver,
     destinations: BTreeMap<OwnedServerName, Url>,
-    max_response_bytes: usize,
+    pub(super) max_response_bytes: usize,
+    /// TLS for the sender's own HTTP/1.1 connections (ALPN `http/1.1`).
+    pub(super) http1_tls: Arc<rustls::ClientConfig>,
+    pub(super) connect_timeout: Duration,
+    pub(super) request_timeout: Duration,
+}
+
+/// Where [`FederationClient::connect_target`] says to connect.
+pub(super) struct ConnectTarget {
+    pub addrs: Vec<SocketAddr>,
+    /// The name the certificate must be valid for; `None`: plain HTTP (an operator override).
+    pub tls: Option<String>,
+    pub host_header: String,
+    /// The path of an override URL, put before every request path.
+    pub path_prefix: String,
+}
+
+pub(super) const USER_AGENT: &str = concat!("peekgate/", env!("CARGO_PKG_VERSION"));
+
+/// The client TLS configuration reqwest would build: the process's crypto provider, every TLS
+/// version, the platform's certificate verifier, or none with `accept_invalid_certs` (tests and
+/// private federations).
+fn tls_config(accept_invalid_certs: bool) -> Result<rustls::ClientConfig, FederationError> {
+    let provider = rustls::crypto::CryptoProvider::get_default()
+        .cloned()
+        .unwrap_or_else(|| Arc::new(rustls::crypto::ring::default_provider()));
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(rustls::ALL_VERSIONS)
+        .map_err(|e| transport("(client)", e))?
+        .dangerous();
+    let builder = if accept_invalid_certs {
+        builder.with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate(provider)))
+    } else {
+        let verifier = rustls_platform_verifier::Verifier::new(provider).map_err(|e| transport("(client)", e))?;
+        builder.with_custom_certificate_verifier(Arc::new(verifier))
+    };
+    Ok(builder.with_no_client_auth())
+}
+
+fn http1_tls(mut tls: rustls::ClientConfig) -> rustls::ClientConfig {
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    tls
+}
+
+/// `federation.accept_invalid_certs`: any certificate is taken (reqwest's own switch does the
+/// same); signatures on the handshake are not checked either.
+#[derive(Debug)]
+struct AcceptAnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &rustls::pki_types::CertificateDer<'_>,
+        _dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        _message: &[u8],
+        _cert: &rustls::pki_types::CertificateDer<'_>,
+        _dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
 }
 
 impl FederationClient {
@@ -122,12 +203,17 @@ impl FederationClient {
             AddressPolicy { allow_private: fed.allow_private_ranges, allowed: settings.allowed_ranges.clone() };
         let guarded_dns =
             Arc::new(GuardedDns { pinned: Mutex::new(HashMap::new()), dns: dns.clone(), policy: policy.clone() });
+        // One TLS configuration for reqwest and for the sender's own connections
+        // (`federation::connection`), so both verify certificates the same way.
+        let tls = tls_config(fed.accept_invalid_certs)?;
+        let mut reqwest_tls = tls.clone();
+        reqwest_tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         let builder = || {
             reqwest::Client::builder()
-                .user_agent(concat!("peekgate/", env!("CARGO_PKG_VERSION")))
+                .user_agent(USER_AGENT)
                 .timeout(Duration::from_millis(fed.request_timeout_ms))
                 .connect_timeout(Duration::from_millis(fed.connect_timeout_ms))
-                .tls_danger_accept_invalid_certs(fed.accept_invalid_certs)
+                .use_preconfigured_tls(reqwest_tls.clone())
                 .no_proxy()
         };
         // Redirects are never followed (H15): a federation answer or a well-known answer that
@@ -147,7 +233,46 @@ impl FederationClient {
             resolver: Resolver::new(dns, policy),
             destinations: settings.destinations.clone(),
             max_response_bytes: fed.max_response_bytes,
+            http1_tls: Arc::new(http1_tls(tls)),
+            connect_timeout: Duration::from_millis(fed.connect_timeout_ms),
+            request_timeout: Duration::from_millis(fed.request_timeout_ms),
         })
+    }
+
+    /// Where a connection of our own to `destination` goes (`federation::connection`): the
+    /// addresses (policy-checked, unless an operator override names them), the TLS server name
+    /// when it is TLS, the `Host` header, and the path prefix of an override URL. The same
+    /// choice [`FederationClient::target`] makes for reqwest.
+    pub(super) async fn connect_target(&self, destination: &ServerName) -> Result<ConnectTarget, FederationError> {
+        let server = destination.as_str();
+        if let Some(base) = self.destinations.get(destination) {
+            let host = base.host_str().ok_or_else(|| transport(server, "override URL has no host"))?;
+            let port = base.port_or_known_default().ok_or_else(|| transport(server, "override URL has no port"))?;
+            let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
+            let addrs: Vec<SocketAddr> = match host.parse::<IpAddr>() {
+                Ok(ip) => vec![SocketAddr::new(ip, port)],
+                // Operator-configured overrides are trusted, as for reqwest's direct client.
+                Err(_) => {
+                    tokio::net::lookup_host((host.as_str(), port)).await.map_err(|e| transport(server, e))?.collect()
+                }
+            };
+            let tls = (base.scheme() == "https").then_some(host);
+            let prefix = base.path().trim_end_matches('/').to_owned();
+            return Ok(ConnectTarget { addrs, tls, host_header: server.to_owned(), path_prefix: prefix });
+        }
+        let resolved = self
+            .resolver
+            .resolve(destination, self)
+            .await
+            .map_err(|source| FederationError::Resolve { server: server.to_owned(), source })?;
+        let addrs = resolved.addrs.iter().map(|ip| SocketAddr::new(*ip, resolved.port)).collect();
+        let host = resolved.url_host.trim_start_matches('[').trim_end_matches(']').to_owned();
+        Ok(ConnectTarget { addrs, tls: Some(host), host_header: resolved.host_header, path_prefix: String::new() })
+    }
+
+    /// The X-Matrix header of a request from us to `destination`.
+    pub(super) fn authorization(&self, destination: &str, method: &str, path: &str, content: Option<&str>) -> String {
+        xmatrix::authorization_header(&self.key, self.origin.as_str(), destination, method, path, content)
     }
 
     pub fn origin(&self) -> &ServerName {
@@ -224,37 +349,6 @@ impl FederationClient {
         }
         if let Some(bytes) = body_bytes {
             builder = builder.header(CONTENT_TYPE, "application/json").body(bytes);
-        }
-        self.execute(server, builder).await
-    }
-
-    /// Sends a body serialised once (`body` as bytes, `canonical` its canonical JSON text) with a
-    /// signature for this destination; the fan-out path of the sender.
-    pub async fn send_prepared(
-        &self,
-        method: Method,
-        destination: &ServerName,
-        path: &str,
-        body: bytes::Bytes,
-        canonical: &str,
-    ) -> Result<Value, FederationError> {
-        let server = destination.as_str();
-        let (client, url, host_header) = self.target(destination, path).await?;
-        let header = xmatrix::authorization_header(
-            &self.key,
-            self.origin.as_str(),
-            server,
-            method.as_str(),
-            path,
-            Some(canonical),
-        );
-        let mut builder = client
-            .request(method, url)
-            .header(AUTHORIZATION, header)
-            .header(CONTENT_TYPE, "application/json")
-            .body(body);
-        if let Some(host) = host_header {
-            builder = builder.header(HOST, HeaderValue::from_str(&host).map_err(|e| transport(server, e))?);
         }
         self.execute(server, builder).await
     }
@@ -362,7 +456,7 @@ fn join(base: &Url, path: &str) -> Result<Url, url::ParseError> {
     Url::parse(&format!("{base}{path}"))
 }
 
-fn transport(server: &str, e: impl std::fmt::Display) -> FederationError {
+pub(super) fn transport(server: &str, e: impl std::fmt::Display) -> FederationError {
     FederationError::Transport { server: server.to_owned(), reason: e.to_string() }
 }
 

@@ -3,6 +3,7 @@
 pub mod auth;
 pub mod check;
 pub mod client;
+pub mod connection;
 pub mod membership;
 pub mod peek;
 pub mod reads;

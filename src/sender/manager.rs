@@ -252,7 +252,7 @@ async fn fan_out_chunk(
     Some(served)
 }
 
-/// Serialises a transaction once: its JSON bytes and its canonical JSON for signing.
+/// Serialises a transaction once, as canonical JSON (sent as it is, and signed per destination).
 fn prepare(shared: &Shared, new_events: &[NewEvent], indices: &[usize]) -> PreparedBody {
     let pdus: Vec<serde_json::Value> =
         indices.iter().filter_map(|i| serde_json::from_str(&new_events[*i].json).ok()).collect();
@@ -264,7 +264,7 @@ fn prepare(shared: &Shared, new_events: &[NewEvent], indices: &[usize]) -> Prepa
     });
     let canonical =
         ruma::CanonicalJsonValue::try_from(body).map(|c| crate::canonical_json::encode(&c)).unwrap_or_default();
-    PreparedBody { txn_id: shared.next_txn_id(), json: Bytes::from(canonical.clone()), canonical, pdus: indices.len() }
+    PreparedBody { txn_id: shared.next_txn_id(), json: Bytes::from(canonical), pdus: indices.len() }
 }
 
 /// Writes the fan-out path's cursor moves, batched.

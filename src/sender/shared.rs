@@ -38,8 +38,8 @@ pub(crate) struct Prepared {
 
 pub(crate) struct PreparedBody {
     pub txn_id: String,
+    /// The body's canonical JSON text: what is sent, and what the signature covers.
     pub json: Bytes,
-    pub canonical: String,
     pub pdus: usize,
 }
 

@@ -7,16 +7,16 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use reqwest::Method;
 use ruma::OwnedServerName;
 use serde_json::{json, Value};
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{mpsc, watch, Mutex, Notify};
 use tokio::task::JoinHandle;
 
 use super::queue::{self, backoff, DestinationRow};
 use super::shared::{Prepared, Shared, WorkerStatus};
 use crate::clock::now_ms;
-use crate::federation::client::{FedRequest, FederationError};
+use crate::federation::client::FederationError;
+use crate::federation::connection::DestinationConnection;
 
 /// An idle worker exits after this long (the manager starts it again when there is work).
 const WORKER_IDLE: Duration = Duration::from_secs(60);
@@ -47,13 +47,15 @@ pub(super) async fn run(
     };
     status.cursor.store(row.cursor, Ordering::Release);
     let (keeper, mut stop) = keep_lease(shared.clone(), destination.clone());
+    // The worker's own kept-alive connection for its transactions (both paths).
+    let connection = Mutex::new(DestinationConnection::new(shared.state.federation.clone(), server.clone()));
     let mut needs_queue = true;
     loop {
         if *stop.borrow() {
             break;
         }
         if needs_queue {
-            if catch_up(&shared, &server, &destination, &mut row, &status, &mut stop).await.is_err() {
+            if catch_up(&shared, &connection, &destination, &mut row, &status, &mut stop).await.is_err() {
                 break;
             }
             needs_queue = false;
@@ -63,9 +65,7 @@ pub(super) async fn run(
                 Some(p) if p.from == status.cursor() => {
                     if let Some(body) = &p.body {
                         let path = format!("/_matrix/federation/v1/send/{}", body.txn_id);
-                        let attempt = || {
-                            shared.state.federation.send_prepared(Method::PUT, &server, &path, body.json.clone(), &body.canonical)
-                        };
+                        let attempt = || async { connection.lock().await.put(&path, &body.json).await };
                         if send_with_retries(&shared, &destination, &mut row.failures, body.pdus, &status, attempt, &mut stop).await.is_err() {
                             break;
                         }
@@ -131,7 +131,7 @@ fn keep_lease(shared: Arc<Shared>, destination: String) -> (JoinHandle<()>, watc
 /// The queue path: batch after batch from the database until nothing is left.
 async fn catch_up(
     shared: &Shared,
-    server: &OwnedServerName,
+    connection: &Mutex<DestinationConnection>,
     destination: &str,
     row: &mut DestinationRow,
     status: &WorkerStatus,
@@ -170,15 +170,15 @@ async fn catch_up(
         }
         let path = format!("/_matrix/federation/v1/send/{txn_id}");
         let pdus = body["pdus"].as_array().map(Vec::len).unwrap_or(0);
-        let attempt = || {
-            shared.state.federation.send(FedRequest {
-                method: Method::PUT,
-                destination: server,
-                path: &path,
-                body: Some(body.clone()),
-                signed: true,
-            })
+        // Sent as its canonical JSON text, which is also what the signature covers.
+        let canonical = match ruma::CanonicalJsonValue::try_from(body) {
+            Ok(value) => crate::canonical_json::encode(&value),
+            Err(e) => {
+                tracing::warn!(destination, error = %e, "sender: a queued transaction is not canonical JSON");
+                return Err(Stop);
+            }
         };
+        let attempt = || async { connection.lock().await.put(&path, canonical.as_bytes()).await };
         send_with_retries(shared, destination, &mut row.failures, pdus, status, attempt, stop).await?;
         save_progress(shared, destination, batch.next_cursor, &batch.notices).await?;
         row.cursor = batch.next_cursor;
