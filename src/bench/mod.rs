@@ -39,6 +39,30 @@ pub(super) fn process_cpu_ns() -> u64 {
     now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }
 
+/// CPU time in ms (user and system, from /proc, 10 ms resolution) used so far by the other
+/// processes `wanted` picks by PID and command name: the receiver, PostgreSQL's backends.
+pub(super) fn processes_cpu_ms(wanted: impl Fn(u32, &str) -> bool) -> f64 {
+    // SAFETY: sysconf only reads a system constant.
+    let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    let mut ticks = 0u64;
+    for entry in entries.filter_map(Result::ok) {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        // `pid (comm) state ppid ...`: utime and stime are the 12th and 13th fields after comm.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
+        if !wanted(pid, &stat[open + 1..close]) {
+            continue;
+        }
+        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        let field = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+        ticks += field(11) + field(12);
+    }
+    ticks as f64 * 1000.0 / ticks_per_second
+}
+
 /// Resident memory of this process, in MiB, from /proc.
 pub(super) fn rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")

@@ -13,7 +13,8 @@ use ruma::{RoomId, ServerName, UserId};
 use serde_json::{json, Value};
 
 use super::{
-    distinct_requests_script, encode, process_cpu_ns, remove_script, rss_mib, run_wrk, start, world_readable_room,
+    distinct_requests_script, encode, process_cpu_ns, processes_cpu_ms, remove_script, rss_mib, run_wrk, start,
+    world_readable_room,
 };
 use peekgate::clock::now_ms;
 use peekgate::db::{Backend, DbError};
@@ -21,7 +22,7 @@ use peekgate::federation::client::FedRequest;
 
 /// The receiver child process; killed on drop.
 pub(super) struct Receiver {
-    child: Child,
+    pub(super) child: Child,
     pub(super) url: String,
 }
 
@@ -142,6 +143,20 @@ pub async fn peeks(
     // 2. Sustained: `sustained` events appended by `appenders` concurrent senders (as clients of
     // a busy server would), all delivered to every destination.
     tokio::time::sleep(Duration::from_millis(500)).await;
+    let receiver_pid = receiver.child.id();
+    let others = || (processes_cpu_ms(|pid, _| pid == receiver_pid), processes_cpu_ms(|_, name| name == "postgres"));
+    let sent_transactions = || {
+        state
+            .metrics
+            .render()
+            .lines()
+            .find(|l| l.starts_with("peekgate_federation_sent_transactions_total") && l.contains("\"ok\""))
+            .and_then(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+            .unwrap_or(0.0)
+    };
+    let transactions_before = sent_transactions();
+    let (receiver_before, postgres_before) = others();
+    let gateway_before = process_cpu_ns();
     let started = now_ms();
     let senders: Vec<_> = (0..appenders)
         .map(|a| {
@@ -162,7 +177,17 @@ pub async fn peeks(
     for i in 0..sustained {
         last = last.max(receiver.wait_for(&format!("s{i}"), n).await?);
     }
+    let gateway_cpu = (process_cpu_ns() - gateway_before) as f64 / 1e9;
+    let (receiver_after, postgres_after) = others();
     let secs = (last - started) as f64 / 1000.0;
+    let transactions = sent_transactions() - transactions_before;
+    println!(
+        "sustained: CPU used meanwhile: gateway {gateway_cpu:.2} s, receiver {:.2} s, PostgreSQL {:.2} s, of {:.2} s on 2 cores; {transactions:.0} transactions, {:.1} events each",
+        (receiver_after - receiver_before) / 1000.0,
+        (postgres_after - postgres_before) / 1000.0,
+        2.0 * secs,
+        (sustained as f64 * n as f64) / transactions.max(1.0)
+    );
     println!(
         "sustained: {sustained} events from {appenders} concurrent senders to {destinations} destinations ({} PDUs) in {secs:.2} s = {:.0} events/s delivered ({:.0} PDUs/s); appending took {:.2} s",
         sustained as u64 * n,

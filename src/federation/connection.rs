@@ -231,11 +231,10 @@ async fn read_answer(open: &mut Open, limit: usize) -> Result<Answer, ExchangeEr
     }
 }
 
+/// Reads what is there into the buffer's spare room (no zeroed scratch buffer, no copy).
 async fn read_more(stream: &mut Box<dyn Transport>, buffer: &mut Vec<u8>) -> std::io::Result<usize> {
-    let mut chunk = [0u8; 16 * 1024];
-    let read = stream.read(&mut chunk).await?;
-    buffer.extend_from_slice(&chunk[..read]);
-    Ok(read)
+    buffer.reserve(16 * 1024);
+    stream.read_buf(buffer).await
 }
 
 enum Framing {
