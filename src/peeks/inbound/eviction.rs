@@ -59,27 +59,22 @@ fn evict_claimed_batch(
 }
 
 /// Deletes the peeks a room ended (RE-3, RE-4) once their server's cursor passed the end.
-/// Returns how many, by reason.
+/// Returns how many, by reason. One statement, found through the partial index
+/// `inbound_peeks_ended` (migration 000009).
 pub fn evict_ended(conn: &mut DbConnection) -> Result<BTreeMap<String, usize>, diesel::result::Error> {
-    write_transaction(conn, |conn| {
-        let delivered = inbound_peeks::end_stream_pos.le(diesel::dsl::sql::<
-            diesel::sql_types::Nullable<diesel::sql_types::BigInt>,
-        >(
+    let delivered =
+        inbound_peeks::end_stream_pos.le(diesel::dsl::sql::<diesel::sql_types::Nullable<diesel::sql_types::BigInt>>(
             "(SELECT d.last_sent_pos FROM destinations d WHERE d.server_name = inbound_peeks.origin)",
         ));
-        let reasons: Vec<Option<String>> = inbound_peeks::table
-            .filter(inbound_peeks::end_stream_pos.is_not_null())
-            .filter(delivered.clone())
-            .select(inbound_peeks::end_reason)
-            .load(conn)?;
+    let reasons: Vec<Option<String>> =
         diesel::delete(inbound_peeks::table.filter(inbound_peeks::end_stream_pos.is_not_null()).filter(delivered))
-            .execute(conn)?;
-        let mut ended: BTreeMap<String, usize> = BTreeMap::new();
-        for reason in reasons {
-            *ended.entry(reason.unwrap_or_else(|| REASON_VISIBILITY.to_owned())).or_default() += 1;
-        }
-        Ok(ended)
-    })
+            .returning(inbound_peeks::end_reason)
+            .get_results(conn)?;
+    let mut ended: BTreeMap<String, usize> = BTreeMap::new();
+    for reason in reasons {
+        *ended.entry(reason.unwrap_or_else(|| REASON_VISIBILITY.to_owned())).or_default() += 1;
+    }
+    Ok(ended)
 }
 
 #[derive(diesel::QueryableByName)]
