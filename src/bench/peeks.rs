@@ -24,6 +24,9 @@ use peekgate::federation::client::FedRequest;
 pub(super) struct Receiver {
     pub(super) child: Child,
     pub(super) url: String,
+    /// One client for every wait: `reqwest::get` would build a client (connector, TLS set-up)
+    /// per call, inside the measured window.
+    http: reqwest::Client,
 }
 
 impl Receiver {
@@ -37,7 +40,8 @@ impl Receiver {
         let mut line = String::new();
         BufReader::new(child.stdout.take().context("receiver stdout")?).read_line(&mut line)?;
         let url = line.trim().strip_prefix("listening on ").context("receiver did not start")?.to_owned();
-        Ok(Receiver { child, url })
+        peekgate::app::install_crypto_provider();
+        Ok(Receiver { child, url, http: reqwest::Client::new() })
     }
 
     /// Waits until `expected` PDUs with `marker` arrived; returns the arrival time of the last.
@@ -45,7 +49,8 @@ impl Receiver {
     pub(super) async fn wait_for(&self, marker: &str, expected: u64) -> anyhow::Result<i64> {
         let deadline = Instant::now() + Duration::from_secs(300);
         loop {
-            let stats: Value = reqwest::get(format!("{}/wait/{marker}/{expected}", self.url)).await?.json().await?;
+            let stats: Value =
+                self.http.get(format!("{}/wait/{marker}/{expected}", self.url)).send().await?.json().await?;
             let (count, last) = (stats["count"].as_u64().unwrap_or(0), stats["last_ms"].as_i64().unwrap_or(0));
             if count >= expected {
                 return Ok(last);
