@@ -843,6 +843,20 @@ async fn fp4_lenient_peek_ids_for_dendrite(db: DbKind) {
 }
 both_backends!(fp4_lenient_peek_ids_for_dendrite);
 
+/// Runs SQL statements on the gateway's database (rows the tests need as they are).
+async fn run_sql(state: &peekgate::state::AppState, statements: Vec<String>) {
+    state
+        .db
+        .run::<_, peekgate::db::DbError, _>(move |conn| {
+            for statement in statements {
+                diesel::RunQueryDsl::execute(diesel::sql_query(statement), conn)?;
+            }
+            Ok(())
+        })
+        .await
+        .unwrap();
+}
+
 /// The eviction job forgets a destination that keeps failing, never answered (or not for a
 /// week) and has no peek left, with its undelivered notices; failing destinations that still
 /// have a peek, and healthy ones, stay.
@@ -862,16 +876,7 @@ async fn dead_destinations_are_forgotten(db: DbKind) {
         ),
     ];
     let state = gw.state();
-    state
-        .db
-        .run::<_, peekgate::db::DbError, _>(move |conn| {
-            for statement in statements {
-                diesel::RunQueryDsl::execute(diesel::sql_query(statement), conn)?;
-            }
-            Ok(())
-        })
-        .await
-        .unwrap();
+    run_sql(state, statements).await;
     peekgate::schedule::evict_inbound(&state.jobs()).await.unwrap();
     let left: Vec<String> =
         peekgate::admin::destinations(&state.db).await.unwrap().into_iter().map(|d| d.server_name).collect();
@@ -908,16 +913,7 @@ async fn a_pending_notice_does_not_stop_the_sweep(db: DbKind) {
         lapsed("other.test"),
     ];
     let state = gw.state();
-    state
-        .db
-        .run::<_, peekgate::db::DbError, _>(move |conn| {
-            for statement in statements {
-                diesel::RunQueryDsl::execute(diesel::sql_query(statement), conn)?;
-            }
-            Ok(())
-        })
-        .await
-        .unwrap();
+    run_sql(state, statements).await;
     let (lapsed, _) = peekgate::schedule::evict_inbound(&state.jobs()).await.unwrap();
     assert_eq!(lapsed, 2);
     let (peeks, notices) = state

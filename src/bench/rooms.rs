@@ -98,27 +98,23 @@ async fn rooms_on(backend: Backend, postgres_admin: &str, appends: usize, wrk_se
     // URI distinct for the whole run), 16 connections.
     let path = format!("/_matrix/federation/v1/event/{event_enc}");
     client.get(host_name, &path).await?;
-    let header = peekgate::xmatrix::authorization_header(
-        &reader.running.state.key,
-        "reader.bench",
-        "host.bench",
-        "GET",
-        &path,
-        None,
-    );
+    let signed_get = |path: &str| {
+        peekgate::xmatrix::authorization_header(
+            &reader.running.state.key,
+            "reader.bench",
+            "host.bench",
+            "GET",
+            path,
+            None,
+        )
+    };
+    let header = signed_get(&path);
     let wanted = wrk_seconds as usize * 20_000;
     let requests: Vec<(String, String)> = (0..wanted)
         .map(|i| {
             let event = &messages[i % messages.len()];
             let path = format!("/_matrix/federation/v1/event/{}?n={}", encode(event.as_str()), i / messages.len());
-            let header = peekgate::xmatrix::authorization_header(
-                &reader.running.state.key,
-                "reader.bench",
-                "host.bench",
-                "GET",
-                &path,
-                None,
-            );
+            let header = signed_get(&path);
             (path, header)
         })
         .collect();
