@@ -25,7 +25,7 @@ use anyhow::{ensure, Context};
 use ruma::{OwnedRoomId, RoomId, ServerName, UserId};
 use serde_json::{json, Value};
 
-use super::{encode, percentile, start, BenchServer};
+use super::{analyze, encode, percentile, start, BenchServer};
 use peekgate::db::Backend;
 use peekgate::events::RoomVersion;
 use peekgate::federation::client::FedRequest;
@@ -224,18 +224,6 @@ async fn hosted_room(a: &AppState, members: usize) -> anyhow::Result<OwnedRoomId
 /// Stops the server; its scratch database is dropped with the rest of `server`.
 async fn stop(server: BenchServer) {
     server.running.stop().await;
-}
-
-/// Planner statistics as autovacuum keeps them on a running server (as `bench rooms` does).
-async fn analyze(state: &AppState) -> anyhow::Result<()> {
-    state
-        .db
-        .run::<_, peekgate::db::DbError, _>(|conn| {
-            diesel::connection::SimpleConnection::batch_execute(conn, "ANALYZE")?;
-            Ok(())
-        })
-        .await?;
-    Ok(())
 }
 
 /// Joined members of `room` in A's current state.

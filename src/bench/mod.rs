@@ -171,6 +171,19 @@ pub(super) async fn start(
     Ok(BenchServer { running, _db: db, _dir: dir })
 }
 
+/// Planner statistics as autovacuum keeps them on a running server: without them the figures
+/// depend on whether autoanalyze happened to run yet.
+pub(super) async fn analyze(state: &peekgate::state::AppState) -> anyhow::Result<()> {
+    state
+        .db
+        .run::<_, peekgate::db::DbError, _>(|conn| {
+            diesel::connection::SimpleConnection::batch_execute(conn, "ANALYZE")?;
+            Ok(())
+        })
+        .await?;
+    Ok(())
+}
+
 /// A world-readable public room created by `creator` on `state`'s server.
 pub(super) async fn world_readable_room(
     state: &peekgate::state::AppState,

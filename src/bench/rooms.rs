@@ -8,7 +8,9 @@ use std::time::Instant;
 use ruma::{ServerName, UserId};
 use serde_json::json;
 
-use super::{distinct_requests_script, encode, percentile, remove_script, run_wrk, start, world_readable_room};
+use super::{
+    analyze, distinct_requests_script, encode, percentile, remove_script, run_wrk, start, world_readable_room,
+};
 use peekgate::db::Backend;
 
 /// Runs every room benchmark on both backends and prints the figures.
@@ -56,15 +58,7 @@ async fn rooms_on(backend: Backend, postgres_admin: &str, appends: usize, wrk_se
     let last =
         state.rooms.send(&room, &alice, "m.room.message", None, json!({ "msgtype": "m.text", "body": "x" })).await?;
     if backend == Backend::Postgres {
-        // Steady-state planner statistics, as autovacuum would have them on a running server;
-        // without this the figures depend on whether autoanalyze happened to run yet.
-        state
-            .db
-            .run::<_, peekgate::db::DbError, _>(|conn| {
-                diesel::connection::SimpleConnection::batch_execute(conn, "ANALYZE")?;
-                Ok(())
-            })
-            .await?;
+        analyze(&state).await?;
     }
     let client = reader.running.state.federation.clone();
     let host_name = <&ServerName>::try_from("host.bench")?;

@@ -3,6 +3,7 @@
 //! spec's per-server history-visibility rule allows (`rooms::visibility::server_may_see`).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use actix_web::{web, HttpRequest, HttpResponse};
 use ruma::{OwnedRoomId, ServerName};
@@ -52,7 +53,7 @@ async fn visible_event(
     origin: &ServerName,
     room_id: Option<&OwnedRoomId>,
     event_id: &str,
-) -> Result<StoredEvent, MatrixError> {
+) -> Result<Arc<StoredEvent>, MatrixError> {
     let (event, visible) = state
         .rooms
         .event_for_server(event_id, origin)

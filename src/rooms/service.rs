@@ -413,19 +413,20 @@ impl Rooms {
         self.read(move |conn| joined_servers(conn, &joined, &room)).await
     }
 
-    /// An event and whether `server` may see it (JN-11, WR-2), in one database round trip.
+    /// An event and whether `server` may see it (JN-11, WR-2), in one database round trip at most
+    /// (none for a cached event of world-readable history). Shared, not copied: events are read-only.
     /// `None` when the event is unknown.
     pub async fn event_for_server(
         &self,
         event_id: &str,
         server: &ServerName,
-    ) -> Result<Option<(StoredEvent, bool)>, RoomError> {
+    ) -> Result<Option<(Arc<StoredEvent>, bool)>, RoomError> {
         // World-readable history needs no database round trip (nor a hop to the blocking pool):
         // an event's visibility to a server that is not in the room follows from the state before
         // it, which never changes, and a cached event is dropped when a redaction changes it.
         if let Some(event) = self.events.cached(event_id) {
             if visibility::of_event_cached(&event, &self.visibility) == Some(Visibility::WorldReadable) {
-                return Ok(Some(((*event).clone(), true)));
+                return Ok(Some((event, true)));
             }
         }
         let (id, server) = (event_id.to_owned(), server.to_string());
@@ -436,7 +437,7 @@ impl Rooms {
             };
             let joined_now = joined_servers(conn, &joined, event.pdu.room_id.as_str())?.contains(&server);
             let visible = visibility::server_may_see(conn, &event, &server, joined_now, &cache)?;
-            Ok(Some(((*event).clone(), visible)))
+            Ok(Some((event, visible)))
         })
         .await
     }
