@@ -10,7 +10,7 @@ use ruma::api::federation::authentication::XMatrix;
 use ruma::signatures::verify_canonical_json_bytes;
 use ruma::{OwnedServerName, ServerName, SigningKeyAlgorithm};
 
-use crate::keys::signing::SigningKey;
+use crate::keys::signing::{PrefixSigner, SigningKey};
 
 /// At most this many `Authorization` headers are tried (one per key of the origin); the rest
 /// are ignored, so a request cannot buy unbounded key fetches and signature checks.
@@ -42,6 +42,41 @@ pub fn authorization_header(
 ) -> String {
     let sig = key.sign_bytes(signed_text(method, uri, origin, destination, canonical_content).as_bytes());
     format!("X-Matrix origin=\"{origin}\",destination=\"{destination}\",key=\"{}\",sig=\"{sig}\"", key.key_id())
+}
+
+/// The X-Matrix headers of one request (method, URI and canonical body) for many destinations:
+/// the fan-out's `/send`. The signed text puts `content` first and `destination` right after it,
+/// so everything before the destination is hashed once (see [`PrefixSigner`]); the headers are
+/// the ones [`authorization_header`] makes.
+pub struct SharedBodyAuthorization {
+    signer: PrefixSigner,
+    /// The signed text after the destination.
+    tail: String,
+    origin: String,
+    key_id: String,
+}
+
+impl SharedBodyAuthorization {
+    pub fn new(key: &SigningKey, origin: &str, method: &str, uri: &str, canonical_content: &str) -> Self {
+        let quote = |s: &str| serde_json::to_string(s).expect("strings serialise");
+        let prefix = format!("{{\"content\":{canonical_content},\"destination\":");
+        SharedBodyAuthorization {
+            signer: key.prefix_signer(prefix.into_bytes()),
+            tail: format!(",\"method\":{},\"origin\":{},\"uri\":{}}}", quote(method), quote(origin), quote(uri)),
+            origin: origin.to_owned(),
+            key_id: key.key_id(),
+        }
+    }
+
+    /// The `Authorization` header value for `destination`.
+    pub fn header(&self, destination: &str) -> String {
+        let quoted = serde_json::to_string(destination).expect("strings serialise");
+        let sig = self.signer.sign(format!("{quoted}{}", self.tail).as_bytes());
+        format!(
+            "X-Matrix origin=\"{}\",destination=\"{destination}\",key=\"{}\",sig=\"{sig}\"",
+            self.origin, self.key_id
+        )
+    }
 }
 
 /// Why an inbound request failed authentication; the label of
@@ -193,5 +228,27 @@ mod tests {
         let uri = "/_matrix/federation/v1/send/1-2?x=\u{e9}";
         assert_eq!(signed_text("PUT", uri, "a.test", "b.test:8448", Some(&text)), with_body);
         assert_eq!(signed_text("PUT", uri, "a.test", "b.test:8448", None), without_body);
+    }
+
+    /// One body's headers for many destinations are the headers signed one by one, and verify.
+    #[test]
+    fn shared_body_headers_are_the_single_headers() {
+        let key = SigningKey::generate();
+        let body = r#"{"edus":[],"origin":"a.test","pdus":[{"content":{"body":"h\u00e9 \"x\""}}]}"#;
+        let uri = "/_matrix/federation/v1/send/17-3";
+        let shared = SharedBodyAuthorization::new(&key, "a.test", "PUT", uri, body);
+        for destination in ["b.test", "d0.bench:8448", "[::1]:8448"] {
+            let header = shared.header(destination);
+            assert_eq!(header, authorization_header(&key, "a.test", destination, "PUT", uri, Some(body)));
+            let sig = header.rsplit("sig=\"").next().unwrap().trim_end_matches('"');
+            let text = signed_text("PUT", uri, "a.test", destination, Some(body));
+            verify_canonical_json_bytes(
+                &ruma::SigningKeyAlgorithm::Ed25519,
+                &key.public_key(),
+                &crate::keys::encoding::decode_base64(sig).unwrap(),
+                text.as_bytes(),
+            )
+            .unwrap();
+        }
     }
 }

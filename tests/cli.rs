@@ -328,8 +328,10 @@ async fn sigterm_during_delivery() {
     for i in 0..20 {
         sent.push(alice.say(&room, &format!("m{i}")).await);
     }
+    // In flight and authenticated: `attempts` counts a request before the peer fetches our keys,
+    // and a SIGTERM in between made the fetch (and so the check) fail.
     wait_until("a transaction in flight", || async {
-        peer.inbox.attempts.load(std::sync::atomic::Ordering::SeqCst) > 0
+        peer.inbox.attempts.load(std::sync::atomic::Ordering::SeqCst) > 0 && peer.inbox.has_keys_of(GW)
     })
     .await;
     let status = Command::new("kill").args(["-TERM", &first.id().to_string()]).status().unwrap();

@@ -252,6 +252,59 @@ async fn auth_rules_refuse_and_leave_no_trace(db: DbKind) {
 }
 both_backends!(auth_rules_refuse_and_leave_no_trace);
 
+/// Group commit (`rooms::group_commit`): sends that arrive together are stored together, a
+/// refused one among them costs the others nothing, and a client transaction repeated within
+/// one group is stored once.
+async fn sends_at_the_same_time_are_stored_together_and_alone_when_one_fails(db: DbKind) {
+    let server = ServerSpec::new("a.test", db).configure(open_registration).start().await;
+    let alice = Client::register(&server.base, "alice").await;
+    let room = alice.create_world_readable_room("together", "10").await;
+    let room_id = RoomId::parse(&room).unwrap();
+    let rooms = server.state().rooms.clone();
+    let before = rooms.latest_stream_pos(&room_id).await.unwrap();
+    let (alice_id, mallory) = (UserId::parse(&alice.user_id).unwrap(), UserId::parse("@mallory:a.test").unwrap());
+
+    // Ten sends at once: eight of alice's, one of a non-member, one repeat of alice's first
+    // client transaction. The first starts a commit; the rest queue behind it and share one.
+    let send = |sender: &UserId, body: String, txn: Option<(String, String)>| {
+        let (rooms, room_id, sender) = (rooms.clone(), room_id.clone(), sender.to_owned());
+        async move {
+            let content = json!({ "msgtype": "m.text", "body": body });
+            rooms.send_once(&room_id, &sender, "m.room.message", None, content, txn).await
+        }
+    };
+    let txn = || Some(("DEVICE".to_owned(), "t0".to_owned()));
+    let mut sends: Vec<_> = (0..8)
+        .map(|i| Box::pin(send(&alice_id, format!("m{i}"), (i == 0).then(txn).flatten())) as std::pin::Pin<Box<_>>)
+        .collect();
+    sends.push(Box::pin(send(&mallory, "let me in".into(), None)));
+    sends.push(Box::pin(send(&alice_id, "m0".into(), txn())));
+    let results = futures_util::future::join_all(sends).await;
+
+    let stored: Vec<_> = results[..8].iter().map(|r| r.as_ref().expect("alice's sends are stored")).collect();
+    assert!(
+        matches!(results[8], Err(peekgate::rooms::RoomError::Forbidden(_))),
+        "the non-member's send is refused: {:?}",
+        results[8]
+    );
+    let repeat = results[9].as_ref().expect("the repeated client transaction answers");
+    assert_eq!(repeat.event_id, stored[0].event_id, "a repeated client transaction is the same event");
+    let positions: BTreeSet<i64> = stored.iter().map(|a| a.stream_pos).collect();
+    assert_eq!(positions.len(), 8, "eight events, eight positions");
+    assert!(positions.iter().all(|p| *p > before));
+    assert_eq!(rooms.latest_stream_pos(&room_id).await.unwrap(), *positions.last().unwrap());
+    // What a client reads: alice's eight messages, each once, and nothing of mallory's.
+    let mut bodies = alice.bodies(&room).await;
+    bodies.sort();
+    assert_eq!(bodies, (0..8).map(|i| format!("m{i}")).collect::<Vec<_>>());
+    for appended in &stored {
+        let event = rooms.event(appended.event_id.as_str()).await.unwrap().expect("stored");
+        assert_eq!(event.pdu.sender.as_str(), alice.user_id);
+    }
+    server.stop().await;
+}
+both_backends!(sends_at_the_same_time_are_stored_together_and_alone_when_one_fails);
+
 /// Events peekgate builds pass a check written from the spec, for both room versions; and the
 /// two versions' redaction rules really differ (a create event's signature only verifies under
 /// its own version's rules).

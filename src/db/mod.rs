@@ -234,6 +234,10 @@ pub struct Db {
     /// last milliseconds of them in a crash is harmless, waiting for each WAL flush is not.
     soft: Option<Pool<ConnectionManager>>,
     backend: Backend,
+    /// The runtime whose blocking threads run the work; `None`: the caller's. The sender runs
+    /// on low-priority threads of its own and sends its database work here (see
+    /// [`Db::blocking_on`]).
+    blocking: Option<tokio::runtime::Handle>,
 }
 
 pub type Conn = PooledConnection<ConnectionManager>;
@@ -258,7 +262,7 @@ impl Db {
             Backend::Sqlite => None,
         };
         let pool = build(target.clone(), false, pool_size)?;
-        Ok(Db { pool, target, soft, backend })
+        Ok(Db { pool, target, soft, backend, blocking: None })
     }
 
     /// A database for a one-shot command (`migrate`, `user create`, `peeks list`, ...): one
@@ -276,12 +280,34 @@ impl Db {
         E: From<DbError> + Send + 'static,
     {
         let pool = self.soft.clone().unwrap_or_else(|| self.pool.clone());
-        tokio::task::spawn_blocking(move || {
+        self.on_blocking_thread(move || {
             let mut conn = pool.get().map_err(|e| DbError::Pool(e.to_string()))?;
             work(&mut conn)
         })
         .await
         .map_err(|_| E::from(DbError::Cancelled))?
+    }
+
+    /// This database, with its work run on `runtime`'s blocking threads. The sender's threads
+    /// run at a lower CPU priority; a starved thread holding one of the pool's connections, or
+    /// SQLite's write lock, would make everyone else wait for it.
+    pub fn blocking_on(&self, runtime: tokio::runtime::Handle) -> Db {
+        Db { blocking: Some(runtime), ..self.clone() }
+    }
+
+    async fn on_blocking_thread<T, F>(&self, work: F) -> Result<T, tokio::task::JoinError>
+    where
+        F: FnOnce() -> T + Send + 'static,
+        T: Send + 'static,
+    {
+        match &self.blocking {
+            // Handed over from one of that runtime's own threads: a blocking thread created for
+            // it inherits its creator's priority, and the caller's thread may run lower.
+            Some(runtime) => {
+                runtime.spawn(async move { tokio::task::spawn_blocking(work).await }).await.and_then(|r| r)
+            }
+            None => tokio::task::spawn_blocking(work).await,
+        }
     }
 
     pub fn backend(&self) -> Backend {
@@ -323,7 +349,7 @@ impl Db {
         E: From<DbError> + Send + 'static,
     {
         let db = self.clone();
-        tokio::task::spawn_blocking(move || {
+        self.on_blocking_thread(move || {
             let mut conn = db.conn()?;
             work(&mut conn)
         })

@@ -15,7 +15,7 @@ use ruma::{CanonicalJsonValue, OwnedServerName, ServerName};
 use serde_json::Value;
 use url::Url;
 
-use super::resolve::{AddressPolicy, Dns, ResolveError, Resolver, WellKnownFetcher};
+use super::resolve::{AddressPolicy, Dns, ResolveError, ResolvedServer, Resolver, WellKnownFetcher};
 use crate::config::Settings;
 use crate::keys::signing::SigningKey;
 use crate::xmatrix;
@@ -117,6 +117,12 @@ pub struct FederationClient {
     pub(super) http1_tls: Arc<rustls::ClientConfig>,
     pub(super) connect_timeout: Duration,
     pub(super) request_timeout: Duration,
+}
+
+/// Where requests for a destination go (see [`FederationClient::way_to`]).
+enum Way<'a> {
+    Override(&'a Url),
+    Resolved(ResolvedServer),
 }
 
 /// Where [`FederationClient::connect_target`] says to connect.
@@ -245,34 +251,57 @@ impl FederationClient {
     /// choice [`FederationClient::target`] makes for reqwest.
     pub(super) async fn connect_target(&self, destination: &ServerName) -> Result<ConnectTarget, FederationError> {
         let server = destination.as_str();
-        if let Some(base) = self.destinations.get(destination) {
-            let host = base.host_str().ok_or_else(|| transport(server, "override URL has no host"))?;
-            let port = base.port_or_known_default().ok_or_else(|| transport(server, "override URL has no port"))?;
-            let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
-            let addrs: Vec<SocketAddr> = match host.parse::<IpAddr>() {
-                Ok(ip) => vec![SocketAddr::new(ip, port)],
-                // Operator-configured overrides are trusted, as for reqwest's direct client.
-                Err(_) => {
-                    tokio::net::lookup_host((host.as_str(), port)).await.map_err(|e| transport(server, e))?.collect()
-                }
-            };
-            let tls = (base.scheme() == "https").then_some(host);
-            let prefix = base.path().trim_end_matches('/').to_owned();
-            return Ok(ConnectTarget { addrs, tls, host_header: server.to_owned(), path_prefix: prefix });
+        match self.way_to(destination).await? {
+            Way::Override(base) => {
+                let host = base.host_str().ok_or_else(|| transport(server, "override URL has no host"))?;
+                let port = base.port_or_known_default().ok_or_else(|| transport(server, "override URL has no port"))?;
+                let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
+                let addrs: Vec<SocketAddr> = match host.parse::<IpAddr>() {
+                    Ok(ip) => vec![SocketAddr::new(ip, port)],
+                    // Operator-configured overrides are trusted, as for reqwest's direct client.
+                    Err(_) => tokio::net::lookup_host((host.as_str(), port))
+                        .await
+                        .map_err(|e| transport(server, e))?
+                        .collect(),
+                };
+                let tls = (base.scheme() == "https").then_some(host);
+                let prefix = base.path().trim_end_matches('/').to_owned();
+                Ok(ConnectTarget { addrs, tls, host_header: server.to_owned(), path_prefix: prefix })
+            }
+            Way::Resolved(resolved) => {
+                let addrs = resolved.addrs.iter().map(|ip| SocketAddr::new(*ip, resolved.port)).collect();
+                let host = resolved.url_host.trim_start_matches('[').trim_end_matches(']').to_owned();
+                Ok(ConnectTarget {
+                    addrs,
+                    tls: Some(host),
+                    host_header: resolved.host_header,
+                    path_prefix: String::new(),
+                })
+            }
         }
-        let resolved = self
-            .resolver
+    }
+
+    /// The one choice both clients make: a `federation.destinations` override, else server-name
+    /// resolution (whose addresses are already checked against the address policy).
+    async fn way_to(&self, destination: &ServerName) -> Result<Way<'_>, FederationError> {
+        if let Some(base) = self.destinations.get(destination) {
+            return Ok(Way::Override(base));
+        }
+        self.resolver
             .resolve(destination, self)
             .await
-            .map_err(|source| FederationError::Resolve { server: server.to_owned(), source })?;
-        let addrs = resolved.addrs.iter().map(|ip| SocketAddr::new(*ip, resolved.port)).collect();
-        let host = resolved.url_host.trim_start_matches('[').trim_end_matches(']').to_owned();
-        Ok(ConnectTarget { addrs, tls: Some(host), host_header: resolved.host_header, path_prefix: String::new() })
+            .map(Way::Resolved)
+            .map_err(|source| FederationError::Resolve { server: destination.as_str().to_owned(), source })
     }
 
     /// The X-Matrix header of a request from us to `destination`.
     pub(super) fn authorization(&self, destination: &str, method: &str, path: &str, content: Option<&str>) -> String {
         xmatrix::authorization_header(&self.key, self.origin.as_str(), destination, method, path, content)
+    }
+
+    /// The X-Matrix headers of one `PUT` body for many destinations (the fan-out's `/send`).
+    pub fn put_authorization(&self, path: &str, content: &str) -> xmatrix::SharedBodyAuthorization {
+        xmatrix::SharedBodyAuthorization::new(&self.key, self.origin.as_str(), "PUT", path, content)
     }
 
     pub fn origin(&self) -> &ServerName {
@@ -386,15 +415,13 @@ impl FederationClient {
         path: &str,
     ) -> Result<(&reqwest::Client, Url, Option<String>), FederationError> {
         let server = destination.as_str();
-        if let Some(base) = self.destinations.get(destination) {
-            let url = join(base, path).map_err(|e| transport(server, e))?;
-            return Ok((&self.direct, url, Some(server.to_owned())));
-        }
-        let resolved = self
-            .resolver
-            .resolve(destination, self)
-            .await
-            .map_err(|source| FederationError::Resolve { server: server.to_owned(), source })?;
+        let resolved = match self.way_to(destination).await? {
+            Way::Override(base) => {
+                let url = join(base, path).map_err(|e| transport(server, e))?;
+                return Ok((&self.direct, url, Some(server.to_owned())));
+            }
+            Way::Resolved(resolved) => resolved,
+        };
         if resolved.url_host.parse::<IpAddr>().is_err() && !resolved.url_host.starts_with('[') {
             self.guarded_dns.pin(&resolved.url_host, resolved.addrs.clone());
         }

@@ -32,8 +32,12 @@ struct Open {
     stream: Box<dyn Transport>,
     host_header: String,
     path_prefix: String,
-    /// Bytes read past the last answer (a well-behaved server sends none).
-    leftover: Vec<u8>,
+    /// Bytes read and not yet consumed: past the last answer, a well-behaved server sends none.
+    /// Kept with its capacity, like `request`, so that an exchange allocates no buffers (with
+    /// a thousand destinations per event, those were a good part of the sender's allocations).
+    buffer: Vec<u8>,
+    /// The request being sent.
+    request: Vec<u8>,
 }
 
 /// The sender's connection to one destination. Connects on first use and again after any
@@ -60,16 +64,27 @@ impl DestinationConnection {
     /// Sends a signed `PUT` of `body` (canonical JSON text, so it is also what is signed) and
     /// returns the JSON object of a 2xx answer; any other status is [`FederationError::Status`].
     pub async fn put(&mut self, path: &str, body: &[u8]) -> Result<Value, FederationError> {
-        let server = self.destination.as_str().to_owned();
         let content = std::str::from_utf8(body).map_err(|e| FederationError::BadBody(e.to_string()))?;
-        let authorization = self.client.authorization(&server, "PUT", path, Some(content));
+        let authorization = self.client.authorization(self.destination.as_str(), "PUT", path, Some(content));
+        self.put_authorized(path, body, &authorization).await
+    }
+
+    /// [`DestinationConnection::put`] with the `Authorization` header already made (one body's
+    /// headers for many destinations are made together, see `xmatrix::SharedBodyAuthorization`).
+    pub async fn put_authorized(
+        &mut self,
+        path: &str,
+        body: &[u8],
+        authorization: &str,
+    ) -> Result<Value, FederationError> {
+        let server = self.destination.as_str().to_owned();
         let timeout = self.client.request_timeout;
         let exchange = async {
             // A kept-alive connection the server closed meanwhile fails before any answer: that
             // request is sent once more on a new connection (`/send` is idempotent by its ID).
             let reused = self.open.is_some();
-            match self.exchange(path, &authorization, body).await {
-                Err(ExchangeError::Unanswered(_)) if reused => self.exchange(path, &authorization, body).await,
+            match self.exchange(path, authorization, body).await {
+                Err(ExchangeError::Unanswered(_)) if reused => self.exchange(path, authorization, body).await,
                 other => other,
             }
         };
@@ -91,8 +106,8 @@ impl DestinationConnection {
             Some(open) => open,
             None => self.connect().await.map_err(ExchangeError::Connect)?,
         };
-        let request = request_bytes(&open, path, authorization, body);
-        open.stream.write_all(&request).await.map_err(|e| ExchangeError::Unanswered(e.to_string()))?;
+        write_request(&mut open, path, authorization, body);
+        open.stream.write_all(&open.request).await.map_err(|e| ExchangeError::Unanswered(e.to_string()))?;
         let answer = read_answer(&mut open, self.client.max_response_bytes).await?;
         if answer.keep_alive {
             self.open = Some(open);
@@ -119,7 +134,7 @@ impl DestinationConnection {
                 Box::new(tls)
             }
         };
-        Ok(Open { stream, host_header, path_prefix, leftover: Vec::new() })
+        Ok(Open { stream, host_header, path_prefix, buffer: Vec::new(), request: Vec::new() })
     }
 }
 
@@ -140,18 +155,20 @@ async fn connect_any(
     Err(transport(server, last))
 }
 
-fn request_bytes(open: &Open, path: &str, authorization: &str, body: &[u8]) -> Vec<u8> {
-    let head = format!(
+fn write_request(open: &mut Open, path: &str, authorization: &str, body: &[u8]) {
+    use std::io::Write;
+    let request = &mut open.request;
+    request.clear();
+    write!(
+        request,
         "PUT {}{path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: {USER_AGENT}\r\nAuthorization: {authorization}\r\n\
          Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
         open.path_prefix,
         open.host_header,
         body.len()
-    );
-    let mut request = Vec::with_capacity(head.len() + body.len());
-    request.extend_from_slice(head.as_bytes());
+    )
+    .expect("writing to a Vec cannot fail");
     request.extend_from_slice(body);
-    request
 }
 
 enum ExchangeError {
@@ -181,7 +198,7 @@ fn broken(reason: impl std::fmt::Display) -> ExchangeError {
 /// Reads one answer: the head (skipping `1xx` interim answers), then a body framed by
 /// `Content-Length`, chunked encoding, or the end of the connection.
 async fn read_answer(open: &mut Open, limit: usize) -> Result<Answer, ExchangeError> {
-    let mut buffer = std::mem::take(&mut open.leftover);
+    let mut buffer = std::mem::take(&mut open.buffer);
     loop {
         let (head_len, status, framing, keep_alive) = loop {
             if let Some(parsed) = parse_head(&buffer).map_err(broken)? {
@@ -213,8 +230,10 @@ async fn read_answer(open: &mut Open, limit: usize) -> Result<Answer, ExchangeEr
                         return Err(broken("connection closed in the answer body"));
                     }
                 }
-                open.leftover = buffer.split_off(length);
-                (buffer, keep_alive)
+                let body = buffer[..length].to_vec();
+                buffer.drain(..length);
+                open.buffer = buffer;
+                (body, keep_alive)
             }
             // Rare for these answers: the connection is not reused after one (no trailer parsing).
             Framing::Chunked => (read_chunked(&mut open.stream, buffer, limit).await?, false),
@@ -233,7 +252,7 @@ async fn read_answer(open: &mut Open, limit: usize) -> Result<Answer, ExchangeEr
 
 /// Reads what is there into the buffer's spare room (no zeroed scratch buffer, no copy).
 async fn read_more(stream: &mut Box<dyn Transport>, buffer: &mut Vec<u8>) -> std::io::Result<usize> {
-    buffer.reserve(16 * 1024);
+    buffer.reserve(4 * 1024);
     stream.read_buf(buffer).await
 }
 

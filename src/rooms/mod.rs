@@ -4,6 +4,7 @@
 
 mod create;
 mod error;
+mod group_commit;
 pub mod hooks;
 mod membership_events;
 mod service;

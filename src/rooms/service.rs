@@ -10,6 +10,7 @@ use tokio::sync::watch;
 
 use super::create::CreateRoomRequest;
 use super::error::RoomError;
+use super::group_commit::{GroupCommit, LocalAppend};
 use super::store::{Appended, StateMap, StoredEvent};
 use super::visibility::Visibility;
 use super::{create, hooks, store, visibility};
@@ -28,6 +29,8 @@ pub struct Rooms {
     pub(super) key: Arc<SigningKey>,
     pub(super) server_name: OwnedServerName,
     hooks: hooks::AppendHooks,
+    /// Local appends, committed in groups.
+    appends: Arc<GroupCommit>,
     /// The newest stream position; the sender and `/sync` wait on changes.
     stream: watch::Sender<i64>,
     /// The newest position appended by this instance (other instances are told of it).
@@ -48,10 +51,12 @@ impl Rooms {
         server_name: OwnedServerName,
         state_event_hooks: Vec<hooks::StateEventHook>,
     ) -> Rooms {
+        let hooks = hooks::AppendHooks::new(server_name.as_str(), state_event_hooks);
         Rooms {
+            appends: Arc::new(GroupCommit::new(db.clone(), key.clone(), hooks.clone())),
             db,
             key,
-            hooks: hooks::AppendHooks::new(server_name.as_str(), state_event_hooks),
+            hooks,
             server_name,
             stream: watch::Sender::new(0),
             local: watch::Sender::new(0),
@@ -136,28 +141,8 @@ impl Rooms {
         content: Value,
         txn: Option<(String, String)>,
     ) -> Result<Appended, RoomError> {
-        let (key, hooks) = (self.key.clone(), self.hooks.clone());
         let draft = EventDraft::new(room_id, sender, kind, state_key, content);
-        let room = room_id.to_string();
-        let appended = self
-            .db
-            .run(move |conn| {
-                write_transaction::<_, RoomError, _>(conn, |conn| {
-                    let row = store::lock_for_append(conn, &room)?;
-                    if let Some((device_id, txn_id)) = &txn {
-                        if let Some(done) = store::client_txn(conn, draft.sender.as_str(), device_id, txn_id)? {
-                            return Ok(done);
-                        }
-                    }
-                    let sender = draft.sender.to_string();
-                    let appended = store::append_local(conn, &key, &hooks, &row, draft)?;
-                    if let Some((device_id, txn_id)) = &txn {
-                        store::record_client_txn(conn, &sender, device_id, txn_id, appended.event_id.as_str())?;
-                    }
-                    Ok(appended)
-                })
-            })
-            .await?;
+        let appended = self.appends.append(LocalAppend { room_id: room_id.to_string(), draft, txn }).await?;
         self.appended(appended.stream_pos);
         Ok(appended)
     }

@@ -14,6 +14,7 @@ use tokio::task::JoinHandle;
 use super::queue::{fan_out_inputs, save_many};
 use super::subscriptions::NewEvent;
 
+use super::leases::{self, Leases};
 use super::shared::{Prepared, PreparedBody, SenderContext, Shared, WorkerStatus};
 use super::{destinations, worker};
 use crate::clock::now_ms;
@@ -33,8 +34,10 @@ const FAN_OUT_MAX_EVENTS: i64 = 50;
 const FAN_OUT_MAX_CHUNKS: usize = 4;
 /// Longest wait for the previous fan-out round before starting the next.
 const COALESCE_WAIT: Duration = Duration::from_millis(100);
-/// Cursor moves of the fan-out path are written at least this often.
-const FLUSH_EVERY: Duration = Duration::from_millis(20);
+/// Cursor moves of the fan-out path are written this long after the first of them, together
+/// (under a steady stream, one statement per few rounds). A crash loses at most this much of
+/// them: those transactions are sent again (at least once; receivers drop PDUs they have).
+const FLUSH_EVERY: Duration = Duration::from_millis(200);
 /// Bodies handed to one worker and not yet taken (H5): a worker whose peer is slow holds at
 /// most this many (one round's chunks); after that it catches up from the queue instead.
 const HANDOFF_CAPACITY: usize = FAN_OUT_MAX_CHUNKS;
@@ -43,14 +46,58 @@ const HANDOFF_CAPACITY: usize = FAN_OUT_MAX_CHUNKS;
 pub struct SenderHandle {
     shutdown: watch::Sender<bool>,
     manager: JoinHandle<()>,
+    /// The sender's own threads (see [`sender_runtime`]); `None` once stopped.
+    runtime: Option<tokio::runtime::Runtime>,
 }
 
 impl SenderHandle {
     /// Stops the manager and every worker. A transaction in flight finishes (or times out); its
     /// cursor moves only if it succeeded, so nothing queued is lost.
-    pub async fn stop(self) {
+    pub async fn stop(mut self) {
         let _ = self.shutdown.send(true);
-        let _ = self.manager.await;
+        let _ = (&mut self.manager).await;
+    }
+}
+
+impl Drop for SenderHandle {
+    fn drop(&mut self) {
+        // Dropping a runtime waits for its threads, which async code must not do.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// How much lower than the rest of the server the sender's threads run (a nice increment).
+const SENDER_NICENESS: i32 = 10;
+
+/// Delivery is background work: the sender runs on threads of its own, at a lower CPU priority
+/// than the rest of the server. Fanning an event out to a thousand servers keeps both cores
+/// busy for tens of milliseconds; at equal priority every round trip of an append (a dozen per
+/// event, under the append lock) waited behind it, and appends, not delivery, bounded the
+/// sustained rate. Now appends and client requests come first, and the fan-out uses what they
+/// leave, in bigger transactions.
+///
+/// The sender's database work does not run here but on the blocking threads of the runtime
+/// that started it, at the normal priority (see [`Db::blocking_on`](crate::db::Db::blocking_on)).
+fn sender_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .thread_name("peekgate-sender")
+        .on_thread_start(lower_this_threads_priority)
+        .enable_all()
+        .build()
+}
+
+/// On Linux the nice value is per thread, so this lowers only the calling thread.
+fn lower_this_threads_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: plain system calls on the calling thread; a failure leaves the priority as it was.
+    unsafe {
+        let thread = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        let current = libc::getpriority(libc::PRIO_PROCESS, thread);
+        libc::setpriority(libc::PRIO_PROCESS, thread, (current + SENDER_NICENESS).min(19));
     }
 }
 
@@ -65,7 +112,10 @@ struct WorkerHandle {
     task: JoinHandle<()>,
 }
 
-pub fn start(state: SenderContext) -> SenderHandle {
+pub fn start(mut state: SenderContext) -> SenderHandle {
+    if let Ok(here) = tokio::runtime::Handle::try_current() {
+        state.db = state.db.blocking_on(here);
+    }
     let (shutdown, shutdown_rx) = watch::channel(false);
     let (progress, progress_rx) = mpsc::unbounded_channel();
     let lease_ms = state.settings.raw.federation.sender_lease_ms as i64;
@@ -78,8 +128,18 @@ pub fn start(state: SenderContext) -> SenderHandle {
         progress,
         lease_ms,
     });
-    let manager = tokio::spawn(manage(shared, progress_rx));
-    SenderHandle { shutdown, manager }
+    let runtime = match sender_runtime() {
+        Ok(runtime) => Some(runtime),
+        Err(e) => {
+            tracing::warn!(error = %e, "sender: cannot start its own threads; it shares the server's");
+            None
+        }
+    };
+    let manager = match &runtime {
+        Some(runtime) => runtime.spawn(manage(shared, progress_rx)),
+        None => tokio::spawn(manage(shared, progress_rx)),
+    };
+    SenderHandle { shutdown, manager, runtime }
 }
 
 /// Starts and feeds workers. Work is found from what changed (the rooms of new events, pending
@@ -87,6 +147,8 @@ pub fn start(state: SenderContext) -> SenderHandle {
 async fn manage(shared: Arc<Shared>, progress: mpsc::UnboundedReceiver<(String, i64)>) {
     let workers_done = Arc::new(Notify::new());
     let flusher = tokio::spawn(flush_progress(shared.clone(), progress, workers_done.clone()));
+    let leases = Arc::new(Leases::default());
+    let lease_keeper = tokio::spawn(leases::keep(shared.clone(), leases.clone()));
     let mut stream = shared.state.rooms.subscribe();
     let mut shutdown = shared.shutdown.clone();
     let mut workers: HashMap<String, WorkerHandle> = HashMap::new();
@@ -113,7 +175,7 @@ async fn manage(shared: Arc<Shared>, progress: mpsc::UnboundedReceiver<(String, 
                 }
                 // Everything the fan-out did not hand over goes through the queue path.
                 for destination in list.iter().filter(|d| !served.contains(*d)) {
-                    ensure_worker(&shared, &mut workers, destination).wake.notify_one();
+                    ensure_worker(&shared, &leases, &mut workers, destination).wake.notify_one();
                 }
             }
             Err(e) => tracing::warn!(error = %e, "sender: cannot list destinations"),
@@ -142,6 +204,8 @@ async fn manage(shared: Arc<Shared>, progress: mpsc::UnboundedReceiver<(String, 
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
     }
+    // The keeper stops every worker at shutdown.
+    let _ = lease_keeper.await;
     for (_, worker) in workers.drain() {
         worker.wake.notify_one();
         let _ = worker.task.await;
@@ -153,6 +217,7 @@ async fn manage(shared: Arc<Shared>, progress: mpsc::UnboundedReceiver<(String, 
 
 fn ensure_worker<'a>(
     shared: &Arc<Shared>,
+    leases: &Arc<Leases>,
     workers: &'a mut HashMap<String, WorkerHandle>,
     destination: &str,
 ) -> &'a WorkerHandle {
@@ -160,7 +225,14 @@ fn ensure_worker<'a>(
         let wake = Arc::new(Notify::new());
         let (tx, rx) = mpsc::channel(HANDOFF_CAPACITY);
         let status = Arc::new(WorkerStatus::new());
-        let task = tokio::spawn(worker::run(shared.clone(), destination.to_owned(), wake.clone(), rx, status.clone()));
+        let task = tokio::spawn(worker::run(
+            shared.clone(),
+            leases.clone(),
+            destination.to_owned(),
+            wake.clone(),
+            rx,
+            status.clone(),
+        ));
         WorkerHandle { wake, prepared: tx, status, promised: -1, task }
     })
 }
@@ -264,10 +336,14 @@ fn prepare(shared: &Shared, new_events: &[NewEvent], indices: &[usize]) -> Prepa
     });
     let canonical =
         ruma::CanonicalJsonValue::try_from(body).map(|c| crate::canonical_json::encode(&c)).unwrap_or_default();
-    PreparedBody { txn_id: shared.next_txn_id(), json: Bytes::from(canonical), pdus: indices.len() }
+    let path = format!("/_matrix/federation/v1/send/{}", shared.next_txn_id());
+    let authorization = shared.state.federation.put_authorization(&path, &canonical);
+    PreparedBody { path, json: Bytes::from(canonical), pdus: indices.len(), authorization }
 }
 
-/// Writes the fan-out path's cursor moves, batched.
+/// Writes the fan-out path's cursor moves, batched: [`FLUSH_EVERY`] after the first move of a
+/// round, so that a round's 1,000 answers make one statement (per position), not one per few
+/// answers as they trickle in. A move not yet written is only resent after a crash.
 /// Ends when `workers_done` fires (every worker stopped), after writing what is pending.
 async fn flush_progress(
     shared: Arc<Shared>,
@@ -275,31 +351,33 @@ async fn flush_progress(
     workers_done: Arc<Notify>,
 ) {
     let mut pending: HashMap<String, i64> = HashMap::new();
-    loop {
-        let more = tokio::select! {
+    let note = |pending: &mut HashMap<String, i64>, (destination, cursor): (String, i64)| {
+        let entry = pending.entry(destination).or_insert(cursor);
+        *entry = (*entry).max(cursor);
+    };
+    let mut open = true;
+    while open {
+        tokio::select! {
             item = progress.recv() => match item {
-                Some((destination, cursor)) => {
-                    let entry = pending.entry(destination).or_insert(cursor);
-                    *entry = (*entry).max(cursor);
-                    true
-                }
-                None => false,
+                Some(moved) => note(&mut pending, moved),
+                None => open = false,
             },
-            _ = tokio::time::sleep(FLUSH_EVERY) => true,
-            _ = workers_done.notified() => false,
-        };
-        while let Ok((destination, cursor)) = progress.try_recv() {
-            let entry = pending.entry(destination).or_insert(cursor);
-            *entry = (*entry).max(cursor);
+            _ = workers_done.notified() => open = false,
+        }
+        if open {
+            tokio::select! {
+                _ = tokio::time::sleep(FLUSH_EVERY) => {}
+                _ = workers_done.notified() => open = false,
+            }
+        }
+        while let Ok(moved) = progress.try_recv() {
+            note(&mut pending, moved);
         }
         if !pending.is_empty() {
             let moves: Vec<(String, i64)> = pending.drain().collect();
             if let Err(e) = save_many(&shared, moves).await {
                 tracing::warn!(error = %e, "sender: cannot save cursors (they are resent after a restart)");
             }
-        }
-        if !more {
-            break;
         }
     }
 }
@@ -382,5 +460,36 @@ async fn update_gauges(shared: &Shared) {
     let state = &shared.state;
     if let Ok(count) = destinations::backing_off_count(&state.db, now_ms()).await {
         state.metrics.destinations_backing_off(count);
+    }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use crate::db::{Db, DbError};
+
+    fn this_threads_niceness() -> i32 {
+        // SAFETY: plain system calls about the calling thread.
+        unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::syscall(libc::SYS_gettid) as libc::id_t) }
+    }
+
+    /// The fan-out runs lower; the sender's database work does not (a starved thread holding a
+    /// pool connection or SQLite's write lock would hold up everyone else).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_sender_runs_lower_but_its_database_work_does_not() {
+        let normal = this_threads_niceness();
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("db.sqlite").display());
+        let db = Db::connect(&url, 2).unwrap().blocking_on(tokio::runtime::Handle::current());
+        let runtime = crate::sender::manager::sender_runtime().unwrap();
+        let (sending, database) = runtime
+            .spawn(async move {
+                let database = db.run(|_| Ok::<_, DbError>(this_threads_niceness())).await.unwrap();
+                (this_threads_niceness(), database)
+            })
+            .await
+            .unwrap();
+        runtime.shutdown_background();
+        assert_eq!(sending, (normal + crate::sender::manager::SENDER_NICENESS).min(19), "a sender thread");
+        assert_eq!(database, normal, "the sender's database work");
     }
 }

@@ -13,6 +13,7 @@
 //!   its own batches from the database, and catches up.
 
 pub mod destinations;
+mod leases;
 mod manager;
 mod queue;
 mod shared;

@@ -1,6 +1,7 @@
 //! The sender's storage side: the queue query (events after a destination's cursor that it
 //! should get), cursor and failure bookkeeping, and destination leases.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use diesel::prelude::*;
@@ -229,22 +230,28 @@ pub(super) async fn take_lease(shared: &Shared, destination: &str) -> Result<Opt
         .await
 }
 
-/// Extends this instance's lease on the destination; `false` when another instance holds it
-/// (ours ran out and was taken over). A lease that ran out but was not taken is ours again.
-pub(super) async fn renew_lease(shared: &Shared, destination: &str) -> Result<bool, DbError> {
-    let (destination, me, lease_ms) = (destination.to_owned(), shared.instance.clone(), shared.lease_ms);
+/// Extends this instance's leases on `held` (H4); returns those it still holds. A lease that
+/// ran out but was not taken is ours again; one another instance took is not returned.
+pub(super) async fn renew_leases(shared: &Shared, held: Vec<String>) -> Result<HashSet<String>, DbError> {
+    let (me, lease_ms) = (shared.instance.clone(), shared.lease_ms);
     shared
         .state
         .db
         .run(move |conn| {
-            let renewed = diesel::update(
-                destinations::table
-                    .filter(destinations::server_name.eq(&destination))
-                    .filter(destinations::lease_owner.eq(&me)),
-            )
-            .set(destinations::lease_expires.eq(now_ms() + lease_ms))
-            .execute(conn)?;
-            Ok(renewed == 1)
+            let expires = now_ms() + lease_ms;
+            let mut renewed = HashSet::with_capacity(held.len());
+            for chunk in held.chunks(1000) {
+                let names: Vec<String> = diesel::update(
+                    destinations::table
+                        .filter(destinations::server_name.eq_any(chunk))
+                        .filter(destinations::lease_owner.eq(&me)),
+                )
+                .set(destinations::lease_expires.eq(expires))
+                .returning(destinations::server_name)
+                .get_results(conn)?;
+                renewed.extend(names);
+            }
+            Ok(renewed)
         })
         .await
 }

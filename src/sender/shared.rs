@@ -12,6 +12,7 @@ use crate::db::Db;
 use crate::federation::client::FederationClient;
 use crate::metrics::Metrics;
 use crate::rooms::Rooms;
+use crate::xmatrix::SharedBodyAuthorization;
 
 /// What the sender needs from the rest of the server, handed over at start-up.
 pub struct SenderContext {
@@ -37,10 +38,13 @@ pub(crate) struct Prepared {
 }
 
 pub(crate) struct PreparedBody {
-    pub txn_id: String,
+    /// `/_matrix/federation/v1/send/{txn_id}`
+    pub path: String,
     /// The body's canonical JSON text: what is sent, and what the signature covers.
     pub json: Bytes,
     pub pdus: usize,
+    /// Makes each destination's X-Matrix header, hashing the body once for all of them.
+    pub authorization: SharedBodyAuthorization,
 }
 
 pub(crate) struct Shared {

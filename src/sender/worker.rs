@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use ruma::OwnedServerName;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch, Mutex, Notify};
-use tokio::task::JoinHandle;
 
+use super::leases::Leases;
 use super::queue::{self, backoff, DestinationRow};
 use super::shared::{Prepared, Shared, WorkerStatus};
 use crate::clock::now_ms;
@@ -26,6 +26,7 @@ struct Stop;
 
 pub(super) async fn run(
     shared: Arc<Shared>,
+    leases: Arc<Leases>,
     destination: String,
     wake: Arc<Notify>,
     mut prepared: mpsc::Receiver<Prepared>,
@@ -46,7 +47,7 @@ pub(super) async fn run(
         }
     };
     status.cursor.store(row.cursor, Ordering::Release);
-    let (keeper, mut stop) = keep_lease(shared.clone(), destination.clone());
+    let mut stop = leases.hold(&destination);
     // The worker's own kept-alive connection for its transactions (both paths).
     let connection = Mutex::new(DestinationConnection::new(shared.state.federation.clone(), server.clone()));
     let mut needs_queue = true;
@@ -64,8 +65,8 @@ pub(super) async fn run(
             message = prepared.recv() => match message {
                 Some(p) if p.from == status.cursor() => {
                     if let Some(body) = &p.body {
-                        let path = format!("/_matrix/federation/v1/send/{}", body.txn_id);
-                        let attempt = || async { connection.lock().await.put(&path, &body.json).await };
+                        let authorization = body.authorization.header(&destination);
+                        let attempt = || async { connection.lock().await.put_authorized(&body.path, &body.json, &authorization).await };
                         if send_with_retries(&shared, &destination, &mut row.failures, body.pdus, &status, attempt, &mut stop).await.is_err() {
                             break;
                         }
@@ -85,47 +86,8 @@ pub(super) async fn run(
     // Bodies still queued were not sent: the cursor did not move past them, so the next worker
     // resends them from the queue.
     prepared.close();
-    keeper.abort();
+    leases.forget(&destination);
     queue::release_lease(&shared, &destination).await;
-}
-
-/// H4: renews the destination's lease every third of its length for as long as the worker
-/// runs, whatever the worker is doing (waiting out a back-off, a transaction the peer is slow
-/// to answer). Without it the lease ran out under a long back-off and a second instance started
-/// sending to the same destination.
-///
-/// The receiver turns `true` at shutdown, and when the lease is lost: another instance holds
-/// it, or it could not be renewed before running out. The worker then stops at once, even in
-/// the middle of a send, and its cursor stays where the last acknowledged transaction left it.
-fn keep_lease(shared: Arc<Shared>, destination: String) -> (JoinHandle<()>, watch::Receiver<bool>) {
-    let (stop, stopped) = watch::channel(false);
-    let task = tokio::spawn(async move {
-        let mut shutdown = shared.shutdown.clone();
-        let every = Duration::from_millis(shared.lease_ms as u64 / 3);
-        let mut renewed = Instant::now();
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(every) => {}
-                _ = shutdown.changed() => break,
-            }
-            match queue::renew_lease(&shared, &destination).await {
-                Ok(true) => renewed = Instant::now(),
-                Ok(false) => {
-                    tracing::warn!(destination, "sender: another instance took this destination; stopping");
-                    break;
-                }
-                Err(e) if renewed.elapsed() >= every * 2 => {
-                    tracing::warn!(destination, error = %e, "sender: cannot renew the destination's lease before it runs out; stopping");
-                    break;
-                }
-                Err(e) => {
-                    tracing::info!(destination, error = %e, "sender: cannot renew the destination's lease; trying again")
-                }
-            }
-        }
-        let _ = stop.send(true);
-    });
-    (task, stopped)
 }
 
 /// The queue path: batch after batch from the database until nothing is left.

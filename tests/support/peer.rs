@@ -108,6 +108,11 @@ pub struct Inbox {
 }
 
 impl Inbox {
+    /// Whether the peer has fetched `server`'s keys (it checks signatures with them from then on).
+    pub fn has_keys_of(&self, server: &str) -> bool {
+        self.keys.lock().unwrap().get(server).is_some_and(|keys| !keys.is_empty())
+    }
+
     /// The paths of the peek requests that used `method`.
     pub fn peek_requests(&self, method: &str) -> Vec<String> {
         self.peek_requests.lock().unwrap().iter().filter(|(m, _)| m == method).map(|(_, p)| p.clone()).collect()
