@@ -293,7 +293,7 @@ async fn fan_out_chunk(
         let entry = wanted.entry(subscription.destination.clone()).or_default();
         entry.extend(new_events.iter().enumerate().filter(|(_, e)| subscription.wants(e, now)).map(|(i, _)| i));
     }
-    let mut bodies: HashMap<Vec<usize>, Arc<PreparedBody>> = HashMap::new();
+    let mut bodies: HashMap<Vec<usize>, Option<Arc<PreparedBody>>> = HashMap::new();
     for (destination, mut indices) in wanted {
         indices.sort_unstable();
         indices.dedup();
@@ -309,12 +309,12 @@ async fn fan_out_chunk(
         let body = if indices.is_empty() {
             None
         } else {
-            Some(
-                bodies
-                    .entry(indices.clone())
-                    .or_insert_with(|| Arc::new(prepare(shared, &new_events, &indices)))
-                    .clone(),
-            )
+            let prepared =
+                bodies.entry(indices.clone()).or_insert_with(|| prepare(shared, &new_events, &indices).map(Arc::new));
+            match prepared {
+                Some(body) => Some(body.clone()),
+                None => continue, // left to the queue path
+            }
         };
         if worker.prepared.try_send(Prepared { from: since, to: head, body }).is_ok() {
             worker.promised = head;
@@ -325,20 +325,19 @@ async fn fan_out_chunk(
 }
 
 /// Serialises a transaction once, as canonical JSON (sent as it is, and signed per destination).
-fn prepare(shared: &Shared, new_events: &[NewEvent], indices: &[usize]) -> PreparedBody {
-    let pdus: Vec<serde_json::Value> =
-        indices.iter().filter_map(|i| serde_json::from_str(&new_events[*i].json).ok()).collect();
-    let body = serde_json::json!({
-        "origin": shared.state.settings.server_name.as_str(),
-        "origin_server_ts": now_ms(),
-        "pdus": pdus,
-        "edus": [],
-    });
-    let canonical =
-        ruma::CanonicalJsonValue::try_from(body).map(|c| crate::canonical_json::encode(&c)).unwrap_or_default();
-    let path = format!("/_matrix/federation/v1/send/{}", shared.next_txn_id());
-    let authorization = shared.state.federation.put_authorization(&path, &canonical);
-    PreparedBody { path, json: Bytes::from(canonical), pdus: indices.len(), authorization }
+fn prepare(shared: &Shared, new_events: &[NewEvent], indices: &[usize]) -> Option<PreparedBody> {
+    let pdus = indices.iter().filter_map(|i| serde_json::from_str(&new_events[*i].json).ok()).collect();
+    let transaction = shared
+        .transaction(pdus, &[])
+        .map_err(|e| tracing::warn!(error = %e, "sender: a transaction is not canonical JSON; the queue path will try"))
+        .ok()?;
+    let authorization = shared.state.federation.put_authorization(&transaction.path, &transaction.canonical);
+    Some(PreparedBody {
+        path: transaction.path,
+        json: Bytes::from(transaction.canonical),
+        pdus: transaction.pdus,
+        authorization,
+    })
 }
 
 /// Writes the fan-out path's cursor moves, batched: [`FLUSH_EVERY`] after the first move of a

@@ -5,8 +5,10 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
+use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch};
 
+use crate::clock::now_ms;
 use crate::config::Settings;
 use crate::db::Db;
 use crate::federation::client::FederationClient;
@@ -59,9 +61,40 @@ pub(crate) struct Shared {
     pub lease_ms: i64,
 }
 
+/// A `/send` transaction of ours, ready to sign and send.
+pub(crate) struct Transaction {
+    /// `/_matrix/federation/v1/send/{txnId}` with a fresh ID.
+    pub path: String,
+    /// The body's canonical JSON text: what is sent, and what the signature covers.
+    pub canonical: String,
+    pub pdus: usize,
+}
+
 impl Shared {
     pub fn next_txn_id(&self) -> String {
         format!("{}-{}", self.started_ms, self.txn_counter.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// The transaction carrying `pdus` and, for receivers that understand it, the PE-7
+    /// `expired_peeks` of `notices` (others ignore unknown keys). Both paths build it here.
+    pub fn transaction(&self, pdus: Vec<Value>, notices: &[(String, String)]) -> Result<Transaction, String> {
+        let count = pdus.len();
+        let mut body = json!({
+            "origin": self.state.settings.server_name.as_str(),
+            "origin_server_ts": now_ms(),
+            "pdus": pdus,
+            "edus": [],
+        });
+        if !notices.is_empty() {
+            body["expired_peeks"] =
+                notices.iter().map(|(room, peek)| json!({ "room_id": room, "peek_id": peek })).collect();
+        }
+        let canonical = ruma::CanonicalJsonValue::try_from(body).map_err(|e| e.to_string())?;
+        Ok(Transaction {
+            path: format!("/_matrix/federation/v1/send/{}", self.next_txn_id()),
+            canonical: crate::canonical_json::encode(&canonical),
+            pdus: count,
+        })
     }
 }
 

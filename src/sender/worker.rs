@@ -8,12 +8,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ruma::OwnedServerName;
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio::sync::{mpsc, watch, Mutex, Notify};
 
 use super::leases::Leases;
 use super::queue::{self, backoff, DestinationRow};
-use super::shared::{Prepared, Shared, WorkerStatus};
+use super::shared::{Prepared, Shared, Transaction, WorkerStatus};
 use crate::clock::now_ms;
 use crate::federation::client::FederationError;
 use crate::federation::connection::DestinationConnection;
@@ -118,28 +118,10 @@ async fn catch_up(
             }
             return Ok(());
         }
-        let txn_id = shared.next_txn_id();
-        let mut body = json!({
-            "origin": shared.state.settings.server_name.as_str(),
-            "origin_server_ts": now_ms(),
-            "pdus": batch.pdus,
-            "edus": [],
-        });
-        if !batch.notices.is_empty() {
-            // PE-7: ended peeks, for receivers that understand it (others ignore unknown keys).
-            body["expired_peeks"] =
-                batch.notices.iter().map(|(room, peek)| json!({ "room_id": room, "peek_id": peek })).collect();
-        }
-        let path = format!("/_matrix/federation/v1/send/{txn_id}");
-        let pdus = body["pdus"].as_array().map(Vec::len).unwrap_or(0);
-        // Sent as its canonical JSON text, which is also what the signature covers.
-        let canonical = match ruma::CanonicalJsonValue::try_from(body) {
-            Ok(value) => crate::canonical_json::encode(&value),
-            Err(e) => {
-                tracing::warn!(destination, error = %e, "sender: a queued transaction is not canonical JSON");
-                return Err(Stop);
-            }
-        };
+        let Transaction { path, canonical, pdus } = shared.transaction(batch.pdus, &batch.notices).map_err(|e| {
+            tracing::warn!(destination, error = %e, "sender: a queued transaction is not canonical JSON");
+            Stop
+        })?;
         let attempt = || async { connection.lock().await.put(&path, canonical.as_bytes()).await };
         send_with_retries(shared, destination, &mut row.failures, pdus, status, attempt, stop).await?;
         save_progress(shared, destination, batch.next_cursor, &batch.notices).await?;
