@@ -126,6 +126,15 @@ enum BenchCommand {
         #[arg(long, default_value_t = 4)]
         appenders: usize,
     },
+    /// Signing one `/send` body's X-Matrix headers for N destinations: one by one, and in the
+    /// sender's batches (no network, no database; one core).
+    Signing {
+        #[arg(long, default_value_t = 1000)]
+        destinations: usize,
+        /// Bodies signed per figure.
+        #[arg(long, default_value_t = 20)]
+        bodies: usize,
+    },
     /// Time to deliver a burst to healthy peeking destinations, alone and beside 20 silent
     /// destinations and one that answers 400 (issue #11 H5; PostgreSQL).
     DeadPeers {
@@ -275,6 +284,7 @@ fn bench(command: BenchCommand) -> Result<(), String> {
             }
             BenchCommand::Joins { postgres, members, runs } => bench::joins(&postgres, members, runs).await,
             BenchCommand::Receiver { bind } => bench::receiver(&bind).await,
+            BenchCommand::Signing { destinations, bodies } => bench::signing(destinations, bodies),
         }
     });
     result.map_err(|e| format!("{e:#}"))

@@ -70,12 +70,33 @@ impl SharedBodyAuthorization {
 
     /// The `Authorization` header value for `destination`.
     pub fn header(&self, destination: &str) -> String {
-        let quoted = serde_json::to_string(destination).expect("strings serialise");
-        let sig = self.signer.sign(format!("{quoted}{}", self.tail).as_bytes());
-        format!(
-            "X-Matrix origin=\"{}\",destination=\"{destination}\",key=\"{}\",sig=\"{sig}\"",
-            self.origin, self.key_id
-        )
+        self.headers(&[destination]).pop().expect("one header per destination")
+    }
+
+    /// The `Authorization` header values for `destinations`, in order, signed together
+    /// (see [`PrefixSigner::sign_many`]).
+    pub fn headers<D: AsRef<str>>(&self, destinations: &[D]) -> Vec<String> {
+        let suffixes: Vec<Vec<u8>> = destinations
+            .iter()
+            .map(|destination| {
+                let quoted = serde_json::to_string(destination.as_ref()).expect("strings serialise");
+                format!("{quoted}{}", self.tail).into_bytes()
+            })
+            .collect();
+        let suffixes: Vec<&[u8]> = suffixes.iter().map(Vec::as_slice).collect();
+        let signatures = self.signer.sign_many(&suffixes);
+        destinations
+            .iter()
+            .zip(signatures)
+            .map(|(destination, sig)| {
+                format!(
+                    "X-Matrix origin=\"{}\",destination=\"{}\",key=\"{}\",sig=\"{sig}\"",
+                    self.origin,
+                    destination.as_ref(),
+                    self.key_id
+                )
+            })
+            .collect()
     }
 }
 
@@ -237,8 +258,11 @@ mod tests {
         let body = r#"{"edus":[],"origin":"a.test","pdus":[{"content":{"body":"h\u00e9 \"x\""}}]}"#;
         let uri = "/_matrix/federation/v1/send/17-3";
         let shared = SharedBodyAuthorization::new(&key, "a.test", "PUT", uri, body);
-        for destination in ["b.test", "d0.bench:8448", "[::1]:8448"] {
+        let destinations = ["b.test", "d0.bench:8448", "[::1]:8448"];
+        let together = shared.headers(&destinations);
+        for (destination, batched) in destinations.into_iter().zip(together) {
             let header = shared.header(destination);
+            assert_eq!(batched, header);
             assert_eq!(header, authorization_header(&key, "a.test", destination, "PUT", uri, Some(body)));
             let sig = header.rsplit("sig=\"").next().unwrap().trim_end_matches('"');
             let text = signed_text("PUT", uri, "a.test", destination, Some(body));

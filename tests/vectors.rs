@@ -67,6 +67,27 @@ fn json_signing_vectors() {
     }
 }
 
+/// The fan-out's signer (one nonce hash over a shared prefix, the nonce points compressed in
+/// one batch) makes the spec's JSON-signing signatures: both cases signed together, as the
+/// continuations of their common first byte.
+#[test]
+fn batched_prefix_signatures_match_the_json_signing_vectors() {
+    let key = spec_key();
+    let cases = vector("json_signing.json")["cases"].as_array().unwrap().clone();
+    let texts: Vec<String> =
+        cases.iter().map(|case| canonical_json::encode(&CanonicalJsonValue::Object(object(&case["input"])))).collect();
+    let suffixes: Vec<&[u8]> = texts.iter().map(|text| &text.as_bytes()[1..]).collect();
+    let signatures = key.prefix_signer(b"{".to_vec()).sign_many(&suffixes);
+    for (case, signature) in cases.iter().zip(signatures) {
+        assert_eq!(
+            signature,
+            case["expected_signed"]["signatures"]["domain"]["ed25519:1"].as_str().unwrap(),
+            "{}",
+            case["name"]
+        );
+    }
+}
+
 #[test]
 fn event_signing_vectors_use_pre_v11_redaction() {
     let key = spec_key();

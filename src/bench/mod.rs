@@ -7,6 +7,7 @@ mod joins;
 mod peeks;
 mod receiver;
 mod rooms;
+mod signing;
 mod sync;
 
 use std::net::TcpListener;
@@ -21,6 +22,7 @@ pub use joins::joins;
 pub use peeks::peeks;
 pub use receiver::receiver;
 pub use rooms::rooms;
+pub use signing::signing;
 pub use sync::sync;
 
 use peekgate::app::{self, Listeners, RunningServer};

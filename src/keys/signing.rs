@@ -217,20 +217,42 @@ pub struct PrefixSigner {
 impl PrefixSigner {
     /// The unpadded base64 Ed25519 signature of `prefix || suffix`.
     pub fn sign(&self, suffix: &[u8]) -> String {
-        let mut nonce = self.nonce_start.clone();
-        nonce.update(suffix);
-        let r = Scalar::from_hash(nonce);
-        let big_r = EdwardsPoint::mul_base(&r).compress();
-        let mut challenge = Sha512::new();
-        challenge.update(big_r.as_bytes());
-        challenge.update(self.public_key);
-        challenge.update(&self.prefix);
-        challenge.update(suffix);
-        let s = Scalar::from_hash(challenge) * self.expanded.scalar + r;
-        let mut signature = [0u8; 64];
-        signature[..32].copy_from_slice(big_r.as_bytes());
-        signature[32..].copy_from_slice(s.as_bytes());
-        encode_base64(&signature)
+        self.sign_many(&[suffix]).pop().expect("one signature per suffix")
+    }
+
+    /// The signatures of `prefix || suffix` for each suffix, in order.
+    ///
+    /// Signing many at once saves the most expensive step after the scalar multiplication:
+    /// turning each nonce point `R` into its 32-byte form needs a field inversion (about a
+    /// fifth of a signature here), and one batch inversion (Montgomery's trick, constant time)
+    /// serves them all. With a thousand destinations per body that is ~3.5 µs per signature.
+    pub fn sign_many(&self, suffixes: &[&[u8]]) -> Vec<String> {
+        let nonces: Vec<Scalar> = suffixes
+            .iter()
+            .map(|suffix| {
+                let mut nonce = self.nonce_start.clone();
+                nonce.update(suffix);
+                Scalar::from_hash(nonce)
+            })
+            .collect();
+        let points: Vec<EdwardsPoint> = nonces.iter().map(EdwardsPoint::mul_base).collect();
+        let big_rs = EdwardsPoint::compress_batch_alloc(&points);
+        suffixes
+            .iter()
+            .zip(nonces.iter().zip(&big_rs))
+            .map(|(suffix, (r, big_r))| {
+                let mut challenge = Sha512::new();
+                challenge.update(big_r.as_bytes());
+                challenge.update(self.public_key);
+                challenge.update(&self.prefix);
+                challenge.update(suffix);
+                let s = Scalar::from_hash(challenge) * self.expanded.scalar + r;
+                let mut signature = [0u8; 64];
+                signature[..32].copy_from_slice(big_r.as_bytes());
+                signature[32..].copy_from_slice(s.as_bytes());
+                encode_base64(&signature)
+            })
+            .collect()
     }
 }
 
@@ -256,8 +278,8 @@ mod tests {
         assert!(key.version().starts_with("a_"));
     }
 
-    /// The prefix signer makes ed25519-dalek's own signatures (Ed25519 is deterministic), for
-    /// empty, short and multi-block prefixes and suffixes, with several keys.
+    /// The prefix signer makes ed25519-dalek's own signatures (Ed25519 is deterministic), alone
+    /// and in batches, for empty, short and multi-block prefixes and suffixes, with several keys.
     #[test]
     fn prefix_signatures_are_the_plain_signatures() {
         for seed in [[0u8; 32], [7u8; 32], rand::random()] {
@@ -265,14 +287,14 @@ mod tests {
             for prefix_len in [0usize, 1, 111, 112, 127, 128, 129, 1_000, 5_000] {
                 let prefix: Vec<u8> = (0..prefix_len).map(|i| (i * 31 + 7) as u8).collect();
                 let signer = key.prefix_signer(prefix.clone());
-                for suffix in [&b""[..], b"x", b"\"d0.bench\",\"method\":\"PUT\"}", &[0xa5; 300][..]] {
+                let suffixes = [&b""[..], b"x", b"\"d0.bench\",\"method\":\"PUT\"}", &[0xa5; 300][..]];
+                let together = signer.sign_many(&suffixes);
+                assert_eq!(together.len(), suffixes.len());
+                for (suffix, batched) in suffixes.iter().zip(&together) {
                     let whole = [prefix.as_slice(), suffix].concat();
-                    assert_eq!(
-                        signer.sign(suffix),
-                        key.sign_bytes(&whole),
-                        "prefix {prefix_len}, suffix {}",
-                        suffix.len()
-                    );
+                    let plain = key.sign_bytes(&whole);
+                    assert_eq!(signer.sign(suffix), plain, "prefix {prefix_len}, suffix {}", suffix.len());
+                    assert_eq!(*batched, plain, "batched: prefix {prefix_len}, suffix {}", suffix.len());
                 }
             }
         }

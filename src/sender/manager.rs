@@ -15,7 +15,7 @@ use super::queue::{fan_out_inputs, save_many};
 use super::subscriptions::NewEvent;
 
 use super::leases::{self, Leases};
-use super::shared::{Prepared, PreparedBody, SenderContext, Shared, WorkerStatus};
+use super::shared::{BodyFor, Prepared, PreparedBody, SenderContext, Shared, WorkerStatus};
 use super::{destinations, worker};
 use crate::clock::now_ms;
 use crate::db::schema::{self, events, inbound_peeks, joined_servers, peek_notices};
@@ -293,29 +293,48 @@ async fn fan_out_chunk(
         let entry = wanted.entry(subscription.destination.clone()).or_default();
         entry.extend(new_events.iter().enumerate().filter(|(_, e)| subscription.wants(e, now)).map(|(i, _)| i));
     }
-    let mut bodies: HashMap<Vec<usize>, Option<Arc<PreparedBody>>> = HashMap::new();
+    // Who can take a body now, and which PDUs each gets; one audience per distinct set of PDUs.
+    let mut handed: Vec<(String, Option<(usize, usize)>)> = Vec::new();
+    let mut audiences: Vec<(Vec<usize>, Vec<String>)> = Vec::new();
+    let mut audience_of: HashMap<Vec<usize>, usize> = HashMap::new();
     for (destination, mut indices) in wanted {
         indices.sort_unstable();
         indices.dedup();
-        let Some(worker) = workers.get_mut(&destination) else {
+        let Some(worker) = workers.get(&destination) else {
             continue; // not running: the work list starts it on the queue path
         };
         // Bodies queue up in order behind the ones the worker is still sending, as long as they
-        // follow on exactly; anything else goes through the queue path.
+        // follow on exactly and there is room (only this task sends, so room found stays);
+        // anything else goes through the queue path.
         let expected = worker.promised.max(worker.status.cursor());
-        if expected != since || worker.status.stalled(now) {
+        if expected != since || worker.status.stalled(now) || worker.prepared.capacity() == 0 {
             continue;
         }
-        let body = if indices.is_empty() {
-            None
-        } else {
-            let prepared =
-                bodies.entry(indices.clone()).or_insert_with(|| prepare(shared, &new_events, &indices).map(Arc::new));
-            match prepared {
-                Some(body) => Some(body.clone()),
+        if indices.is_empty() {
+            handed.push((destination, None));
+            continue;
+        }
+        let number = *audience_of.entry(indices).or_insert_with_key(|indices| {
+            audiences.push((indices.clone(), Vec::new()));
+            audiences.len() - 1
+        });
+        let audience = &mut audiences[number].1;
+        handed.push((destination.clone(), Some((number, audience.len()))));
+        audience.push(destination);
+    }
+    let bodies: Vec<Option<Arc<PreparedBody>>> = audiences
+        .into_iter()
+        .map(|(indices, audience)| prepare(shared, &new_events, &indices, audience).map(Arc::new))
+        .collect();
+    for (destination, place) in handed {
+        let body = match place {
+            None => None,
+            Some((number, slot)) => match &bodies[number] {
+                Some(body) => Some(BodyFor { body: body.clone(), slot }),
                 None => continue, // left to the queue path
-            }
+            },
         };
+        let Some(worker) = workers.get_mut(&destination) else { continue };
         if worker.prepared.try_send(Prepared { from: since, to: head, body }).is_ok() {
             worker.promised = head;
             served.insert(destination);
@@ -324,20 +343,22 @@ async fn fan_out_chunk(
     Some(served)
 }
 
-/// Serialises a transaction once, as canonical JSON (sent as it is, and signed per destination).
-fn prepare(shared: &Shared, new_events: &[NewEvent], indices: &[usize]) -> Option<PreparedBody> {
+/// Serialises a transaction once, as canonical JSON (sent as it is, and signed for each
+/// destination of `audience`).
+fn prepare(shared: &Shared, new_events: &[NewEvent], indices: &[usize], audience: Vec<String>) -> Option<PreparedBody> {
     let pdus = indices.iter().filter_map(|i| serde_json::from_str(&new_events[*i].json).ok()).collect();
     let transaction = shared
         .transaction(pdus, &[])
         .map_err(|e| tracing::warn!(error = %e, "sender: a transaction is not canonical JSON; the queue path will try"))
         .ok()?;
     let authorization = shared.state.federation.put_authorization(&transaction.path, &transaction.canonical);
-    Some(PreparedBody {
-        path: transaction.path,
-        json: Bytes::from(transaction.canonical),
-        pdus: transaction.pdus,
+    Some(PreparedBody::new(
+        transaction.path,
+        Bytes::from(transaction.canonical),
+        transaction.pdus,
         authorization,
-    })
+        audience,
+    ))
 }
 
 /// Writes the fan-out path's cursor moves, batched: [`FLUSH_EVERY`] after the first move of a

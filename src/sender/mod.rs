@@ -22,4 +22,4 @@ mod worker;
 
 pub use manager::{start, SenderHandle};
 pub use queue::backoff;
-pub use shared::SenderContext;
+pub use shared::{SenderContext, SIGNING_BATCH};

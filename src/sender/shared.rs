@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use serde_json::{json, Value};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, OnceCell};
 
 use crate::clock::now_ms;
 use crate::config::Settings;
@@ -36,8 +36,19 @@ pub(crate) struct Prepared {
     pub from: i64,
     pub to: i64,
     /// `None`: nothing for this destination between `from` and `to`; just move the cursor.
-    pub body: Option<Arc<PreparedBody>>,
+    pub body: Option<BodyFor>,
 }
+
+/// A shared body and the receiving destination's place in its audience.
+pub(crate) struct BodyFor {
+    pub body: Arc<PreparedBody>,
+    pub slot: usize,
+}
+
+/// How many destinations' headers are signed together: enough that one field inversion serves
+/// them all (see `PrefixSigner::sign_many`), few enough that the first `/send`s of a fan-out
+/// are not held up by signing for the last ones (a batch is about half a millisecond).
+pub const SIGNING_BATCH: usize = 32;
 
 pub(crate) struct PreparedBody {
     /// `/_matrix/federation/v1/send/{txn_id}`
@@ -45,8 +56,38 @@ pub(crate) struct PreparedBody {
     /// The body's canonical JSON text: what is sent, and what the signature covers.
     pub json: Bytes,
     pub pdus: usize,
-    /// Makes each destination's X-Matrix header, hashing the body once for all of them.
-    pub authorization: SharedBodyAuthorization,
+    /// Makes the X-Matrix headers, hashing the body once for all of them.
+    authorization: SharedBodyAuthorization,
+    /// The destinations the body is handed to; a worker's slot indexes this.
+    audience: Vec<String>,
+    /// The audience's headers, [`SIGNING_BATCH`] to a cell, each signed by the first worker of
+    /// its batch that needs it (workers on both threads sign different batches meanwhile).
+    headers: Vec<OnceCell<Vec<String>>>,
+}
+
+impl PreparedBody {
+    pub fn new(
+        path: String,
+        json: Bytes,
+        pdus: usize,
+        authorization: SharedBodyAuthorization,
+        audience: Vec<String>,
+    ) -> Self {
+        let headers = (0..audience.len().div_ceil(SIGNING_BATCH)).map(|_| OnceCell::new()).collect();
+        PreparedBody { path, json, pdus, authorization, audience, headers }
+    }
+
+    /// The `Authorization` header for the destination in `slot` of the audience.
+    pub async fn header(&self, slot: usize) -> &str {
+        let batch = slot / SIGNING_BATCH;
+        let signed = self.headers[batch]
+            .get_or_init(|| async {
+                let end = self.audience.len().min((batch + 1) * SIGNING_BATCH);
+                self.authorization.headers(&self.audience[batch * SIGNING_BATCH..end])
+            })
+            .await;
+        &signed[slot % SIGNING_BATCH]
+    }
 }
 
 pub(crate) struct Shared {
@@ -127,5 +168,34 @@ impl WorkerStatus {
     pub fn stalled(&self, now: i64) -> bool {
         let since = self.sending_since_ms.load(Ordering::Acquire);
         self.failing.load(Ordering::Acquire) || (since > 0 && now - since > STALLED_AFTER_MS)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use crate::keys::SigningKey;
+    use crate::sender::shared::{PreparedBody, SIGNING_BATCH};
+    use crate::xmatrix::SharedBodyAuthorization;
+
+    /// Every destination of a body gets the header signed for it alone, whichever batch its
+    /// slot falls in and whichever worker signs that batch, in whatever order they ask.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn each_slot_gets_its_own_destinations_header() {
+        let key = SigningKey::generate();
+        let (path, json) = ("/_matrix/federation/v1/send/1-2", r#"{"edus":[],"origin":"a.test","pdus":[]}"#);
+        let audience: Vec<String> = (0..2 * SIGNING_BATCH + 5).map(|i| format!("d{i}.test")).collect();
+        let authorization = || SharedBodyAuthorization::new(&key, "a.test", "PUT", path, json);
+        let body = Arc::new(PreparedBody::new(path.into(), json.into(), 0, authorization(), audience.clone()));
+        let asks = (0..audience.len()).rev().map(|slot| {
+            let body = body.clone();
+            tokio::spawn(async move { (slot, body.header(slot).await.to_owned()) })
+        });
+        let single = authorization();
+        for ask in asks.collect::<Vec<_>>() {
+            let (slot, header) = ask.await.unwrap();
+            assert_eq!(header, single.header(&audience[slot]), "slot {slot}");
+        }
     }
 }

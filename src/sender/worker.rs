@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, watch, Mutex, Notify};
 
 use super::leases::Leases;
 use super::queue::{self, backoff, DestinationRow};
-use super::shared::{Prepared, Shared, Transaction, WorkerStatus};
+use super::shared::{BodyFor, Prepared, Shared, Transaction, WorkerStatus};
 use crate::clock::now_ms;
 use crate::federation::client::FederationError;
 use crate::federation::connection::DestinationConnection;
@@ -64,9 +64,9 @@ pub(super) async fn run(
         tokio::select! {
             message = prepared.recv() => match message {
                 Some(p) if p.from == status.cursor() => {
-                    if let Some(body) = &p.body {
-                        let authorization = body.authorization.header(&destination);
-                        let attempt = || async { connection.lock().await.put_authorized(&body.path, &body.json, &authorization).await };
+                    if let Some(BodyFor { body, slot }) = &p.body {
+                        let authorization = body.header(*slot).await;
+                        let attempt = || async { connection.lock().await.put_authorized(&body.path, &body.json, authorization).await };
                         if send_with_retries(&shared, &destination, &mut row.failures, body.pdus, &status, attempt, &mut stop).await.is_err() {
                             break;
                         }
