@@ -293,35 +293,7 @@ async fn fan_out_chunk(
         let entry = wanted.entry(subscription.destination.clone()).or_default();
         entry.extend(new_events.iter().enumerate().filter(|(_, e)| subscription.wants(e, now)).map(|(i, _)| i));
     }
-    // Who can take a body now, and which PDUs each gets; one audience per distinct set of PDUs.
-    let mut handed: Vec<(String, Option<(usize, usize)>)> = Vec::new();
-    let mut audiences: Vec<(Vec<usize>, Vec<String>)> = Vec::new();
-    let mut audience_of: HashMap<Vec<usize>, usize> = HashMap::new();
-    for (destination, mut indices) in wanted {
-        indices.sort_unstable();
-        indices.dedup();
-        let Some(worker) = workers.get(&destination) else {
-            continue; // not running: the work list starts it on the queue path
-        };
-        // Bodies queue up in order behind the ones the worker is still sending, as long as they
-        // follow on exactly and there is room (only this task sends, so room found stays);
-        // anything else goes through the queue path.
-        let expected = worker.promised.max(worker.status.cursor());
-        if expected != since || worker.status.stalled(now) || worker.prepared.capacity() == 0 {
-            continue;
-        }
-        if indices.is_empty() {
-            handed.push((destination, None));
-            continue;
-        }
-        let number = *audience_of.entry(indices).or_insert_with_key(|indices| {
-            audiences.push((indices.clone(), Vec::new()));
-            audiences.len() - 1
-        });
-        let audience = &mut audiences[number].1;
-        handed.push((destination.clone(), Some((number, audience.len()))));
-        audience.push(destination);
-    }
+    let (handed, audiences) = assign_audiences(workers, wanted, since, now);
     let bodies: Vec<Option<Arc<PreparedBody>>> = audiences
         .into_iter()
         .map(|(indices, audience)| prepare(shared, &new_events, &indices, audience).map(Arc::new))
@@ -341,6 +313,52 @@ async fn fan_out_chunk(
         }
     }
     Some(served)
+}
+
+/// A destination to hand something to: its audience and slot there, or `None` for a bare
+/// cursor move (nothing in the chunk for it).
+type Handout = (String, Option<(usize, usize)>);
+/// The PDUs (indices into the chunk's events) one body carries, and the destinations getting it.
+type Audience = (Vec<usize>, Vec<String>);
+
+/// Which caught-up workers take a body now and which PDUs each gets, grouped into one audience
+/// per distinct set of PDUs. Workers that are not running, not exactly caught up to
+/// `since`, stalled (H5) or without room for another body are left to the queue path; only the
+/// manager hands bodies over, so room found here is still there when it does.
+fn assign_audiences(
+    workers: &HashMap<String, WorkerHandle>,
+    wanted: BTreeMap<String, Vec<usize>>,
+    since: i64,
+    now: i64,
+) -> (Vec<Handout>, Vec<Audience>) {
+    let mut handed = Vec::new();
+    let mut audiences: Vec<Audience> = Vec::new();
+    let mut audience_of: HashMap<Vec<usize>, usize> = HashMap::new();
+    for (destination, mut indices) in wanted {
+        indices.sort_unstable();
+        indices.dedup();
+        let Some(worker) = workers.get(&destination) else {
+            continue; // not running: the work list starts it on the queue path
+        };
+        // Bodies queue up in order behind the ones the worker is still sending, as long as they
+        // follow on exactly.
+        let expected = worker.promised.max(worker.status.cursor());
+        if expected != since || worker.status.stalled(now) || worker.prepared.capacity() == 0 {
+            continue;
+        }
+        if indices.is_empty() {
+            handed.push((destination, None));
+            continue;
+        }
+        let number = *audience_of.entry(indices).or_insert_with_key(|indices| {
+            audiences.push((indices.clone(), Vec::new()));
+            audiences.len() - 1
+        });
+        let audience = &mut audiences[number].1;
+        handed.push((destination.clone(), Some((number, audience.len()))));
+        audience.push(destination);
+    }
+    (handed, audiences)
 }
 
 /// Serialises a transaction once, as canonical JSON (sent as it is, and signed for each
