@@ -41,7 +41,12 @@ pub fn authorization_header(
     canonical_content: Option<&str>,
 ) -> String {
     let sig = key.sign_bytes(signed_text(method, uri, origin, destination, canonical_content).as_bytes());
-    format!("X-Matrix origin=\"{origin}\",destination=\"{destination}\",key=\"{}\",sig=\"{sig}\"", key.key_id())
+    header_value(origin, destination, &key.key_id(), &sig)
+}
+
+/// The header value around a signature: one layout for single and shared-body headers.
+fn header_value(origin: &str, destination: &str, key_id: &str, sig: &str) -> String {
+    format!("X-Matrix origin=\"{origin}\",destination=\"{destination}\",key=\"{key_id}\",sig=\"{sig}\"")
 }
 
 /// The X-Matrix headers of one request (method, URI and canonical body) for many destinations:
@@ -88,14 +93,7 @@ impl SharedBodyAuthorization {
         destinations
             .iter()
             .zip(signatures)
-            .map(|(destination, sig)| {
-                format!(
-                    "X-Matrix origin=\"{}\",destination=\"{}\",key=\"{}\",sig=\"{sig}\"",
-                    self.origin,
-                    destination.as_ref(),
-                    self.key_id
-                )
-            })
+            .map(|(destination, sig)| header_value(&self.origin, destination.as_ref(), &self.key_id, &sig))
             .collect()
     }
 }
