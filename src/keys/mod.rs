@@ -3,6 +3,7 @@
 
 pub mod encoding;
 pub mod http;
+pub mod parallel_sha512;
 pub mod remote;
 pub mod signing;
 

@@ -14,6 +14,7 @@ use ruma::{CanonicalJsonObject, CanonicalJsonValue, Int};
 use sha2::{Digest, Sha512};
 
 use super::encoding::{decode_base64, encode_base64, is_valid_key_version};
+use super::parallel_sha512::sha512_each;
 use crate::config::OldKeyConfig;
 
 #[derive(Debug, thiserror::Error)]
@@ -201,7 +202,8 @@ impl SigningKey {
 /// the nonce `r`, and after `R` and the public key, for the challenge `k`. The nonce hash over
 /// the shared prefix is computed once here and continued per message; the challenge hash starts
 /// with `R`, which differs per message, so it covers the whole message each time. That halves
-/// the hashing of a large body. The signatures are the ones ed25519-dalek makes for the whole
+/// the hashing of a large body, and the challenge hashes of a batch are computed eight at a time
+/// ([`super::parallel_sha512`]). The signatures are the ones ed25519-dalek makes for the whole
 /// message (Ed25519 is deterministic; the tests compare them byte for byte).
 ///
 /// The prefix is owned and fixed at creation: a nonce computed over one prefix and a challenge
@@ -232,16 +234,17 @@ impl PrefixSigner {
             .collect();
         let points: Vec<EdwardsPoint> = nonces.iter().map(EdwardsPoint::mul_base).collect();
         let big_rs = EdwardsPoint::compress_batch_alloc(&points);
-        suffixes
+        let challenge_messages: Vec<[&[u8]; 4]> = suffixes
             .iter()
-            .zip(nonces.iter().zip(&big_rs))
-            .map(|(suffix, (r, big_r))| {
-                let mut challenge = Sha512::new();
-                challenge.update(big_r.as_bytes());
-                challenge.update(self.public_key);
-                challenge.update(&self.prefix);
-                challenge.update(suffix);
-                let s = Scalar::from_hash(challenge) * self.expanded.scalar + r;
+            .zip(&big_rs)
+            .map(|(suffix, big_r)| [big_r.as_bytes(), &self.public_key[..], &self.prefix[..], suffix])
+            .collect();
+        let challenges = sha512_each(&challenge_messages);
+        nonces
+            .iter()
+            .zip(big_rs.iter().zip(&challenges))
+            .map(|(r, (big_r, challenge))| {
+                let s = Scalar::from_bytes_mod_order_wide(challenge) * self.expanded.scalar + r;
                 let mut signature = [0u8; 64];
                 signature[..32].copy_from_slice(big_r.as_bytes());
                 signature[32..].copy_from_slice(s.as_bytes());
