@@ -305,6 +305,72 @@ async fn sends_at_the_same_time_are_stored_together_and_alone_when_one_fails(db:
 }
 both_backends!(sends_at_the_same_time_are_stored_together_and_alone_when_one_fails);
 
+/// A group of sends to two rooms, with a state event among them, stored in as few transactions
+/// as arrive together: a group takes each room's lock once and carries the room row from one
+/// append to the next (`rooms::group_commit`), so each room's events must still form one chain
+/// (prev events, depth + 1) and every event after the topic change must sit on the state that
+/// includes it.
+async fn grouped_sends_keep_each_rooms_chain_and_state(db: DbKind) {
+    let server = ServerSpec::new("a.test", db).configure(open_registration).start().await;
+    let alice = Client::register(&server.base, "alice").await;
+    let (first, second) =
+        (alice.create_world_readable_room("one", "10").await, alice.create_world_readable_room("two", "10").await);
+    let (first_id, second_id) = (RoomId::parse(&first).unwrap(), RoomId::parse(&second).unwrap());
+    let alice_id = UserId::parse(&alice.user_id).unwrap();
+    let rooms = server.state().rooms.clone();
+    let sends: Vec<(&RoomId, &str, Option<&str>, Value)> = vec![
+        (&first_id, "m.room.message", None, json!({ "msgtype": "m.text", "body": "a1" })),
+        (&first_id, "m.room.message", None, json!({ "msgtype": "m.text", "body": "a2" })),
+        (&first_id, "m.room.topic", Some(""), json!({ "topic": "changed in the group" })),
+        (&first_id, "m.room.message", None, json!({ "msgtype": "m.text", "body": "a3" })),
+        (&second_id, "m.room.message", None, json!({ "msgtype": "m.text", "body": "b1" })),
+        (&first_id, "m.room.message", None, json!({ "msgtype": "m.text", "body": "a4" })),
+        (&second_id, "m.room.message", None, json!({ "msgtype": "m.text", "body": "b2" })),
+    ];
+    let results = futures_util::future::join_all(
+        sends
+            .iter()
+            .map(|(room, kind, state_key, content)| rooms.send(room, &alice_id, kind, *state_key, content.clone())),
+    )
+    .await;
+    let appended: Vec<_> = results.into_iter().map(|r| r.expect("every send is stored")).collect();
+
+    for room in [&first_id, &second_id] {
+        let mut chain = Vec::new();
+        for ((sent_to, ..), done) in sends.iter().zip(&appended) {
+            if *sent_to == room {
+                chain.push(rooms.event(done.event_id.as_str()).await.unwrap().expect("stored"));
+            }
+        }
+        chain.sort_by_key(|event| event.stream_pos);
+        for pair in chain.windows(2) {
+            let (earlier, later) = (&pair[0], &pair[1]);
+            assert_eq!(later.pdu.prev_events, vec![earlier.pdu.event_id.clone()], "one chain in {room}");
+            assert_eq!(later.pdu.depth, earlier.pdu.depth + 1, "depth + 1 in {room}");
+            assert_eq!(
+                later.state_group_before,
+                Some(earlier.state_group),
+                "each event on the state the one before left, in {room}"
+            );
+        }
+    }
+    let topic = rooms.event(appended[2].event_id.as_str()).await.unwrap().expect("stored");
+    assert_ne!(topic.state_group_before, Some(topic.state_group), "the topic starts a new state group");
+    let after_topic = rooms.event(appended[3].event_id.as_str()).await.unwrap().expect("stored");
+    assert_eq!(after_topic.state_group_before, Some(topic.state_group));
+    let (status, state) = request(
+        &server.base,
+        alice.token.as_deref(),
+        Method::GET,
+        &format!("/_matrix/client/v3/rooms/{}/state/m.room.topic", enc(&first)),
+        None,
+    )
+    .await;
+    assert_eq!((status, state["topic"].as_str()), (200, Some("changed in the group")));
+    server.stop().await;
+}
+both_backends!(grouped_sends_keep_each_rooms_chain_and_state);
+
 /// Events peekgate builds pass a check written from the spec, for both room versions; and the
 /// two versions' redaction rules really differ (a create event's signature only verifies under
 /// its own version's rules).

@@ -18,7 +18,7 @@ use tokio::sync::oneshot;
 
 use super::error::RoomError;
 use super::hooks::AppendHooks;
-use super::store::{self, Appended};
+use super::store::{self, Appended, RoomRow};
 use crate::db::{write_transaction, Db, DbConnection};
 use crate::events::EventDraft;
 use crate::keys::SigningKey;
@@ -110,31 +110,58 @@ fn commit_group(
 ) -> Vec<Result<Appended, RoomError>> {
     if appends.len() > 1 {
         let together = write_transaction(conn, |conn| {
-            appends.iter().map(|append| append_one(conn, key, hooks, append)).collect::<Result<Vec<_>, RoomError>>()
+            let mut held = Held::default();
+            appends
+                .iter()
+                .map(|append| append_one(conn, key, hooks, append, &mut held))
+                .collect::<Result<Vec<_>, RoomError>>()
         });
         if let Ok(appended) = together {
             return appended.into_iter().map(Ok).collect();
         }
     }
-    appends.iter().map(|append| write_transaction(conn, |conn| append_one(conn, key, hooks, append))).collect()
+    appends
+        .iter()
+        .map(|append| write_transaction(conn, |conn| append_one(conn, key, hooks, append, &mut Held::default())))
+        .collect()
 }
 
-/// One event, inside the caller's transaction: the append lock and the room row, the client
-/// transaction check (a repeat returns the first event), the append, the client transaction.
+/// What the appends of one transaction carry from one to the next, so that a group of events
+/// sent to one room takes its locks once: whether the append lock is held, and the locked row
+/// of the room appended to last, while it is known as that append left it.
+#[derive(Default)]
+struct Held {
+    append_lock: bool,
+    room: Option<RoomRow>,
+}
+
+/// One event, inside the caller's transaction: the append lock and the room row (once per
+/// transaction and room), the client transaction check (a repeat returns the first event), the
+/// append, the client transaction.
 fn append_one(
     conn: &mut DbConnection,
     key: &SigningKey,
     hooks: &AppendHooks,
     append: &LocalAppend,
+    held: &mut Held,
 ) -> Result<Appended, RoomError> {
-    let row = store::lock_for_append(conn, &append.room_id)?;
+    if !held.append_lock {
+        store::take_append_lock(conn)?;
+        held.append_lock = true;
+    }
+    let row = match held.room.take() {
+        Some(row) if row.room_id == append.room_id => row,
+        _ => store::lock_room_row(conn, &append.room_id)?,
+    };
     let sender = append.draft.sender.to_string();
     if let Some((device_id, txn_id)) = &append.txn {
         if let Some(done) = store::client_txn(conn, &sender, device_id, txn_id)? {
+            held.room = Some(row);
             return Ok(done);
         }
     }
-    let appended = store::append_local(conn, key, hooks, &row, append.draft.clone())?;
+    let (appended, row_after) = store::append_local_keeping_row(conn, key, hooks, &row, append.draft.clone())?;
+    held.room = row_after;
     if let Some((device_id, txn_id)) = &append.txn {
         store::record_client_txn(conn, &sender, device_id, txn_id, appended.event_id.as_str())?;
     }

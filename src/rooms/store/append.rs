@@ -7,9 +7,20 @@ use super::*;
 /// so stream positions) commit in order; on SQLite the first write makes the transaction hold
 /// the database's write lock. Then the room row is locked by a no-op update.
 pub fn lock_for_append(conn: &mut DbConnection, room_id: &str) -> Result<RoomRow, RoomError> {
+    take_append_lock(conn)?;
+    lock_room_row(conn, room_id)
+}
+
+/// The append lock alone (PostgreSQL); held until the transaction ends.
+pub fn take_append_lock(conn: &mut DbConnection) -> Result<(), RoomError> {
     if matches!(conn, DbConnection::Postgresql(_)) {
         diesel::sql_query(format!("SELECT pg_advisory_xact_lock({APPEND_LOCK_KEY})")).execute(conn)?;
     }
+    Ok(())
+}
+
+/// The room row, locked by a no-op update until the transaction ends.
+pub fn lock_room_row(conn: &mut DbConnection, room_id: &str) -> Result<RoomRow, RoomError> {
     let row: Option<(String, String, bool, Option<i64>, i64)> =
         diesel::update(rooms::table.filter(rooms::room_id.eq(room_id)))
             .set(rooms::max_depth.eq(rooms::max_depth))
@@ -57,6 +68,23 @@ pub fn append_local(
 ) -> Result<Appended, RoomError> {
     let pdu = prepare_at_end(conn, key, hooks.server_name(), room, draft)?;
     store_event(conn, hooks, room, &pdu)
+}
+
+/// [`append_local`] for a transaction that appends several events: also returns the room row
+/// as the append left it, when that is known without reading it again (the event is not a
+/// state event, so only the depth moved), for the next append to the same room in the same
+/// transaction.
+pub fn append_local_keeping_row(
+    conn: &mut DbConnection,
+    key: &SigningKey,
+    hooks: &AppendHooks,
+    room: &RoomRow,
+    draft: EventDraft,
+) -> Result<(Appended, Option<RoomRow>), RoomError> {
+    let pdu = prepare_at_end(conn, key, hooks.server_name(), room, draft)?;
+    let appended = store_event(conn, hooks, room, &pdu)?;
+    let after = pdu.state_key.is_none().then(|| RoomRow { max_depth: room.max_depth.max(pdu.depth), ..room.clone() });
+    Ok((appended, after))
 }
 
 /// Fills in an event for the end of the room (auth events from the current state, the forward
@@ -186,7 +214,7 @@ pub(super) fn authorise(
     ids.sort();
     ids.dedup();
     let loaded: HashMap<String, Pdu> =
-        events_by_ids(conn, &ids)?.into_iter().map(|e| (e.pdu.event_id.to_string(), e.pdu)).collect();
+        events_by_ids_in(conn, &ids, room)?.into_iter().map(|e| (e.pdu.event_id.to_string(), e.pdu)).collect();
     let fetch_event = |id: &EventId| loaded.get(id.as_str()).cloned();
     let fetch_state = |kind: &StateEventType, state_key: &str| {
         state.get(&(kind.to_string(), state_key.to_owned())).and_then(|id| loaded.get(id)).cloned()

@@ -102,10 +102,27 @@ pub fn latest_stream_pos(conn: &mut DbConnection, room_id: &str) -> Result<i64, 
 
 /// Loads several events by ID; unknown IDs are skipped.
 pub fn events_by_ids(conn: &mut DbConnection, ids: &[String]) -> Result<Vec<StoredEvent>, RoomError> {
+    events_by_ids_knowing(conn, ids, HashMap::new())
+}
+
+/// [`events_by_ids`] of events expected in `room`, whose version the caller holds: the append
+/// path loads a new event's auth events this way, without a lookup of the room's version.
+pub(super) fn events_by_ids_in(
+    conn: &mut DbConnection,
+    ids: &[String],
+    room: &RoomRow,
+) -> Result<Vec<StoredEvent>, RoomError> {
+    events_by_ids_knowing(conn, ids, HashMap::from([(room.room_id.clone(), room.version)]))
+}
+
+fn events_by_ids_knowing(
+    conn: &mut DbConnection,
+    ids: &[String],
+    mut versions: HashMap<String, RoomVersion>,
+) -> Result<Vec<StoredEvent>, RoomError> {
     // Events first, then each distinct room's version: a join here makes PostgreSQL plan
     // worse for long ID lists.
     let mut out = Vec::with_capacity(ids.len());
-    let mut versions: HashMap<String, RoomVersion> = HashMap::new();
     for chunk in ids.chunks(500) {
         let rows: Vec<EventRow> =
             events::table.filter(events::event_id.eq_any(chunk)).select(EVENT_COLUMNS).load(conn)?;
