@@ -316,30 +316,41 @@ async fn grouped_sends_keep_each_rooms_chain_and_state(db: DbKind) {
     let (first, second) =
         (alice.create_world_readable_room("one", "10").await, alice.create_world_readable_room("two", "10").await);
     let (first_id, second_id) = (RoomId::parse(&first).unwrap(), RoomId::parse(&second).unwrap());
-    let alice_id = UserId::parse(&alice.user_id).unwrap();
+    let bob = Client::register(&server.base, "bob").await;
+    assert_eq!(bob.join(&first).await.0, 200);
+    let (alice_id, bob_id) = (UserId::parse(&alice.user_id).unwrap(), UserId::parse(&bob.user_id).unwrap());
     let rooms = server.state().rooms.clone();
-    let sends: Vec<(&RoomId, &str, Option<&str>, Value)> = vec![
-        (&first_id, "m.room.message", None, json!({ "msgtype": "m.text", "body": "a1" })),
-        (&first_id, "m.room.message", None, json!({ "msgtype": "m.text", "body": "a2" })),
-        (&first_id, "m.room.topic", Some(""), json!({ "topic": "changed in the group" })),
-        (&first_id, "m.room.message", None, json!({ "msgtype": "m.text", "body": "a3" })),
-        (&second_id, "m.room.message", None, json!({ "msgtype": "m.text", "body": "b1" })),
-        (&first_id, "m.room.message", None, json!({ "msgtype": "m.text", "body": "a4" })),
-        (&second_id, "m.room.message", None, json!({ "msgtype": "m.text", "body": "b2" })),
+    let text = |body: &str| json!({ "msgtype": "m.text", "body": body });
+    let sends: Vec<(&RoomId, &UserId, &str, Option<&str>, Value)> = vec![
+        (&first_id, &alice_id, "m.room.message", None, text("a1")),
+        (&first_id, &alice_id, "m.room.message", None, text("a2")),
+        (&first_id, &bob_id, "m.room.message", None, text("a-bob")),
+        (&first_id, &alice_id, "m.room.topic", Some(""), json!({ "topic": "changed in the group" })),
+        (&first_id, &alice_id, "m.room.message", None, text("a3")),
+        (&second_id, &alice_id, "m.room.message", None, text("b1")),
+        (&first_id, &alice_id, "m.room.message", None, text("a4")),
+        (&second_id, &alice_id, "m.room.message", None, text("b2")),
     ];
-    let results = futures_util::future::join_all(
-        sends
-            .iter()
-            .map(|(room, kind, state_key, content)| rooms.send(room, &alice_id, kind, *state_key, content.clone())),
-    )
-    .await;
+    let results =
+        futures_util::future::join_all(sends.iter().map(|(room, sender, kind, state_key, content)| {
+            rooms.send(room, sender, kind, *state_key, content.clone())
+        }))
+        .await;
     let appended: Vec<_> = results.into_iter().map(|r| r.expect("every send is stored")).collect();
 
     for room in [&first_id, &second_id] {
         let mut chain = Vec::new();
-        for ((sent_to, ..), done) in sends.iter().zip(&appended) {
+        for ((sent_to, sender, ..), done) in sends.iter().zip(&appended) {
             if *sent_to == room {
-                chain.push(rooms.event(done.event_id.as_str()).await.unwrap().expect("stored"));
+                let event = rooms.event(done.event_id.as_str()).await.unwrap().expect("stored");
+                // Each event is authorised by its own sender's membership.
+                let member =
+                    rooms.state_event(room, "m.room.member", sender.as_str()).await.unwrap().expect("a member");
+                assert!(
+                    event.pdu.auth_events.contains(&member.event_id),
+                    "{sender}'s member event authorises their event"
+                );
+                chain.push(event);
             }
         }
         chain.sort_by_key(|event| event.stream_pos);
@@ -354,9 +365,9 @@ async fn grouped_sends_keep_each_rooms_chain_and_state(db: DbKind) {
             );
         }
     }
-    let topic = rooms.event(appended[2].event_id.as_str()).await.unwrap().expect("stored");
+    let topic = rooms.event(appended[3].event_id.as_str()).await.unwrap().expect("stored");
     assert_ne!(topic.state_group_before, Some(topic.state_group), "the topic starts a new state group");
-    let after_topic = rooms.event(appended[3].event_id.as_str()).await.unwrap().expect("stored");
+    let after_topic = rooms.event(appended[4].event_id.as_str()).await.unwrap().expect("stored");
     assert_eq!(after_topic.state_group_before, Some(topic.state_group));
     let (status, state) = request(
         &server.base,

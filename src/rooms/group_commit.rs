@@ -18,7 +18,7 @@ use tokio::sync::oneshot;
 
 use super::error::RoomError;
 use super::hooks::AppendHooks;
-use super::store::{self, Appended, RoomRow};
+use super::store::{self, Appended, RoomEnd};
 use crate::db::{write_transaction, Db, DbConnection};
 use crate::events::EventDraft;
 use crate::keys::SigningKey;
@@ -127,12 +127,13 @@ fn commit_group(
 }
 
 /// What the appends of one transaction carry from one to the next, so that a group of events
-/// sent to one room takes its locks once: whether the append lock is held, and the locked row
-/// of the room appended to last, while it is known as that append left it.
+/// sent to one room takes its locks once and reads the room's end once: whether the append lock
+/// is held, and what is known of the room appended to last (its locked row, and while nothing
+/// changed its state, its forward extremities and auth state; see [`RoomEnd`]).
 #[derive(Default)]
 struct Held {
     append_lock: bool,
-    room: Option<RoomRow>,
+    room: Option<RoomEnd>,
 }
 
 /// One event, inside the caller's transaction: the append lock and the room row (once per
@@ -149,19 +150,19 @@ fn append_one(
         store::take_append_lock(conn)?;
         held.append_lock = true;
     }
-    let row = match held.room.take() {
-        Some(row) if row.room_id == append.room_id => row,
-        _ => store::lock_room_row(conn, &append.room_id)?,
+    let end = match held.room.take() {
+        Some(end) if end.row.room_id == append.room_id => end,
+        _ => RoomEnd::of(store::lock_room_row(conn, &append.room_id)?),
     };
     let sender = append.draft.sender.to_string();
     if let Some((device_id, txn_id)) = &append.txn {
         if let Some(done) = store::client_txn(conn, &sender, device_id, txn_id)? {
-            held.room = Some(row);
+            held.room = Some(end);
             return Ok(done);
         }
     }
-    let (appended, row_after) = store::append_local_keeping_row(conn, key, hooks, &row, append.draft.clone())?;
-    held.room = row_after;
+    let (appended, end_after) = store::append_local_at(conn, key, hooks, &end, append.draft.clone())?;
+    held.room = end_after;
     if let Some((device_id, txn_id)) = &append.txn {
         store::record_client_txn(conn, &sender, device_id, txn_id, appended.event_id.as_str())?;
     }

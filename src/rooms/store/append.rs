@@ -70,20 +70,55 @@ pub fn append_local(
     store_event(conn, hooks, room, &pdu)
 }
 
-/// [`append_local`] for a transaction that appends several events: also returns the room row
-/// as the append left it, when that is known without reading it again (the event is not a
-/// state event, so only the depth moved), for the next append to the same room in the same
-/// transaction.
-pub fn append_local_keeping_row(
+/// What one append in a transaction of several leaves known about the room's end, so that the
+/// next append to the same room in that transaction reads none of it again. Kept only after an
+/// event that changes no state and rewrites no other event (neither a state event nor a
+/// redaction): the room's state, so its auth state and those events, are then as before.
+#[derive(Clone)]
+pub struct RoomEnd {
+    pub row: RoomRow,
+    /// The room's forward extremities, when the last append replaced all of them.
+    extremities: Option<Vec<String>>,
+    /// The auth state the last event was checked against.
+    auth: Option<AuthState>,
+}
+
+impl RoomEnd {
+    /// Only the locked room row is known.
+    pub fn of(row: RoomRow) -> RoomEnd {
+        RoomEnd { row, extremities: None, auth: None }
+    }
+}
+
+/// The current-state entries an event's auth rules read (`needed`, keyed by the auth types it
+/// was read for; `state` adds the create event) and those events, parsed.
+#[derive(Clone)]
+struct AuthState {
+    types: Vec<(StateEventType, String)>,
+    needed: HashMap<(String, String), String>,
+    state: HashMap<(String, String), String>,
+    loaded: HashMap<String, Pdu>,
+}
+
+/// [`append_local`] for a transaction that appends several events: starts from what the
+/// previous append to this room left known, and returns what this one leaves (see [`RoomEnd`]).
+pub fn append_local_at(
     conn: &mut DbConnection,
     key: &SigningKey,
     hooks: &AppendHooks,
-    room: &RoomRow,
+    end: &RoomEnd,
     draft: EventDraft,
-) -> Result<(Appended, Option<RoomRow>), RoomError> {
-    let pdu = prepare_at_end(conn, key, hooks.server_name(), room, draft)?;
+) -> Result<(Appended, Option<RoomEnd>), RoomError> {
+    let (pdu, prev, auth) = prepare_at(conn, key, hooks.server_name(), end, draft)?;
+    let room = &end.row;
     let appended = store_event(conn, hooks, room, &pdu)?;
-    let after = pdu.state_key.is_none().then(|| RoomRow { max_depth: room.max_depth.max(pdu.depth), ..room.clone() });
+    let unchanged_state = pdu.state_key.is_none() && pdu.kind != TimelineEventType::RoomRedaction;
+    let after = unchanged_state.then(|| RoomEnd {
+        row: RoomRow { max_depth: room.max_depth.max(pdu.depth), ..room.clone() },
+        // All the extremities were its prev events, so the event alone replaced them.
+        extremities: (prev.len() < MAX_PREV_EVENTS as usize).then(|| vec![pdu.event_id.to_string()]),
+        auth: Some(auth),
+    });
     Ok((appended, after))
 }
 
@@ -96,24 +131,47 @@ pub fn prepare_at_end(
     key: &SigningKey,
     server_name: &str,
     room: &RoomRow,
-    mut draft: EventDraft,
+    draft: EventDraft,
 ) -> Result<Pdu, RoomError> {
-    let auth_types =
-        pdus::auth_types(room.version, &draft.kind, &draft.sender, draft.state_key.as_deref(), &draft.content)
-            .map_err(|e| RoomError::BadEvent(e.to_string()))?;
-    let needed = current_state_for(conn, &room.room_id, &auth_types)?;
-    draft.auth_events = needed.values().map(|id| EventId::parse(id).expect("stored IDs are valid")).collect();
+    prepare_at(conn, key, server_name, &RoomEnd::of(room.clone()), draft).map(|(pdu, _, _)| pdu)
+}
+
+/// [`prepare_at_end`], reading only what `end` does not know; also returns the prev events and
+/// the auth state used.
+fn prepare_at(
+    conn: &mut DbConnection,
+    key: &SigningKey,
+    server_name: &str,
+    end: &RoomEnd,
+    mut draft: EventDraft,
+) -> Result<(Pdu, Vec<String>, AuthState), RoomError> {
+    let room = &end.row;
+    let types = pdus::auth_types(room.version, &draft.kind, &draft.sender, draft.state_key.as_deref(), &draft.content)
+        .map_err(|e| RoomError::BadEvent(e.to_string()))?;
+    let auth = match &end.auth {
+        Some(known) if known.types == types => known.clone(),
+        _ => {
+            let needed = current_state_for(conn, &room.room_id, &types)?;
+            let auth_events: Vec<String> = needed.values().cloned().collect();
+            let (state, loaded) = load_for_auth(conn, room, &auth_events, &needed)?;
+            AuthState { types, needed, state, loaded }
+        }
+    };
+    draft.auth_events = auth.needed.values().map(|id| EventId::parse(id).expect("stored IDs are valid")).collect();
     draft.auth_events.sort();
-    let prev: Vec<String> = forward_extremities::table
-        .filter(forward_extremities::room_id.eq(&room.room_id))
-        .select(forward_extremities::event_id)
-        .limit(MAX_PREV_EVENTS)
-        .load(conn)?;
+    let prev: Vec<String> = match &end.extremities {
+        Some(known) => known.clone(),
+        None => forward_extremities::table
+            .filter(forward_extremities::room_id.eq(&room.room_id))
+            .select(forward_extremities::event_id)
+            .limit(MAX_PREV_EVENTS)
+            .load(conn)?,
+    };
     draft.prev_events = prev.iter().map(|id| EventId::parse(id).expect("stored IDs are valid")).collect();
     draft.depth = room.max_depth + 1;
     let pdu = pdus::build(key, server_name, room.version, draft).map_err(|e| RoomError::BadEvent(e.to_string()))?;
-    authorise(conn, room, &pdu, &needed)?;
-    Ok(pdu)
+    check_loaded(room, &pdu, &auth.state, &auth.loaded)?;
+    Ok((pdu, prev, auth))
 }
 
 /// Authorises against the current state and stores an event of ours built beforehand (a v12
@@ -201,20 +259,41 @@ pub(super) fn authorise(
     pdu: &Pdu,
     state: &HashMap<(String, String), String>,
 ) -> Result<(), RoomError> {
-    // The rules always read the create event from the state, also in v12 where it is in no
-    // event's auth events.
+    let auth_events: Vec<String> = pdu.auth_events.iter().map(|id| id.to_string()).collect();
+    let (state, loaded) = load_for_auth(conn, room, &auth_events, state)?;
+    check_loaded(room, pdu, &state, &loaded)
+}
+
+/// What the auth rules read: `state` with the create event added (the rules always read it
+/// from the state, also in v12 where it is in no event's auth events), and the events of both
+/// it and `auth_events`, parsed.
+#[allow(clippy::type_complexity)]
+fn load_for_auth(
+    conn: &mut DbConnection,
+    room: &RoomRow,
+    auth_events: &[String],
+    state: &HashMap<(String, String), String>,
+) -> Result<(HashMap<(String, String), String>, HashMap<String, Pdu>), RoomError> {
     let mut state = state.clone();
     if let std::collections::hash_map::Entry::Vacant(slot) = state.entry(("m.room.create".to_owned(), String::new())) {
         if let Some(id) = current_state_id(conn, &room.room_id, "m.room.create", "")? {
             slot.insert(id);
         }
     }
-    let state = &state;
-    let mut ids: Vec<String> = pdu.auth_events.iter().map(|id| id.to_string()).chain(state.values().cloned()).collect();
+    let mut ids: Vec<String> = auth_events.iter().cloned().chain(state.values().cloned()).collect();
     ids.sort();
     ids.dedup();
-    let loaded: HashMap<String, Pdu> =
-        events_by_ids_in(conn, &ids, room)?.into_iter().map(|e| (e.pdu.event_id.to_string(), e.pdu)).collect();
+    let loaded = events_by_ids_in(conn, &ids, room)?.into_iter().map(|e| (e.pdu.event_id.to_string(), e.pdu)).collect();
+    Ok((state, loaded))
+}
+
+/// The auth rules over events already loaded by [`load_for_auth`].
+fn check_loaded(
+    room: &RoomRow,
+    pdu: &Pdu,
+    state: &HashMap<(String, String), String>,
+    loaded: &HashMap<String, Pdu>,
+) -> Result<(), RoomError> {
     let fetch_event = |id: &EventId| loaded.get(id.as_str()).cloned();
     let fetch_state = |kind: &StateEventType, state_key: &str| {
         state.get(&(kind.to_string(), state_key.to_owned())).and_then(|id| loaded.get(id)).cloned()

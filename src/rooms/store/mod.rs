@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Text};
-use ruma::events::StateEventType;
+use ruma::events::{StateEventType, TimelineEventType};
 use ruma::{EventId, OwnedEventId};
 
 use super::error::RoomError;
