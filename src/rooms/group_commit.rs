@@ -161,7 +161,7 @@ fn append_one(
             return Ok(done);
         }
     }
-    let (appended, end_after) = store::append_local_at(conn, key, hooks, &end, append.draft.clone())?;
+    let (appended, end_after) = store::append_local_at(conn, key, hooks, end, append.draft.clone())?;
     held.room = end_after;
     if let Some((device_id, txn_id)) = &append.txn {
         store::record_client_txn(conn, &sender, device_id, txn_id, appended.event_id.as_str())?;

@@ -66,15 +66,13 @@ pub fn append_local(
     room: &RoomRow,
     draft: EventDraft,
 ) -> Result<Appended, RoomError> {
-    let pdu = prepare_at_end(conn, key, hooks.server_name(), room, draft)?;
-    store_event(conn, hooks, room, &pdu)
+    append_local_at(conn, key, hooks, RoomEnd::of(room.clone()), draft).map(|(appended, _)| appended)
 }
 
 /// What one append in a transaction of several leaves known about the room's end, so that the
 /// next append to the same room in that transaction reads none of it again. Kept only after an
 /// event that changes no state and rewrites no other event (neither a state event nor a
 /// redaction): the room's state, so its auth state and those events, are then as before.
-#[derive(Clone)]
 pub struct RoomEnd {
     pub row: RoomRow,
     /// The room's forward extremities, when the last append replaced all of them.
@@ -92,7 +90,6 @@ impl RoomEnd {
 
 /// The current-state entries an event's auth rules read (`needed`, keyed by the auth types it
 /// was read for; `state` adds the create event) and those events, parsed.
-#[derive(Clone)]
 struct AuthState {
     types: Vec<(StateEventType, String)>,
     needed: HashMap<(String, String), String>,
@@ -106,18 +103,20 @@ pub fn append_local_at(
     conn: &mut DbConnection,
     key: &SigningKey,
     hooks: &AppendHooks,
-    end: &RoomEnd,
+    end: RoomEnd,
     draft: EventDraft,
 ) -> Result<(Appended, Option<RoomEnd>), RoomError> {
-    let (pdu, prev, auth) = prepare_at(conn, key, hooks.server_name(), end, draft)?;
-    let room = &end.row;
-    let appended = store_event(conn, hooks, room, &pdu)?;
+    let (pdu, used) = prepare_at(conn, key, hooks.server_name(), end, draft)?;
+    let appended = store_event(conn, hooks, &used.row, &pdu)?;
     let unchanged_state = pdu.state_key.is_none() && pdu.kind != TimelineEventType::RoomRedaction;
-    let after = unchanged_state.then(|| RoomEnd {
-        row: RoomRow { max_depth: room.max_depth.max(pdu.depth), ..room.clone() },
-        // All the extremities were its prev events, so the event alone replaced them.
-        extremities: (prev.len() < MAX_PREV_EVENTS as usize).then(|| vec![pdu.event_id.to_string()]),
-        auth: Some(auth),
+    let after = unchanged_state.then(|| {
+        let prev = used.extremities.expect("prepare_at returns the prev events it used");
+        RoomEnd {
+            row: RoomRow { max_depth: used.row.max_depth.max(pdu.depth), ..used.row },
+            // All the extremities were its prev events, so the event alone replaced them.
+            extremities: (prev.len() < MAX_PREV_EVENTS as usize).then(|| vec![pdu.event_id.to_string()]),
+            auth: used.auth,
+        }
     });
     Ok((appended, after))
 }
@@ -133,23 +132,24 @@ pub fn prepare_at_end(
     room: &RoomRow,
     draft: EventDraft,
 ) -> Result<Pdu, RoomError> {
-    prepare_at(conn, key, server_name, &RoomEnd::of(room.clone()), draft).map(|(pdu, _, _)| pdu)
+    prepare_at(conn, key, server_name, RoomEnd::of(room.clone()), draft).map(|(pdu, _)| pdu)
 }
 
-/// [`prepare_at_end`], reading only what `end` does not know; also returns the prev events and
-/// the auth state used.
+/// [`prepare_at_end`], reading only what `end` does not know; also returns what it used: the
+/// room row, the prev events and the auth state (taken over from `end`, not copied).
 fn prepare_at(
     conn: &mut DbConnection,
     key: &SigningKey,
     server_name: &str,
-    end: &RoomEnd,
+    end: RoomEnd,
     mut draft: EventDraft,
-) -> Result<(Pdu, Vec<String>, AuthState), RoomError> {
-    let room = &end.row;
+) -> Result<(Pdu, RoomEnd), RoomError> {
+    let RoomEnd { row, extremities, auth: known_auth } = end;
+    let room = &row;
     let types = pdus::auth_types(room.version, &draft.kind, &draft.sender, draft.state_key.as_deref(), &draft.content)
         .map_err(|e| RoomError::BadEvent(e.to_string()))?;
-    let auth = match &end.auth {
-        Some(known) if known.types == types => known.clone(),
+    let auth = match known_auth {
+        Some(known) if known.types == types => known,
         _ => {
             let needed = current_state_for(conn, &room.room_id, &types)?;
             let auth_events: Vec<String> = needed.values().cloned().collect();
@@ -159,8 +159,8 @@ fn prepare_at(
     };
     draft.auth_events = auth.needed.values().map(|id| EventId::parse(id).expect("stored IDs are valid")).collect();
     draft.auth_events.sort();
-    let prev: Vec<String> = match &end.extremities {
-        Some(known) => known.clone(),
+    let prev: Vec<String> = match extremities {
+        Some(known) => known,
         None => forward_extremities::table
             .filter(forward_extremities::room_id.eq(&room.room_id))
             .select(forward_extremities::event_id)
@@ -171,7 +171,7 @@ fn prepare_at(
     draft.depth = room.max_depth + 1;
     let pdu = pdus::build(key, server_name, room.version, draft).map_err(|e| RoomError::BadEvent(e.to_string()))?;
     check_loaded(room, &pdu, &auth.state, &auth.loaded)?;
-    Ok((pdu, prev, auth))
+    Ok((pdu, RoomEnd { row, extremities: Some(prev), auth: Some(auth) }))
 }
 
 /// Authorises against the current state and stores an event of ours built beforehand (a v12
