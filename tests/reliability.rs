@@ -316,3 +316,45 @@ async fn three_instances() {
         let _ = child.wait();
     }
 }
+
+/// The pool asks a connection whether the server is still there only after it sat idle or after
+/// its work failed. A connection whose backend is terminated under it (as a PostgreSQL restart
+/// or an administrator's `pg_terminate_backend` would) fails the work it was running, and is
+/// then not handed out again: the next work, at once, on a pool of one, gets a new connection.
+#[test]
+fn a_connection_whose_backend_died_is_not_handed_out_again() {
+    support::run_async(async {
+        use diesel::connection::SimpleConnection;
+        use diesel::prelude::*;
+        use peekgate::db::{Db, DbError};
+        let db = TestDb::new(DbKind::Postgres);
+        let pool = Db::connect(&db.url, 1).unwrap();
+        let backend = || {
+            pool.run::<_, DbError, _>(|conn| {
+                let pid: i32 = diesel::select(diesel::dsl::sql::<diesel::sql_types::Integer>("pg_backend_pid()"))
+                    .get_result(conn)?;
+                Ok(pid)
+            })
+        };
+        let first = backend().await.unwrap();
+        assert_eq!(backend().await.unwrap(), first, "a healthy connection is reused");
+        let killed = pool
+            .run::<_, DbError, _>(move |conn| {
+                let admin_url = support::postgres_admin_url();
+                let mut admin =
+                    diesel::PgConnection::establish(&admin_url).map_err(|e| DbError::Connect(e.to_string()))?;
+                admin.batch_execute(&format!("SELECT pg_terminate_backend({first})"))?;
+                // Gone from the server before this connection is used again.
+                let alive = format!("SELECT 1 FROM pg_stat_activity WHERE pid = {first}");
+                while diesel::sql_query(&alive).execute(&mut admin)? > 0 {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                conn.batch_execute("SELECT 1")?;
+                Ok(())
+            })
+            .await;
+        assert!(killed.is_err(), "work on a terminated backend fails");
+        let next = backend().await.expect("the next work gets a live connection");
+        assert_ne!(next, first, "a new connection, not the dead one");
+    });
+}

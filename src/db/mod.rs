@@ -9,7 +9,7 @@ pub mod schema;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
@@ -184,6 +184,43 @@ impl Target {
     }
 }
 
+/// How long a connection may sit in the pool before its next checkout asks the server whether it
+/// is still there. A busy pool hands its connections out again within milliseconds, and asking
+/// each time was one round trip in seven on the append path; a connection that sat idle through
+/// a database restart is still caught at checkout, and one whose work failed is checked when it
+/// comes back (see [`PoolConnection`]).
+const IDLE_BEFORE_CHECK: Duration = Duration::from_secs(1);
+
+/// A connection of a pool, with what the pool knows of its health. Derefs to the diesel
+/// connection.
+pub struct PoolConnection {
+    conn: DbConnection,
+    /// When it last went back into the pool (or was opened).
+    returned: Instant,
+    /// The work of its last checkout failed: the server may have gone, so the pool asks before
+    /// keeping it. Set by [`Db::run`] and [`Db::run_soft`].
+    failed: bool,
+}
+
+impl std::ops::Deref for PoolConnection {
+    type Target = DbConnection;
+    fn deref(&self) -> &DbConnection {
+        &self.conn
+    }
+}
+
+impl std::ops::DerefMut for PoolConnection {
+    fn deref_mut(&mut self) -> &mut DbConnection {
+        &mut self.conn
+    }
+}
+
+impl PoolConnection {
+    fn answers(&mut self) -> bool {
+        self.conn.batch_execute("SELECT 1").is_ok()
+    }
+}
+
 /// r2d2 manager that connects to exactly the configured backend (diesel's derived
 /// `establish` tries both and hides the real error).
 pub struct ConnectionManager {
@@ -204,23 +241,29 @@ impl std::fmt::Display for ManagerError {
 impl std::error::Error for ManagerError {}
 
 impl ManageConnection for ConnectionManager {
-    type Connection = DbConnection;
+    type Connection = PoolConnection;
     type Error = ManagerError;
 
-    fn connect(&self) -> Result<DbConnection, ManagerError> {
+    fn connect(&self) -> Result<PoolConnection, ManagerError> {
         let mut conn = self.target.connect().map_err(|e| ManagerError(e.to_string()))?;
         if self.soft && matches!(conn, DbConnection::Postgresql(_)) {
             conn.batch_execute("SET synchronous_commit = off").map_err(|e| ManagerError(e.to_string()))?;
         }
-        Ok(conn)
+        Ok(PoolConnection { conn, returned: Instant::now(), failed: false })
     }
 
-    fn is_valid(&self, conn: &mut DbConnection) -> Result<(), ManagerError> {
-        conn.batch_execute("SELECT 1").map_err(|e| ManagerError(e.to_string()))
+    /// At checkout: only a connection that sat idle for a while is asked.
+    fn is_valid(&self, conn: &mut PoolConnection) -> Result<(), ManagerError> {
+        if conn.returned.elapsed() < IDLE_BEFORE_CHECK || conn.answers() {
+            return Ok(());
+        }
+        Err(ManagerError("the connection no longer answers".into()))
     }
 
-    fn has_broken(&self, _conn: &mut DbConnection) -> bool {
-        false
+    /// At check-in: a connection whose work failed is kept only if it still answers.
+    fn has_broken(&self, conn: &mut PoolConnection) -> bool {
+        conn.returned = Instant::now();
+        std::mem::take(&mut conn.failed) && !conn.answers()
     }
 }
 
@@ -282,7 +325,9 @@ impl Db {
         let pool = self.soft.clone().unwrap_or_else(|| self.pool.clone());
         self.on_blocking_thread(move || {
             let mut conn = pool.get().map_err(|e| DbError::Pool(e.to_string()))?;
-            work(&mut conn)
+            let result = work(&mut conn);
+            conn.failed = result.is_err();
+            result
         })
         .await
         .map_err(|_| E::from(DbError::Cancelled))?
@@ -322,7 +367,7 @@ impl Db {
     /// Applies every pending migration of this backend; returns how many ran.
     pub fn migrate(&self) -> Result<usize, DbError> {
         let mut conn = self.conn()?;
-        let applied = on_backend!(&mut *conn, |c| match c.run_pending_migrations(self.migrations()) {
+        let applied = on_backend!(&mut **conn, |c| match c.run_pending_migrations(self.migrations()) {
             Ok(versions) => versions.len(),
             Err(e) => return Err(DbError::Migration(e.to_string())),
         });
@@ -351,7 +396,9 @@ impl Db {
         let db = self.clone();
         self.on_blocking_thread(move || {
             let mut conn = db.conn()?;
-            work(&mut conn)
+            let result = work(&mut conn);
+            conn.failed = result.is_err();
+            result
         })
         .await
         .map_err(|_| E::from(DbError::Cancelled))?
