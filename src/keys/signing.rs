@@ -202,7 +202,7 @@ impl SigningKey {
 /// the nonce `r`, and after `R` and the public key, for the challenge `k`. The nonce hash over
 /// the shared prefix is computed once here and continued per message; the challenge hash starts
 /// with `R`, which differs per message, so it covers the whole message each time. That halves
-/// the hashing of a large body, and the challenge hashes of a batch are computed eight at a time
+/// the hashing of a large body, and the challenge hashes of a batch are computed several at a time
 /// ([`super::parallel_sha512`]). The signatures are the ones ed25519-dalek makes for the whole
 /// message (Ed25519 is deterministic; the tests compare them byte for byte).
 ///
