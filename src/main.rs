@@ -125,6 +125,11 @@ enum BenchCommand {
         /// Concurrent senders in the sustained run.
         #[arg(long, default_value_t = 4)]
         appenders: usize,
+        /// The receiver authenticates every `/send` as a homeserver would (canonical body,
+        /// X-Matrix signature) and refuses any that fails; it then uses much more CPU, on the
+        /// same cores as the gateway.
+        #[arg(long)]
+        verify_signatures: bool,
     },
     /// Signing one `/send` body's X-Matrix headers for N destinations: one by one, and in the
     /// sender's batches (no network, no database; one core).
@@ -275,8 +280,24 @@ fn bench(command: BenchCommand) -> Result<(), String> {
     let result = runtime.block_on(async {
         match command {
             BenchCommand::Rooms { postgres, appends, seconds } => bench::rooms(&postgres, appends, seconds).await,
-            BenchCommand::Peeks { postgres, destinations, sustained, seconds, rounds, appenders } => {
-                bench::peeks(&postgres, destinations, sustained, seconds, rounds, appenders).await
+            BenchCommand::Peeks {
+                postgres,
+                destinations,
+                sustained,
+                seconds,
+                rounds,
+                appenders,
+                verify_signatures,
+            } => {
+                let options = bench::PeeksOptions {
+                    destinations,
+                    sustained,
+                    wrk_seconds: seconds,
+                    rounds,
+                    appenders,
+                    verify_signatures,
+                };
+                bench::peeks(&postgres, options).await
             }
             BenchCommand::Sync { postgres, events } => bench::sync(&postgres, events).await,
             BenchCommand::DeadPeers { postgres, healthy, events, rounds } => {

@@ -19,7 +19,7 @@ use diesel::{Connection, PgConnection};
 
 pub use dead_peers::dead_peers;
 pub use joins::joins;
-pub use peeks::peeks;
+pub use peeks::{peeks, PeeksOptions};
 pub use receiver::receiver;
 pub use rooms::rooms;
 pub use signing::signing;

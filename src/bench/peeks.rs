@@ -52,6 +52,8 @@ impl Receiver {
             let stats: Value =
                 self.http.get(format!("{}/wait/{marker}/{expected}", self.url)).send().await?.json().await?;
             let (count, last) = (stats["count"].as_u64().unwrap_or(0), stats["last_ms"].as_i64().unwrap_or(0));
+            let refused = stats["refused"].as_u64().unwrap_or(0);
+            anyhow::ensure!(refused == 0, "the receiver refused {refused} /send(s): a signature did not verify");
             if count >= expected {
                 return Ok(last);
             }
@@ -59,6 +61,23 @@ impl Receiver {
                 bail!("only {count} of {expected} deliveries of {marker}");
             }
         }
+    }
+}
+
+impl Receiver {
+    /// From now on the receiver verifies every `/send` with `server`'s key, as a homeserver
+    /// would, and refuses any that does not verify.
+    pub(super) async fn trust(&self, server: &str, key: &peekgate::keys::signing::SigningKey) -> anyhow::Result<()> {
+        let trusted = json!({ "origin": server, "key_id": key.key_id(), "key": key.public_key_base64() });
+        let answer = self.http.put(format!("{}/trust", self.url)).json(&trusted).send().await?;
+        anyhow::ensure!(answer.status().is_success(), "the receiver did not take the key: {}", answer.status());
+        Ok(())
+    }
+
+    /// How many `/send`s the receiver verified so far.
+    pub(super) async fn verified(&self) -> anyhow::Result<u64> {
+        let stats: Value = self.http.get(format!("{}/wait/-/0", self.url)).send().await?.json().await?;
+        Ok(stats["verified"].as_u64().unwrap_or(0))
     }
 }
 
@@ -73,14 +92,19 @@ fn sql_str(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
-pub async fn peeks(
-    postgres_admin: &str,
-    destinations: usize,
-    sustained: usize,
-    wrk_seconds: u64,
-    rounds: usize,
-    appenders: usize,
-) -> anyhow::Result<()> {
+/// What `bench peeks` runs (see its command-line help).
+pub struct PeeksOptions {
+    pub destinations: usize,
+    pub sustained: usize,
+    pub wrk_seconds: u64,
+    pub rounds: usize,
+    pub appenders: usize,
+    /// The receiver authenticates every `/send` (see `bench::receiver`).
+    pub verify_signatures: bool,
+}
+
+pub async fn peeks(postgres_admin: &str, options: PeeksOptions) -> anyhow::Result<()> {
+    let PeeksOptions { destinations, sustained, wrk_seconds, rounds, appenders, verify_signatures } = options;
     anyhow::ensure!(rounds > 0 && appenders > 0, "--rounds and --appenders must be at least 1");
     println!("peekgate bench peeks (release build: {}), PostgreSQL", !cfg!(debug_assertions));
     let receiver = Receiver::spawn()?;
@@ -101,6 +125,9 @@ pub async fn peeks(
     )
     .await?;
     let state = host.running.state.clone();
+    if verify_signatures {
+        receiver.trust("host.bench", &state.key).await?;
+    }
     let alice = UserId::parse("@alice:host.bench")?;
     state.accounts.create_user(&alice, "bench password", false).await?;
     let room = world_readable_room(&state, &alice).await?;
@@ -217,6 +244,12 @@ pub async fn peeks(
         sustained as f64 * n as f64 / secs,
         (appended - started) as f64 / 1000.0
     );
+    if verify_signatures {
+        println!(
+            "receiver: {} /sends so far authenticated as a homeserver would (canonical body, X-Matrix signature), none refused",
+            receiver.verified().await?
+        );
+    }
 
     // 3. Authenticated renewal PUTs: one real peek first (the host fetches the reader's keys).
     let host_name = <&ServerName>::try_from("host.bench")?;

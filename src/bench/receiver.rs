@@ -1,23 +1,77 @@
 //! `peekgate bench receiver`: one lightweight federation receiver that answers 200 to every
 //! `/send` for any number of destinations, and counts the PDUs it got per body marker. Runs as
 //! its own process so its CPU is not counted as the gateway's.
+//!
+//! Once told a server's key (`PUT /trust`, `bench peeks --verify-signatures`), it authenticates
+//! every `/send` as a homeserver would: the body parsed and made canonical, the X-Matrix header
+//! verified by the gateway's own verifier ([`peekgate::xmatrix::verify`]) for the destination
+//! it names, and a 401 for any that fails. That costs the receiver most of its CPU, on the cores
+//! the gateway runs on, so it is off unless asked for.
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock};
 use std::time::Duration;
 
-use actix_web::{web, App, HttpResponse, HttpServer};
+use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
+use ruma::{CanonicalJsonValue, OwnedServerName, ServerName};
 use serde_json::json;
 use tokio::sync::Notify;
 
 use peekgate::clock::now_ms;
+use peekgate::xmatrix::{self, RequestKeys};
 
-/// marker -> (PDUs received, time of the last one in ms), and a wake-up for `/wait`.
+/// marker -> (PDUs received, time of the last one in ms), and a wake-up for `/wait`; and, once
+/// a key is trusted, the `/send`s verified and refused.
 #[derive(Default)]
 struct Counts {
     by_marker: Mutex<HashMap<String, (u64, i64)>>,
     changed: Notify,
+    trusted: RwLock<Option<TrustedKey>>,
+    verified: AtomicU64,
+    refused: AtomicU64,
+}
+
+/// The one server key `/send`s must be signed with (`PUT /trust`).
+#[derive(Clone, serde::Deserialize)]
+struct TrustedKey {
+    origin: OwnedServerName,
+    key_id: String,
+    /// Unpadded base64, as in `/_matrix/key/v2/server`.
+    key: String,
+}
+
+#[async_trait::async_trait]
+impl RequestKeys for TrustedKey {
+    async fn request_key(&self, server: &ServerName, key_id: &str) -> Result<[u8; 32], String> {
+        if server != self.origin || key_id != self.key_id {
+            return Err(format!("no trusted key {key_id} of {server}"));
+        }
+        let bytes = peekgate::keys::encoding::decode_base64(&self.key).ok_or("the key is not base64")?;
+        bytes.try_into().map_err(|_| "not a 32-byte key".to_owned())
+    }
+}
+
+/// Authenticates one `/send` as a homeserver would (see the module's comment): `Err` says why not.
+async fn authenticate(trusted: &TrustedKey, request: &HttpRequest, body: &[u8]) -> Result<(), String> {
+    let headers: Vec<&str> = request.headers().get_all("authorization").filter_map(|v| v.to_str().ok()).collect();
+    // The receiver stands in for every destination: the one the header names is "ours".
+    let first = headers.first().ok_or("no Authorization header")?;
+    let named = ruma::api::federation::authentication::XMatrix::parse(first).map_err(|e| e.to_string())?;
+    let destination = named.destination.ok_or("no destination in the header")?;
+    let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+    let canonical = CanonicalJsonValue::try_from(value).map_err(|e| e.to_string())?;
+    let canonical = peekgate::canonical_json::encode(&canonical);
+    let inbound = xmatrix::Inbound {
+        method: "PUT",
+        uri: request.uri().path_and_query().map(|pq| pq.as_str()).unwrap_or("/"),
+        canonical_content: Some(&canonical),
+    };
+    xmatrix::verify(trusted, destination.as_str(), &headers, &inbound)
+        .await
+        .map(|_| ())
+        .map_err(|(failure, _, detail)| format!("{}: {detail}", failure.label()))
 }
 
 /// Only what the receiver counts; everything else in a transaction is skipped unparsed, so the
@@ -40,7 +94,16 @@ struct Marker<'a> {
     body: Option<std::borrow::Cow<'a, str>>,
 }
 
-async fn send(body: web::Bytes, counts: web::Data<Counts>) -> HttpResponse {
+async fn send(request: HttpRequest, body: web::Bytes, counts: web::Data<Counts>) -> HttpResponse {
+    let trusted = counts.trusted.read().unwrap().clone();
+    if let Some(trusted) = trusted {
+        if let Err(why) = authenticate(&trusted, &request, &body).await {
+            counts.refused.fetch_add(1, Ordering::Relaxed);
+            counts.changed.notify_waiters();
+            return HttpResponse::Unauthorized().json(json!({ "errcode": "M_UNAUTHORIZED", "error": why }));
+        }
+        counts.verified.fetch_add(1, Ordering::Relaxed);
+    }
     let now = now_ms();
     if let Ok(txn) = serde_json::from_slice::<Txn>(&body) {
         let mut by_marker = counts.by_marker.lock().unwrap();
@@ -67,11 +130,23 @@ async fn wait(path: web::Path<(String, u64)>, counts: web::Data<Counts>) -> Http
     loop {
         let changed = counts.changed.notified();
         let (count, last_ms) = counts.by_marker.lock().unwrap().get(marker.as_str()).copied().unwrap_or((0, 0));
-        if count >= expected || tokio::time::Instant::now() >= deadline {
-            return HttpResponse::Ok().json(json!({ "count": count, "last_ms": last_ms }));
+        let refused = counts.refused.load(Ordering::Relaxed);
+        if count >= expected || refused > 0 || tokio::time::Instant::now() >= deadline {
+            return HttpResponse::Ok().json(json!({
+                "count": count,
+                "last_ms": last_ms,
+                "verified": counts.verified.load(Ordering::Relaxed),
+                "refused": refused,
+            }));
         }
         let _ = tokio::time::timeout_at(deadline, changed).await;
     }
+}
+
+/// From now on every `/send` must be signed with this key.
+async fn trust(key: web::Json<TrustedKey>, counts: web::Data<Counts>) -> HttpResponse {
+    *counts.trusted.write().unwrap() = Some(key.into_inner());
+    HttpResponse::Ok().json(json!({}))
 }
 
 /// Serves until the process is killed; prints `listening on <url>` first.
@@ -86,6 +161,7 @@ pub async fn receiver(bind: &str) -> anyhow::Result<()> {
             .app_data(web::PayloadConfig::new(64 * 1024 * 1024))
             .route("/_matrix/federation/v1/send/{txn}", web::put().to(send))
             .route("/wait/{marker}/{count}", web::get().to(wait))
+            .route("/trust", web::put().to(trust))
     })
     .workers(2)
     .backlog(4096)
