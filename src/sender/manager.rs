@@ -19,7 +19,7 @@ use super::shared::{BodyFor, Prepared, PreparedBody, SenderContext, Shared, Work
 use super::{destinations, worker};
 use crate::clock::now_ms;
 use crate::db::schema::{self, events, inbound_peeks, joined_servers, peek_notices};
-use crate::db::DbError;
+use crate::db::{DbConnection, DbError};
 
 /// How often the manager looks for destinations with work, besides wake-ups.
 const MANAGER_TICK: Duration = Duration::from_millis(500);
@@ -423,75 +423,75 @@ async fn flush_progress(
 /// The head of the stream and the destinations with work. With `since`, only servers peeking a
 /// room that has events after `since`; without, every server behind the head with a live or not
 /// fully delivered peek. Both add servers with pending notices or a back-off in progress.
+///
+/// The manager asks this on every wake-up, so the usual case (`since`) is one query after the
+/// head's: the four sources in one `UNION`, not a round trip each.
 async fn destinations_with_work(shared: &Shared, since: Option<i64>) -> Result<(i64, Vec<String>), DbError> {
     shared
         .state
         .db
         .run(move |conn| {
-            let now = now_ms();
             let head = crate::rooms::store::stream_head(conn)?;
-            let mut list: Vec<String> = match since {
-                Some(since) if since >= head => Vec::new(),
-                Some(since) => {
-                    let changed_rooms = || {
-                        events::table
-                            .filter(events::stream_pos.gt(since))
-                            .filter(events::stream_pos.le(head))
-                            .select(events::room_id)
-                    };
-                    let mut servers: Vec<String> = inbound_peeks::table
-                        .filter(inbound_peeks::room_id.eq_any(changed_rooms()))
-                        .filter(inbound_peeks::end_stream_pos.is_null().or(inbound_peeks::end_stream_pos.gt(since)))
-                        .select(inbound_peeks::origin)
-                        .distinct()
-                        .load(conn)?;
-                    servers.extend(
-                        joined_servers::table
-                            .filter(joined_servers::room_id.eq_any(changed_rooms()))
-                            .filter(
-                                joined_servers::end_stream_pos.is_null().or(joined_servers::end_stream_pos.gt(since)),
-                            )
-                            .select(joined_servers::server_name)
-                            .distinct()
-                            .load::<String>(conn)?,
-                    );
-                    servers
+            let mut list = match since {
+                Some(since) => changed_or_waiting(conn, since, head)?,
+                None => {
+                    let mut list = behind_head(conn, head)?;
+                    list.extend(changed_or_waiting(conn, head, head)?);
+                    list
                 }
-                // Only destinations behind the head: a peeker that is caught up has no work,
-                // however many peeks it holds.
-                None => schema::destinations::table
-                    .filter(schema::destinations::last_sent_pos.lt(head))
-                    .filter(
-                        diesel::dsl::exists(
-                            inbound_peeks::table
-                                .filter(inbound_peeks::origin.eq(schema::destinations::server_name))
-                                .filter(
-                                    inbound_peeks::expires_ts.ge(now).or(inbound_peeks::end_stream_pos.is_not_null()),
-                                ),
-                        )
-                        .or(diesel::dsl::exists(
-                            joined_servers::table
-                                .filter(joined_servers::server_name.eq(schema::destinations::server_name))
-                                .filter(joined_servers::end_stream_pos.is_null().or(
-                                    joined_servers::end_stream_pos.gt(schema::destinations::last_sent_pos.nullable()),
-                                )),
-                        )),
-                    )
-                    .select(schema::destinations::server_name)
-                    .load(conn)?,
             };
-            let noticed: Vec<String> = peek_notices::table.select(peek_notices::destination).distinct().load(conn)?;
-            let retrying: Vec<String> = schema::destinations::table
-                .filter(schema::destinations::retry_at.is_not_null())
-                .select(schema::destinations::server_name)
-                .load(conn)?;
-            list.extend(noticed);
-            list.extend(retrying);
             list.sort();
             list.dedup();
             Ok((head, list))
         })
         .await
+}
+
+/// Servers peeking or joined to a room with events in `(since, head]` (none when `since` is the
+/// head), and servers with a pending notice or a back-off in progress.
+fn changed_or_waiting(conn: &mut DbConnection, since: i64, head: i64) -> Result<Vec<String>, DbError> {
+    let changed_rooms = || {
+        events::table.filter(events::stream_pos.gt(since)).filter(events::stream_pos.le(head)).select(events::room_id)
+    };
+    let peeking = inbound_peeks::table
+        .filter(inbound_peeks::room_id.eq_any(changed_rooms()))
+        .filter(inbound_peeks::end_stream_pos.is_null().or(inbound_peeks::end_stream_pos.gt(since)))
+        .select(inbound_peeks::origin);
+    let joined = joined_servers::table
+        .filter(joined_servers::room_id.eq_any(changed_rooms()))
+        .filter(joined_servers::end_stream_pos.is_null().or(joined_servers::end_stream_pos.gt(since)))
+        .select(joined_servers::server_name);
+    let noticed = peek_notices::table.select(peek_notices::destination);
+    let retrying = schema::destinations::table
+        .filter(schema::destinations::retry_at.is_not_null())
+        .select(schema::destinations::server_name);
+    // diesel's multi-backend connection has no UNION; the same query runs on either backend.
+    let list = crate::on_backend!(conn, |c| peeking.union(joined).union(noticed).union(retrying).load::<String>(c))?;
+    Ok(list)
+}
+
+/// Every server behind the head with a live or not fully delivered peek or joined span (a
+/// peeker that is caught up has no work, however many peeks it holds).
+fn behind_head(conn: &mut DbConnection, head: i64) -> Result<Vec<String>, DbError> {
+    let now = now_ms();
+    Ok(schema::destinations::table
+        .filter(schema::destinations::last_sent_pos.lt(head))
+        .filter(
+            diesel::dsl::exists(
+                inbound_peeks::table
+                    .filter(inbound_peeks::origin.eq(schema::destinations::server_name))
+                    .filter(inbound_peeks::expires_ts.ge(now).or(inbound_peeks::end_stream_pos.is_not_null())),
+            )
+            .or(diesel::dsl::exists(
+                joined_servers::table.filter(joined_servers::server_name.eq(schema::destinations::server_name)).filter(
+                    joined_servers::end_stream_pos
+                        .is_null()
+                        .or(joined_servers::end_stream_pos.gt(schema::destinations::last_sent_pos.nullable())),
+                ),
+            )),
+        )
+        .select(schema::destinations::server_name)
+        .load(conn)?)
 }
 
 async fn update_gauges(shared: &Shared) {
