@@ -73,8 +73,7 @@ where
     F: FnOnce(&mut DbConnection) -> Result<T, E>,
     E: From<diesel::result::Error>,
 {
-    use diesel::connection::{AnsiTransactionManager, TransactionManager};
-    type Manager = <DbConnection as Connection>::TransactionManager;
+    use diesel::connection::AnsiTransactionManager;
     let DbConnection::Sqlite(sqlite) = conn else {
         return conn.transaction(work);
     };
@@ -83,7 +82,45 @@ where
         Err(diesel::result::Error::AlreadyInTransaction) => return conn.transaction(work),
         Err(e) => return Err(e.into()),
     }
-    match work(conn) {
+    let result = work(conn);
+    end_transaction(conn, result)
+}
+
+/// [`write_transaction`] that on PostgreSQL sends `opening` (statements to run first, such as
+/// taking a lock) in the same round trip as its `BEGIN`: one wait for the server instead of
+/// two. `work` learns whether they ran: not on SQLite, and not when the connection was already
+/// in a transaction (`work` then runs in a savepoint, as with [`write_transaction`]).
+pub fn write_transaction_opening_with<T, E, F>(conn: &mut DbConnection, opening: &str, work: F) -> Result<T, E>
+where
+    F: FnOnce(&mut DbConnection, bool) -> Result<T, E>,
+    E: From<diesel::result::Error>,
+{
+    use diesel::connection::AnsiTransactionManager;
+    let DbConnection::Postgresql(pg) = conn else {
+        return write_transaction(conn, |conn| work(conn, false));
+    };
+    match AnsiTransactionManager::begin_transaction_sql(pg, &format!("BEGIN; {opening}")) {
+        Ok(()) => {}
+        Err(diesel::result::Error::AlreadyInTransaction) => return conn.transaction(|conn| work(conn, false)),
+        Err(e) => {
+            // BEGIN may have run and `opening` failed: the session is then in an aborted
+            // transaction that diesel does not know of.
+            let _ = pg.batch_execute("ROLLBACK");
+            return Err(e.into());
+        }
+    }
+    let result = work(conn, true);
+    end_transaction(conn, result)
+}
+
+/// Commits a transaction begun by hand when `result` is `Ok`, rolls it back otherwise.
+fn end_transaction<T, E>(conn: &mut DbConnection, result: Result<T, E>) -> Result<T, E>
+where
+    E: From<diesel::result::Error>,
+{
+    use diesel::connection::TransactionManager;
+    type Manager = <DbConnection as Connection>::TransactionManager;
+    match result {
         Ok(value) => {
             Manager::commit_transaction(conn)?;
             Ok(value)

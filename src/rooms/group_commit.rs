@@ -19,7 +19,7 @@ use tokio::sync::oneshot;
 use super::error::RoomError;
 use super::hooks::AppendHooks;
 use super::store::{self, Appended, RoomEnd};
-use crate::db::{write_transaction, Db, DbConnection};
+use crate::db::{write_transaction_opening_with, Db, DbConnection};
 use crate::events::EventDraft;
 use crate::keys::SigningKey;
 
@@ -108,9 +108,10 @@ fn commit_group(
     hooks: &AppendHooks,
     appends: &[LocalAppend],
 ) -> Vec<Result<Appended, RoomError>> {
+    let lock = store::append_lock_statement();
     if appends.len() > 1 {
-        let together = write_transaction(conn, |conn| {
-            let mut held = Held::default();
+        let together = write_transaction_opening_with(conn, &lock, |conn, locked| {
+            let mut held = Held { append_lock: locked, room: None };
             appends
                 .iter()
                 .map(|append| append_one(conn, key, hooks, append, &mut held))
@@ -122,15 +123,19 @@ fn commit_group(
     }
     appends
         .iter()
-        .map(|append| write_transaction(conn, |conn| append_one(conn, key, hooks, append, &mut Held::default())))
+        .map(|append| {
+            write_transaction_opening_with(conn, &lock, |conn, locked| {
+                append_one(conn, key, hooks, append, &mut Held { append_lock: locked, room: None })
+            })
+        })
         .collect()
 }
 
 /// What the appends of one transaction carry from one to the next, so that a group of events
 /// sent to one room takes its locks once and reads the room's end once: whether the append lock
-/// is held, and what is known of the room appended to last (its locked row, and while nothing
-/// changed its state, its forward extremities and auth state; see [`RoomEnd`]).
-#[derive(Default)]
+/// is held (on PostgreSQL it is taken with the transaction's `BEGIN`, in one round trip), and
+/// what is known of the room appended to last (its locked row, and while nothing changed its
+/// state, its forward extremities and auth state; see [`RoomEnd`]).
 struct Held {
     append_lock: bool,
     room: Option<RoomEnd>,

@@ -14,9 +14,15 @@ pub fn lock_for_append(conn: &mut DbConnection, room_id: &str) -> Result<RoomRow
 /// The append lock alone (PostgreSQL); held until the transaction ends.
 pub fn take_append_lock(conn: &mut DbConnection) -> Result<(), RoomError> {
     if matches!(conn, DbConnection::Postgresql(_)) {
-        diesel::sql_query(format!("SELECT pg_advisory_xact_lock({APPEND_LOCK_KEY})")).execute(conn)?;
+        diesel::sql_query(append_lock_statement()).execute(conn)?;
     }
     Ok(())
+}
+
+/// The statement that takes the append lock on PostgreSQL, for a transaction that opens with it
+/// (see `db::write_transaction_opening_with`).
+pub fn append_lock_statement() -> String {
+    format!("SELECT pg_advisory_xact_lock({APPEND_LOCK_KEY})")
 }
 
 /// The room row, locked by a no-op update until the transaction ends.
