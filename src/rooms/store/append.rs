@@ -323,7 +323,7 @@ pub fn store_event(
         (None, Some(group)) => group,
         (None, None) => return Err(RoomError::BadEvent("the first event of a room must be its create event".into())),
     };
-    let stream_pos = insert_event_row(conn, &room.room_id, pdu, before, after, false)?;
+    let stream_pos = super::at_end::insert_at_end(conn, room, pdu, before, after)?;
     if let Some(state_key) = &pdu.state_key {
         let row = (
             current_state::room_id.eq(room.room_id.clone()),
@@ -338,10 +338,6 @@ pub fn store_event(
             .set(row.3.clone())
             .execute(c))?;
     }
-    replace_prev_extremities(conn, &room.room_id, pdu)?;
-    diesel::update(rooms::table.filter(rooms::room_id.eq(&room.room_id)))
-        .set((rooms::current_state_group.eq(after), rooms::max_depth.eq(room.max_depth.max(pdu.depth))))
-        .execute(conn)?;
     // H19: a redaction rewrites the event it names, and an event arriving after its redaction
     // is rewritten at once, in the same transaction.
     super::redactions::after_store(conn, room, pdu, hooks.server_name())?;

@@ -5,6 +5,7 @@
 //! `use super::*`, and this file re-exports what the rest of the crate calls.
 
 mod append;
+mod at_end;
 mod groups;
 mod lookups;
 pub mod redactions;
