@@ -87,6 +87,26 @@ async fn client_api_round_trip(db: DbKind) {
     assert_eq!(status, 200);
     let (_, again) = alice.send_message(&room, "txn1", "hello").await;
     assert_eq!(first["event_id"], again["event_id"]);
+    // Also when the repeats arrive together with other sends (one group commit, likely): one
+    // event, the same ID for every repeat, and the other sends stored too.
+    let (a, b, c, other) = tokio::join!(
+        alice.send_message(&room, "txn2", "together"),
+        alice.send_message(&room, "txn2", "together"),
+        alice.send_message(&room, "txn2", "together"),
+        alice.send_message(&room, "txn3", "beside"),
+    );
+    for (status, answer) in [&a, &b, &c, &other] {
+        assert_eq!(*status, 200, "{answer}");
+    }
+    assert_eq!((&a.1["event_id"], &b.1["event_id"]), (&c.1["event_id"], &c.1["event_id"]));
+    assert_ne!(a.1["event_id"], other.1["event_id"]);
+    let (_, recent) = alice
+        .call(Method::GET, &format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=20", enc(&room)), None)
+        .await;
+    let bodies: Vec<&str> =
+        recent["chunk"].as_array().unwrap().iter().filter_map(|e| e["content"]["body"].as_str()).collect();
+    assert_eq!(bodies.iter().filter(|b| **b == "together").count(), 1, "{bodies:?}");
+    assert_eq!(bodies.iter().filter(|b| **b == "beside").count(), 1, "{bodies:?}");
 
     // State: put and get, then the full state.
     let (status, _) = alice.put_state(&room, "m.room.topic", "", json!({ "topic": "peeking" })).await;

@@ -18,7 +18,7 @@ use tokio::sync::oneshot;
 
 use super::error::RoomError;
 use super::hooks::AppendHooks;
-use super::store::{self, Appended, RoomEnd};
+use super::store::{self, Appended, ClientTxn, RoomEnd};
 use crate::db::{write_transaction_opening_with, Db, DbConnection};
 use crate::events::EventDraft;
 use crate::keys::SigningKey;
@@ -102,6 +102,11 @@ impl GroupCommit {
 }
 
 /// Stores `appends` in one transaction, or each in its own when the group fails.
+///
+/// The group does not look for repeated client transaction IDs first: a repeat is rare, and the
+/// client transactions' primary key fails the group when there is one. Each event is then stored
+/// alone, and there a repeat is looked for first and answered with the event it created. A group
+/// of one is tried the same way, so that a client's send costs no look-up in the usual case.
 fn commit_group(
     conn: &mut DbConnection,
     key: &SigningKey,
@@ -109,23 +114,22 @@ fn commit_group(
     appends: &[LocalAppend],
 ) -> Vec<Result<Appended, RoomError>> {
     let lock = store::append_lock_statement();
-    if appends.len() > 1 {
-        let together = write_transaction_opening_with(conn, &lock, |conn, locked| {
-            let mut held = Held { append_lock: locked, room: None };
-            appends
-                .iter()
-                .map(|append| append_one(conn, key, hooks, append, &mut held))
-                .collect::<Result<Vec<_>, RoomError>>()
-        });
-        if let Ok(appended) = together {
-            return appended.into_iter().map(Ok).collect();
-        }
+    let together = write_transaction_opening_with(conn, &lock, |conn, locked| {
+        let mut held = Held { append_lock: locked, room: None, look_for_repeats: false };
+        appends
+            .iter()
+            .map(|append| append_one(conn, key, hooks, append, &mut held))
+            .collect::<Result<Vec<_>, RoomError>>()
+    });
+    if let Ok(appended) = together {
+        return appended.into_iter().map(Ok).collect();
     }
     appends
         .iter()
         .map(|append| {
             write_transaction_opening_with(conn, &lock, |conn, locked| {
-                append_one(conn, key, hooks, append, &mut Held { append_lock: locked, room: None })
+                let mut held = Held { append_lock: locked, room: None, look_for_repeats: true };
+                append_one(conn, key, hooks, append, &mut held)
             })
         })
         .collect()
@@ -139,11 +143,14 @@ fn commit_group(
 struct Held {
     append_lock: bool,
     room: Option<RoomEnd>,
+    /// Look up each client transaction ID before appending (a repeat returns the first event),
+    /// instead of leaving a repeat to fail the transaction.
+    look_for_repeats: bool,
 }
 
 /// One event, inside the caller's transaction: the append lock and the room row (once per
-/// transaction and room), the client transaction check (a repeat returns the first event), the
-/// append, the client transaction.
+/// transaction and room), the client transaction check when asked for (a repeat returns the
+/// first event), and the append, which records the client transaction.
 fn append_one(
     conn: &mut DbConnection,
     key: &SigningKey,
@@ -160,16 +167,14 @@ fn append_one(
         _ => RoomEnd::of(store::lock_room_row(conn, &append.room_id)?),
     };
     let sender = append.draft.sender.to_string();
-    if let Some((device_id, txn_id)) = &append.txn {
-        if let Some(done) = store::client_txn(conn, &sender, device_id, txn_id)? {
+    let txn = append.txn.as_ref().map(|(device_id, txn_id)| ClientTxn { user_id: &sender, device_id, txn_id });
+    if let Some(txn) = txn.as_ref().filter(|_| held.look_for_repeats) {
+        if let Some(done) = store::client_txn(conn, txn.user_id, txn.device_id, txn.txn_id)? {
             held.room = Some(end);
             return Ok(done);
         }
     }
-    let (appended, end_after) = store::append_local_at(conn, key, hooks, end, append.draft.clone())?;
+    let (appended, end_after) = store::append_local_at(conn, key, hooks, end, append.draft.clone(), txn.as_ref())?;
     held.room = end_after;
-    if let Some((device_id, txn_id)) = &append.txn {
-        store::record_client_txn(conn, &sender, device_id, txn_id, appended.event_id.as_str())?;
-    }
     Ok(appended)
 }

@@ -72,7 +72,7 @@ pub fn append_local(
     room: &RoomRow,
     draft: EventDraft,
 ) -> Result<Appended, RoomError> {
-    append_local_at(conn, key, hooks, RoomEnd::of(room.clone()), draft).map(|(appended, _)| appended)
+    append_local_at(conn, key, hooks, RoomEnd::of(room.clone()), draft, None).map(|(appended, _)| appended)
 }
 
 /// What one append in a transaction of several leaves known about the room's end, so that the
@@ -105,15 +105,17 @@ struct AuthState {
 
 /// [`append_local`] for a transaction that appends several events: starts from what the
 /// previous append to this room left known, and returns what this one leaves (see [`RoomEnd`]).
+/// Records the client transaction that sent it, if any.
 pub fn append_local_at(
     conn: &mut DbConnection,
     key: &SigningKey,
     hooks: &AppendHooks,
     end: RoomEnd,
     draft: EventDraft,
+    txn: Option<&ClientTxn<'_>>,
 ) -> Result<(Appended, Option<RoomEnd>), RoomError> {
     let (pdu, used) = prepare_at(conn, key, hooks.server_name(), end, draft)?;
-    let appended = store_event(conn, hooks, &used.row, &pdu)?;
+    let appended = store_event_sent(conn, hooks, &used.row, &pdu, txn)?;
     let unchanged_state = pdu.state_key.is_none() && pdu.kind != TimelineEventType::RoomRedaction;
     let after = unchanged_state.then(|| {
         let prev = used.extremities.expect("prepare_at returns the prev events it used");
@@ -315,6 +317,17 @@ pub fn store_event(
     room: &RoomRow,
     pdu: &Pdu,
 ) -> Result<Appended, RoomError> {
+    store_event_sent(conn, hooks, room, pdu, None)
+}
+
+/// [`store_event`], recording the client transaction that sent the event with it.
+fn store_event_sent(
+    conn: &mut DbConnection,
+    hooks: &AppendHooks,
+    room: &RoomRow,
+    pdu: &Pdu,
+    txn: Option<&ClientTxn<'_>>,
+) -> Result<Appended, RoomError> {
     let before = room.current_state_group;
     let after = match (&pdu.state_key, before) {
         (Some(state_key), _) => {
@@ -323,7 +336,7 @@ pub fn store_event(
         (None, Some(group)) => group,
         (None, None) => return Err(RoomError::BadEvent("the first event of a room must be its create event".into())),
     };
-    let stream_pos = super::at_end::insert_at_end(conn, room, pdu, before, after)?;
+    let stream_pos = super::at_end::insert_at_end(conn, room, pdu, (before, after), txn)?;
     if let Some(state_key) = &pdu.state_key {
         let row = (
             current_state::room_id.eq(room.room_id.clone()),

@@ -12,6 +12,7 @@ pub mod redactions;
 mod resolve;
 
 pub use append::*;
+pub use at_end::ClientTxn;
 pub use groups::*;
 pub use lookups::*;
 pub use resolve::store_outlier_with_state;
