@@ -126,23 +126,34 @@ pub(super) async fn save_progress(
         .state
         .db
         .run(move |conn| {
-            write_transaction::<_, DbError, _>(conn, |conn| {
-                let mine = destinations::table
-                    .filter(destinations::server_name.eq(&destination))
-                    .filter(destinations::lease_owner.eq(&me));
-                let held = diesel::update(mine)
+            let mine = || {
+                destinations::table
+                    .filter(destinations::server_name.eq(destination.clone()))
+                    .filter(destinations::lease_owner.eq(me.clone()))
+            };
+            // One statement, so no transaction, in the usual case: the cursor only moves forward
+            // (`cursor` is a number, safe to write into the SQL).
+            let forward = diesel::dsl::sql::<diesel::sql_types::BigInt>(&format!(
+                "CASE WHEN last_sent_pos < {cursor} THEN {cursor} ELSE last_sent_pos END"
+            ));
+            let saved = |conn: &mut crate::db::DbConnection| {
+                diesel::update(mine())
                     .set((
                         destinations::failure_count.eq(0),
                         destinations::retry_at.eq(None::<i64>),
                         destinations::last_success_ts.eq(now_ms()),
+                        destinations::last_sent_pos.eq(forward),
                     ))
-                    .execute(conn)?;
-                if held == 0 {
+                    .execute(conn)
+                    .map(|held| held > 0)
+            };
+            if notices.is_empty() {
+                return Ok(saved(conn)?);
+            }
+            write_transaction::<_, DbError, _>(conn, |conn| {
+                if !saved(conn)? {
                     return Ok(false);
                 }
-                diesel::update(mine.filter(destinations::last_sent_pos.lt(cursor)))
-                    .set(destinations::last_sent_pos.eq(cursor))
-                    .execute(conn)?;
                 for (room, peek) in &notices {
                     diesel::delete(
                         peek_notices::table
