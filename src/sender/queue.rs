@@ -126,18 +126,16 @@ pub(super) async fn save_progress(
         .state
         .db
         .run(move |conn| {
-            let mine = || {
-                destinations::table
-                    .filter(destinations::server_name.eq(destination.clone()))
-                    .filter(destinations::lease_owner.eq(me.clone()))
-            };
             // One statement, so no transaction, in the usual case: the cursor only moves forward
             // (`cursor` is a number, safe to write into the SQL).
             let forward = diesel::dsl::sql::<diesel::sql_types::BigInt>(&format!(
                 "CASE WHEN last_sent_pos < {cursor} THEN {cursor} ELSE last_sent_pos END"
             ));
+            let mine = destinations::table
+                .filter(destinations::server_name.eq(&destination))
+                .filter(destinations::lease_owner.eq(&me));
             let saved = |conn: &mut crate::db::DbConnection| {
-                diesel::update(mine())
+                diesel::update(mine)
                     .set((
                         destinations::failure_count.eq(0),
                         destinations::retry_at.eq(None::<i64>),
