@@ -22,6 +22,8 @@ pub const DESTINATIONS_BACKING_OFF: &str = "peekgate_federation_destinations_bac
 pub const RECEIVED_PDUS: &str = "peekgate_federation_received_pdus_total";
 pub const XMATRIX_AUTH_FAILURES: &str = "peekgate_xmatrix_auth_failures_total";
 pub const SCHEDULE_RUNS: &str = "peekgate_schedule_runs_total";
+/// Beyond design.md's list (#13): how often delivery fell back to a destination's own queue.
+pub const QUEUE_TRANSACTIONS: &str = "peekgate_federation_queue_transactions_total";
 
 /// Every metric name of the contract.
 pub const CONTRACT: [&str; 13] = [
@@ -83,6 +85,10 @@ impl Metrics {
                 "Inbound federation requests refused by X-Matrix authentication, by reason"
             );
             metrics::describe_counter!(SCHEDULE_RUNS, "Scheduled job runs by job and result");
+            metrics::describe_counter!(
+                QUEUE_TRANSACTIONS,
+                "Transactions a destination's worker built from its own queue read, not from a body shared by the fan-out"
+            );
             for failure in AuthFailure::ALL {
                 metrics::counter!(XMATRIX_AUTH_FAILURES, "reason" => failure.label()).absolute(0);
             }
@@ -106,6 +112,7 @@ impl Metrics {
                 }
             }
             metrics::counter!(SENT_PDUS).absolute(0);
+            metrics::counter!(QUEUE_TRANSACTIONS).absolute(0);
             // Registering the histogram exposes it with empty buckets until the first send.
             let _ = metrics::histogram!(SEND_DURATION);
             metrics::gauge!(INBOUND_PEEKS).set(0.0);
@@ -157,6 +164,11 @@ impl Metrics {
                 metrics::counter!(SENT_PDUS).increment(pdus as u64);
             }
         });
+    }
+
+    /// A worker built a transaction from its own queue read (starting, far behind, notices).
+    pub fn queue_transaction(&self) {
+        self.with(|| metrics::counter!(QUEUE_TRANSACTIONS).increment(1));
     }
 
     pub fn destinations_backing_off(&self, count: i64) {

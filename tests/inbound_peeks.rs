@@ -552,6 +552,66 @@ async fn failing_peeker_backs_off_and_healthy_one_is_not_held_up(db: DbKind) {
 }
 both_backends!(failing_peeker_backs_off_and_healthy_one_is_not_held_up);
 
+/// H5 and the fan-out's catch-up (#13): two peekers that answer slowly fall behind while
+/// events keep coming, without holding up a fast one. Once they answer promptly again, the
+/// fan-out catches them up from where they are, with chunks read once for both, instead of each
+/// reading its own queue: no transaction is built from a queue read after the start, and both
+/// end with every event once, in order.
+async fn slow_peekers_fall_behind_and_are_caught_up_in_order(db: DbKind) {
+    const QUEUE_TRANSACTIONS: &str = "peekgate_federation_queue_transactions_total";
+    let s = setup(db, &["slow1.test", "slow2.test", "fast.test"], |_| {}).await;
+    for (peer, id) in s.peers.iter().zip(["s1", "s2", "f"]) {
+        assert_eq!(put_peek(peer, &s.gw, &s.room, id, "?ver=10").await.0, 200);
+    }
+    let (slow, fast) = (&s.peers[..2], &s.peers[2]);
+    // The first event starts the workers, each on its own queue.
+    let mut sent = vec![s.alice.say(&s.room, "warm-up").await];
+    wait_until("every peeker has the warm-up", || async {
+        s.peers.iter().all(|p| p.inbox.event_ids("10") == sent[..1])
+    })
+    .await;
+    // Let each worker finish its last (empty) queue read, so that it is waiting for bodies.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let queue_transactions = s.gw.metric(QUEUE_TRANSACTIONS).await;
+    assert!(queue_transactions >= 3.0, "each worker started on its queue: {queue_transactions}");
+    for peer in slow {
+        peer.inbox.send_delay_ms.store(1_500, Ordering::SeqCst);
+    }
+    // Spread out, so that rounds pass the slow peekers by: their hand-off fills up, then they
+    // count as stalled (a send running over a second).
+    for i in 0..12 {
+        sent.push(s.alice.say(&s.room, &format!("e{i}")).await);
+        tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    }
+    wait_until("the fast peeker has everything", || async { fast.inbox.event_ids("10") == sent }).await;
+    for peer in slow {
+        assert!(peer.inbox.event_ids("10").len() < sent.len(), "{} was not waited for", peer.name);
+        peer.inbox.send_delay_ms.store(0, Ordering::SeqCst);
+    }
+    // Events in a room only the fast one peeks go in between: the slow ones are moved past
+    // those without a message, and take the next body from where they are.
+    let side = s.alice.create_world_readable_room("side", "10").await;
+    assert_eq!(put_peek(fast, &s.gw, &side, "side", "?ver=10").await.0, 200);
+    let mut fast_expected = sent.clone();
+    for i in 12..15 {
+        fast_expected.push(s.alice.say(&side, &format!("side {i}")).await);
+        sent.push(s.alice.say(&s.room, &format!("e{i}")).await);
+        fast_expected.push(sent.last().unwrap().clone());
+    }
+    for peer in slow {
+        wait_until("a slow peeker catches up", || async { peer.inbox.event_ids("10").len() >= sent.len() }).await;
+        assert_eq!(peer.inbox.event_ids("10"), sent, "{}: every event once, in order", peer.name);
+    }
+    wait_until("the fast peeker has the last events", || async {
+        fast.inbox.event_ids("10").len() >= fast_expected.len()
+    })
+    .await;
+    assert_eq!(fast.inbox.event_ids("10"), fast_expected, "fast.test: both rooms' events once, in order");
+    assert_eq!(s.gw.metric(QUEUE_TRANSACTIONS).await, queue_transactions, "caught up by the fan-out alone");
+    finish(s).await;
+}
+both_backends!(slow_peekers_fall_behind_and_are_caught_up_in_order);
+
 /// Durable delivery: with 200 events queued for 3 peekers that are down, the gateway stops and
 /// starts again; every peeker ends with all 200 events (duplicates allowed, gaps not).
 async fn restart_with_queued_events_loses_nothing(db: DbKind) {

@@ -1,21 +1,20 @@
-//! The manager: starts one worker per destination with work, and feeds caught-up workers
-//! through the fan-out path (one body serialised for many destinations).
+//! The manager: starts one worker per destination with work, feeds workers through the
+//! fan-out path (one body serialised for many destinations), and wakes the others for the
+//! queue path.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use diesel::prelude::*;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
 
-use super::queue::{fan_out_inputs, save_many};
-use super::subscriptions::NewEvent;
-
+use super::fan_out::{self, WorkerHandle, HANDOFF_CAPACITY};
 use super::leases::{self, Leases};
-use super::shared::{BodyFor, Prepared, PreparedBody, SenderContext, Shared, WorkerStatus};
+use super::queue::save_many;
+use super::shared::{SenderContext, Shared, WorkerStatus};
 use super::{destinations, worker};
 use crate::clock::now_ms;
 use crate::db::schema::{self, events, inbound_peeks, joined_servers, peek_notices};
@@ -27,20 +26,15 @@ const MANAGER_TICK: Duration = Duration::from_millis(500);
 const FULL_SCAN_EVERY: Duration = Duration::from_secs(30);
 /// How often the gauges are recomputed.
 const GAUGE_EVERY: Duration = Duration::from_secs(5);
-/// Events per fan-out chunk: one transaction (the spec allows 50 PDUs).
-const FAN_OUT_MAX_EVENTS: i64 = 50;
-/// Chunks per manager round; a longer burst continues in the next round at once. Bounds the
-/// bodies one round queues for each worker.
-const FAN_OUT_MAX_CHUNKS: usize = 4;
 /// Longest wait for the previous fan-out round before starting the next.
 const COALESCE_WAIT: Duration = Duration::from_millis(100);
 /// Cursor moves of the fan-out path are written this long after the first of them, together
 /// (under a steady stream, one statement per few rounds). A crash loses at most this much of
 /// them: those transactions are sent again (at least once; receivers drop PDUs they have).
 const FLUSH_EVERY: Duration = Duration::from_millis(200);
-/// Bodies handed to one worker and not yet taken (H5): a worker whose peer is slow holds at
-/// most this many (one round's chunks); after that it catches up from the queue instead.
-const HANDOFF_CAPACITY: usize = FAN_OUT_MAX_CHUNKS;
+/// While the fan-out is catching workers up, the manager looks again this soon even when
+/// nothing new arrived (a worker whose peer was slow takes bodies again once it has answered).
+const LAGGARD_TICK: Duration = Duration::from_millis(20);
 
 /// A running sender: stops on [`SenderHandle::stop`].
 pub struct SenderHandle {
@@ -101,17 +95,6 @@ fn lower_this_threads_priority() {
     }
 }
 
-/// What the manager keeps per running worker.
-struct WorkerHandle {
-    wake: Arc<Notify>,
-    prepared: mpsc::Sender<Prepared>,
-    /// The worker's cursor, and whether it is stalled on a failing or silent peer.
-    status: Arc<WorkerStatus>,
-    /// The cursor the worker will have once it has handled what it was handed (manager side).
-    promised: i64,
-    task: JoinHandle<()>,
-}
-
 pub fn start(mut state: SenderContext) -> SenderHandle {
     if let Ok(here) = tokio::runtime::Handle::try_current() {
         state.db = state.db.blocking_on(here);
@@ -161,20 +144,35 @@ async fn manage(shared: Arc<Shared>, progress: mpsc::UnboundedReceiver<(String, 
         workers.retain(|_, w| !w.task.is_finished());
         let full = seen_head.is_none() || last_full_scan.elapsed() >= FULL_SCAN_EVERY;
         let mut burst_left = false;
+        let mut laggards = false;
         match destinations_with_work(&shared, if full { None } else { seen_head }).await {
-            Ok((head, list)) => {
-                let (served, reached) = match seen_head.filter(|since| *since < head && !full) {
-                    Some(since) => fan_out(&shared, &mut workers, since, head).await,
-                    None => (BTreeSet::new(), head),
+            Ok(Work { head, changed, waiting }) => {
+                let round = match seen_head.filter(|_| !full) {
+                    Some(since) => fan_out::round(&shared, &mut workers, since, head).await,
+                    None => fan_out::Round { reached: head, ..fan_out::Round::default() },
                 };
-                handed = served.iter().filter_map(|d| workers.get(d)).map(|w| (w.status.clone(), w.promised)).collect();
-                seen_head = Some(reached);
-                burst_left = reached < head;
+                handed = round
+                    .handed
+                    .iter()
+                    .filter_map(|d| workers.get(d))
+                    .map(|w| (w.status.clone(), w.handed_up_to()))
+                    .collect();
+                seen_head = Some(round.reached);
+                burst_left = round.reached < head;
+                laggards = round.laggards;
                 if full {
                     last_full_scan = Instant::now();
                 }
-                // Everything the fan-out did not hand over goes through the queue path.
-                for destination in list.iter().filter(|d| !served.contains(*d)) {
+                for destination in changed.iter().filter(|d| !round.served.contains(*d)) {
+                    let worker = ensure_worker(&shared, &leases, &mut workers, destination);
+                    if !worker.left_to_catch_up(round.reached) {
+                        worker.wake.notify_one();
+                    }
+                }
+                // Notices and back-offs are the queue path's work, and so are bodies that could
+                // not be prepared. Notices are woken for even when the fan-out keeps a worker
+                // busy, or they would wait for a quiet moment in the room.
+                for destination in waiting.iter().chain(&round.to_queue) {
                     ensure_worker(&shared, &leases, &mut workers, destination).wake.notify_one();
                 }
             }
@@ -189,9 +187,10 @@ async fn manage(shared: Arc<Shared>, progress: mpsc::UnboundedReceiver<(String, 
                 break;
             }
         } else {
+            let tick = if laggards { LAGGARD_TICK } else { MANAGER_TICK };
             tokio::select! {
                 _ = stream.changed() => {}
-                _ = tokio::time::sleep(MANAGER_TICK) => {}
+                _ = tokio::time::sleep(tick) => {}
                 _ = shutdown.changed() => break,
             }
         }
@@ -233,150 +232,8 @@ fn ensure_worker<'a>(
             rx,
             status.clone(),
         ));
-        WorkerHandle { wake, prepared: tx, status, promised: -1, task }
+        WorkerHandle::new(wake, tx, status, task)
     })
-}
-
-/// The fan-out path for events in `(since, head]`, in chunks of one transaction, at most
-/// [`FAN_OUT_MAX_CHUNKS`] of them: a burst is read once for every caught-up worker instead of
-/// by each worker from the queue (with 1,000 destinations that storm halved the sustained
-/// delivery rate). Returns the destinations handed everything up to the returned position:
-/// `head`, or less when the burst continues in the next round.
-async fn fan_out(
-    shared: &Arc<Shared>,
-    workers: &mut HashMap<String, WorkerHandle>,
-    since: i64,
-    head: i64,
-) -> (BTreeSet<String>, i64) {
-    let mut served: Option<BTreeSet<String>> = None;
-    let mut from = since;
-    for _ in 0..FAN_OUT_MAX_CHUNKS {
-        if from >= head {
-            break;
-        }
-        let to = head.min(from + FAN_OUT_MAX_EVENTS);
-        let Some(chunk) = fan_out_chunk(shared, workers, from, to).await else {
-            // The queue path delivers everything from each worker's own cursor.
-            return (BTreeSet::new(), head);
-        };
-        served = Some(match served {
-            None => chunk,
-            Some(before) => before.intersection(&chunk).cloned().collect(),
-        });
-        from = to;
-    }
-    (served.unwrap_or_default(), from)
-}
-
-/// One chunk of [`fan_out`]: read the events in `(since, head]` and the peeks on their rooms
-/// once, build one body per distinct set of PDUs, and hand it to each caught-up worker.
-/// Destinations whose worker is not caught up, stalled on its peer (H5), already holds
-/// [`HANDOFF_CAPACITY`] bodies, or is not running are left to the queue path.
-/// Returns the destinations it handed a body (or a cursor move) to; `None` when the read failed.
-async fn fan_out_chunk(
-    shared: &Arc<Shared>,
-    workers: &mut HashMap<String, WorkerHandle>,
-    since: i64,
-    head: i64,
-) -> Option<BTreeSet<String>> {
-    let mut served = BTreeSet::new();
-    let (new_events, subscriptions) = match fan_out_inputs(shared, since, head, FAN_OUT_MAX_EVENTS).await {
-        Ok(inputs) => inputs,
-        Err(e) => {
-            tracing::warn!(error = %e, "sender: fan-out read failed; the queue path will deliver");
-            return None;
-        }
-    };
-    let now = now_ms();
-    let mut wanted: BTreeMap<String, Vec<usize>> = BTreeMap::new();
-    for subscription in &subscriptions {
-        let entry = wanted.entry(subscription.destination.clone()).or_default();
-        entry.extend(new_events.iter().enumerate().filter(|(_, e)| subscription.wants(e, now)).map(|(i, _)| i));
-    }
-    let (handed, audiences) = assign_audiences(workers, wanted, since, now);
-    let bodies: Vec<Option<Arc<PreparedBody>>> = audiences
-        .into_iter()
-        .map(|(indices, audience)| prepare(shared, &new_events, &indices, audience).map(Arc::new))
-        .collect();
-    for (destination, place) in handed {
-        let body = match place {
-            None => None,
-            Some((number, slot)) => match &bodies[number] {
-                Some(body) => Some(BodyFor { body: body.clone(), slot }),
-                None => continue, // left to the queue path
-            },
-        };
-        let Some(worker) = workers.get_mut(&destination) else { continue };
-        if worker.prepared.try_send(Prepared { from: since, to: head, body }).is_ok() {
-            worker.promised = head;
-            served.insert(destination);
-        }
-    }
-    Some(served)
-}
-
-/// A destination to hand something to: its audience and slot there, or `None` for a bare
-/// cursor move (nothing in the chunk for it).
-type Handout = (String, Option<(usize, usize)>);
-/// The PDUs (indices into the chunk's events) one body carries, and the destinations getting it.
-type Audience = (Vec<usize>, Vec<String>);
-
-/// Which caught-up workers take a body now and which PDUs each gets, grouped into one audience
-/// per distinct set of PDUs. Workers that are not running, not exactly caught up to
-/// `since`, stalled (H5) or without room for another body are left to the queue path; only the
-/// manager hands bodies over, so room found here is still there when it does.
-fn assign_audiences(
-    workers: &HashMap<String, WorkerHandle>,
-    wanted: BTreeMap<String, Vec<usize>>,
-    since: i64,
-    now: i64,
-) -> (Vec<Handout>, Vec<Audience>) {
-    let mut handed = Vec::new();
-    let mut audiences: Vec<Audience> = Vec::new();
-    let mut audience_of: HashMap<Vec<usize>, usize> = HashMap::new();
-    for (destination, mut indices) in wanted {
-        indices.sort_unstable();
-        indices.dedup();
-        let Some(worker) = workers.get(&destination) else {
-            continue; // not running: the work list starts it on the queue path
-        };
-        // Bodies queue up in order behind the ones the worker is still sending, as long as they
-        // follow on exactly.
-        let expected = worker.promised.max(worker.status.cursor());
-        if expected != since || worker.status.stalled(now) || worker.prepared.capacity() == 0 {
-            continue;
-        }
-        if indices.is_empty() {
-            handed.push((destination, None));
-            continue;
-        }
-        let number = *audience_of.entry(indices).or_insert_with_key(|indices| {
-            audiences.push((indices.clone(), Vec::new()));
-            audiences.len() - 1
-        });
-        let audience = &mut audiences[number].1;
-        handed.push((destination.clone(), Some((number, audience.len()))));
-        audience.push(destination);
-    }
-    (handed, audiences)
-}
-
-/// Serialises a transaction once, as canonical JSON (sent as it is, and signed for each
-/// destination of `audience`).
-fn prepare(shared: &Shared, new_events: &[NewEvent], indices: &[usize], audience: Vec<String>) -> Option<PreparedBody> {
-    let pdus = indices.iter().filter_map(|i| serde_json::from_str(&new_events[*i].json).ok()).collect();
-    let transaction = shared
-        .transaction(pdus, &[])
-        .map_err(|e| tracing::warn!(error = %e, "sender: a transaction is not canonical JSON; the queue path will try"))
-        .ok()?;
-    let authorization = shared.state.federation.put_authorization(&transaction.path, &transaction.canonical);
-    Some(PreparedBody::new(
-        transaction.path,
-        Bytes::from(transaction.canonical),
-        transaction.pdus,
-        authorization,
-        audience,
-    ))
 }
 
 /// Writes the fan-out path's cursor moves, batched: [`FLUSH_EVERY`] after the first move of a
@@ -420,54 +277,69 @@ async fn flush_progress(
     }
 }
 
-/// The head of the stream and the destinations with work. With `since`, only servers peeking a
-/// room that has events after `since`; without, every server behind the head with a live or not
-/// fully delivered peek. Both add servers with pending notices or a back-off in progress.
+/// The head of the stream and the destinations with work (each list sorted, without repeats).
+struct Work {
+    head: i64,
+    /// Servers with events to get: the fan-out may serve them.
+    changed: Vec<String>,
+    /// Servers with a pending notice or a back-off in progress: work for the queue path.
+    waiting: Vec<String>,
+}
+
+/// The destinations with work. With `since`, only servers peeking a room that has events after
+/// `since`; without, every server behind the head with a live or not fully delivered peek. Both
+/// add the servers with pending notices or a back-off in progress.
 ///
 /// The manager asks this on every wake-up, so the usual case (`since`) is one query after the
 /// head's: the four sources in one `UNION`, not a round trip each.
-async fn destinations_with_work(shared: &Shared, since: Option<i64>) -> Result<(i64, Vec<String>), DbError> {
+async fn destinations_with_work(shared: &Shared, since: Option<i64>) -> Result<Work, DbError> {
     shared
         .state
         .db
         .run(move |conn| {
             let head = crate::rooms::store::stream_head(conn)?;
-            let mut list = match since {
+            let (mut changed, mut waiting) = match since {
                 Some(since) => changed_or_waiting(conn, since, head)?,
                 None => {
-                    let mut list = behind_head(conn, head)?;
-                    list.extend(changed_or_waiting(conn, head, head)?);
-                    list
+                    let (_, waiting) = changed_or_waiting(conn, head, head)?;
+                    (behind_head(conn, head)?, waiting)
                 }
             };
-            list.sort();
-            list.dedup();
-            Ok((head, list))
+            for list in [&mut changed, &mut waiting] {
+                list.sort();
+                list.dedup();
+            }
+            Ok(Work { head, changed, waiting })
         })
         .await
 }
 
 /// Servers peeking or joined to a room with events in `(since, head]` (none when `since` is the
-/// head), and servers with a pending notice or a back-off in progress.
-fn changed_or_waiting(conn: &mut DbConnection, since: i64, head: i64) -> Result<Vec<String>, DbError> {
+/// head), and apart from them the servers with a pending notice or a back-off in progress.
+fn changed_or_waiting(conn: &mut DbConnection, since: i64, head: i64) -> Result<(Vec<String>, Vec<String>), DbError> {
+    use diesel::dsl::sql;
+    use diesel::sql_types::Bool;
     let changed_rooms = || {
         events::table.filter(events::stream_pos.gt(since)).filter(events::stream_pos.le(head)).select(events::room_id)
     };
+    // The second column tells the two kinds apart: `false` for changed, `true` for waiting.
     let peeking = inbound_peeks::table
         .filter(inbound_peeks::room_id.eq_any(changed_rooms()))
         .filter(inbound_peeks::end_stream_pos.is_null().or(inbound_peeks::end_stream_pos.gt(since)))
-        .select(inbound_peeks::origin);
+        .select((inbound_peeks::origin, sql::<Bool>("1 = 0")));
     let joined = joined_servers::table
         .filter(joined_servers::room_id.eq_any(changed_rooms()))
         .filter(joined_servers::end_stream_pos.is_null().or(joined_servers::end_stream_pos.gt(since)))
-        .select(joined_servers::server_name);
-    let noticed = peek_notices::table.select(peek_notices::destination);
+        .select((joined_servers::server_name, sql::<Bool>("1 = 0")));
+    let noticed = peek_notices::table.select((peek_notices::destination, sql::<Bool>("1 = 1")));
     let retrying = schema::destinations::table
         .filter(schema::destinations::retry_at.is_not_null())
-        .select(schema::destinations::server_name);
+        .select((schema::destinations::server_name, sql::<Bool>("1 = 1")));
     // diesel's multi-backend connection has no UNION; the same query runs on either backend.
-    let list = crate::on_backend!(conn, |c| peeking.union(joined).union(noticed).union(retrying).load::<String>(c))?;
-    Ok(list)
+    let rows =
+        crate::on_backend!(conn, |c| peeking.union(joined).union(noticed).union(retrying).load::<(String, bool)>(c))?;
+    let (waiting, changed): (Vec<_>, Vec<_>) = rows.into_iter().partition(|(_, waiting)| *waiting);
+    Ok((changed.into_iter().map(|r| r.0).collect(), waiting.into_iter().map(|r| r.0).collect()))
 }
 
 /// Every server behind the head with a live or not fully delivered peek or joined span (a

@@ -8,11 +8,14 @@
 //! Two paths feed the workers:
 //! - the fan-out path: when new events arrive, the manager reads them and the peeks on their
 //!   rooms once, serialises each distinct transaction body once, and hands it to every worker
-//!   that is caught up; cursor moves are then persisted in bulk (one statement per position);
-//! - the queue path: a worker that is behind, backing off, or has `expired_peeks` notices reads
-//!   its own batches from the database, and catches up.
+//!   that is caught up; workers a little behind are caught up the same way, one chunk per
+//!   position where some wait; cursor moves are then persisted in bulk (one statement per
+//!   position);
+//! - the queue path: a worker that is starting, far behind, backing off, or has `expired_peeks`
+//!   notices reads its own batches from the database, and catches up.
 
 pub mod destinations;
+mod fan_out;
 mod leases;
 mod manager;
 mod queue;

@@ -32,7 +32,10 @@ pub struct SenderContext {
 
 /// A transaction body serialised once for every destination that gets the same PDUs.
 pub(crate) struct Prepared {
-    /// The worker's cursor this body follows, and the cursor after it.
+    /// Nothing for the destination lies in `(quiet_from, from]`: a worker anywhere in that span
+    /// may take this body (the fan-out passed over events it has no part in without a message).
+    pub quiet_from: i64,
+    /// Where the body starts, and the worker's cursor after it.
     pub from: i64,
     pub to: i64,
     /// `None`: nothing for this destination between `from` and `to`; just move the cursor.
@@ -151,11 +154,21 @@ pub(crate) struct WorkerStatus {
     pub sending_since_ms: AtomicI64,
     /// The last attempt failed and the worker is retrying or backing off.
     pub failing: AtomicBool,
+    /// The worker reads its own batches (or is starting): bodies handed to it now would wait.
+    pub on_queue_path: AtomicBool,
 }
 
 impl WorkerStatus {
     pub fn new() -> WorkerStatus {
-        WorkerStatus { cursor: AtomicI64::new(-1), ..WorkerStatus::default() }
+        WorkerStatus { cursor: AtomicI64::new(-1), on_queue_path: AtomicBool::new(true), ..WorkerStatus::default() }
+    }
+
+    pub fn failing(&self) -> bool {
+        self.failing.load(Ordering::Acquire)
+    }
+
+    pub fn on_queue_path(&self) -> bool {
+        self.on_queue_path.load(Ordering::Acquire)
     }
 
     pub fn cursor(&self) -> i64 {
@@ -167,7 +180,7 @@ impl WorkerStatus {
     /// not slow down the healthy ones. It catches up from the queue once its peer answers.
     pub fn stalled(&self, now: i64) -> bool {
         let since = self.sending_since_ms.load(Ordering::Acquire);
-        self.failing.load(Ordering::Acquire) || (since > 0 && now - since > STALLED_AFTER_MS)
+        self.failing() || (since > 0 && now - since > STALLED_AFTER_MS)
     }
 }
 

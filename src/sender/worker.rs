@@ -56,14 +56,17 @@ pub(super) async fn run(
             break;
         }
         if needs_queue {
+            status.on_queue_path.store(true, Ordering::Release);
             if catch_up(&shared, &connection, &destination, &mut row, &status, &mut stop).await.is_err() {
                 break;
             }
             needs_queue = false;
+            status.on_queue_path.store(false, Ordering::Release);
         }
         tokio::select! {
             message = prepared.recv() => match message {
-                Some(p) if p.from == status.cursor() => {
+                // From where it is: at the body's start, or before it with nothing for it between.
+                Some(p) if (p.quiet_from..=p.from).contains(&status.cursor()) => {
                     if let Some(BodyFor { body, slot }) = &p.body {
                         let authorization = body.header(*slot).await;
                         let attempt = || async { connection.lock().await.put_authorized(&body.path, &body.json, authorization).await };
@@ -122,6 +125,7 @@ async fn catch_up(
             tracing::warn!(destination, error = %e, "sender: a queued transaction is not canonical JSON");
             Stop
         })?;
+        shared.state.metrics.queue_transaction();
         let attempt = || async { connection.lock().await.put(&path, canonical.as_bytes()).await };
         send_with_retries(shared, destination, &mut row.failures, pdus, status, attempt, stop).await?;
         save_progress(shared, destination, batch.next_cursor, &batch.notices).await?;
