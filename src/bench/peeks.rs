@@ -188,16 +188,18 @@ pub async fn peeks(postgres_admin: &str, options: PeeksOptions) -> anyhow::Resul
     tokio::time::sleep(Duration::from_millis(500)).await;
     let receiver_pid = receiver.child.id();
     let others = || (processes_cpu_ms(|pid, _| pid == receiver_pid), processes_cpu_ms(|_, name| name == "postgres"));
-    let sent_transactions = || {
+    let series = |name: &str, label: &str| {
         state
             .metrics
             .render()
             .lines()
-            .find(|l| l.starts_with("peekgate_federation_sent_transactions_total") && l.contains("\"ok\""))
+            .find(|l| l.starts_with(name) && l.contains(label))
             .and_then(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
             .unwrap_or(0.0)
     };
-    let transactions_before = sent_transactions();
+    let sent_transactions = || series("peekgate_federation_sent_transactions_total", "\"ok\"");
+    let queue_transactions = || series("peekgate_federation_queue_transactions_total", "");
+    let (transactions_before, queue_before) = (sent_transactions(), queue_transactions());
     let (receiver_before, postgres_before) = others();
     let gateway_before = process_cpu_ns();
     let started = now_ms();
@@ -231,11 +233,12 @@ pub async fn peeks(postgres_admin: &str, options: PeeksOptions) -> anyhow::Resul
     let secs = (last - started) as f64 / 1000.0;
     let transactions = sent_transactions() - transactions_before;
     println!(
-        "sustained: CPU used meanwhile: gateway {gateway_cpu:.2} s, receiver {:.2} s, PostgreSQL {:.2} s, of {:.2} s on 2 cores; {transactions:.0} transactions, {:.1} events each",
+        "sustained: CPU used meanwhile: gateway {gateway_cpu:.2} s, receiver {:.2} s, PostgreSQL {:.2} s, of {:.2} s on 2 cores; {transactions:.0} transactions, {:.1} events each, {:.0} of them from workers' own queue reads",
         (receiver_after - receiver_before) / 1000.0,
         (postgres_after - postgres_before) / 1000.0,
         2.0 * secs,
-        (sustained as f64 * n as f64) / transactions.max(1.0)
+        (sustained as f64 * n as f64) / transactions.max(1.0),
+        queue_transactions() - queue_before
     );
     println!(
         "sustained: {sustained} events from {appenders} concurrent clients (client API) to {destinations} destinations ({} PDUs) in {secs:.2} s = {:.0} events/s delivered ({:.0} PDUs/s); appending took {:.2} s",
