@@ -166,7 +166,7 @@ impl Metrics {
         });
     }
 
-    /// A worker built a transaction from its own queue read (starting, far behind, notices).
+    /// A worker built a transaction from its own queue read (far behind, notices, a back-off).
     pub fn queue_transaction(&self) {
         self.with(|| metrics::counter!(QUEUE_TRANSACTIONS).increment(1));
     }

@@ -1,10 +1,11 @@
 //! H4: the destination leases this instance holds, renewed together.
 //!
-//! A worker takes its destination's lease when it starts and registers it here; one task renews
-//! every registered lease each third of the lease length, in one statement per 1,000
-//! destinations. Each worker used to renew its own: with 1,000 workers started together that was
-//! a burst of 1,000 committed `UPDATE`s every 10 s, hundreds of blocking-pool threads waiting
-//! for eight connections, and a stall of every fan-out round and append that fell into it.
+//! The manager takes the leases of the workers it starts, together, and registers each here; one
+//! task renews every registered lease each third of the lease length, in one statement per 1,000
+//! destinations; a worker releases its own when it stops. Each worker used to renew its own:
+//! with 1,000 workers started together that was a burst of 1,000 committed `UPDATE`s every 10 s,
+//! hundreds of blocking-pool threads waiting for eight connections, and a stall of every fan-out
+//! round and append that fell into it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -2,20 +2,22 @@
 //! fan-out path (one body serialised for many destinations), and wakes the others for the
 //! queue path.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use diesel::prelude::*;
+use ruma::OwnedServerName;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
 
+use super::destinations;
 use super::fan_out::{self, WorkerHandle, HANDOFF_CAPACITY};
 use super::leases::{self, Leases};
-use super::queue::save_many;
+use super::queue::{save_many, take_leases};
 use super::shared::{SenderContext, Shared, WorkerStatus};
-use super::{destinations, worker};
+use super::worker::{self, Assignment};
 use crate::clock::now_ms;
 use crate::db::schema::{self, events, inbound_peeks, joined_servers, peek_notices};
 use crate::db::{DbConnection, DbError};
@@ -163,17 +165,23 @@ async fn manage(shared: Arc<Shared>, progress: mpsc::UnboundedReceiver<(String, 
                 if full {
                     last_full_scan = Instant::now();
                 }
-                for destination in changed.iter().filter(|d| !round.served.contains(*d)) {
-                    let worker = ensure_worker(&shared, &leases, &mut workers, destination);
-                    if !worker.left_to_catch_up(round.reached) {
-                        worker.wake.notify_one();
-                    }
-                }
+                let behind: Vec<&String> = changed.iter().filter(|d| !round.served.contains(*d)).collect();
                 // Notices and back-offs are the queue path's work, and so are bodies that could
                 // not be prepared. Notices are woken for even when the fan-out keeps a worker
                 // busy, or they would wait for a quiet moment in the room.
-                for destination in waiting.iter().chain(&round.to_queue) {
-                    ensure_worker(&shared, &leases, &mut workers, destination).wake.notify_one();
+                let queue_work: Vec<&String> = waiting.iter().chain(&round.to_queue).collect();
+                let wanted = behind.iter().chain(&queue_work).copied().collect();
+                // New workers the fan-out is to catch up are served in the next round, soon.
+                laggards |= start_workers(&shared, &leases, &mut workers, wanted).await;
+                for destination in behind {
+                    if let Some(worker) = workers.get(destination).filter(|w| !w.left_to_catch_up(round.reached)) {
+                        worker.wake.notify_one();
+                    }
+                }
+                for destination in queue_work {
+                    if let Some(worker) = workers.get(destination) {
+                        worker.wake.notify_one();
+                    }
                 }
             }
             Err(e) => tracing::warn!(error = %e, "sender: cannot list destinations"),
@@ -214,26 +222,59 @@ async fn manage(shared: Arc<Shared>, progress: mpsc::UnboundedReceiver<(String, 
     let _ = flusher.await;
 }
 
-fn ensure_worker<'a>(
+/// Starts workers for those of `destinations` without one: their leases are taken in one
+/// statement, and each worker starts at its stored cursor. A thousand workers starting together
+/// used to take a lease and read their queue each, at once: hundreds of blocking threads waiting
+/// for a connection. Now the fan-out catches most of them up together in the next round.
+/// Destinations another instance holds are left to it. Returns whether any worker started.
+async fn start_workers(
     shared: &Arc<Shared>,
     leases: &Arc<Leases>,
-    workers: &'a mut HashMap<String, WorkerHandle>,
-    destination: &str,
-) -> &'a WorkerHandle {
-    workers.entry(destination.to_owned()).or_insert_with(|| {
+    workers: &mut HashMap<String, WorkerHandle>,
+    destinations: BTreeSet<&String>,
+) -> bool {
+    let names: Vec<String> = destinations
+        .into_iter()
+        .filter(|d| !workers.contains_key(*d))
+        .filter(|d| {
+            let valid = OwnedServerName::try_from(d.as_str()).is_ok();
+            if !valid {
+                tracing::warn!(destination = %d, "sender: not a server name; skipping");
+            }
+            valid
+        })
+        .cloned()
+        .collect();
+    if names.is_empty() {
+        return false;
+    }
+    let rows = match take_leases(shared, names).await {
+        Ok(rows) => rows,
+        Err(e) => {
+            tracing::warn!(error = %e, "sender: cannot take destinations' leases");
+            return false;
+        }
+    };
+    let started = !rows.is_empty();
+    for (destination, row) in rows {
+        let Ok(server) = OwnedServerName::try_from(destination.as_str()) else { continue };
         let wake = Arc::new(Notify::new());
-        let (tx, rx) = mpsc::channel(HANDOFF_CAPACITY);
-        let status = Arc::new(WorkerStatus::new());
-        let task = tokio::spawn(worker::run(
-            shared.clone(),
-            leases.clone(),
-            destination.to_owned(),
-            wake.clone(),
-            rx,
-            status.clone(),
-        ));
-        WorkerHandle::new(wake, tx, status, task)
-    })
+        let (tx, prepared) = mpsc::channel(HANDOFF_CAPACITY);
+        let status = Arc::new(WorkerStatus::starting_at(row.cursor, row.retry_at.is_some()));
+        let stop = leases.hold(&destination);
+        let assignment = Assignment {
+            destination: destination.clone(),
+            server,
+            row,
+            stop,
+            wake: wake.clone(),
+            prepared,
+            status: status.clone(),
+        };
+        let task = tokio::spawn(worker::run(shared.clone(), leases.clone(), assignment));
+        workers.insert(destination, WorkerHandle::new(wake, tx, status, task));
+    }
+    started
 }
 
 /// Writes the fan-out path's cursor moves, batched: [`FLUSH_EVERY`] after the first move of a

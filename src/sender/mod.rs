@@ -11,8 +11,11 @@
 //!   that is caught up; workers a little behind are caught up the same way, one chunk per
 //!   position where some wait; cursor moves are then persisted in bulk (one statement per
 //!   position);
-//! - the queue path: a worker that is starting, far behind, backing off, or has `expired_peeks`
-//!   notices reads its own batches from the database, and catches up.
+//! - the queue path: a worker that is far behind, backing off, or has `expired_peeks` notices
+//!   reads its own batches from the database, and catches up.
+//!
+//! Workers start at their stored cursors, their leases taken together by the manager, and wait
+//! for the fan-out to catch them up.
 
 pub mod destinations;
 mod fan_out;

@@ -1,7 +1,7 @@
 //! The sender's storage side: the queue query (events after a destination's cursor that it
 //! should get), cursor and failure bookkeeping, and destination leases.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use diesel::prelude::*;
@@ -208,33 +208,43 @@ pub(super) async fn stored_retry_at(shared: &Shared, destination: &str) -> Resul
         .await
 }
 
-/// Takes (or renews) this instance's lease on the destination and reads its row; `None` when
-/// another live instance holds it.
-pub(super) async fn take_lease(shared: &Shared, destination: &str) -> Result<Option<DestinationRow>, DbError> {
-    let (destination, me, lease_ms) = (destination.to_owned(), shared.instance.clone(), shared.lease_ms);
+/// Takes (or renews) this instance's leases on `names` and reads their rows, in one statement
+/// per 1,000; those another live instance holds, and names without a row, are left out.
+pub(super) async fn take_leases(
+    shared: &Shared,
+    names: Vec<String>,
+) -> Result<HashMap<String, DestinationRow>, DbError> {
+    let (me, lease_ms) = (shared.instance.clone(), shared.lease_ms);
     shared
         .state
         .db
         .run(move |conn| {
             let now = now_ms();
-            let taken = diesel::update(
-                destinations::table.filter(destinations::server_name.eq(&destination)).filter(
-                    destinations::lease_owner
-                        .is_null()
-                        .or(destinations::lease_owner.eq(&me))
-                        .or(destinations::lease_expires.lt(now)),
-                ),
-            )
-            .set((destinations::lease_owner.eq(&me), destinations::lease_expires.eq(now + lease_ms)))
-            .execute(conn)?;
-            if taken == 0 {
-                return Ok(None);
+            let mut taken = HashMap::with_capacity(names.len());
+            for chunk in names.chunks(1000) {
+                let rows: Vec<(String, i64, i32, Option<i64>)> = diesel::update(
+                    destinations::table.filter(destinations::server_name.eq_any(chunk)).filter(
+                        destinations::lease_owner
+                            .is_null()
+                            .or(destinations::lease_owner.eq(&me))
+                            .or(destinations::lease_expires.lt(now)),
+                    ),
+                )
+                .set((destinations::lease_owner.eq(&me), destinations::lease_expires.eq(now + lease_ms)))
+                .returning((
+                    destinations::server_name,
+                    destinations::last_sent_pos,
+                    destinations::failure_count,
+                    destinations::retry_at,
+                ))
+                .get_results(conn)?;
+                taken.extend(
+                    rows.into_iter().map(|(name, cursor, failures, retry_at)| {
+                        (name, DestinationRow { cursor, failures, retry_at })
+                    }),
+                );
             }
-            let (cursor, failures, retry_at) = destinations::table
-                .filter(destinations::server_name.eq(&destination))
-                .select((destinations::last_sent_pos, destinations::failure_count, destinations::retry_at))
-                .first(conn)?;
-            Ok(Some(DestinationRow { cursor, failures, retry_at }))
+            Ok(taken)
         })
         .await
 }

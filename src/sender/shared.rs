@@ -159,8 +159,19 @@ pub(crate) struct WorkerStatus {
 }
 
 impl WorkerStatus {
+    #[cfg(test)]
     pub fn new() -> WorkerStatus {
-        WorkerStatus { cursor: AtomicI64::new(-1), on_queue_path: AtomicBool::new(true), ..WorkerStatus::default() }
+        WorkerStatus::starting_at(-1, true)
+    }
+
+    /// A worker starting at its stored `cursor`; `on_queue_path` when it begins with its own
+    /// queue (a back-off to wait out).
+    pub fn starting_at(cursor: i64, on_queue_path: bool) -> WorkerStatus {
+        WorkerStatus {
+            cursor: AtomicI64::new(cursor),
+            on_queue_path: AtomicBool::new(on_queue_path),
+            ..WorkerStatus::default()
+        }
     }
 
     pub fn failing(&self) -> bool {

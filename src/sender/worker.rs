@@ -1,6 +1,7 @@
-//! One destination's worker: takes the destination's lease, then delivers bodies handed over by
-//! the fan-out path, or reads its own batches from the queue when it is behind, retrying each
-//! transaction with the same ID until it gets a 200.
+//! One destination's worker, started by the manager under the destination's lease: delivers
+//! bodies handed over by the fan-out path, or reads its own batches from the queue when woken
+//! for it (far behind, notices, a back-off), retrying each transaction with the same ID until it
+//! gets a 200; releases the lease when it stops.
 
 use std::future::Future;
 use std::sync::atomic::Ordering;
@@ -24,33 +25,29 @@ const WORKER_IDLE: Duration = Duration::from_secs(60);
 /// Why a worker stops before finishing.
 struct Stop;
 
-pub(super) async fn run(
-    shared: Arc<Shared>,
-    leases: Arc<Leases>,
-    destination: String,
-    wake: Arc<Notify>,
-    mut prepared: mpsc::Receiver<Prepared>,
-    status: Arc<WorkerStatus>,
-) {
-    let Ok(server) = OwnedServerName::try_from(destination.as_str()) else {
-        tracing::warn!(destination, "sender: not a server name; skipping");
-        return;
-    };
-    // The lease makes this instance the only one moving the destination's cursor, so the row
-    // read here stays true while we hold it.
-    let mut row = match queue::take_lease(&shared, &destination).await {
-        Ok(Some(row)) => row,
-        Ok(None) => return, // another instance owns this destination
-        Err(e) => {
-            tracing::warn!(destination, error = %e, "sender: cannot read destination");
-            return;
-        }
-    };
-    status.cursor.store(row.cursor, Ordering::Release);
-    let mut stop = leases.hold(&destination);
+/// What the manager hands a worker it starts: the destination, its row as read when the
+/// manager took its lease, and the worker's ends of the manager's channels.
+pub(super) struct Assignment {
+    pub destination: String,
+    pub server: OwnedServerName,
+    /// Read under the lease, which makes this instance the only one moving the destination's
+    /// cursor: it stays true while the lease is held.
+    pub row: DestinationRow,
+    /// Turns `true` at shutdown and when the lease is lost (see [`Leases::hold`]).
+    pub stop: watch::Receiver<bool>,
+    pub wake: Arc<Notify>,
+    pub prepared: mpsc::Receiver<Prepared>,
+    pub status: Arc<WorkerStatus>,
+}
+
+pub(super) async fn run(shared: Arc<Shared>, leases: Arc<Leases>, assignment: Assignment) {
+    let Assignment { destination, server, mut row, mut stop, wake, mut prepared, status } = assignment;
     // The worker's own kept-alive connection for its transactions (both paths).
     let connection = Mutex::new(DestinationConnection::new(shared.state.federation.clone(), server.clone()));
-    let mut needs_queue = true;
+    // A worker starts where its cursor is stored and waits for the fan-out to catch it up (or
+    // for the manager to wake it for its queue: far behind, notices); a back-off left by the
+    // last worker is waited out first.
+    let mut needs_queue = status.on_queue_path();
     loop {
         if *stop.borrow() {
             break;
