@@ -191,6 +191,35 @@ fn lease_owner(db_url: &str, destination: &str) -> Option<String> {
         .flatten()
 }
 
+/// H4: a gateway that stops cleanly releases its destinations' leases (the sender's manager,
+/// for all its stopped workers in one statement), so that another instance takes them over at
+/// once instead of when they run out.
+#[test]
+fn a_clean_stop_releases_the_destination_leases() {
+    support::run_async(clean_stop());
+}
+
+async fn clean_stop() {
+    let peer = TestPeer::start("peeker.test", KeyMode::Good);
+    let mut gw = ServerSpec::new(GW, DbKind::Postgres)
+        .configure(|c| c.client.registration = "open".into())
+        .destination(&peer.name, &peer.url)
+        .start()
+        .await;
+    peer.trust(GW, &gw.base);
+    let alice = Client::register(&gw.base, "alice").await;
+    let room = alice.create_world_readable_room("lobby", "10").await;
+    peek(&peer, &gw.base, &room, "p1").await;
+    let sent = alice.say(&room, "hello").await;
+    wait_until("the peeker has the event", || async { peer.inbox.event_ids("10").contains(&sent) }).await;
+    let url = gw.db.url.clone();
+    assert!(lease_owner(&url, "peeker.test").is_some(), "the delivering instance holds the lease");
+    gw.stop_running().await;
+    assert_eq!(lease_owner(&url, "peeker.test"), None, "released at the stop");
+    gw.stop().await;
+    peer.stop().await;
+}
+
 /// Three instances on one PostgreSQL, and the one delivering to a slow peeker is killed with
 /// SIGKILL mid-delivery: another takes the destination over and delivers everything, in order;
 /// the transactions the peeker received come from one sender at a time (the dead one's, then

@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 use super::destinations;
 use super::fan_out::{self, WorkerHandle, HANDOFF_CAPACITY};
 use super::leases::{self, Leases};
-use super::queue::{save_many, take_leases};
+use super::queue::{release_leases, save_many, take_leases};
 use super::shared::{SenderContext, Shared, WorkerStatus};
 use super::worker::{self, Assignment};
 use crate::clock::now_ms;
@@ -143,7 +143,7 @@ async fn manage(shared: Arc<Shared>, progress: mpsc::UnboundedReceiver<(String, 
     // The workers handed bodies in the last round, and the cursor each will have after them.
     let mut handed: Vec<(Arc<WorkerStatus>, i64)> = Vec::new();
     loop {
-        workers.retain(|_, w| !w.task.is_finished());
+        reap_finished_workers(&shared, &mut workers).await;
         let full = seen_head.is_none() || last_full_scan.elapsed() >= FULL_SCAN_EVERY;
         let mut burst_left = false;
         let mut laggards = false;
@@ -213,13 +213,27 @@ async fn manage(shared: Arc<Shared>, progress: mpsc::UnboundedReceiver<(String, 
     }
     // The keeper stops every worker at shutdown.
     let _ = lease_keeper.await;
-    for (_, worker) in workers.drain() {
+    let mut stopped = Vec::with_capacity(workers.len());
+    for (destination, worker) in workers.drain() {
         worker.wake.notify_one();
         let _ = worker.task.await;
+        stopped.push(destination);
     }
+    release_leases(&shared, stopped).await;
     // Workers are gone: the flusher writes what they left and ends.
     workers_done.notify_one();
     let _ = flusher.await;
+}
+
+/// Forgets the workers that stopped (idle, lease lost, a database error) and releases their
+/// leases in one statement: a thousand workers going idle together are one `UPDATE`, not a
+/// thousand blocking threads each waiting for a connection to write its own.
+async fn reap_finished_workers(shared: &Shared, workers: &mut HashMap<String, WorkerHandle>) {
+    let finished: Vec<String> = workers.iter().filter(|(_, w)| w.task.is_finished()).map(|(d, _)| d.clone()).collect();
+    for destination in &finished {
+        workers.remove(destination);
+    }
+    release_leases(shared, finished).await;
 }
 
 /// Starts workers for those of `destinations` without one: their leases are taken in one

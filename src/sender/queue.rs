@@ -275,22 +275,33 @@ pub(super) async fn renew_leases(shared: &Shared, held: Vec<String>) -> Result<H
         .await
 }
 
-pub(super) async fn release_lease(shared: &Shared, destination: &str) {
-    let (destination, me) = (destination.to_owned(), shared.instance.clone());
-    let _ = shared
+/// Releases this instance's leases on `names` (its workers there stopped), in one statement per
+/// 1,000; a lease another instance took meanwhile stays its. A failure is only logged: an
+/// unreleased lease runs out by itself.
+pub(super) async fn release_leases(shared: &Shared, names: Vec<String>) {
+    if names.is_empty() {
+        return;
+    }
+    let me = shared.instance.clone();
+    let released = shared
         .state
         .db
         .run::<_, DbError, _>(move |conn| {
-            diesel::update(
-                destinations::table
-                    .filter(destinations::server_name.eq(&destination))
-                    .filter(destinations::lease_owner.eq(&me)),
-            )
-            .set((destinations::lease_owner.eq(None::<String>), destinations::lease_expires.eq(None::<i64>)))
-            .execute(conn)?;
+            for chunk in names.chunks(1000) {
+                diesel::update(
+                    destinations::table
+                        .filter(destinations::server_name.eq_any(chunk))
+                        .filter(destinations::lease_owner.eq(&me)),
+                )
+                .set((destinations::lease_owner.eq(None::<String>), destinations::lease_expires.eq(None::<i64>)))
+                .execute(conn)?;
+            }
             Ok(())
         })
         .await;
+    if let Err(e) = released {
+        tracing::warn!(error = %e, "sender: cannot release leases (they run out by themselves)");
+    }
 }
 
 /// Cursor moves of the fan-out path, persisted together: one statement per distinct cursor,

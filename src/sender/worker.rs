@@ -86,8 +86,9 @@ pub(super) async fn run(shared: Arc<Shared>, leases: Arc<Leases>, assignment: As
     // Bodies still queued were not sent: the cursor did not move past them, so the next worker
     // resends them from the queue.
     prepared.close();
+    // The manager releases the lease in the database once it sees this task finished, together
+    // with those of the other workers that stopped meanwhile.
     leases.forget(&destination);
-    queue::release_lease(&shared, &destination).await;
 }
 
 /// The queue path: batch after batch from the database until nothing is left.
