@@ -24,7 +24,7 @@ use crate::peeks::outbound::OutboundPeeks;
 use crate::rooms::hooks::StateEventHook;
 use crate::rooms::Rooms;
 use crate::schedule::{self, ScheduleHandle};
-use crate::sender::{self, SenderContext, SenderHandle};
+use crate::sender::{self, SenderHandle};
 use crate::state::AppState;
 use crate::{admin, client_api, federation, http, keys};
 
@@ -228,15 +228,7 @@ pub fn start(state: AppState, listeners: Listeners) -> anyhow::Result<RunningSer
     }
     let listener = start_listener(&state);
     let announcer = start_announcer(&state);
-    let sender = Some(sender::start(SenderContext {
-        instance_id: state.instance_id.clone(),
-        settings: state.settings.clone(),
-        db: state.db.clone(),
-        rooms: state.rooms.clone(),
-        federation: state.federation.clone(),
-        metrics: state.metrics.clone(),
-        destination_resets: state.destination_resets.subscribe(),
-    }));
+    let sender = Some(sender::start(state.sender_context()));
     let schedule = Some(schedule::start(state.jobs()));
     tracing::info!(%http_addr, ?tls_addr, ?metrics_addr, server_name = %state.settings.server_name, "peekgate listening");
     Ok(RunningServer {

@@ -13,6 +13,7 @@ use crate::peeks::inbound::InboundPeeks;
 use crate::peeks::outbound::OutboundPeeks;
 use crate::rooms::Rooms;
 use crate::schedule::ScheduleContext;
+use crate::sender::SenderContext;
 use crate::sync::SyncContext;
 use crate::transactions::Inbox;
 
@@ -50,6 +51,19 @@ impl AppState {
             db: &self.db,
             device_peeks: &self.device_peeks,
             outbound: &self.outbound,
+        }
+    }
+
+    /// What the sender gets: the parts of the state it delivers with.
+    pub fn sender_context(&self) -> SenderContext {
+        SenderContext {
+            instance_id: self.instance_id.clone(),
+            settings: self.settings.clone(),
+            db: self.db.clone(),
+            rooms: self.rooms.clone(),
+            federation: self.federation.clone(),
+            metrics: self.metrics.clone(),
+            destination_resets: self.destination_resets.subscribe(),
         }
     }
 

@@ -16,7 +16,7 @@ use support::peer::{KeyMode, TestPeer};
 use support::peer_room::PeerRoom;
 use support::pg_cluster::PgCluster;
 use support::process::{get_json, spawn_serve};
-use support::{wait_until, DbKind, ServerSpec, TestDb};
+use support::{wait_until, DbKind, ServerSpec, TestDb, TestServer};
 
 const GW: &str = "gw.test";
 
@@ -35,6 +35,17 @@ async fn peek(peer: &TestPeer, base: &str, room: &str, peek_id: &str) {
     let path = format!("/_matrix/federation/v1/peek/{}/{peek_id}?ver=10", enc(room));
     let (status, answer) = peer.call(base, GW, Method::PUT, &path, Some(&json!({}))).await;
     assert_eq!(status, 200, "{answer}");
+}
+
+/// A gateway started from `spec` (open registration, `peer` one of its destinations), alice's
+/// world-readable room on it, and `peer` peeking that room.
+async fn peeked_room(spec: ServerSpec, peer: &TestPeer) -> (TestServer, Client, String) {
+    let gw = spec.configure(|c| c.client.registration = "open".into()).destination(&peer.name, &peer.url).start().await;
+    peer.trust(GW, &gw.base);
+    let alice = Client::register(&gw.base, "alice").await;
+    let room = alice.create_world_readable_room("lobby", "10").await;
+    peek(peer, &gw.base, &room, "p1").await;
+    (gw, alice, room)
 }
 
 /// A configuration file for `serve` on `db` that knows `peers`, with a short sender lease so
@@ -132,16 +143,8 @@ async fn postgres_restart() {
     let cluster = PgCluster::start();
     let url = cluster.create_database("peekgate");
     let peer = TestPeer::start("peeker.test", KeyMode::Good);
-    let gw = ServerSpec::new(GW, DbKind::Postgres)
-        .configure(|c| c.client.registration = "open".into())
-        .configure(move |c| c.database.url = url)
-        .destination(&peer.name, &peer.url)
-        .start()
-        .await;
-    peer.trust(GW, &gw.base);
-    let alice = Client::register(&gw.base, "alice").await;
-    let room = alice.create_world_readable_room("lobby", "10").await;
-    peek(&peer, &gw.base, &room, "p1").await;
+    let spec = ServerSpec::new(GW, DbKind::Postgres).configure(move |c| c.database.url = url);
+    let (gw, alice, room) = peeked_room(spec, &peer).await;
     let mut acknowledged = Vec::new();
     for i in 0..5 {
         acknowledged.push(alice.say(&room, &format!("before {i}")).await);
@@ -201,15 +204,7 @@ fn a_clean_stop_releases_the_destination_leases() {
 
 async fn clean_stop() {
     let peer = TestPeer::start("peeker.test", KeyMode::Good);
-    let mut gw = ServerSpec::new(GW, DbKind::Postgres)
-        .configure(|c| c.client.registration = "open".into())
-        .destination(&peer.name, &peer.url)
-        .start()
-        .await;
-    peer.trust(GW, &gw.base);
-    let alice = Client::register(&gw.base, "alice").await;
-    let room = alice.create_world_readable_room("lobby", "10").await;
-    peek(&peer, &gw.base, &room, "p1").await;
+    let (mut gw, alice, room) = peeked_room(ServerSpec::new(GW, DbKind::Postgres), &peer).await;
     let sent = alice.say(&room, "hello").await;
     wait_until("the peeker has the event", || async { peer.inbox.event_ids("10").contains(&sent) }).await;
     let url = gw.db.url.clone();

@@ -323,7 +323,7 @@ mod tests {
 
     use super::{round, WorkerHandle, HANDOFF_CAPACITY};
     use crate::db::DbError;
-    use crate::sender::shared::{Prepared, SenderContext, Shared, WorkerStatus};
+    use crate::sender::shared::{Prepared, Shared, WorkerStatus};
     use crate::state::AppState;
 
     /// A gateway's state on SQLite in `dir`, with a world-readable room of alice's.
@@ -371,15 +371,7 @@ mod tests {
     fn shared(state: &AppState) -> Arc<Shared> {
         let (progress, _) = mpsc::unbounded_channel();
         Arc::new(Shared {
-            state: SenderContext {
-                instance_id: "test".into(),
-                settings: state.settings.clone(),
-                db: state.db.clone(),
-                rooms: state.rooms.clone(),
-                federation: state.federation.clone(),
-                metrics: state.metrics.clone(),
-                destination_resets: state.destination_resets.subscribe(),
-            },
+            state: state.sender_context(),
             instance: "test".into(),
             txn_counter: AtomicU64::new(0),
             started_ms: 1,
