@@ -143,7 +143,6 @@ async fn manage(shared: Arc<Shared>, progress: mpsc::UnboundedReceiver<(String, 
     // The workers handed bodies in the last round, and the cursor each will have after them.
     let mut handed: Vec<(Arc<WorkerStatus>, i64)> = Vec::new();
     loop {
-        reap_finished_workers(&shared, &mut workers).await;
         let full = seen_head.is_none() || last_full_scan.elapsed() >= FULL_SCAN_EVERY;
         let mut burst_left = false;
         let mut laggards = false;
@@ -171,6 +170,9 @@ async fn manage(shared: Arc<Shared>, progress: mpsc::UnboundedReceiver<(String, 
                 // busy, or they would wait for a quiet moment in the room.
                 let queue_work: Vec<&String> = waiting.iter().chain(&round.to_queue).collect();
                 let wanted = behind.iter().chain(&queue_work).copied().collect();
+                // A worker that went idle and stopped just now is replaced at once if there is
+                // work for it; until the next full scan nothing else would notice.
+                reap_finished_workers(&shared, &mut workers).await;
                 // New workers the fan-out is to catch up are served in the next round, soon.
                 laggards |= start_workers(&shared, &leases, &mut workers, wanted).await;
                 for destination in behind {
