@@ -398,6 +398,39 @@ async fn re2_lapsed_peek_stops_and_is_evicted(db: DbKind) {
 }
 both_backends!(re2_lapsed_peek_stops_and_is_evicted);
 
+/// PE-7 in a busy room: a lapsed peek's `expired_peeks` notice reaches its server while events
+/// keep coming, though the fan-out hands that server a body every round (its other peek is
+/// live), not only once the room falls quiet.
+async fn pe7_a_notice_arrives_while_the_room_stays_busy(db: DbKind) {
+    let s = setup(db, &["peeker.test"], |c| {
+        c.peeks.renewal_interval_ms = 1000;
+        c.schedule.evict_inbound = "* * * * * *".into();
+    })
+    .await;
+    let peer = &s.peers[0];
+    for id in ["long", "short"] {
+        assert_eq!(put_peek(peer, &s.gw, &s.room, id, "?ver=10").await.0, 200);
+    }
+    let renew_long = format!("{}/renew", peek_path(&s.room, "long"));
+    let notice = |id: &str| json!({ "room_id": s.room, "peek_id": id });
+    // At most 200 events, 100 ms apart: the short peek lapses after 1.1 s and the schedule
+    // evicts it within a second more.
+    let mut busy_events = 0;
+    while !peer.inbox.expired_peeks().contains(&notice("short")) && busy_events < 200 {
+        s.alice.say(&s.room, &format!("busy {busy_events}")).await;
+        if busy_events % 3 == 0 {
+            let (status, _) = peer.call(&s.gw.base, GW, Method::POST, &renew_long, Some(&json!({}))).await;
+            assert_eq!(status, 200, "the long peek is kept alive");
+        }
+        busy_events += 1;
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(peer.inbox.expired_peeks().contains(&notice("short")), "no notice in {busy_events} busy events");
+    assert!(!peer.inbox.expired_peeks().contains(&notice("long")), "the renewed peek stays");
+    finish(s).await;
+}
+both_backends!(pe7_a_notice_arrives_while_the_room_stays_busy);
+
 /// RE-3, RE-5, PE-7: the visibility change itself is delivered, then nothing more; the peeker
 /// is told the peek expired; re-PUT gets 403 and /renew 404.
 async fn re3_visibility_change_ends_peeks(db: DbKind) {
