@@ -357,15 +357,17 @@ async fn a_burst_arrives_complete_in_order_and_in_chunks(db: DbKind) {
 }
 both_backends!(a_burst_arrives_complete_in_order_and_in_chunks);
 
+/// Peeks that lapse 1 s after their last renewal, and the eviction job every second.
+fn short_peeks_evicted_every_second(c: &mut peekgate::config::Config) {
+    c.peeks.renewal_interval_ms = 1000;
+    c.schedule.evict_inbound = "* * * * * *".into();
+}
+
 /// RE-2: a peek that is not renewed lapses: no more events, then a full body on re-PUT; the
 /// eviction job deletes it and tells the peeker (PE-7).
 async fn re2_lapsed_peek_stops_and_is_evicted(db: DbKind) {
-    let s = setup(db, &["peeker.test"], |c| {
-        c.peeks.renewal_interval_ms = 1000;
-        // The real schedule, every second, does the eviction below.
-        c.schedule.evict_inbound = "* * * * * *".into();
-    })
-    .await;
+    // The real schedule, every second, does the eviction below.
+    let s = setup(db, &["peeker.test"], short_peeks_evicted_every_second).await;
     let peer = &s.peers[0];
     assert_eq!(put_peek(peer, &s.gw, &s.room, "short", "?ver=10").await.0, 200);
     let first = s.alice.say(&s.room, "while live").await;
@@ -402,11 +404,7 @@ both_backends!(re2_lapsed_peek_stops_and_is_evicted);
 /// keep coming, though the fan-out hands that server a body every round (its other peek is
 /// live), not only once the room falls quiet.
 async fn pe7_a_notice_arrives_while_the_room_stays_busy(db: DbKind) {
-    let s = setup(db, &["peeker.test"], |c| {
-        c.peeks.renewal_interval_ms = 1000;
-        c.schedule.evict_inbound = "* * * * * *".into();
-    })
-    .await;
+    let s = setup(db, &["peeker.test"], short_peeks_evicted_every_second).await;
     let peer = &s.peers[0];
     for id in ["long", "short"] {
         assert_eq!(put_peek(peer, &s.gw, &s.room, id, "?ver=10").await.0, 200);

@@ -87,6 +87,13 @@ impl WorkerHandle {
             && self.prepared.capacity() > 0
     }
 
+    /// Where this worker's next catch-up chunk starts, when it can take one now and is behind
+    /// `before` by no more than [`CATCH_UP_WINDOW`].
+    fn catch_up_start(&self, now: i64, before: i64) -> Option<i64> {
+        let next = self.position().1;
+        (self.can_take_catch_up(now) && (before - CATCH_UP_WINDOW..before).contains(&next)).then_some(next)
+    }
+
     /// The fan-out will bring this worker up to `reached` in later rounds, so waking it for the
     /// queue path would only make it read what the fan-out reads once for everyone.
     pub fn left_to_catch_up(&self, reached: i64) -> bool {
@@ -120,7 +127,7 @@ pub(super) async fn round(
     since: i64,
     head: i64,
 ) -> Round {
-    let mut round = Round { reached: head, ..Round::default() };
+    let mut round = Round::default();
     catch_up(shared, workers, since, &mut round).await;
     let mut served: Option<BTreeSet<String>> = None;
     let mut from = since;
@@ -130,7 +137,8 @@ pub(super) async fn round(
         }
         let to = head.min(from + CHUNK_EVENTS);
         let Some(chunk) = chunk(shared, workers, from, to, &mut round).await else {
-            // The queue path delivers everything from each worker's own cursor.
+            // Nobody is served: the workers at `from` fall behind, and a later round catches
+            // them up (or, too far behind, they are woken for their queues).
             served = None;
             from = head;
             break;
@@ -144,9 +152,7 @@ pub(super) async fn round(
     round.served = served.unwrap_or_default();
     round.reached = from.max(since);
     let now = now_ms();
-    round.laggards = workers.values().any(|w| {
-        w.can_take_catch_up(now) && (round.reached - CATCH_UP_WINDOW..round.reached).contains(&w.position().1)
-    });
+    round.laggards = workers.values().any(|w| w.catch_up_start(now, round.reached).is_some());
     round
 }
 
@@ -156,12 +162,7 @@ async fn catch_up(shared: &Shared, workers: &mut HashMap<String, WorkerHandle>, 
     let mut tried = BTreeSet::new();
     for _ in 0..MAX_CATCH_UP_CHUNKS {
         let now = now_ms();
-        let starts: BTreeSet<i64> = workers
-            .values()
-            .filter(|w| w.can_take_catch_up(now))
-            .map(|w| w.position().1)
-            .filter(|next| (since - CATCH_UP_WINDOW..since).contains(next))
-            .collect();
+        let starts: BTreeSet<i64> = workers.values().filter_map(|w| w.catch_up_start(now, since)).collect();
         // Each start once a round: workers a chunk cannot serve wait for the next round.
         let Some(&from) = starts.iter().find(|start| !tried.contains(*start)) else { break };
         tried.insert(from);
@@ -187,7 +188,7 @@ async fn chunk(
     let (new_events, subscriptions) = match fan_out_inputs(shared, from, to, CHUNK_EVENTS).await {
         Ok(inputs) => inputs,
         Err(e) => {
-            tracing::warn!(error = %e, "sender: fan-out read failed; the queue path will deliver");
+            tracing::warn!(error = %e, "sender: fan-out read failed; a later round delivers");
             return None;
         }
     };
@@ -313,7 +314,7 @@ fn prepare(shared: &Shared, new_events: &[NewEvent], indices: &[usize], audience
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
-    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::atomic::AtomicU64;
     use std::sync::Arc;
 
     use diesel::RunQueryDsl;
@@ -385,9 +386,7 @@ mod tests {
     /// `on_queue_path`), and the other end of its hand-off channel.
     fn worker(cursor: i64, on_queue_path: bool) -> (WorkerHandle, mpsc::Receiver<Prepared>) {
         let (tx, rx) = mpsc::channel(HANDOFF_CAPACITY);
-        let status = Arc::new(WorkerStatus::new());
-        status.cursor.store(cursor, Ordering::Release);
-        status.on_queue_path.store(on_queue_path, Ordering::Release);
+        let status = Arc::new(WorkerStatus::starting_at(cursor, on_queue_path));
         (WorkerHandle::new(Arc::new(Notify::new()), tx, status, tokio::spawn(async {})), rx)
     }
 

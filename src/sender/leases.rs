@@ -2,10 +2,10 @@
 //!
 //! The manager takes the leases of the workers it starts, together, and registers each here; one
 //! task renews every registered lease each third of the lease length, in one statement per 1,000
-//! destinations; a worker releases its own when it stops. Each worker used to renew its own:
-//! with 1,000 workers started together that was a burst of 1,000 committed `UPDATE`s every 10 s,
-//! hundreds of blocking-pool threads waiting for eight connections, and a stall of every fan-out
-//! round and append that fell into it.
+//! destinations; the manager releases them together too, when it sees their workers stopped.
+//! Each worker used to renew its own: with 1,000 workers started together that was a burst of
+//! 1,000 committed `UPDATE`s every 10 s, hundreds of blocking-pool threads waiting for eight
+//! connections, and a stall of every fan-out round and append that fell into it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -46,7 +46,8 @@ impl Leases {
         stopped
     }
 
-    /// The worker is done with the lease (it releases it in the database itself).
+    /// The worker is done with the lease (the manager releases it in the database once the
+    /// worker has stopped).
     pub fn forget(&self, destination: &str) {
         self.inner.lock().expect("leases lock").stops.remove(destination);
     }

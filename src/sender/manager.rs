@@ -278,15 +278,7 @@ async fn start_workers(
         let (tx, prepared) = mpsc::channel(HANDOFF_CAPACITY);
         let status = Arc::new(WorkerStatus::starting_at(row.cursor, row.retry_at.is_some()));
         let stop = leases.hold(&destination);
-        let assignment = Assignment {
-            destination: destination.clone(),
-            server,
-            row,
-            stop,
-            wake: wake.clone(),
-            prepared,
-            status: status.clone(),
-        };
+        let assignment = Assignment { server, row, stop, wake: wake.clone(), prepared, status: status.clone() };
         let task = tokio::spawn(worker::run(shared.clone(), leases.clone(), assignment));
         workers.insert(destination, WorkerHandle::new(wake, tx, status, task));
     }

@@ -159,11 +159,6 @@ pub(crate) struct WorkerStatus {
 }
 
 impl WorkerStatus {
-    #[cfg(test)]
-    pub fn new() -> WorkerStatus {
-        WorkerStatus::starting_at(-1, true)
-    }
-
     /// A worker starting at its stored `cursor`; `on_queue_path` when it begins with its own
     /// queue (a back-off to wait out).
     pub fn starting_at(cursor: i64, on_queue_path: bool) -> WorkerStatus {

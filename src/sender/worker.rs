@@ -1,7 +1,7 @@
 //! One destination's worker, started by the manager under the destination's lease: delivers
 //! bodies handed over by the fan-out path, or reads its own batches from the queue when woken
 //! for it (far behind, notices, a back-off), retrying each transaction with the same ID until it
-//! gets a 200; releases the lease when it stops.
+//! gets a 200. The manager releases the lease once the worker stopped.
 
 use std::future::Future;
 use std::sync::atomic::Ordering;
@@ -28,7 +28,6 @@ struct Stop;
 /// What the manager hands a worker it starts: the destination, its row as read when the
 /// manager took its lease, and the worker's ends of the manager's channels.
 pub(super) struct Assignment {
-    pub destination: String,
     pub server: OwnedServerName,
     /// Read under the lease, which makes this instance the only one moving the destination's
     /// cursor: it stays true while the lease is held.
@@ -41,7 +40,8 @@ pub(super) struct Assignment {
 }
 
 pub(super) async fn run(shared: Arc<Shared>, leases: Arc<Leases>, assignment: Assignment) {
-    let Assignment { destination, server, mut row, mut stop, wake, mut prepared, status } = assignment;
+    let Assignment { server, mut row, mut stop, wake, mut prepared, status } = assignment;
+    let destination = server.to_string();
     // The worker's own kept-alive connection for its transactions (both paths).
     let connection = Mutex::new(DestinationConnection::new(shared.state.federation.clone(), server.clone()));
     // A worker starts where its cursor is stored and waits for the fan-out to catch it up (or
