@@ -11,7 +11,7 @@ use peekgate::federation::resolve::ResolveError;
 use reqwest::Method;
 use ruma::ServerName;
 use serde_json::{json, Value};
-use support::peer::{sign_value, signing_bytes, KeyMode, TestPeer, OLD_KEY_ID};
+use support::peer::{b64, sign_value, signing_bytes, KeyMode, TestPeer, OLD_KEY_ID};
 use support::{wait_until, DbKind, ServerSpec, TestServer};
 
 const WHOAMI: &str = "/_peekgate/federation/v1/whoami";
@@ -254,6 +254,34 @@ async fn one_valid_header_of_several_suffices(db: DbKind) {
     good.stop().await;
 }
 both_backends!(one_valid_header_of_several_suffices);
+
+/// A body is authenticated over its canonical form whatever its layout: one sent canonical is
+/// signed over as it is (the edge's fast path), one sent with spaces, keys out of order and an
+/// escaped slash is signed over its canonical form too, and a signature over that raw text is
+/// refused.
+async fn bodies_are_signed_over_their_canonical_form(db: DbKind) {
+    use ed25519_dalek::Signer;
+    let good = TestPeer::start("good.test", KeyMode::Good);
+    let gateway = ServerSpec::new("gw.test", db).destination("good.test", &good.url).start().await;
+    let content = json!({ "a": "x/y", "b": [1, 2] });
+    let auth = good.authorization("POST", WHOAMI, "gw.test", Some(&content));
+    let spaced = r#"{ "b": [1, 2], "a": "x\/y" }"#;
+    for raw in [r#"{"a":"x/y","b":[1,2]}"#, spaced] {
+        let (status, answer) =
+            call(&gateway.base, Method::POST, WHOAMI, Some(raw.into()), std::slice::from_ref(&auth)).await;
+        assert_eq!((status, answer["origin"].as_str()), (200, Some("good.test")), "{raw}: {answer}");
+    }
+    let signed_raw = format!(
+        r#"{{"content":{spaced},"destination":"gw.test","method":"POST","origin":"good.test","uri":"{WHOAMI}"}}"#
+    );
+    let sig = b64(&good.key.sign(signed_raw.as_bytes()).to_bytes());
+    let over_raw =
+        format!("X-Matrix origin=\"good.test\",destination=\"gw.test\",key=\"{}\",sig=\"{sig}\"", good.key_id);
+    assert_refused(&gateway, Method::POST, Some(spaced.into()), &[over_raw], "bad_signature").await;
+    gateway.stop().await;
+    good.stop().await;
+}
+both_backends!(bodies_are_signed_over_their_canonical_form);
 
 /// An X-Matrix header for `peer`'s request signed by `key` under `key_id`.
 fn header_signed_by(peer: &TestPeer, key: &ed25519_dalek::SigningKey, key_id: &str, gw: &str) -> String {

@@ -40,8 +40,13 @@ fn canonical_json_vectors() {
     assert_eq!(cases.len(), 10);
     for case in cases {
         let input = case["input"].as_str().unwrap();
+        let expected = case["expected_canonical"].as_str().unwrap();
         let parsed = canonical_json::parse_lenient(input).unwrap();
-        assert_eq!(canonical_json::encode(&parsed), case["expected_canonical"].as_str().unwrap(), "{input}");
+        assert_eq!(canonical_json::encode(&parsed), expected, "{input}");
+        // Request authentication's fast path takes the canonical text as it is, and only that.
+        assert_eq!(canonical_json::already_canonical(expected.as_bytes()), Some(expected), "{expected}");
+        let taken = canonical_json::already_canonical(input.as_bytes());
+        assert_eq!(taken, (input == expected).then_some(input), "{input}");
     }
 }
 

@@ -3,7 +3,8 @@
 //! its own process so its CPU is not counted as the gateway's.
 //!
 //! Once told a server's key (`PUT /trust`, `bench peeks --verify-signatures`), it authenticates
-//! every `/send` as a homeserver would: the body parsed and made canonical, the X-Matrix header
+//! every `/send` as a homeserver would: the body's canonical text (the body itself when it is
+//! canonical, as [`peekgate::canonical_json::canonical_text`] checks), the X-Matrix header
 //! verified by the gateway's own verifier ([`peekgate::xmatrix::verify`]) for the destination
 //! it names, and a 401 for any that fails. That costs the receiver most of its CPU, on the cores
 //! the gateway runs on, so it is off unless asked for.
@@ -15,7 +16,7 @@ use std::sync::{Mutex, RwLock};
 use std::time::Duration;
 
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
-use ruma::{CanonicalJsonValue, OwnedServerName, ServerName};
+use ruma::{OwnedServerName, ServerName};
 use serde_json::json;
 use tokio::sync::Notify;
 
@@ -60,9 +61,8 @@ async fn authenticate(trusted: &TrustedKey, request: &HttpRequest, body: &[u8]) 
     let first = headers.first().ok_or("no Authorization header")?;
     let named = ruma::api::federation::authentication::XMatrix::parse(first).map_err(|e| e.to_string())?;
     let destination = named.destination.ok_or("no destination in the header")?;
-    let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| e.to_string())?;
-    let canonical = CanonicalJsonValue::try_from(value).map_err(|e| e.to_string())?;
-    let canonical = peekgate::canonical_json::encode(&canonical);
+    // As the gateway's own edge does: a canonical body is signed over as it is.
+    let canonical = peekgate::canonical_json::canonical_text(body).map_err(|e| e.to_string())?;
     let inbound = xmatrix::Inbound {
         method: "PUT",
         uri: request.uri().path_and_query().map(|pq| pq.as_str()).unwrap_or("/"),

@@ -13,6 +13,7 @@ use futures_util::StreamExt;
 use ruma::{CanonicalJsonValue, OwnedServerName};
 use serde::de::DeserializeOwned;
 
+use crate::canonical_json;
 use crate::error::MatrixError;
 use crate::state::AppState;
 use crate::xmatrix::{self, AuthFailure};
@@ -109,9 +110,15 @@ fn parse_body(bytes: &[u8]) -> Result<(Option<serde_json::Value>, Option<String>
     if !value.is_object() {
         return Err(MatrixError::bad_json("Body must be a JSON object"));
     }
-    let canonical = CanonicalJsonValue::try_from(value.clone())
-        .map_err(|e| MatrixError::bad_json(format!("Body is not canonical JSON: {e}")))?;
-    Ok((Some(value), Some(crate::canonical_json::encode(&canonical))))
+    // Servers send canonical bodies: those are signed over as they are, without a second copy
+    // of the document built, sorted and serialised again.
+    let canonical = match canonical_json::already_canonical(bytes) {
+        Some(text) => text.to_owned(),
+        None => CanonicalJsonValue::try_from(value.clone())
+            .map(|canonical| canonical_json::encode(&canonical))
+            .map_err(|e| MatrixError::bad_json(format!("Body is not canonical JSON: {e}")))?,
+    };
+    Ok((Some(value), Some(canonical)))
 }
 
 enum ReadError {
