@@ -183,6 +183,7 @@ impl<'a> CanonicalScan<'a> {
         let start = self.at;
         let mut escaped = false;
         loop {
+            self.skip_plain_bytes();
             match self.next_byte()? {
                 b'"' => {
                     self.at += 1;
@@ -195,6 +196,26 @@ impl<'a> CanonicalScan<'a> {
                 0x00..=0x1f => return None,
                 _ => self.at += 1,
             }
+        }
+    }
+
+    /// Steps over the bytes a string holds as they are, eight at a time, up to the next `"`,
+    /// `\` or control character (or the last few bytes): most of a `/send` is string contents.
+    fn skip_plain_bytes(&mut self) {
+        const ONES: u64 = 0x0101_0101_0101_0101;
+        const HIGH_BITS: u64 = 0x8080_8080_8080_8080;
+        // The high bit of each byte below `n`, exact for the lowest such byte; a byte above it
+        // may be marked too, which does not matter, since only the lowest is used.
+        let below = |x: u64, n: u8| x.wrapping_sub(ONES * u64::from(n)) & !x & HIGH_BITS;
+        let equal = |x: u64, b: u8| below(x ^ (ONES * u64::from(b)), 1);
+        while let Some(chunk) = self.bytes.get(self.at..self.at + 8) {
+            let x = u64::from_le_bytes(chunk.try_into().expect("eight bytes"));
+            let special = below(x, 0x20) | equal(x, b'"') | equal(x, b'\\');
+            if special != 0 {
+                self.at += special.trailing_zeros() as usize / 8;
+                return;
+            }
+            self.at += 8;
         }
     }
 

@@ -633,7 +633,7 @@ fn canonical_candidates() -> impl Strategy<Value = String> {
             .prop_map(|(text, edits)| edits.iter().fold(text, |text, edit| apply_edit(&text, edit))),
         2 => json_like_text(),
         2 => "[\\[\\]{}\":,0-9a-fA-FuEe.\\- \\\\bnrtl]{0,16}",
-        2 => ("[a-z]{0,2}", escape_token(), "[a-z]{0,2}").prop_map(|(a, e, b)| format!("[\"{a}{e}{b}\"]")),
+        2 => ("[a-zé]{0,12}", escape_token(), "[a-z]{0,12}").prop_map(|(a, e, b)| format!("[\"{a}{e}{b}\"]")),
         2 => number_literal().prop_map(|n| format!("[{n}]")),
         2 => "\\[\"([a-z]|\\\\[\"\\\\/bfnrtu]|\\\\u00[0-9a-fA-F]{2}|\\\\u[0-9a-f]{4}|[\\x00-\\x1f\u{7f}é])*\"\\]",
     ]
