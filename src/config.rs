@@ -127,6 +127,9 @@ pub struct FederationConfig {
     /// third of it while the instance works on the destination, back-offs and slow sends
     /// included). Another instance takes over a dead one's destinations after this long.
     pub sender_lease_ms: u64,
+    /// How long a destination's worker waits with nothing to send before it stops (its lease is
+    /// then released; the sender starts a worker again when there is work).
+    pub sender_idle_ms: u64,
     pub peek: FederationPeekConfig,
 }
 
@@ -289,6 +292,7 @@ impl Default for FederationConfig {
             max_response_bytes: 16 * 1024 * 1024,
             max_backoff_ms: 86_400_000,
             sender_lease_ms: 30_000,
+            sender_idle_ms: 60_000,
             peek: FederationPeekConfig::default(),
         }
     }
@@ -410,6 +414,9 @@ impl Config {
         positive("federation.max_backoff_ms", self.federation.max_backoff_ms)?;
         if self.federation.sender_lease_ms < 300 {
             return Err(ConfigError::invalid("federation.sender_lease_ms", "must be at least 300"));
+        }
+        if self.federation.sender_idle_ms < 100 {
+            return Err(ConfigError::invalid("federation.sender_idle_ms", "must be at least 100"));
         }
         positive("http.max_body_bytes", self.http.max_body_bytes as u64)?;
         positive("http.body_read_timeout_ms", self.http.body_read_timeout_ms)?;

@@ -96,6 +96,13 @@ fn bad_config_exits_with_one_line_naming_the_key() {
     assert_eq!(lines.len(), 1, "{lines:?}");
     assert!(lines[0].contains("schedule.evict_inbound"), "{lines:?}");
 
+    // A worker that would stop between two events of a busy room.
+    let output = peekgate(dir.path()).arg("serve").env("PEEKGATE_FEDERATION__SENDER_IDLE_MS", "10").output().unwrap();
+    assert!(!output.status.success());
+    let lines = stderr_lines(&output);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains("federation.sender_idle_ms"), "{lines:?}");
+
     // A value of the wrong type in the file.
     std::fs::write(&config, "[peeks]\nrenewal_interval_ms = \"soon\"\n").unwrap();
     let output = peekgate(dir.path()).arg("serve").env("PEEKGATE_CONFIG", &config).output().unwrap();

@@ -215,6 +215,32 @@ async fn clean_stop() {
     peer.stop().await;
 }
 
+/// `federation.sender_idle_ms`: a destination's worker with nothing to send stops, and the
+/// manager releases its lease; the next event for the destination starts a worker again, which
+/// takes the lease and delivers it. Twice, so that a restarted worker also stops.
+#[test]
+fn an_idle_worker_stops_and_a_new_one_starts_for_new_work() {
+    support::run_async(idle_worker());
+}
+
+async fn idle_worker() {
+    let peer = TestPeer::start("peeker.test", KeyMode::Good);
+    let spec = ServerSpec::new(GW, DbKind::Postgres).configure(|c| c.federation.sender_idle_ms = 300);
+    let (gw, alice, room) = peeked_room(spec, &peer).await;
+    let url = gw.db.url.clone();
+    for body in ["first", "second", "third"] {
+        let sent = alice.say(&room, body).await;
+        wait_until("the peeker has the event", || async { peer.inbox.event_ids("10").contains(&sent) }).await;
+        wait_until("the idle worker stopped and its lease was released", || {
+            let url = url.clone();
+            async move { lease_owner(&url, "peeker.test").is_none() }
+        })
+        .await;
+    }
+    gw.stop().await;
+    peer.stop().await;
+}
+
 /// Three instances on one PostgreSQL, and the one delivering to a slow peeker is killed with
 /// SIGKILL mid-delivery: another takes the destination over and delivers everything, in order;
 /// the transactions the peeker received come from one sender at a time (the dead one's, then

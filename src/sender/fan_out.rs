@@ -379,6 +379,7 @@ mod tests {
             shutdown: watch::channel(false).1,
             progress,
             lease_ms: 60_000,
+            worker_idle: std::time::Duration::from_secs(60),
         })
     }
 

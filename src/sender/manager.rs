@@ -104,6 +104,7 @@ pub fn start(mut state: SenderContext) -> SenderHandle {
     let (shutdown, shutdown_rx) = watch::channel(false);
     let (progress, progress_rx) = mpsc::unbounded_channel();
     let lease_ms = state.settings.raw.federation.sender_lease_ms as i64;
+    let worker_idle = Duration::from_millis(state.settings.raw.federation.sender_idle_ms);
     let shared = Arc::new(Shared {
         instance: state.instance_id.clone(),
         txn_counter: AtomicU64::new(0),
@@ -112,6 +113,7 @@ pub fn start(mut state: SenderContext) -> SenderHandle {
         shutdown: shutdown_rx,
         progress,
         lease_ms,
+        worker_idle,
     });
     let runtime = match sender_runtime() {
         Ok(runtime) => Some(runtime),

@@ -103,6 +103,8 @@ pub(crate) struct Shared {
     pub progress: mpsc::UnboundedSender<(String, i64)>,
     /// `federation.sender_lease_ms`: how long a destination's lease lasts unless renewed.
     pub lease_ms: i64,
+    /// `federation.sender_idle_ms`: a worker with nothing to send stops after this long.
+    pub worker_idle: std::time::Duration,
 }
 
 /// A `/send` transaction of ours, ready to sign and send.

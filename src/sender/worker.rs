@@ -19,9 +19,6 @@ use crate::clock::now_ms;
 use crate::federation::client::FederationError;
 use crate::federation::connection::DestinationConnection;
 
-/// An idle worker exits after this long (the manager starts it again when there is work).
-const WORKER_IDLE: Duration = Duration::from_secs(60);
-
 /// Why a worker stops before finishing.
 struct Stop;
 
@@ -79,7 +76,8 @@ pub(super) async fn run(shared: Arc<Shared>, leases: Arc<Leases>, assignment: As
                 None => break,
             },
             _ = wake.notified() => needs_queue = true,
-            _ = tokio::time::sleep(WORKER_IDLE) => break,
+            // Idle this long: stop (the manager starts a worker again when there is work).
+            _ = tokio::time::sleep(shared.worker_idle) => break,
             _ = stop.changed() => break,
         }
     }
