@@ -14,7 +14,9 @@ pub enum CanonicalError {
     NotJson(String),
     #[error("{0} is not an integer in the canonical JSON range")]
     Number(String),
-    #[error("not canonical JSON: {0}")]
+    /// JSON that canonical JSON does not allow (a float, an integer out of range); the callers
+    /// say what was not canonical.
+    #[error("{0}")]
     NotCanonical(String),
 }
 
@@ -65,8 +67,13 @@ pub fn canonical_text(bytes: &[u8]) -> Result<Cow<'_, str>, CanonicalError> {
         return Ok(Cow::Borrowed(text));
     }
     let value: Value = serde_json::from_slice(bytes).map_err(|e| CanonicalError::NotJson(e.to_string()))?;
+    encode_value(value).map(Cow::Owned)
+}
+
+/// The canonical text of a JSON value read strictly (integers in ±(2^53-1) only).
+pub fn encode_value(value: Value) -> Result<String, CanonicalError> {
     let canonical = CanonicalJsonValue::try_from(value).map_err(|e| CanonicalError::NotCanonical(e.to_string()))?;
-    Ok(Cow::Owned(encode(&canonical)))
+    Ok(encode(&canonical))
 }
 
 /// `bytes` as text when they already are the canonical encoding of the JSON they hold, that is
@@ -130,41 +137,33 @@ impl<'a> CanonicalScan<'a> {
     /// Keys without escapes, in strictly increasing order (so no duplicates): the byte order of
     /// UTF-8 is the code point order canonical JSON sorts by.
     fn object(&mut self, depth: usize) -> Option<()> {
-        if depth > SCAN_MAX_DEPTH {
-            return None;
-        }
-        self.at += 1;
-        if self.eat(b'}') {
-            return Some(());
-        }
         let mut previous: Option<&'a [u8]> = None;
-        loop {
-            let (key, escaped) = self.string()?;
-            if escaped || previous.is_some_and(|previous| previous >= key) || !self.eat(b':') {
+        self.items(depth, b'}', |scan| {
+            let (key, escaped) = scan.string()?;
+            if escaped || previous.is_some_and(|previous| previous >= key) || !scan.eat(b':') {
                 return None;
             }
             previous = Some(key);
-            self.value(depth)?;
-            if self.eat(b'}') {
-                return Some(());
-            }
-            if !self.eat(b',') {
-                return None;
-            }
-        }
+            scan.value(depth)
+        })
     }
 
     fn array(&mut self, depth: usize) -> Option<()> {
+        self.items(depth, b']', |scan| scan.value(depth))
+    }
+
+    /// An object's or array's items, each read by `item`, separated by `,` up to `close`.
+    fn items(&mut self, depth: usize, close: u8, mut item: impl FnMut(&mut Self) -> Option<()>) -> Option<()> {
         if depth > SCAN_MAX_DEPTH {
             return None;
         }
         self.at += 1;
-        if self.eat(b']') {
+        if self.eat(close) {
             return Some(());
         }
         loop {
-            self.value(depth)?;
-            if self.eat(b']') {
+            item(self)?;
+            if self.eat(close) {
                 return Some(());
             }
             if !self.eat(b',') {

@@ -62,7 +62,7 @@ async fn authenticate(trusted: &TrustedKey, request: &HttpRequest, body: &[u8]) 
     let named = ruma::api::federation::authentication::XMatrix::parse(first).map_err(|e| e.to_string())?;
     let destination = named.destination.ok_or("no destination in the header")?;
     // As the gateway's own edge does: a canonical body is signed over as it is.
-    let canonical = peekgate::canonical_json::canonical_text(body).map_err(|e| e.to_string())?;
+    let canonical = peekgate::canonical_json::canonical_text(body).map_err(|e| format!("the body: {e}"))?;
     let inbound = xmatrix::Inbound {
         method: "PUT",
         uri: request.uri().path_and_query().map(|pq| pq.as_str()).unwrap_or("/"),

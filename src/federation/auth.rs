@@ -3,6 +3,7 @@
 //! and turns a failure into a logged, counted 401 `M_UNAUTHORIZED` (413 `M_TOO_LARGE` for a body
 //! over the limit).
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::pin::Pin;
 
@@ -10,7 +11,7 @@ use actix_web::dev::Payload;
 use actix_web::http::header::{AUTHORIZATION, CONTENT_LENGTH};
 use actix_web::{web, FromRequest, HttpRequest};
 use futures_util::StreamExt;
-use ruma::{CanonicalJsonValue, OwnedServerName};
+use ruma::OwnedServerName;
 use serde::de::DeserializeOwned;
 
 use crate::canonical_json;
@@ -101,7 +102,7 @@ async fn authenticate(state: &AppState, req: &HttpRequest, payload: Payload) -> 
 
 /// Parses a non-empty body as a JSON object, and its canonical text. Bad JSON is a 400, not an
 /// authentication failure.
-fn parse_body(bytes: &[u8]) -> Result<(Option<serde_json::Value>, Option<String>), MatrixError> {
+fn parse_body(bytes: &[u8]) -> Result<(Option<serde_json::Value>, Option<Cow<'_, str>>), MatrixError> {
     if bytes.is_empty() {
         return Ok((None, None));
     }
@@ -113,9 +114,9 @@ fn parse_body(bytes: &[u8]) -> Result<(Option<serde_json::Value>, Option<String>
     // Servers send canonical bodies: those are signed over as they are, without a second copy
     // of the document built, sorted and serialised again.
     let canonical = match canonical_json::already_canonical(bytes) {
-        Some(text) => text.to_owned(),
-        None => CanonicalJsonValue::try_from(value.clone())
-            .map(|canonical| canonical_json::encode(&canonical))
+        Some(text) => Cow::Borrowed(text),
+        None => canonical_json::encode_value(value.clone())
+            .map(Cow::Owned)
             .map_err(|e| MatrixError::bad_json(format!("Body is not canonical JSON: {e}")))?,
     };
     Ok((Some(value), Some(canonical)))

@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST};
 use reqwest::{redirect, Method};
-use ruma::{CanonicalJsonValue, OwnedServerName, ServerName};
+use ruma::{OwnedServerName, ServerName};
 use serde_json::Value;
 use url::Url;
 
@@ -361,9 +361,10 @@ impl FederationClient {
         };
         if request.signed {
             let content = match &request.body {
-                Some(body) => Some(crate::canonical_json::encode(
-                    &CanonicalJsonValue::try_from(body.clone()).map_err(|e| FederationError::BadBody(e.to_string()))?,
-                )),
+                Some(body) => Some(
+                    crate::canonical_json::encode_value(body.clone())
+                        .map_err(|e| FederationError::BadBody(e.to_string()))?,
+                ),
                 None => None,
             };
             let header = xmatrix::authorization_header(

@@ -135,12 +135,8 @@ impl Shared {
             body["expired_peeks"] =
                 notices.iter().map(|(room, peek)| json!({ "room_id": room, "peek_id": peek })).collect();
         }
-        let canonical = ruma::CanonicalJsonValue::try_from(body).map_err(|e| e.to_string())?;
-        Ok(Transaction {
-            path: format!("/_matrix/federation/v1/send/{}", self.next_txn_id()),
-            canonical: crate::canonical_json::encode(&canonical),
-            pdus: count,
-        })
+        let canonical = crate::canonical_json::encode_value(body).map_err(|e| e.to_string())?;
+        Ok(Transaction { path: format!("/_matrix/federation/v1/send/{}", self.next_txn_id()), canonical, pdus: count })
     }
 }
 
