@@ -6,8 +6,9 @@
 //! The HTTP edge (`federation::auth`) reads and limits the body, calls [`verify`], and maps an
 //! [`AuthFailure`] to a Matrix error; this module knows nothing of actix or of the app's state.
 
+use ed25519_dalek::ed25519::signature::MultipartVerifier;
+use ed25519_dalek::{Signature, SignatureError, VerifyingKey};
 use ruma::api::federation::authentication::XMatrix;
-use ruma::signatures::verify_canonical_json_bytes;
 use ruma::{OwnedServerName, ServerName, SigningKeyAlgorithm};
 
 use crate::keys::signing::{PrefixSigner, SigningKey};
@@ -18,16 +19,41 @@ pub const MAX_HEADERS: usize = 4;
 
 /// The signed object (never sent) as canonical JSON text: `content` (only when the request has
 /// a body, already canonical), `destination`, `method`, `origin` and `uri`, in that key order.
+/// Kept in pieces around the borrowed body, so that a verifier hashes a large body where it
+/// lies instead of copying it into one string first.
+struct SignedText<'a> {
+    /// `{"content":` before a body, `{` without one.
+    opening: &'static str,
+    content: &'a str,
+    /// From `destination` (after a `,` when there is a body) to the closing brace.
+    rest: String,
+}
+
+impl<'a> SignedText<'a> {
+    fn new(method: &str, uri: &str, origin: &str, destination: &str, canonical_content: Option<&'a str>) -> Self {
+        let quote = |s: &str| serde_json::to_string(s).expect("strings serialise");
+        let (opening, content, comma) = match canonical_content {
+            Some(content) => ("{\"content\":", content, ","),
+            None => ("{", "", ""),
+        };
+        let rest = format!(
+            "{comma}\"destination\":{},\"method\":{},\"origin\":{},\"uri\":{}}}",
+            quote(destination),
+            quote(method),
+            quote(origin),
+            quote(uri)
+        );
+        SignedText { opening, content, rest }
+    }
+
+    fn pieces(&self) -> [&[u8]; 3] {
+        [self.opening.as_bytes(), self.content.as_bytes(), self.rest.as_bytes()]
+    }
+}
+
 fn signed_text(method: &str, uri: &str, origin: &str, destination: &str, canonical_content: Option<&str>) -> String {
-    let quote = |s: &str| serde_json::to_string(s).expect("strings serialise");
-    let content = canonical_content.map(|c| format!("\"content\":{c},")).unwrap_or_default();
-    format!(
-        "{{{content}\"destination\":{},\"method\":{},\"origin\":{},\"uri\":{}}}",
-        quote(destination),
-        quote(method),
-        quote(origin),
-        quote(uri)
-    )
+    let text = SignedText::new(method, uri, origin, destination, canonical_content);
+    [text.opening, text.content, &text.rest].concat()
 }
 
 /// The `Authorization` header value for an outbound request whose body, if any, is
@@ -156,7 +182,7 @@ impl AuthFailure {
 /// keeps this module below the key service, which signs its own fetches with [`authorization_header`].
 #[async_trait::async_trait]
 pub trait RequestKeys: Sync {
-    async fn request_key(&self, server: &ServerName, key_id: &str) -> Result<[u8; 32], String>;
+    async fn request_key(&self, server: &ServerName, key_id: &str) -> Result<VerifyingKey, String>;
 }
 
 /// A request to authenticate: what the signature covers.
@@ -213,10 +239,17 @@ async fn verify_header(
     // Only a key that is current now authenticates a request (H17); old keys verify events only.
     let public_key =
         keys.request_key(&x.origin, x.key.as_str()).await.map_err(|e| with_origin(AuthFailure::KeyUnavailable, e))?;
-    let signed = signed_text(request.method, request.uri, &origin, ours, request.canonical_content);
-    verify_canonical_json_bytes(&SigningKeyAlgorithm::Ed25519, &public_key, x.sig.as_bytes(), signed.as_bytes())
+    let signed = SignedText::new(request.method, request.uri, &origin, ours, request.canonical_content);
+    verify_signature(&public_key, x.sig.as_bytes(), &signed)
         .map_err(|e| with_origin(AuthFailure::BadSignature, e.to_string()))?;
     Ok(x.origin)
+}
+
+/// Ed25519 verification (ed25519-dalek's `verify`, as ruma's verifier uses) over the signed
+/// text's pieces, hashed one after the other.
+fn verify_signature(public_key: &VerifyingKey, sig: &[u8], signed: &SignedText<'_>) -> Result<(), SignatureError> {
+    let signature = Signature::from_slice(sig)?;
+    public_key.multipart_verify(&signed.pieces(), &signature)
 }
 
 #[cfg(test)]
@@ -249,6 +282,39 @@ mod tests {
         assert_eq!(signed_text("PUT", uri, "a.test", "b.test:8448", None), without_body);
     }
 
+    /// The verifier hashes the signed text in pieces: it accepts what was signed over the whole
+    /// text, as ruma's verifier does, and refuses a signature over another text or a changed one.
+    #[test]
+    fn verification_in_pieces_agrees_with_the_whole_text() {
+        let key = SigningKey::generate();
+        let public = VerifyingKey::from_bytes(&key.public_key()).unwrap();
+        let uri = "/_matrix/federation/v1/send/1-2";
+        for content in [Some(r#"{"pdus":[{"b":"x\"y"}]}"#), None] {
+            let whole = signed_text("PUT", uri, "a.test", "b.test", content);
+            let sig = crate::keys::encoding::decode_base64(&key.sign_bytes(whole.as_bytes())).unwrap();
+            let ruma_verifies = |text: &str, sig: &[u8]| {
+                ruma::signatures::verify_canonical_json_bytes(
+                    &SigningKeyAlgorithm::Ed25519,
+                    &key.public_key(),
+                    sig,
+                    text.as_bytes(),
+                )
+                .is_ok()
+            };
+            let text = SignedText::new("PUT", uri, "a.test", "b.test", content);
+            assert!(verify_signature(&public, &sig, &text).is_ok());
+            assert!(ruma_verifies(&whole, &sig));
+            let elsewhere = SignedText::new("PUT", uri, "a.test", "c.test", content);
+            assert!(verify_signature(&public, &sig, &elsewhere).is_err());
+            assert!(!ruma_verifies(&signed_text("PUT", uri, "a.test", "c.test", content), &sig));
+            let mut changed = sig.clone();
+            changed[40] ^= 1;
+            assert!(verify_signature(&public, &changed, &text).is_err());
+            assert!(!ruma_verifies(&whole, &changed));
+            assert!(verify_signature(&public, &sig[..63], &text).is_err());
+        }
+    }
+
     /// One body's headers for many destinations are the headers signed one by one, and verify.
     #[test]
     fn shared_body_headers_are_the_single_headers() {
@@ -264,7 +330,7 @@ mod tests {
             assert_eq!(header, authorization_header(&key, "a.test", destination, "PUT", uri, Some(body)));
             let sig = header.rsplit("sig=\"").next().unwrap().trim_end_matches('"');
             let text = signed_text("PUT", uri, "a.test", destination, Some(body));
-            verify_canonical_json_bytes(
+            ruma::signatures::verify_canonical_json_bytes(
                 &ruma::SigningKeyAlgorithm::Ed25519,
                 &key.public_key(),
                 &crate::keys::encoding::decode_base64(sig).unwrap(),

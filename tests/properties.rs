@@ -206,9 +206,9 @@ struct OneKey {
 
 #[async_trait::async_trait]
 impl RequestKeys for OneKey {
-    async fn request_key(&self, server: &ServerName, key_id: &str) -> Result<[u8; 32], String> {
+    async fn request_key(&self, server: &ServerName, key_id: &str) -> Result<ed25519_dalek::VerifyingKey, String> {
         if server.as_str() == self.origin && key_id == self.key_id {
-            Ok(self.public)
+            ed25519_dalek::VerifyingKey::from_bytes(&self.public).map_err(|e| e.to_string())
         } else {
             Err(format!("no key {key_id} of {server}"))
         }

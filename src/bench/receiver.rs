@@ -16,6 +16,7 @@ use std::sync::{Mutex, RwLock};
 use std::time::Duration;
 
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
+use ed25519_dalek::VerifyingKey;
 use ruma::{OwnedServerName, ServerName};
 use serde_json::json;
 use tokio::sync::Notify;
@@ -34,23 +35,30 @@ struct Counts {
     refused: AtomicU64,
 }
 
-/// The one server key `/send`s must be signed with (`PUT /trust`).
-#[derive(Clone, serde::Deserialize)]
-struct TrustedKey {
+/// `PUT /trust`: the one server key `/send`s must be signed with from then on.
+#[derive(serde::Deserialize)]
+struct TrustRequest {
     origin: OwnedServerName,
     key_id: String,
     /// Unpadded base64, as in `/_matrix/key/v2/server`.
     key: String,
 }
 
+/// The trusted key, decompressed once, as the gateway's key cache keeps it.
+#[derive(Clone)]
+struct TrustedKey {
+    origin: OwnedServerName,
+    key_id: String,
+    key: VerifyingKey,
+}
+
 #[async_trait::async_trait]
 impl RequestKeys for TrustedKey {
-    async fn request_key(&self, server: &ServerName, key_id: &str) -> Result<[u8; 32], String> {
+    async fn request_key(&self, server: &ServerName, key_id: &str) -> Result<VerifyingKey, String> {
         if server != self.origin || key_id != self.key_id {
             return Err(format!("no trusted key {key_id} of {server}"));
         }
-        let bytes = peekgate::keys::encoding::decode_base64(&self.key).ok_or("the key is not base64")?;
-        bytes.try_into().map_err(|_| "not a 32-byte key".to_owned())
+        Ok(self.key)
     }
 }
 
@@ -144,8 +152,14 @@ async fn wait(path: web::Path<(String, u64)>, counts: web::Data<Counts>) -> Http
 }
 
 /// From now on every `/send` must be signed with this key.
-async fn trust(key: web::Json<TrustedKey>, counts: web::Data<Counts>) -> HttpResponse {
-    *counts.trusted.write().unwrap() = Some(key.into_inner());
+async fn trust(request: web::Json<TrustRequest>, counts: web::Data<Counts>) -> HttpResponse {
+    let TrustRequest { origin, key_id, key } = request.into_inner();
+    let bytes = peekgate::keys::encoding::decode_base64(&key).and_then(|bytes| <[u8; 32]>::try_from(bytes).ok());
+    let Some(key) = bytes.and_then(|bytes| VerifyingKey::from_bytes(&bytes).ok()) else {
+        return HttpResponse::BadRequest()
+            .json(json!({ "errcode": "M_INVALID_PARAM", "error": "key is not an ed25519 public key in base64" }));
+    };
+    *counts.trusted.write().unwrap() = Some(TrustedKey { origin, key_id, key });
     HttpResponse::Ok().json(json!({}))
 }
 

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use diesel::prelude::*;
+use ed25519_dalek::VerifyingKey;
 use ruma::signatures::{to_canonical_json_string_for_signing, verify_canonical_json_bytes};
 use ruma::{CanonicalJsonObject, CanonicalJsonValue, OwnedServerName, ServerName, SigningKeyAlgorithm};
 
@@ -182,6 +183,9 @@ pub struct RemoteKeys {
     fetch_locks: Mutex<HashMap<OwnedServerName, Arc<tokio::sync::Mutex<()>>>>,
     /// Keys already read from the database: every authenticated request needs one.
     memory: Mutex<HashMap<(OwnedServerName, String), VerifyKey>>,
+    /// Public keys as curve points, by their bytes: decompressing one costs a tenth of a
+    /// verification, and every authenticated request needs its origin's key as a point.
+    points: Mutex<HashMap<[u8; 32], VerifyingKey>>,
 }
 
 impl RemoteKeys {
@@ -199,6 +203,7 @@ impl RemoteKeys {
             last_fetch: Mutex::new(HashMap::new()),
             fetch_locks: Mutex::new(HashMap::new()),
             memory: Mutex::new(HashMap::new()),
+            points: Mutex::new(HashMap::new()),
         }
     }
 
@@ -491,10 +496,27 @@ fn prune_per_server<V>(map: &mut HashMap<OwnedServerName, V>, mut still_needed: 
     }
 }
 
+impl RemoteKeys {
+    /// `public_key` as a curve point, decompressed once; `None` when it is not one.
+    fn point(&self, public_key: [u8; 32]) -> Option<VerifyingKey> {
+        if let Some(point) = self.points.lock().unwrap().get(&public_key) {
+            return Some(*point);
+        }
+        let point = VerifyingKey::from_bytes(&public_key).ok()?;
+        let mut points = self.points.lock().unwrap();
+        if points.len() >= MEMORY_CACHE_MAX {
+            points.clear();
+        }
+        points.insert(public_key, point);
+        Some(point)
+    }
+}
+
 #[async_trait::async_trait]
 impl crate::xmatrix::RequestKeys for RemoteKeys {
-    async fn request_key(&self, server: &ServerName, key_id: &str) -> Result<[u8; 32], String> {
-        RemoteKeys::request_key(self, server, key_id).await.map_err(|e| e.to_string())
+    async fn request_key(&self, server: &ServerName, key_id: &str) -> Result<VerifyingKey, String> {
+        let public_key = RemoteKeys::request_key(self, server, key_id).await.map_err(|e| e.to_string())?;
+        self.point(public_key).ok_or_else(|| format!("{key_id} of {server} is not an ed25519 public key"))
     }
 }
 
