@@ -198,20 +198,9 @@ impl<'a> CanonicalScan<'a> {
         }
     }
 
-    /// Steps over the bytes a string holds as they are, sixteen (else eight) at a time, up to
-    /// the next `"`, `\` or control character (or the last few bytes): most of a `/send` is
-    /// string contents.
+    /// Steps over the bytes a string holds as they are, eight at a time, up to the next `"`,
+    /// `\` or control character (or the last few bytes): most of a `/send` is string contents.
     fn skip_plain_bytes(&mut self) {
-        #[cfg(target_arch = "x86_64")]
-        while let Some(chunk) = self.bytes.get(self.at..self.at + 16) {
-            match x86_64::first_special_byte(chunk.try_into().expect("sixteen bytes")) {
-                Some(offset) => {
-                    self.at += offset;
-                    return;
-                }
-                None => self.at += 16,
-            }
-        }
         const ONES: u64 = 0x0101_0101_0101_0101;
         const HIGH_BITS: u64 = 0x8080_8080_8080_8080;
         // The high bit of each byte below `n`, exact for the lowest such byte; a byte above it
@@ -268,29 +257,6 @@ impl<'a> CanonicalScan<'a> {
     }
 }
 
-/// The string scan's sixteen-byte step, in SSE2, which every x86-64 processor has.
-#[cfg(target_arch = "x86_64")]
-mod x86_64 {
-    use std::arch::x86_64::{
-        _mm_cmpeq_epi8, _mm_loadu_si128, _mm_min_epu8, _mm_movemask_epi8, _mm_or_si128, _mm_set1_epi8,
-    };
-
-    /// The offset of the first `"`, `\` or control character (below 0x20) in `chunk`.
-    pub(super) fn first_special_byte(chunk: &[u8; 16]) -> Option<usize> {
-        // SAFETY: SSE2 is part of the x86-64 baseline, so these instructions always exist; the
-        // load is unaligned and reads exactly the sixteen bytes of `chunk`.
-        let mask = unsafe {
-            let x = _mm_loadu_si128(chunk.as_ptr().cast());
-            let quote = _mm_cmpeq_epi8(x, _mm_set1_epi8(b'"' as i8));
-            let backslash = _mm_cmpeq_epi8(x, _mm_set1_epi8(b'\\' as i8));
-            // Unsigned x < 0x20 exactly when min(x, 0x1f) == x.
-            let control = _mm_cmpeq_epi8(_mm_min_epu8(x, _mm_set1_epi8(0x1f)), x);
-            _mm_movemask_epi8(_mm_or_si128(_mm_or_si128(quote, backslash), control))
-        };
-        (mask != 0).then(|| mask.trailing_zeros() as usize)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -314,7 +280,7 @@ mod tests {
     }
 
     /// Each byte value at each place of a step, within plain bytes: the string scan stops at
-    /// exactly `"`, `\\` and the control characters, whichever step (16, 8, 1) reads it.
+    /// exactly `"`, `\\` and the control characters, whichever step (8 or 1) reads it.
     #[test]
     fn the_string_scan_stops_at_exactly_the_special_bytes() {
         for length in [1, 7, 8, 9, 16, 17, 24, 31, 32, 40] {
