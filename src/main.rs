@@ -130,6 +130,10 @@ enum BenchCommand {
         /// same cores as the gateway.
         #[arg(long)]
         verify_signatures: bool,
+        /// Of the destinations, this many are servers joined to the room instead of peeking it
+        /// (JN-10: they get our users' events, which are all the bench sends).
+        #[arg(long, default_value_t = 0)]
+        joined: usize,
     },
     /// Signing one `/send` body's X-Matrix headers for N destinations: one by one, and in the
     /// sender's batches (no network, no database; one core).
@@ -288,6 +292,7 @@ fn bench(command: BenchCommand) -> Result<(), String> {
                 rounds,
                 appenders,
                 verify_signatures,
+                joined,
             } => {
                 let options = bench::PeeksOptions {
                     destinations,
@@ -296,6 +301,7 @@ fn bench(command: BenchCommand) -> Result<(), String> {
                     rounds,
                     appenders,
                     verify_signatures,
+                    joined,
                 };
                 bench::peeks(&postgres, options).await
             }

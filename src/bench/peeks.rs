@@ -101,11 +101,14 @@ pub struct PeeksOptions {
     pub appenders: usize,
     /// The receiver authenticates every `/send` (see `bench::receiver`).
     pub verify_signatures: bool,
+    /// Of `destinations`, how many are joined servers rather than peekers.
+    pub joined: usize,
 }
 
 pub async fn peeks(postgres_admin: &str, options: PeeksOptions) -> anyhow::Result<()> {
-    let PeeksOptions { destinations, sustained, wrk_seconds, rounds, appenders, verify_signatures } = options;
+    let PeeksOptions { destinations, sustained, wrk_seconds, rounds, appenders, verify_signatures, joined } = options;
     anyhow::ensure!(rounds > 0 && appenders > 0, "--rounds and --appenders must be at least 1");
+    anyhow::ensure!(joined <= destinations, "--joined cannot exceed --destinations");
     println!("peekgate bench peeks (release build: {}), PostgreSQL", !cfg!(debug_assertions));
     let receiver = Receiver::spawn()?;
     let host_listener = TcpListener::bind("127.0.0.1:0")?;
@@ -132,7 +135,14 @@ pub async fn peeks(postgres_admin: &str, options: PeeksOptions) -> anyhow::Resul
     state.accounts.create_user(&alice, "bench password", false).await?;
     let room = world_readable_room(&state, &alice).await?;
     let head = state.rooms.latest_stream_pos(&room).await?;
-    insert_peeks(&state.db, &room, "d", 0, destinations, head, false).await?;
+    // d0..d{joined-1} are joined servers, the rest peek; all are "d{i}.bench" to the receiver.
+    if joined > 0 {
+        insert_joined(&state.db, &room, "d", 0, joined, head).await?;
+    }
+    if joined < destinations {
+        insert_peeks(&state.db, &room, "d", joined, destinations - joined, head, false).await?;
+    }
+    println!("destinations: {} peeking, {joined} joined", destinations - joined);
     let say = {
         let (state, room, alice) = (state.clone(), room.clone(), alice.clone());
         move |body: String| {
@@ -370,12 +380,51 @@ pub(super) async fn insert_peeks(
     let now = now_ms();
     let expires = if lapsed { 0 } else { now + 3_900_000 };
     let (first, last) = (from, from + count - 1);
+    insert_destinations(db, format!(
+        "INSERT INTO inbound_peeks (origin, room_id, peek_id, created_ts, renewed_ts, renewal_interval_ms, expires_ts, start_stream_pos) \
+         SELECT '{prefix}' || g || '.bench', {room}, 'p', {now}, {now}, 3600000, {expires}, {head} FROM generate_series({first}, {last}) g"
+    ), prefix, first, last, head)
+    .await
+}
+
+/// Inserts `count` servers `{prefix}{i}.bench` joined to `room` from `head` on (the span the
+/// membership hooks record for a remote join), with their cursors at `head`.
+async fn insert_joined(
+    db: &peekgate::db::Db,
+    room: &RoomId,
+    prefix: &'static str,
+    from: usize,
+    count: usize,
+    head: i64,
+) -> anyhow::Result<()> {
+    let room = sql_str(room.as_str());
+    let (first, last) = (from, from + count - 1);
+    insert_destinations(
+        db,
+        format!(
+            "INSERT INTO joined_servers (room_id, server_name, start_stream_pos) \
+         SELECT {room}, '{prefix}' || g || '.bench', {head} FROM generate_series({first}, {last}) g"
+        ),
+        prefix,
+        first,
+        last,
+        head,
+    )
+    .await
+}
+
+/// Runs `subscriptions` (an insert of peeks or joined spans) and adds the destinations
+/// `{prefix}{first..=last}.bench` with their cursors at `head`.
+async fn insert_destinations(
+    db: &peekgate::db::Db,
+    subscriptions: String,
+    prefix: &'static str,
+    first: usize,
+    last: usize,
+    head: i64,
+) -> anyhow::Result<()> {
     db.run::<_, DbError, _>(move |conn| {
-        diesel::sql_query(format!(
-            "INSERT INTO inbound_peeks (origin, room_id, peek_id, created_ts, renewed_ts, renewal_interval_ms, expires_ts, start_stream_pos) \
-             SELECT '{prefix}' || g || '.bench', {room}, 'p', {now}, {now}, 3600000, {expires}, {head} FROM generate_series({first}, {last}) g"
-        ))
-        .execute(conn)?;
+        diesel::sql_query(subscriptions).execute(conn)?;
         diesel::sql_query(format!(
             "INSERT INTO destinations (server_name, last_sent_pos) SELECT '{prefix}' || g || '.bench', {head} FROM generate_series({first}, {last}) g"
         ))
