@@ -10,7 +10,7 @@ use std::time::Duration;
 use actix_web::{web, App, HttpResponse, HttpServer};
 use serde_json::json;
 
-use super::peeks::{insert_peeks, Receiver};
+use super::peeks::{insert_followers, Follows, Receiver};
 use super::{start, world_readable_room};
 use peekgate::clock::now_ms;
 use peekgate::db::Backend;
@@ -68,10 +68,10 @@ async fn run(
     let alice = ruma::UserId::parse("@alice:host.bench")?;
     let room = world_readable_room(&state, &alice).await?;
     let head = state.rooms.latest_stream_pos(&room).await?;
-    insert_peeks(&state.db, &room, "h", 0, healthy, head, false).await?;
+    insert_followers(&state.db, &room, Follows::Peeking, ("h", 0, healthy), head).await?;
     if let Some((silent, _)) = dead {
-        insert_peeks(&state.db, &room, "s", 0, silent.len(), head, false).await?;
-        insert_peeks(&state.db, &room, "f", 0, 1, head, false).await?;
+        insert_followers(&state.db, &room, Follows::Peeking, ("s", 0, silent.len()), head).await?;
+        insert_followers(&state.db, &room, Follows::Peeking, ("f", 0, 1), head).await?;
     }
     let say = |body: String| {
         let (state, room, alice) = (state.clone(), room.clone(), alice.clone());

@@ -137,10 +137,10 @@ pub async fn peeks(postgres_admin: &str, options: PeeksOptions) -> anyhow::Resul
     let head = state.rooms.latest_stream_pos(&room).await?;
     // d0..d{joined-1} are joined servers, the rest peek; all are "d{i}.bench" to the receiver.
     if joined > 0 {
-        insert_joined(&state.db, &room, "d", 0, joined, head).await?;
+        insert_followers(&state.db, &room, Follows::Joined, ("d", 0, joined), head).await?;
     }
     if joined < destinations {
-        insert_peeks(&state.db, &room, "d", joined, destinations - joined, head, false).await?;
+        insert_followers(&state.db, &room, Follows::Peeking, ("d", joined, destinations - joined), head).await?;
     }
     println!("destinations: {} peeking, {joined} joined", destinations - joined);
     let say = {
@@ -332,7 +332,7 @@ pub async fn peeks(postgres_admin: &str, options: PeeksOptions) -> anyhow::Resul
     let head = state.rooms.latest_stream_pos(&room).await?;
     let rss_before = rss_mib();
     let t = Instant::now();
-    insert_peeks(&state.db, &room, "x", 0, big, head, false).await?;
+    insert_followers(&state.db, &room, Follows::Peeking, ("x", 0, big), head).await?;
     let inserted = t.elapsed();
     let live = state.inbound.live_count().await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -366,51 +366,42 @@ pub async fn peeks(postgres_admin: &str, options: PeeksOptions) -> anyhow::Resul
     drop(bare);
     Ok(())
 }
-/// Inserts `count` peeks on `room` from origins `{prefix}{i}.bench`, with their cursors at `head`.
-pub(super) async fn insert_peeks(
-    db: &peekgate::db::Db,
-    room: &RoomId,
-    prefix: &'static str,
-    from: usize,
-    count: usize,
-    head: i64,
-    lapsed: bool,
-) -> anyhow::Result<()> {
-    let room = sql_str(room.as_str());
-    let now = now_ms();
-    let expires = if lapsed { 0 } else { now + 3_900_000 };
-    let (first, last) = (from, from + count - 1);
-    insert_destinations(db, format!(
-        "INSERT INTO inbound_peeks (origin, room_id, peek_id, created_ts, renewed_ts, renewal_interval_ms, expires_ts, start_stream_pos) \
-         SELECT '{prefix}' || g || '.bench', {room}, 'p', {now}, {now}, 3600000, {expires}, {head} FROM generate_series({first}, {last}) g"
-    ), prefix, first, last, head)
-    .await
+
+/// How a bench destination follows the room.
+#[derive(Clone, Copy)]
+pub(super) enum Follows {
+    /// A live peek.
+    Peeking,
+    /// A joined span from the head on, as the membership hooks record a remote join.
+    Joined,
 }
 
-/// Inserts `count` servers `{prefix}{i}.bench` joined to `room` from `head` on (the span the
-/// membership hooks record for a remote join), with their cursors at `head`.
-async fn insert_joined(
+/// Inserts `count` destinations `{prefix}{i}.bench` from `i = from` that follow `room` from
+/// `head` on, with their cursors at `head`.
+pub(super) async fn insert_followers(
     db: &peekgate::db::Db,
     room: &RoomId,
-    prefix: &'static str,
-    from: usize,
-    count: usize,
+    follows: Follows,
+    (prefix, from, count): (&'static str, usize, usize),
     head: i64,
 ) -> anyhow::Result<()> {
     let room = sql_str(room.as_str());
     let (first, last) = (from, from + count - 1);
-    insert_destinations(
-        db,
-        format!(
+    let now = now_ms();
+    let subscriptions = match follows {
+        Follows::Peeking => {
+            let expires = now + 3_900_000;
+            format!(
+                "INSERT INTO inbound_peeks (origin, room_id, peek_id, created_ts, renewed_ts, renewal_interval_ms, expires_ts, start_stream_pos) \
+                 SELECT '{prefix}' || g || '.bench', {room}, 'p', {now}, {now}, 3600000, {expires}, {head} FROM generate_series({first}, {last}) g"
+            )
+        }
+        Follows::Joined => format!(
             "INSERT INTO joined_servers (room_id, server_name, start_stream_pos) \
-         SELECT {room}, '{prefix}' || g || '.bench', {head} FROM generate_series({first}, {last}) g"
+             SELECT {room}, '{prefix}' || g || '.bench', {head} FROM generate_series({first}, {last}) g"
         ),
-        prefix,
-        first,
-        last,
-        head,
-    )
-    .await
+    };
+    insert_destinations(db, subscriptions, prefix, first, last, head).await
 }
 
 /// Runs `subscriptions` (an insert of peeks or joined spans) and adds the destinations
