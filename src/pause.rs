@@ -21,6 +21,10 @@ pub mod points {
     pub const DEVICE_PEEK_LOG_COMMIT: &str = "device_peek_log.commit";
     /// H3: an outbound renewal has claimed its peek and is about to re-PUT it.
     pub const OUTBOUND_RENEWAL_PUT: &str = "outbound_renewal.put";
+    /// A sender worker's idle time ran out and it is about to stop (subject: the destination).
+    pub const SENDER_WORKER_IDLE: &str = "sender.worker_idle";
+    /// The fan-out has just handed a body to a destination's worker (subject: the destination).
+    pub const SENDER_BODY_HANDED: &str = "sender.body_handed";
 }
 
 /// One armed point for one subject.

@@ -241,6 +241,46 @@ async fn idle_worker() {
     peer.stop().await;
 }
 
+/// A worker whose idle time runs out just as the fan-out hands it a body sends that body before
+/// it stops. The fan-out counts the body as the worker's; before, it stayed in the stopped
+/// worker's channel and the destination waited for the full scan (30 s). Forced with two pause
+/// points: the worker held at its idle stop, the manager held right after the hand-off.
+#[test]
+fn a_body_handed_to_a_worker_going_idle_is_sent_before_it_stops() {
+    support::run_async(handed_while_going_idle());
+}
+
+async fn handed_while_going_idle() {
+    use peekgate::pause::{self, points};
+    // A destination name of this test's own: pause points are armed per subject, process-wide.
+    let peer = TestPeer::start("idler.test", KeyMode::Good);
+    let spec = ServerSpec::new(GW, DbKind::Postgres).configure(|c| c.federation.sender_idle_ms = 300);
+    let (gw, alice, room) = peeked_room(spec, &peer).await;
+    let first = alice.say(&room, "first").await;
+    wait_until("the peeker has the first event", || async { peer.inbox.event_ids("10").contains(&first) }).await;
+
+    let idle = pause::hold(points::SENDER_WORKER_IDLE, "idler.test");
+    idle.reached().await;
+    let handed = pause::hold(points::SENDER_BODY_HANDED, "idler.test");
+    let second = alice.say(&room, "second").await;
+    handed.reached().await;
+    idle.release();
+    handed.release();
+
+    let url = gw.db.url.clone();
+    wait_until("the worker stopped and its lease was released", || {
+        let url = url.clone();
+        async move { lease_owner(&url, "idler.test").is_none() }
+    })
+    .await;
+    assert!(
+        peer.inbox.event_ids("10").contains(&second),
+        "the body handed over as the worker went idle was sent before the worker stopped"
+    );
+    gw.stop().await;
+    peer.stop().await;
+}
+
 /// Three instances on one PostgreSQL, and the one delivering to a slow peeker is killed with
 /// SIGKILL mid-delivery: another takes the destination over and delivers everything, in order;
 /// the transactions the peeker received come from one sender at a time (the dead one's, then

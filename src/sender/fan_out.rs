@@ -219,6 +219,7 @@ async fn chunk(
         let Some(worker) = workers.get_mut(&destination) else { continue };
         if worker.prepared.try_send(Prepared { quiet_from, from, to, body }).is_ok() {
             (worker.handed_up_to, worker.promised) = (to, to);
+            crate::pause::point(crate::pause::points::SENDER_BODY_HANDED, &destination).await;
             round.handed.insert(destination.clone());
             served.insert(destination);
         }

@@ -58,6 +58,8 @@ pub(super) async fn run(shared: Arc<Shared>, leases: Arc<Leases>, assignment: As
             status.on_queue_path.store(false, Ordering::Release);
         }
         tokio::select! {
+            // A body handed over wins over the idle time running out at the same moment.
+            biased;
             message = prepared.recv() => match message {
                 // From where it is: at the body's start, or before it with nothing for it between.
                 Some(p) if (p.quiet_from..=p.from).contains(&status.cursor()) => {
@@ -76,8 +78,16 @@ pub(super) async fn run(shared: Arc<Shared>, leases: Arc<Leases>, assignment: As
                 None => break,
             },
             _ = wake.notified() => needs_queue = true,
-            // Idle this long: stop (the manager starts a worker again when there is work).
-            _ = tokio::time::sleep(shared.worker_idle) => break,
+            // Idle this long: stop (the manager starts a worker again when there is work). A
+            // body the fan-out handed over just before the channel closed is counted as this
+            // worker's, so it is still sent: the loop goes on until `recv` has none left.
+            _ = tokio::time::sleep(shared.worker_idle) => {
+                crate::pause::point(crate::pause::points::SENDER_WORKER_IDLE, &destination).await;
+                prepared.close();
+                if prepared.is_empty() {
+                    break;
+                }
+            }
             _ = stop.changed() => break,
         }
     }
