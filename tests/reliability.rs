@@ -181,6 +181,14 @@ async fn postgres_restart() {
 }
 
 /// The lease owner of a destination (an instance ID, `<pid>-<random>`), read from the database.
+/// Waits until `destination`'s worker stopped and the manager released its lease.
+async fn lease_released(db_url: &str, destination: &str) {
+    wait_until("the worker stopped and its lease was released", || async {
+        lease_owner(db_url, destination).is_none()
+    })
+    .await;
+}
+
 fn lease_owner(db_url: &str, destination: &str) -> Option<String> {
     use diesel::prelude::*;
     use peekgate::db::schema::destinations;
@@ -231,11 +239,7 @@ async fn idle_worker() {
     for body in ["first", "second", "third"] {
         let sent = alice.say(&room, body).await;
         wait_until("the peeker has the event", || async { peer.inbox.event_ids("10").contains(&sent) }).await;
-        wait_until("the idle worker stopped and its lease was released", || {
-            let url = url.clone();
-            async move { lease_owner(&url, "peeker.test").is_none() }
-        })
-        .await;
+        lease_released(&url, "peeker.test").await;
     }
     gw.stop().await;
     peer.stop().await;
@@ -267,12 +271,7 @@ async fn handed_while_going_idle() {
     idle.release();
     handed.release();
 
-    let url = gw.db.url.clone();
-    wait_until("the worker stopped and its lease was released", || {
-        let url = url.clone();
-        async move { lease_owner(&url, "idler.test").is_none() }
-    })
-    .await;
+    lease_released(&gw.db.url, "idler.test").await;
     assert!(
         peer.inbox.event_ids("10").contains(&second),
         "the body handed over as the worker went idle was sent before the worker stopped"

@@ -9,7 +9,6 @@
 use std::hint::black_box;
 use std::time::Instant;
 
-use ruma::CanonicalJsonValue;
 use serde_json::json;
 
 use peekgate::canonical_json;
@@ -75,7 +74,7 @@ fn canonical_check(bodies: usize) {
     let scanned = time(&|| canonical_json::already_canonical(black_box(body.as_bytes())).map_or(0, str::len));
     let encoded = time(&|| {
         let value: serde_json::Value = serde_json::from_slice(black_box(body.as_bytes())).expect("JSON");
-        canonical_json::encode(&CanonicalJsonValue::try_from(value).expect("canonical")).len()
+        canonical_json::encode_value(value).expect("canonical").len()
     });
     println!(
         "received /send of 40 PDUs ({} KB): µs for its canonical text over {runs} runs: one scan {scanned:.1}, parse and encode {encoded:.1}",
@@ -103,7 +102,7 @@ fn transaction_of(pdus: usize) -> String {
         })
         .collect();
     let transaction = json!({ "edus": [], "origin": ORIGIN, "origin_server_ts": 1_700_000_000_000_i64, "pdus": pdus });
-    canonical_json::encode(&CanonicalJsonValue::try_from(transaction).expect("canonical"))
+    canonical_json::encode_value(transaction).expect("canonical")
 }
 
 /// A canonical JSON `/send` body of about `bytes` bytes.

@@ -288,6 +288,20 @@ impl RemoteKeys {
         memory.insert((server.to_owned(), key.key_id.clone()), key);
     }
 
+    /// `public_key` as a curve point, decompressed once; `None` when it is not one.
+    fn point(&self, public_key: [u8; 32]) -> Option<VerifyingKey> {
+        if let Some(point) = self.points.lock().unwrap().get(&public_key) {
+            return Some(*point);
+        }
+        let point = VerifyingKey::from_bytes(&public_key).ok()?;
+        let mut points = self.points.lock().unwrap();
+        if points.len() >= MEMORY_CACHE_MAX {
+            points.clear();
+        }
+        points.insert(public_key, point);
+        Some(point)
+    }
+
     fn fetch_lock(&self, server: &ServerName) -> Arc<tokio::sync::Mutex<()>> {
         let mut locks = self.fetch_locks.lock().unwrap();
         // Forget the locks nobody holds or waits for.
@@ -493,22 +507,6 @@ impl RemoteKeys {
 fn prune_per_server<V>(map: &mut HashMap<OwnedServerName, V>, mut still_needed: impl FnMut(&V) -> bool) {
     if map.len() >= PER_SERVER_MAX {
         map.retain(|_, value| still_needed(value));
-    }
-}
-
-impl RemoteKeys {
-    /// `public_key` as a curve point, decompressed once; `None` when it is not one.
-    fn point(&self, public_key: [u8; 32]) -> Option<VerifyingKey> {
-        if let Some(point) = self.points.lock().unwrap().get(&public_key) {
-            return Some(*point);
-        }
-        let point = VerifyingKey::from_bytes(&public_key).ok()?;
-        let mut points = self.points.lock().unwrap();
-        if points.len() >= MEMORY_CACHE_MAX {
-            points.clear();
-        }
-        points.insert(public_key, point);
-        Some(point)
     }
 }
 
